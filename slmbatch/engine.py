@@ -1,0 +1,154 @@
+"""The actor-side half of a model: one vLLM engine replica.
+
+Only this module imports vLLM, and only when a :class:`Replica` is created
+(inside a Ray actor), so job definitions and the driver stay light.
+
+Why the offline ``vllm.LLM`` engine in the actor's own process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) rather than the async engine: Ray Data
+already pipelines batches into each actor, and ``LLM.generate`` on a whole
+batch lets vLLM's scheduler batch continuously within it. Measured on this
+2-core CPU box (FACTS.md and ``benchmarks/``): the in-process engine starts in
+~2-12 s with ~1.3 GiB RSS, the multiprocess one in 12-30 s with ~2.7 GiB and
+was slower. On GPUs the same code runs; set ``Model.engine`` as for vLLM.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import ConfigError, EngineError
+from .job import Model
+
+log = logging.getLogger(__name__)
+
+#: KV cache per CPU replica when the user sets nothing (GiB). vLLM's own
+#: default sizing reads the NUMA node's memory and fails on small VMs.
+DEFAULT_CPU_KV_CACHE_GIB = 1
+
+
+def cpu_engine_env(model: Model) -> dict[str, str]:
+    """Environment a CPU replica needs before vLLM is imported."""
+    env = {
+        # Engine core in this process: fastest start and lowest memory on CPU.
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KV_CACHE_GIB)),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    return env
+
+
+def engine_kwargs(model: Model) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM``: slmbatch defaults overlaid by ``Model.engine``."""
+    kwargs: dict[str, Any] = {
+        "model": model.name,
+        # A per-request seed kills the CPU engine under chunked prefill; one
+        # engine-wide seed keeps sampling reproducible instead.
+        "seed": 0,
+        # Compact JSON: small models otherwise emit runaway whitespace.
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+    }
+    if not model.on_gpu:
+        # Compiled mode cost ~20 s of start-up on CPU and ran slower.
+        kwargs["enforce_eager"] = True
+    kwargs.update(dict(model.engine))
+    return kwargs
+
+
+def check_engine_options(model: Model, field: str) -> None:
+    """Reject ``Model.engine`` keys that ``vllm.EngineArgs`` does not know (needs vLLM)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    for key in model.engine:
+        if key not in known:
+            raise ConfigError(f"{field}.engine.{key}", f"vllm.LLM has no option {key!r}")
+
+
+class Replica:
+    """One vLLM engine for one :class:`~slmbatch.Model`, living in the calling process.
+
+    Exposes exactly what stages need: chat rendering + tokenization, generate,
+    classify, and the model's limits.
+    """
+
+    def __init__(self, model: Model):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # engine chatter drowns the job's own logs
+        if not model.on_gpu:
+            os.environ.update(cpu_engine_env(model))
+        try:
+            from vllm import LLM
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise EngineError(
+                "vLLM is not installed: pip install 'slmbatch[cpu]' (CPU) or 'slmbatch[gpu]' (GPU)"
+            ) from exc
+        self.model = model
+        self.model_name = model.name
+        log.info("starting vLLM replica of %s", model.name)
+        try:
+            self.llm = LLM(**engine_kwargs(model))
+        except Exception as exc:
+            raise EngineError(f"could not start vLLM for model {model.name!r}: {type(exc).__name__}: {exc}") from exc
+        config = self.llm.llm_engine.model_config
+        self.runner: str = config.runner_type
+        self.max_model_len: int = config.max_model_len
+        self.tokenizer = self.llm.get_tokenizer()
+        hf_config = config.hf_config
+        self.id2label: dict[int, str] = {int(k): v for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+
+    # -- prompts ------------------------------------------------------------------
+
+    def encode_chat(self, system: str, user: str) -> list[int]:
+        """Token ids of the prompt for one request.
+
+        Generative models get their chat template (system + user + generation
+        prompt); pooling classifiers get the plain text with the tokenizer's
+        special tokens, as they were trained.
+        """
+        if self.runner == "pooling" or not self.has_chat_template:
+            text = user if not system or self.runner == "pooling" else f"{system}\n\n{user}"
+            return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # -- inference --------------------------------------------------------------------
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params) -> list[Any]:
+        prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+        return self.llm.generate(prompts, params, use_tqdm=False)
+
+    def classify(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+        return [out.outputs.probs for out in self.llm.classify(prompts, use_tqdm=False)]
+
+    @staticmethod
+    def is_dead(exc: BaseException) -> bool:
+        return type(exc).__name__ == "EngineDeadError"
+
+    def shutdown(self) -> None:
+        """Free the engine now rather than at interpreter exit."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+        del llm
+        gc.collect()

@@ -1,0 +1,49 @@
+"""Every error slmbatch raises, in one place.
+
+The hierarchy::
+
+    SlmbatchError
+    ├── ConfigError          a job definition is invalid (raised when it is defined,
+    │                        names the field and the value)
+    ├── InputError           the input cannot be read as the job says (no files,
+    │                        a file without the job's columns); names the file
+    ├── EngineError          a model replica failed for a whole batch
+    └── RowAccountingError   rows in != rows out for a shard: the job stops rather
+                             than write a short or duplicated output
+
+Per-row failures never raise: they become a reason string in the stage's
+``<stage>_error`` column (see :class:`RowError`) and the row is still written.
+"""
+
+from __future__ import annotations
+
+
+class SlmbatchError(Exception):
+    """Base class of every slmbatch error."""
+
+
+class ConfigError(SlmbatchError, ValueError):
+    """A job definition is invalid. ``field`` is the dotted path of the offending option."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class InputError(SlmbatchError):
+    """The job's input cannot be read as defined."""
+
+
+class EngineError(SlmbatchError):
+    """A model replica failed for a whole batch."""
+
+
+class RowAccountingError(SlmbatchError):
+    """The rows written for a shard are not exactly the rows read from it."""
+
+
+class RowError(Exception):
+    """A per-row failure; its message becomes the row's ``<stage>_error`` value.
+
+    Raised and caught inside stages only, never out of a job.
+    """

@@ -1,0 +1,128 @@
+"""Run accounting: per-stage statistics and the one-screen summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+BINS = 10  # confidence histogram bins over [0, 1]
+
+
+@dataclasses.dataclass
+class StageStats:
+    """Counts for one stage over a whole run. ``ran + skipped == rows``."""
+
+    name: str
+    kind: str
+    rows: int = 0
+    ran: int = 0  # rows the stage applied to (``when`` matched)
+    answered: int = 0
+    errored: int = 0
+    low_confidence: int = 0  # answered rows below the stage threshold
+    tokens_in: int = 0
+    tokens_out: int = 0
+    histogram: list[int] = dataclasses.field(default_factory=lambda: [0] * BINS)
+    confidence_sum: float = 0.0
+    errors: dict[str, int] = dataclasses.field(default_factory=dict)  # reason (first 80 chars) -> rows
+
+    @property
+    def skipped(self) -> int:
+        return self.rows - self.ran
+
+    def add(self, table: pa.Table, threshold: float | None) -> None:
+        n = self.name
+        self.rows += table.num_rows
+        self.ran += table.num_rows - table[f"{n}_model"].null_count
+        errors = table[f"{n}_error"]
+        self.errored += table.num_rows - errors.null_count
+        for reason in errors.drop_null().to_pylist():
+            key = reason[:80]
+            self.errors[key] = self.errors.get(key, 0) + 1
+        conf = table[f"{n}_confidence"].drop_null()
+        self.answered += len(conf)
+        if len(conf):
+            self.confidence_sum += pc.sum(conf).as_py()
+            bins = pc.min_element_wise(pc.cast(pc.floor(pc.multiply(conf, BINS)), pa.int64()), BINS - 1)
+            for b, count in zip(*_value_counts(bins)):
+                self.histogram[b] += count
+            if threshold is not None:
+                self.low_confidence += pc.sum(pc.less(conf, threshold)).as_py() or 0
+        self.tokens_in += pc.sum(table[f"{n}_tokens_in"]).as_py() or 0
+        self.tokens_out += pc.sum(table[f"{n}_tokens_out"]).as_py() or 0
+
+    @property
+    def mean_confidence(self) -> float | None:
+        return self.confidence_sum / self.answered if self.answered else None
+
+
+def _value_counts(arr) -> tuple[list[int], list[int]]:
+    counts = pc.value_counts(arr)
+    return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """Everything a run did, adding up: ``rows_in == rows_out`` or the run failed."""
+
+    job: str
+    run_id: str
+    sink: str
+    started: str
+    wall_s: float = 0.0
+    files_in: int = 0
+    rows_in: int = 0
+    rows_out: int = 0
+    files_out: list[str] = dataclasses.field(default_factory=list)
+    skipped_files: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    stages: list[StageStats] = dataclasses.field(default_factory=list)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_out / self.wall_s if self.wall_s else 0.0
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["rows_per_s"] = round(self.rows_per_s, 2)
+        for stage, stats in zip(data["stages"], self.stages):
+            stage["skipped"] = stats.skipped
+            stage["mean_confidence"] = stats.mean_confidence
+        return json.dumps(data, indent=2)
+
+    def render(self) -> str:
+        """The one-screen summary printed at the end of a run."""
+        lines = [
+            f"slmbatch run {self.run_id} of job {self.job!r}: {self.wall_s:.1f} s",
+            f"  rows in {self.rows_in:,} ({self.files_in} files) -> rows out {self.rows_out:,} "
+            f"({len(self.files_out)} files) at {self.rows_per_s:,.1f} rows/s",
+        ]
+        if self.skipped_files:
+            lines.append(f"  files not read: {len(self.skipped_files)}")
+            for path, reason in self.skipped_files[:5]:
+                lines.append(f"    {path}: {reason}")
+        for s in self.stages:
+            mean = f"{s.mean_confidence:.3f}" if s.mean_confidence is not None else "-"
+            lines.append(
+                f"  stage {s.name} ({s.kind}): ran {s.ran:,}, answered {s.answered:,}, errored {s.errored:,}, "
+                f"skipped {s.skipped:,}; mean confidence {mean}; tokens in/out {s.tokens_in:,}/{s.tokens_out:,}"
+            )
+            if s.answered:
+                lines.append(f"    confidence {_sparkline(s.histogram)}  (0 -> 1, {BINS} bins: {s.histogram})")
+            for reason, count in sorted(s.errors.items(), key=lambda kv: -kv[1])[:3]:
+                lines.append(f"    error x{count}: {reason}")
+        lines.append(f"  output: {self.sink}")
+        return "\n".join(lines)
+
+
+def _sparkline(counts: list[int]) -> str:
+    blocks = " ▁▂▃▄▅▆▇█"
+    top = max(counts) or 1
+    return "".join(blocks[math.ceil(c / top * (len(blocks) - 1))] for c in counts)
+
+
+def load_summary(text: str) -> dict[str, Any]:
+    return json.loads(text)

@@ -1,0 +1,306 @@
+"""Execute a :class:`~slmbatch.Job` on Ray: read -> stages -> write, streaming.
+
+The pipeline, one Ray Data dataset::
+
+    row-group units ──read tasks──▶ rows + _row_id ──replica pool(s)──▶ stage columns ──▶ driver
+    (one item per row group)        (0.25 CPU each)   (one fixed ActorPool per model)    (per-shard writer)
+
+Why each piece:
+
+- *Our own read tasks* rather than ``ray.data.read_parquet``: each row gets a
+  stable id ``<shard key>:<row index in file>`` (Ray's reader cannot say
+  which file position a row came from), unreadable files are set aside with a
+  reason instead of failing the job, and Ray 2.60's Parquet datasource packed
+  many small files into one block, which defeated streaming.
+- *Fixed-size actor pools*: a vLLM replica takes seconds to minutes to start;
+  autoscaling pools also starved the read tasks on small machines.
+- *Writing on the driver, one file per input shard*: the driver knows each
+  shard's row count from its footer, so it can write a shard the moment its
+  last row arrives, check that every row came back exactly once, and write
+  the file atomically. Model stages are the bottleneck by orders of magnitude,
+  so the driver is not.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import InputError, RowAccountingError
+from .io import Plan, Shard, output_path, plan_shards, read_row_group, write_parquet_atomic, write_text
+from .job import ROW_ID, Job, Model
+from .report import RunSummary, StageStats
+from .stages.base import Stage
+
+log = logging.getLogger("slmbatch")
+
+_SHARD = "__slmbatch_shard"
+_ROW = "__slmbatch_row"
+#: CPU reserved per read task: small, so reads always fit next to the replicas.
+READ_TASK_CPUS = 0.25
+
+
+def required_source_columns(job: Job) -> dict[str, str]:
+    """Columns every input file must have -> the job field that reads each."""
+    produced: set[str] = set()
+    needed: dict[str, str] = {c: "Job.source.columns" for c in job.source.columns or ()}
+    for i, stage in enumerate(job.stages):
+        for column in sorted(stage.required_columns() - produced):
+            needed.setdefault(column, f"Job.stages[{i}] ({stage.name!r})")
+        produced |= set(stage.output_columns())
+    return needed
+
+
+def plan(job: Job) -> Plan:
+    """List the job's shards; raise InputError if none is usable."""
+    result = plan_shards(job.source.path, job.source.storage_options, required_source_columns(job))
+    if not result.shards:
+        readers = required_source_columns(job)
+        reasons = "; ".join(f"{p}: {r}" for p, r in result.skipped[:3])
+        for column, field in readers.items():
+            if any(f"missing column {column!r}" in r for _, r in result.skipped):
+                raise InputError(f"{field} reads column {column!r}, which no input file has: {reasons}")
+        raise InputError(f"no usable input under {job.source.path!r}: {reasons}")
+    return result
+
+
+# -- Ray side ------------------------------------------------------------------------
+
+
+def _read_units(batch: pa.Table, *, columns: Sequence[str] | None, storage_options: Mapping[str, Any]) -> Iterator[pa.Table]:
+    """Read task: one row group per unit, tagged with shard, row index and row id."""
+    for unit in batch.to_pylist():
+        table = read_row_group(unit["path"], unit["row_group"], columns, storage_options)
+        rows = np.arange(unit["first_row"], unit["first_row"] + table.num_rows, dtype=np.int64)
+        ids = pa.array([f"{unit['key']}:{r}" for r in rows], pa.string())
+        table = table.append_column(ROW_ID, ids)
+        table = table.append_column(_SHARD, pa.array(np.full(table.num_rows, unit["shard"], dtype=np.int64)))
+        yield table.append_column(_ROW, pa.array(rows))
+
+
+class StageActor:
+    """Ray Data callable class: one vLLM replica running a run of stages."""
+
+    def __init__(self, model: Model, stages: Sequence[Stage]):
+        from .engine import Replica
+
+        self.replica = Replica(model)
+        self.stages = list(stages)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for stage in self.stages:
+            batch = stage.apply(batch, self.replica)
+        return batch
+
+    def __del__(self):
+        replica = getattr(self, "replica", None)
+        if replica is not None:
+            replica.shutdown()
+
+
+def build_dataset(job: Job, shards: Sequence[Shard]):
+    import ray.data
+
+    units = []
+    for shard in shards:
+        first = 0
+        for g, rows in enumerate(shard.row_groups):
+            if rows:
+                units.append({"path": shard.path, "key": shard.key, "shard": shard.index, "row_group": g, "first_row": first})
+            first += rows
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    ds = ds.map_batches(
+        _read_units,
+        fn_kwargs={"columns": job.source.columns, "storage_options": dict(job.source.storage_options)},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=READ_TASK_CPUS,
+    )
+    for model, stages in job.model_groups():
+        ds = ds.map_batches(
+            StageActor,
+            fn_constructor_kwargs={"model": model, "stages": stages},
+            batch_size=model.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=model.replicas),
+            num_cpus=model.num_cpus,
+            num_gpus=model.num_gpus or None,
+        )
+    return ds
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS`` (a cluster, or the one ``ray job
+    submit`` runs us on), or start a local Ray sized to this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes a token under $HOME
+    ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+
+
+def _configure_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # slmbatch shows rows done / total itself
+    ctx.execution_options.preserve_order = False
+    ctx.print_on_execution_start = False
+
+
+# -- driver side -----------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Collects a shard's rows as they stream back; writes it when complete.
+
+    Fails (RowAccountingError) on a row seen twice, a row from an unknown
+    shard, or - at :meth:`close` - any shard with rows missing.
+    """
+
+    def __init__(self, job: Job, shards: Sequence[Shard], summary: RunSummary):
+        self.job = job
+        self.shards = {s.index: s for s in shards}
+        self.seen = {s.index: np.zeros(s.num_rows, dtype=bool) for s in shards}
+        self.parts: dict[int, list[pa.Table]] = {s.index: [] for s in shards}
+        self.summary = summary
+        self.stats = summary.stages
+        self.thresholds = [s.threshold for s in job.stages]
+
+    def add(self, batch: pa.Table) -> int:
+        for shard_index in pc.unique(batch[_SHARD]).to_pylist():
+            part = batch.filter(pc.equal(batch[_SHARD], shard_index))
+            if shard_index not in self.seen:
+                raise RowAccountingError(f"rows came back for unknown shard {shard_index}")
+            rows = part[_ROW].to_numpy()
+            seen = self.seen[shard_index]
+            if seen[rows].any() or len(np.unique(rows)) != len(rows):
+                shard = self.shards[shard_index]
+                raise RowAccountingError(f"shard {shard.key}: a row came back twice (row ids near {shard.key}:{rows[0]})")
+            seen[rows] = True
+            self.parts[shard_index].append(part)
+            if seen.all():
+                self._write(shard_index)
+        return batch.num_rows
+
+    def write_empty(self, shard: Shard, table: pa.Table) -> None:
+        self.parts[shard.index] = [table]
+        self._write(shard.index)
+
+    def _write(self, shard_index: int) -> None:
+        shard = self.shards[shard_index]
+        table = pa.concat_tables(self.parts.pop(shard_index), promote_options="permissive")
+        table = table.sort_by(_ROW).drop_columns([_SHARD, _ROW])
+        for stats, threshold in zip(self.stats, self.thresholds):
+            stats.add(table, threshold)
+        url = output_path(self.job.sink.path, shard.key)
+        write_parquet_atomic(table, url, self.job.sink.storage_options, self.job.sink.compression)
+        self.summary.rows_out += table.num_rows
+        self.summary.files_out.append(url)
+        log.debug("wrote %s (%d rows)", url, table.num_rows)
+
+    def close(self) -> None:
+        missing = {self.shards[i].key: int((~seen).sum()) for i, seen in self.seen.items() if not seen.all()}
+        if missing:
+            raise RowAccountingError(f"rows never came back: {missing}")
+
+
+def empty_output(job: Job, schema: pa.Schema) -> pa.Table:
+    """A zero-row table with every output column, for an empty shard."""
+    fields = [schema.field(c) for c in (job.source.columns or schema.names)]
+    fields += [pa.field(ROW_ID, pa.string()), pa.field(_SHARD, pa.int64()), pa.field(_ROW, pa.int64())]
+    for stage in job.stages:
+        fields += stage.output_schema()
+    return pa.schema(fields).empty_table()
+
+
+class Progress:
+    """Rows done / total and rows/s: a bar on a terminal, a log line every
+    ``interval`` seconds otherwise (e.g. under ``ray job submit``)."""
+
+    def __init__(self, total: int, enabled: bool = True, interval: float = 10.0):
+        self.total, self.done, self.start = total, 0, time.monotonic()
+        self.interval, self.last = interval, self.start
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="row", desc="slmbatch", smoothing=0.1)
+        self.enabled = enabled
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if self.enabled and (now - self.last >= self.interval or self.done == self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            log.info("progress: %d/%d rows (%.0f%%), %.1f rows/s", self.done, self.total,
+                     100 * self.done / max(self.total, 1), rate)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(job: Job, *, address: str | None = None, progress: bool = True) -> RunSummary:
+    """Run ``job`` to completion and return its summary (also written to
+    ``<sink>/_slmbatch/runs/<run_id>.json``)."""
+    started = time.monotonic()
+    now = dt.datetime.now(dt.timezone.utc)
+    summary = RunSummary(
+        job=job.name,
+        run_id=now.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6],
+        sink=job.sink.path,
+        started=now.isoformat(timespec="seconds"),
+        stages=[StageStats(s.name, s.kind) for s in job.stages],
+    )
+    the_plan = plan(job)
+    summary.files_in = len(the_plan.shards)
+    summary.rows_in = the_plan.num_rows
+    summary.skipped_files = the_plan.skipped
+    for path, reason in the_plan.skipped:
+        log.warning("not reading %s: %s", path, reason)
+    log.info("job %s: %d rows in %d files -> %s", job.name, summary.rows_in, summary.files_in, job.sink.path)
+
+    ensure_ray(address)
+    _configure_ray_data()
+    writer = ShardWriter(job, the_plan.shards, summary)
+    bar = Progress(summary.rows_in, enabled=progress)
+    try:
+        for shard in the_plan.shards:
+            if shard.num_rows == 0:
+                writer.write_empty(shard, empty_output(job, the_plan.schema))
+        live = [s for s in the_plan.shards if s.num_rows > 0]
+        if live:
+            for batch in build_dataset(job, live).iter_batches(batch_size=None, batch_format="pyarrow"):
+                bar.update(writer.add(batch))
+        writer.close()
+    finally:
+        bar.close()
+    summary.wall_s = round(time.monotonic() - started, 3)
+    if summary.rows_out != summary.rows_in:
+        raise RowAccountingError(f"rows in {summary.rows_in} != rows out {summary.rows_out}")
+    write_text(
+        output_path(job.sink.path, f"_slmbatch/runs/{summary.run_id}.json"),
+        summary.to_json(),
+        job.sink.storage_options,
+    )
+    return summary

@@ -1,0 +1,322 @@
+"""The one stage contract that classify, extract and summarize share.
+
+A stage is a frozen spec (driver side: validated, printable, picklable). On a
+replica actor, :meth:`Stage.apply` turns a batch of rows into the same rows
+plus the stage's output columns::
+
+    <name>             the answer (type depends on the family)
+    <name>_confidence  float in [0, 1]; how the family computes it is documented there
+    <name>_model       model that produced the answer
+    <name>_error       null, or why this row has no answer (the row is still written)
+    <name>_tokens_in   prompt tokens the model processed for this row
+    <name>_tokens_out  tokens the model produced for this row
+
+A family implements three things: :meth:`Stage.answer_type`, the default
+prompt, and :meth:`Stage.infer` (requests -> answers on a live replica).
+Rows the stage does not apply to (``when``) get nulls in every column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import KW_ONLY
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+
+from ..errors import EngineError, RowError
+from ..job import ROW_ID, Model
+from ..spec import check_identifier, check_unit_interval, freeze, require, set_field
+
+if TYPE_CHECKING:
+    from ..engine import Replica
+
+
+@dataclasses.dataclass
+class Request:
+    """One row's call to the model, built on the replica."""
+
+    index: int  # position in the batch
+    row: dict[str, Any]
+    text: str  # the stage input (after any budget truncation)
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Answer:
+    """What a family returns for one request (or ``error`` instead)."""
+
+    value: Any = None
+    confidence: float | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    error: str | None = None
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def mean_logprob_confidence(logprobs: Sequence[float]) -> float:
+    """Geometric-mean token probability, exp(mean log p): length-normalised."""
+    if not logprobs:
+        return 0.0
+    return math.exp(sum(logprobs) / len(logprobs))
+
+
+def sampled_logprobs(completion) -> list[float]:
+    """Log-probabilities of the tokens a vLLM completion actually produced."""
+    if completion.logprobs is None:
+        return []
+    return [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs)]
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class Stage:
+    """Base of every stage (see module docstring for the output columns).
+
+    Args:
+        name: stage name; prefixes its output columns.
+        model: the :class:`~slmbatch.Model` that answers.
+        input: column holding the text the stage works on (a source column or
+            an earlier stage's output).
+        prompt: user-message template overriding the family default. ``{input}``
+            is the input text; ``{column}`` is any available column, including
+            earlier stages' answers (e.g. ``"Intent: {intent}\\n{input}"``).
+        system: system-message override.
+        when: run only on rows where every named column has one of the given
+            values, e.g. ``{"intent": ["complaint"]}``; other rows get nulls.
+        threshold: confidence below which a row counts as low-confidence
+            (routing escalates those; None = never).
+    """
+
+    kind: ClassVar[str] = "stage"
+    default_system: ClassVar[str] = ""
+    default_prompt: ClassVar[str] = "{input}"
+    template_extras: ClassVar[tuple[str, ...]] = ()
+
+    name: str
+    _: KW_ONLY
+    model: Model
+    input: str
+    prompt: str | None = None
+    system: str | None = None
+    when: Mapping[str, Any] | None = None
+    threshold: float | None = None
+
+    def __post_init__(self):
+        cls = type(self).__name__
+        check_identifier(self.name, f"{cls}.name")
+        require(not self.name.startswith("_"), f"{cls}.name", f"must not start with '_', got {self.name!r}")
+        require(isinstance(self.model, Model), f"{cls}.model", f"must be a slmbatch.Model, got {self.model!r}")
+        require(isinstance(self.input, str) and self.input != "", f"{cls}.input", f"must be a column name, got {self.input!r}")
+        for field_name in ("prompt", "system"):
+            value = getattr(self, field_name)
+            require(value is None or isinstance(value, str), f"{cls}.{field_name}", f"must be a string, got {value!r}")
+        if self.prompt is not None:
+            self._placeholders(self.prompt, f"{cls}.prompt")
+        check_unit_interval(self.threshold, f"{cls}.threshold")
+        if self.when is not None:
+            require(isinstance(self.when, Mapping) and len(self.when) > 0, f"{cls}.when",
+                    f"must be a non-empty dict of column -> allowed value(s), got {self.when!r}")
+            normalised = {}
+            for column, allowed in self.when.items():
+                require(isinstance(column, str), f"{cls}.when", f"keys must be column names, got {column!r}")
+                values = list(allowed) if isinstance(allowed, (list, tuple, set, frozenset)) else [allowed]
+                require(len(values) > 0, f"{cls}.when.{column}", "must allow at least one value")
+                normalised[column] = tuple(values)
+            set_field(self, "when", freeze(normalised))
+
+    # -- definition-time checks -------------------------------------------------
+
+    def _placeholders(self, template: str, field: str) -> set[str]:
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise_config(field, f"is not a valid template ({exc}); write literal braces as {{{{ and }}}}")
+        names = set()
+        for _, name, _, _ in parsed:
+            if name is None:
+                continue
+            require(name != "" and name.isidentifier(), field,
+                    f"placeholder {{{name}}} must be a column name (or {{input}}), not positional or an expression")
+            names.add(name)
+        return names
+
+    def prompt_template(self, runner: str = "generate") -> str:
+        return self.prompt if self.prompt is not None else self.default_prompt
+
+    def required_columns(self) -> set[str]:
+        cols = {self.input}
+        if self.when:
+            cols |= set(self.when)
+        if self.prompt is not None:
+            cols |= self._placeholders(self.prompt, "prompt") - {"input", *self.template_extras}
+        return cols
+
+    def check_columns(self, available: set[str] | None, field: str) -> None:
+        """Definition-time check that every column the stage reads exists."""
+        if available is None:
+            return
+        for column in sorted(self.required_columns()):
+            require(column in available, field,
+                    f"stage {self.name!r} reads column {column!r}, which is neither a source column "
+                    f"nor an earlier stage's output (available: {', '.join(sorted(available))})")
+
+    def output_columns(self) -> list[str]:
+        return [f.name for f in self.output_schema()]
+
+    def answer_type(self) -> pa.DataType:
+        return pa.string()
+
+    def extra_fields(self) -> list[pa.Field]:
+        return []
+
+    def output_schema(self) -> list[pa.Field]:
+        n = self.name
+        return [
+            pa.field(n, self.answer_type()),
+            pa.field(f"{n}_confidence", pa.float64()),
+            pa.field(f"{n}_model", pa.string()),
+            pa.field(f"{n}_error", pa.string()),
+            pa.field(f"{n}_tokens_in", pa.int64()),
+            pa.field(f"{n}_tokens_out", pa.int64()),
+            *self.extra_fields(),
+        ]
+
+    def describe_options(self) -> list[str]:
+        return []
+
+    def describe(self) -> str:
+        parts = [f"{self.kind} {self.name!r}: input={self.input!r}", f"model={self.model.name}"]
+        parts += self.describe_options()
+        if self.when:
+            parts.append(f"when={dict(self.when)}")
+        if self.threshold is not None:
+            parts.append(f"threshold={self.threshold}")
+        if self.prompt is not None:
+            parts.append(f"prompt={self.prompt!r}")
+        return ", ".join(parts)
+
+    # -- replica side -------------------------------------------------------------
+
+    def applies_to(self, row: Mapping[str, Any]) -> bool:
+        if not self.when:
+            return True
+        return all(row.get(col) in allowed for col, allowed in self.when.items())
+
+    def input_text(self, row: Mapping[str, Any]) -> str:
+        """The row's input, or RowError saying why it cannot be used."""
+        value = row.get(self.input)
+        if value is None:
+            raise RowError(f"input column {self.input!r} is null")
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RowError(f"input column {self.input!r} is not valid UTF-8") from None
+        if not isinstance(value, str):
+            raise RowError(f"input column {self.input!r} is {type(value).__name__}, not text")
+        if value.strip() == "":
+            raise RowError(f"input column {self.input!r} is empty")
+        return value
+
+    def template_values(self, row: Mapping[str, Any], text: str) -> dict[str, Any]:
+        return {**row, "input": text}
+
+    def render_user(self, row: Mapping[str, Any], text: str, replica: Replica) -> str:
+        template = self.prompt_template(replica.runner)
+        try:
+            return template.format(**self.template_values(row, text))
+        except KeyError as exc:
+            raise RowError(f"prompt placeholder {exc} has no value in this row") from None
+
+    def prepare(self, index: int, row: dict[str, Any], replica: Replica) -> Request:
+        """Build the request for one row (validates input, renders, tokenizes)."""
+        request = Request(index=index, row=row, text=self.input_text(row))
+        self.fit_input(request, replica)
+        user = self.render_user(row, request.text, replica)
+        system = self.system if self.system is not None else self.default_system
+        request.prompt_ids = replica.encode_chat(system, user)
+        budget = replica.max_model_len - self.reserved_output_tokens()
+        if len(request.prompt_ids) > budget:
+            raise RowError(
+                f"prompt is {len(request.prompt_ids)} tokens; model {replica.model_name} accepts "
+                f"{budget} (max_model_len {replica.max_model_len} minus {self.reserved_output_tokens()} for the answer)"
+            )
+        return request
+
+    def fit_input(self, request: Request, replica: Replica) -> None:
+        """Hook: enforce a family's input budget on ``request.text`` (may set extras)."""
+
+    def check_replica(self, replica: Replica) -> None:
+        """Hook: fail the job (ConfigError) if this replica cannot serve the stage."""
+
+    def reserved_output_tokens(self) -> int:
+        return 1
+
+    def infer(self, requests: list[Request], replica: Replica) -> list[Answer]:
+        raise NotImplementedError
+
+    def _infer_isolating_failures(self, requests: list[Request], replica: Replica) -> list[Answer]:
+        """Run the batch; if it fails as a whole, retry row by row so one bad row
+        costs only itself. A dead engine is not a row problem: it raises."""
+        try:
+            return self.infer(requests, replica)
+        except Exception as exc:  # noqa: BLE001 - isolate per row below
+            if replica.is_dead(exc):
+                raise EngineError(f"replica of {replica.model_name} died in stage {self.name!r}: {exc}") from exc
+        answers = []
+        for request in requests:
+            try:
+                answers.extend(self.infer([request], replica))
+            except Exception as exc:  # noqa: BLE001
+                if replica.is_dead(exc):
+                    raise EngineError(f"replica of {replica.model_name} died in stage {self.name!r}: {exc}") from exc
+                answers.append(Answer(error=f"engine error: {type(exc).__name__}: {exc}"))
+        return answers
+
+    def apply(self, table: pa.Table, replica: Replica) -> pa.Table:
+        """Add this stage's output columns to ``table`` (one batch, on a replica)."""
+        self.check_replica(replica)
+        rows = table.to_pylist()
+        answers: list[Answer | None] = [None] * len(rows)
+        requests: list[Request] = []
+        for i, row in enumerate(rows):
+            if not self.applies_to(row):
+                continue
+            try:
+                requests.append(self.prepare(i, row, replica))
+            except RowError as exc:
+                answers[i] = Answer(error=str(exc))
+        for request, answer in zip(requests, self._infer_isolating_failures(requests, replica)):
+            answers[request.index] = answer
+        return self._append_columns(table, answers, replica.model_name)
+
+    def _append_columns(self, table: pa.Table, answers: list[Answer | None], model_name: str) -> pa.Table:
+        schema = self.output_schema()
+        ran = [a is not None for a in answers]
+        ok = [a is not None and a.error is None for a in answers]
+        columns = {
+            schema[0].name: [a.value if good else None for a, good in zip(answers, ok)],
+            schema[1].name: [a.confidence if good else None for a, good in zip(answers, ok)],
+            schema[2].name: [model_name if r else None for r in ran],
+            schema[3].name: [a.error if a is not None else None for a in answers],
+            schema[4].name: [a.tokens_in if a is not None else None for a in answers],
+            schema[5].name: [a.tokens_out if a is not None else None for a in answers],
+        }
+        for f in schema[6:]:
+            columns[f.name] = [a.extras.get(f.name) if a is not None else None for a in answers]
+        for f in schema:
+            table = table.append_column(f, pa.array(columns[f.name], type=f.type))
+        return table
+
+
+def raise_config(field: str, message: str):
+    from ..errors import ConfigError
+
+    raise ConfigError(field, message)
+
+
+__all__ = ["Answer", "Request", "Stage", "ROW_ID", "mean_logprob_confidence", "sampled_logprobs"]

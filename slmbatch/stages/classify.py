@@ -1,0 +1,130 @@
+"""``classify``: one label from a fixed set, with a normalised confidence."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import KW_ONLY
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError
+from ..spec import check_strings, set_field, spec
+from .base import Answer, Request, Stage
+
+if TYPE_CHECKING:
+    from ..engine import Replica
+
+
+@spec
+class Classify(Stage):
+    """Assign each row one of ``labels``.
+
+    Two ways to serve it, chosen by the model:
+
+    - **Sequence-classification model** (vLLM's pooling runner, e.g. a
+      fine-tuned BERT/MiniLM/Qwen ``...ForSequenceClassification``): the answer
+      is the head's arg-max, the confidence its softmax probability. The model's
+      ``id2label`` must contain every label of the stage.
+    - **Generative model**: every label is scored. Its log-probability as the
+      assistant's whole answer (label tokens + end-of-turn) is read from vLLM's
+      ``prompt_logprobs``; the answer is the most probable label and the
+      confidence is its probability normalised over all labels,
+      ``p(label) / sum(p(l) for l in labels)``. The answer is therefore always
+      a label. This is exact where structured-output ``choice`` decoding is not:
+      with a BPE vocabulary the grammar admits many spellings of one label
+      (a tiny model here produced ``c|ard| |refun|d`` for "card refund"), so the
+      generated path's probability is neither the label's probability nor
+      normalised across labels. Cost: one scored sequence per label per row
+      (all in one batched engine call), so prefer a pooling classifier for
+      label sets in the dozens.
+
+    Args:
+        labels: the label set (unique, non-empty strings).
+    """
+
+    kind = "classify"
+    default_system = "You are a precise text classifier. Answer with exactly one of the allowed labels."
+    default_prompt = "Allowed labels: {labels}\n\nText: {input}\n\nLabel:"
+    template_extras = ("labels",)
+
+    _: KW_ONLY
+    labels: Sequence[str]
+
+    def __post_init__(self):
+        super().__post_init__()
+        set_field(self, "labels", check_strings(self.labels, "Classify.labels"))
+        config = self.model.local_config()
+        if config and config.get("id2label") and _is_sequence_classifier(config):
+            missing = [label for label in self.labels if label not in set(config["id2label"].values())]
+            if missing:
+                raise ConfigError("Classify.labels", f"label {missing[0]!r} is not in model {self.model.name}'s id2label")
+
+    def describe_options(self) -> list[str]:
+        shown = ", ".join(self.labels[:8]) + (f", ... ({len(self.labels)} labels)" if len(self.labels) > 8 else "")
+        return [f"labels=[{shown}]"]
+
+    def prompt_template(self, runner: str = "generate") -> str:
+        if self.prompt is not None:
+            return self.prompt
+        return "{input}" if runner == "pooling" else self.default_prompt
+
+    def template_values(self, row, text):
+        return {**row, "input": text, "labels": ", ".join(self.labels)}
+
+    def check_replica(self, replica: Replica) -> None:
+        if replica.runner != "pooling":
+            return
+        known = set(replica.id2label.values())
+        missing = [label for label in self.labels if label not in known]
+        if missing:
+            raise ConfigError(
+                "Classify.labels",
+                f"label {missing[0]!r} is not among model {replica.model_name}'s labels (id2label: {sorted(known)[:10]}...)",
+            )
+
+    def reserved_output_tokens(self) -> int:
+        return 8  # label tokens are appended to the prompt when scoring
+
+    def infer(self, requests: list[Request], replica: Replica) -> list[Answer]:
+        if not requests:
+            return []
+        if replica.runner == "pooling":
+            return self._infer_pooling(requests, replica)
+        return self._infer_scoring(requests, replica)
+
+    def _infer_pooling(self, requests: list[Request], replica: Replica) -> list[Answer]:
+        index = {label: i for i, label in replica.id2label.items()}
+        wanted = [index[label] for label in self.labels]
+        answers = []
+        for request, probs in zip(requests, replica.classify([r.prompt_ids for r in requests])):
+            # Renormalise over the stage's labels (a head may know more labels).
+            sub = [probs[i] for i in wanted]
+            total = sum(sub)
+            best = max(range(len(sub)), key=sub.__getitem__)
+            answers.append(Answer(self.labels[best], sub[best] / total, len(request.prompt_ids), 0))
+        return answers
+
+    def _infer_scoring(self, requests: list[Request], replica: Replica) -> list[Answer]:
+        from vllm import SamplingParams
+
+        endings = [replica.encode(label) + [replica.eos_token_id] for label in self.labels]
+        sequences = [r.prompt_ids + ending for r in requests for ending in endings]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = replica.generate(sequences, params)
+        answers = []
+        n = len(self.labels)
+        for k, request in enumerate(requests):
+            start = len(request.prompt_ids)
+            scores = []
+            for out, ending in zip(outputs[k * n : (k + 1) * n], endings):
+                positions = out.prompt_logprobs[start : start + len(ending)]
+                scores.append(sum(pos[token].logprob for pos, token in zip(positions, ending)))
+            top = max(scores)
+            weights = [math.exp(s - top) for s in scores]
+            best = max(range(n), key=scores.__getitem__)
+            answers.append(Answer(self.labels[best], weights[best] / sum(weights), start, len(endings[best])))
+        return answers
+
+
+def _is_sequence_classifier(config: dict) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])

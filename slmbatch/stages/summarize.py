@@ -1,0 +1,95 @@
+"""``summarize``: a bounded summary of a bounded input."""
+
+from __future__ import annotations
+
+from dataclasses import KW_ONLY
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from ..errors import RowError
+from ..spec import check_positive_int, require, spec
+from .base import Answer, Request, Stage, mean_logprob_confidence, sampled_logprobs
+
+if TYPE_CHECKING:
+    from ..engine import Replica
+
+#: Appended to an input cut to its budget, so the model (and a reader of the
+#: prompt) can see that the text does not end there.
+TRUNCATION_MARK = " [... input truncated]"
+
+
+@spec
+class Summarize(Stage):
+    """Summarise each row's input within token budgets.
+
+    Input over ``max_input_tokens`` (counted with the model's tokenizer) is never
+    cut silently: with ``overflow="truncate"`` the first ``max_input_tokens``
+    tokens are kept, :data:`TRUNCATION_MARK` is appended and the row's
+    ``<name>_input_truncated`` is true; with ``overflow="error"`` the row gets
+    an error instead. The summary stops at ``max_output_tokens``.
+
+    Confidence is the geometric-mean token probability, ``exp(mean log p)``:
+    length-normalised, so a long summary is not judged less sure than a short
+    one; for free text the minimum would be dominated by stylistic choices.
+
+    Args:
+        max_input_tokens: budget for the input text, in the model's tokens.
+        max_output_tokens: budget for the summary, in tokens.
+        overflow: ``"truncate"`` (mark and cut) or ``"error"``.
+    """
+
+    kind = "summarize"
+    default_system = "You write short, faithful summaries."
+    default_prompt = "Summarize the following text in a few sentences.\n\n{input}"
+
+    _: KW_ONLY
+    max_input_tokens: int = 1024
+    max_output_tokens: int = 128
+    overflow: str = "truncate"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive_int(self.max_input_tokens, "Summarize.max_input_tokens")
+        check_positive_int(self.max_output_tokens, "Summarize.max_output_tokens")
+        require(self.overflow in ("truncate", "error"), "Summarize.overflow",
+                f"must be 'truncate' or 'error', got {self.overflow!r}")
+
+    def describe_options(self) -> list[str]:
+        return [f"max_input_tokens={self.max_input_tokens}", f"max_output_tokens={self.max_output_tokens}",
+                f"overflow={self.overflow}"]
+
+    def extra_fields(self) -> list[pa.Field]:
+        return [pa.field(f"{self.name}_input_truncated", pa.bool_())]
+
+    def reserved_output_tokens(self) -> int:
+        return self.max_output_tokens
+
+    def fit_input(self, request: Request, replica: Replica) -> None:
+        ids = replica.encode(request.text)
+        flag = f"{self.name}_input_truncated"
+        if len(ids) <= self.max_input_tokens:
+            request.extras[flag] = False
+            return
+        if self.overflow == "error":
+            raise RowError(f"input is {len(ids)} tokens, over max_input_tokens={self.max_input_tokens}")
+        request.text = replica.decode(ids[: self.max_input_tokens]) + TRUNCATION_MARK
+        request.extras[flag] = True
+
+    def infer(self, requests: list[Request], replica: Replica) -> list[Answer]:
+        if not requests:
+            return []
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=self.max_output_tokens, logprobs=0)
+        answers = []
+        for request, out in zip(requests, replica.generate([r.prompt_ids for r in requests], params)):
+            completion = out.outputs[0]
+            answers.append(Answer(
+                completion.text.strip(),
+                mean_logprob_confidence(sampled_logprobs(completion)),
+                len(request.prompt_ids),
+                len(completion.token_ids),
+                extras=dict(request.extras),
+            ))
+        return answers
