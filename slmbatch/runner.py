@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import InputError, RowAccountingError
+from .errors import ConfigError, InputError, RowAccountingError
 from .io import Plan, Shard, output_path, plan_shards, read_row_group, write_parquet_atomic, write_text
 from .job import ROW_ID, Job, Model
 from .report import RunSummary, StageStats
@@ -69,7 +69,7 @@ def plan(job: Job) -> Plan:
         reasons = "; ".join(f"{p}: {r}" for p, r in result.skipped[:3])
         for column, field in readers.items():
             if any(f"missing column {column!r}" in r for _, r in result.skipped):
-                raise InputError(f"{field} reads column {column!r}, which no input file has: {reasons}")
+                raise ConfigError(field, f"reads column {column!r}, which no input file has: {reasons}")
         raise InputError(f"no usable input under {job.source.path!r}: {reasons}")
     return result
 

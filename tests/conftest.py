@@ -1,0 +1,63 @@
+"""Session fixtures: one local Ray, tiny models built once, small Parquet inputs.
+
+Models are cached under build/test-models (rebuilt only when missing), so a
+second `make test` skips the build; CI's clean clone builds them once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from slmbatch.toymodels import build_tiny_causal_lm, build_tiny_classifier
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "build" / "test-models"
+BANKING = ROOT / "examples" / "data" / "banking77"
+SPAM_LABELS = ["ham", "spam"]
+
+
+def banking_texts(n: int | None = None) -> list[str]:
+    texts = pq.read_table(BANKING / "test" / "part-000.parquet", columns=["text"])["text"].to_pylist()
+    return texts[:n] if n else texts
+
+
+@pytest.fixture(scope="session")
+def tiny_lm() -> str:
+    return str(build_tiny_causal_lm(CACHE / "tiny-lm", banking_texts()))
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier() -> str:
+    return str(build_tiny_classifier(CACHE / "tiny-classifier", SPAM_LABELS, banking_texts()))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (2 CPUs, like the CI machine)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def write_shards(directory: Path, texts: list, *, shards: int, row_group_size: int = 16, extra: dict | None = None) -> list[Path]:
+    """Split ``texts`` (plus ``extra`` columns) into ``shards`` Parquet files with small row groups."""
+    directory.mkdir(parents=True, exist_ok=True)
+    columns = {"text": pa.array(texts, pa.string()), "n": pa.array(range(len(texts)), pa.int64())}
+    for name, values in (extra or {}).items():
+        columns[name] = pa.array(values)
+    table = pa.table(columns)
+    size = -(-len(texts) // shards)
+    paths = []
+    for i in range(shards):
+        path = directory / f"part-{i:02d}.parquet"
+        pq.write_table(table.slice(i * size, size), path, row_group_size=row_group_size)
+        paths.append(path)
+    return paths

@@ -1,0 +1,99 @@
+"""The `slmbatch` command as a user runs it: a subprocess on job files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from .conftest import banking_texts, write_shards
+
+SLMBATCH = [sys.executable, "-m", "slmbatch.cli"]
+
+
+def job_file(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "job.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def slmbatch_cmd(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*SLMBATCH, *args], capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    write_shards(tmp_path / "in", banking_texts(40), shards=2)
+    return tmp_path / "in"
+
+
+GOOD = """
+from slmbatch import Classify, Job, Model, ParquetSink, ParquetSource
+clf = Model({model!r}, num_cpus=0.5, engine={{"max_model_len": 256, "dtype": "float32"}})
+job = Job(name="cli-test", source=ParquetSource({src!r}, columns={columns}),
+          stages=[Classify("spam", model=clf, input={input!r}, labels={labels}{extra})],
+          sink=ParquetSink({out!r}))
+"""
+
+
+def render(tmp_path, data_dir, model, **over):
+    values = dict(model=model, src=str(data_dir), columns=["text", "n"], input="text",
+                  labels=["ham", "spam"], extra="", out=str(tmp_path / "out"))
+    values.update(over)
+    return job_file(tmp_path, GOOD.format(**values))
+
+
+def test_help_explains_the_commands():
+    out = slmbatch_cmd("--help")
+    assert out.returncode == 0
+    assert "slmbatch validate" in out.stdout and "ray job submit" in out.stdout
+    assert "RAY_ADDRESS" in slmbatch_cmd("run", "--help").stdout
+
+
+def test_validate_accepts_a_good_job_and_reads_the_input(tmp_path, data_dir, tiny_classifier):
+    out = slmbatch_cmd("validate", str(render(tmp_path, data_dir, tiny_classifier)))
+    assert out.returncode == 0, out.stderr
+    assert "ok: job is valid" in out.stdout and "2 files, 40 rows" in out.stdout
+
+
+@pytest.mark.parametrize("override, field, value", [
+    (dict(extra=", treshold=0.5"), "Classify.treshold", "treshold"),
+    (dict(labels=["ham", "spam", "ham"]), "Classify.labels", "'ham'"),
+    (dict(input="body"), "Job.stages[0]", "'body'"),
+    (dict(extra=", threshold=2"), "Classify.threshold", "2"),
+])
+def test_validate_rejects_a_bad_job_naming_the_field(tmp_path, data_dir, tiny_classifier, override, field, value):
+    out = slmbatch_cmd("validate", str(render(tmp_path, data_dir, tiny_classifier, **override)))
+    assert out.returncode == 2
+    assert f"invalid job: {field}:" in out.stderr and value in out.stderr
+
+
+def test_validate_rejects_a_stage_column_the_input_files_lack(tmp_path, data_dir, tiny_classifier):
+    path = render(tmp_path, data_dir, tiny_classifier, columns=None, input="body")
+    out = slmbatch_cmd("validate", str(path))
+    assert out.returncode == 2
+    assert "Job.stages[0] ('spam')" in out.stderr and "'body'" in out.stderr
+
+
+def test_validate_rejects_unknown_engine_options(tmp_path, data_dir, tiny_classifier):
+    path = job_file(tmp_path, GOOD.format(model=tiny_classifier, src=str(data_dir), columns=None, input="text",
+                                          labels=["ham", "spam"], extra="", out=str(tmp_path / "out"))
+                    .replace('"dtype": "float32"', '"max_num_seq": 4'))
+    out = slmbatch_cmd("validate", "--skip-input", str(path))
+    assert out.returncode == 2
+    assert "Job.stages[0].model.engine.max_num_seq" in out.stderr
+
+
+def test_run_writes_every_row_and_prints_the_summary(tmp_path, data_dir, tiny_classifier, ray_local):
+    address = ray_local.get_runtime_context().gcs_address
+    out = slmbatch_cmd("run", "--address", address, str(render(tmp_path, data_dir, tiny_classifier)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "rows in 40 (2 files) -> rows out 40 (2 files)" in out.stdout
+    assert "stage spam (classify)" in out.stdout
+    import polars as pl
+
+    df = pl.read_parquet(tmp_path / "out" / "*.parquet")
+    assert df.height == 40 and df["_row_id"].n_unique() == 40

@@ -1,0 +1,153 @@
+"""Job definitions are validated when they are built, with errors naming the field."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+import slmbatch
+from slmbatch import Classify, ConfigError, Extract, Job, Model, ParquetSink, ParquetSource, Summarize
+
+M = Model("some/model")
+
+
+def make_job(*stages, columns=("text", "label")):
+    return Job(name="t", source=ParquetSource("in/", columns=list(columns) if columns else None),
+               stages=list(stages), sink=ParquetSink("out/"))
+
+
+def test_public_api_all_is_sorted_and_complete():
+    assert slmbatch.__all__ == sorted(slmbatch.__all__)
+    for name in slmbatch.__all__:
+        assert hasattr(slmbatch, name)
+
+
+def test_unknown_option_names_class_and_option():
+    with pytest.raises(ConfigError) as err:
+        Classify("intent", model=M, input="text", labels=["a", "b"], treshold=0.5)
+    assert err.value.field == "Classify.treshold"
+    assert "known options" in str(err.value)
+    with pytest.raises(ConfigError, match=r"Model\.replica"):
+        Model("m", replica=2)
+
+
+def test_duplicate_label_is_rejected_with_the_value():
+    with pytest.raises(ConfigError) as err:
+        Classify("intent", model=M, input="text", labels=["a", "b", "a"])
+    assert err.value.field == "Classify.labels"
+    assert "'a'" in str(err.value)
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, "high", True])
+def test_threshold_outside_unit_interval_is_rejected(threshold):
+    with pytest.raises(ConfigError, match=r"Classify\.threshold"):
+        Classify("intent", model=M, input="text", labels=["a", "b"], threshold=threshold)
+
+
+def test_missing_input_column_names_stage_and_column():
+    with pytest.raises(ConfigError) as err:
+        make_job(Summarize("s", model=M, input="body"))
+    assert err.value.field == "Job.stages[0]"
+    assert "'body'" in str(err.value)
+
+
+def test_stage_may_read_an_earlier_stage_output_but_not_a_later_one():
+    intent = Classify("intent", model=M, input="text", labels=["complaint", "other"])
+    summary = Summarize("summary", model=M, input="text", when={"intent": "complaint"},
+                        prompt="Intent {intent}: {input}")
+    job = make_job(intent, summary)
+    assert [s.name for s in job.stages] == ["intent", "summary"]
+    with pytest.raises(ConfigError, match="'intent'"):
+        make_job(summary, intent)
+
+
+def test_unknown_prompt_placeholder_is_rejected():
+    with pytest.raises(ConfigError, match="'customer'"):
+        make_job(Summarize("s", model=M, input="text", prompt="{customer} said {input}"))
+    with pytest.raises(ConfigError, match=r"Summarize\.prompt"):
+        Summarize("s", model=M, input="text", prompt="positional {} placeholder")
+
+
+def test_output_column_may_not_overwrite_an_input_column():
+    with pytest.raises(ConfigError, match="overwrite"):
+        make_job(Classify("label", model=M, input="text", labels=["a", "b"]))
+
+
+def test_duplicate_stage_names_are_rejected():
+    with pytest.raises(ConfigError, match="duplicate stage name"):
+        make_job(Summarize("s", model=M, input="text"), Summarize("s", model=M, input="text"))
+
+
+def test_model_values_are_checked():
+    with pytest.raises(ConfigError, match=r"Model\.replicas"):
+        Model("m", replicas=0)
+    with pytest.raises(ConfigError, match=r"Model\.engine\.seed"):
+        Model("m", engine={"seed": 3})
+    with pytest.raises(ConfigError, match=r"Model\.name"):
+        Model("")
+
+
+def test_extract_accepts_pydantic_and_types_its_columns():
+    class Booking(pydantic.BaseModel):
+        people: int
+        name: str | None = None
+        tags: list[str] = []
+
+    stage = Extract("booking", model=M, input="text", schema=Booking)
+    struct = stage.answer_type()
+    assert {f.name: str(f.type) for f in struct} == {"people": "int64", "name": "string", "tags": "list<item: string>"}
+
+
+def test_extract_rejects_untyped_and_non_object_schemas():
+    with pytest.raises(ConfigError, match=r"Extract\.schema\.x"):
+        Extract("e", model=M, input="text", schema={"type": "object", "properties": {"x": {}}})
+    with pytest.raises(ConfigError, match=r"Extract\.schema"):
+        Extract("e", model=M, input="text", schema={"type": "string"})
+    with pytest.raises(ConfigError, match="not a valid JSON schema"):
+        Extract("e", model=M, input="text", schema={"type": "object", "properties": {"x": {"type": 5}}})
+
+
+def test_summarize_budgets_and_overflow_are_checked():
+    with pytest.raises(ConfigError, match=r"Summarize\.max_input_tokens"):
+        Summarize("s", model=M, input="text", max_input_tokens=0)
+    with pytest.raises(ConfigError, match=r"Summarize\.overflow"):
+        Summarize("s", model=M, input="text", overflow="cut")
+
+
+def test_classifier_labels_are_checked_against_a_local_model(tiny_classifier):
+    with pytest.raises(ConfigError, match="'maybe'"):
+        Classify("spam", model=Model(tiny_classifier), input="text", labels=["ham", "maybe"])
+    Classify("spam", model=Model(tiny_classifier), input="text", labels=["spam", "ham"])
+
+
+def test_job_prints_without_ray_or_vllm():
+    import sys
+
+    job = make_job(Classify("intent", model=M, input="text", labels=["a", "b"], threshold=0.7))
+    text = str(job)
+    assert "classify 'intent'" in text and "threshold=0.7" in text and "some/model" in text
+    import subprocess
+
+    # Defining a job imports neither the engine nor Ray.
+    probe = "import sys, slmbatch; slmbatch.Model('m'); print('vllm' in sys.modules, 'ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False False"
+
+
+def test_consecutive_stages_on_one_model_share_a_replica_pool():
+    other = Model("other/model")
+    job = make_job(
+        Classify("a", model=M, input="text", labels=["x", "y"]),
+        Summarize("b", model=M, input="text"),
+        Summarize("c", model=other, input="text"),
+    )
+    assert [(m.name, [s.name for s in stages]) for m, stages in job.model_groups()] == [
+        ("some/model", ["a", "b"]), ("other/model", ["c"])]
+
+
+def test_secrets_in_storage_options_are_not_printed():
+    job = Job(name="t", source=ParquetSource("s3://b/in", columns=["text"],
+                                             storage_options={"key": "AKIA123", "secret": "shh", "endpoint_url": "http://127.0.0.1:1"}),
+              stages=[Summarize("s", model=M, input="text")], sink=ParquetSink("s3://b/out"))
+    text = str(job)
+    assert "AKIA123" not in text and "shh" not in text and "127.0.0.1" in text

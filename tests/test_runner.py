@@ -1,0 +1,133 @@
+"""Whole jobs on a real local Ray with real vLLM replicas, over real Parquet files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import slmbatch
+from slmbatch import Classify, InputError, Job, Model, ParquetSink, ParquetSource, Summarize
+
+from .conftest import banking_texts, write_shards
+
+ROWS = 150
+
+
+def two_stage_job(source: Path, sink: Path, tiny_lm: str, tiny_classifier: str) -> Job:
+    # Two pools at 0.5 CPU each leave a CPU for the read tasks on a 2-core machine.
+    clf = Model(tiny_classifier, num_cpus=0.5, batch_size=32, engine={"max_model_len": 256, "dtype": "float32"})
+    lm = Model(tiny_lm, num_cpus=0.5, batch_size=32, engine={"max_model_len": 512, "dtype": "float32"})
+    return Job(
+        name="runner-test",
+        source=ParquetSource(str(source)),
+        stages=[
+            Classify("spam", model=clf, input="text", labels=["ham", "spam"], threshold=0.5),
+            Summarize("gist", model=lm, input="text", when={"spam": "spam"}, prompt="({spam}) {input}",
+                      max_input_tokens=32, max_output_tokens=4),
+        ],
+        sink=ParquetSink(str(sink)),
+    )
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, ray_local, tiny_lm, tiny_classifier):
+    base = tmp_path_factory.mktemp("runner")
+    texts = banking_texts(ROWS)
+    texts[7] = None  # a bad row travels through as an error, it is not lost
+    write_shards(base / "in", texts, shards=3, row_group_size=16)
+    pq.write_table(pq.read_table(base / "in" / "part-00.parquet").slice(0, 0), base / "in" / "part-99-empty.parquet")
+    job = two_stage_job(base / "in", base / "out", tiny_lm, tiny_classifier)
+    return base, job, slmbatch.run(job, progress=False)
+
+
+def read_output(sink: Path):
+    import polars as pl
+
+    return pl.read_parquet(sink / "*.parquet").sort("n")
+
+
+def test_every_input_row_is_written_once_with_a_stable_id(first_run):
+    base, job, summary = first_run
+    df = read_output(base / "out")
+    assert summary.rows_in == summary.rows_out == ROWS == df.height
+    expected = {f"part-{i // 50:02d}.parquet:{i % 50}" for i in range(ROWS)}
+    assert set(df["_row_id"]) == expected and df["_row_id"].n_unique() == ROWS
+    assert df["n"].to_list() == list(range(ROWS))  # input columns kept, values unchanged
+    assert df["text"][0] == banking_texts(1)[0]
+
+
+def test_one_output_file_per_input_shard_including_empty_ones(first_run):
+    base, _, summary = first_run
+    names = sorted(p.name for p in (base / "out").glob("*.parquet"))
+    assert names == ["part-00.parquet", "part-01.parquet", "part-02.parquet", "part-99-empty.parquet"]
+    empty = pq.read_table(base / "out" / "part-99-empty.parquet")
+    assert empty.num_rows == 0 and "spam_confidence" in empty.schema.names
+    assert not list((base / "out").glob(".*"))  # no temporary files left behind
+
+
+def test_stage_columns_labels_and_confidences(first_run):
+    base, _, _ = first_run
+    df = read_output(base / "out")
+    for suffix in ("", "_confidence", "_model", "_error", "_tokens_in", "_tokens_out"):
+        assert f"spam{suffix}" in df.columns and f"gist{suffix}" in df.columns
+    answered = df.filter(df["spam_error"].is_null())
+    assert set(answered["spam"]) <= {"ham", "spam"}
+    assert answered["spam_confidence"].min() >= 0.0 and answered["spam_confidence"].max() <= 1.0
+    assert answered["spam_confidence"].n_unique() > 1
+    assert df["spam_error"].to_list()[7] == "input column 'text' is null"
+
+
+def test_a_later_stage_runs_only_where_an_earlier_answer_says_so(first_run):
+    base, _, summary = first_run
+    df = read_output(base / "out")
+    ran = df["gist_model"].is_not_null()
+    assert (ran == (df["spam"] == "spam").fill_null(False)).all()
+    gist = summary.stages[1]
+    assert gist.ran == int(ran.sum()) and gist.ran + gist.skipped == ROWS
+
+
+def test_run_summary_adds_up_and_is_written_as_json(first_run):
+    base, _, summary = first_run
+    files = list((base / "out" / "_slmbatch" / "runs").glob("*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["rows_in"] == data["rows_out"] == ROWS
+    spam = data["stages"][0]
+    assert spam["answered"] + spam["errored"] == spam["ran"] == ROWS
+    assert sum(spam["histogram"]) == spam["answered"]
+    text = summary.render()
+    assert "rows in 150" in text and "stage spam (classify)" in text
+
+
+def test_unreadable_files_are_reported_and_the_rest_is_processed(first_run, tiny_lm, tiny_classifier):
+    base, _, first = first_run
+    source = base / "in2"
+    source.mkdir()
+    for name in ("part-00.parquet", "part-01.parquet"):
+        (source / name).write_bytes((base / "in" / name).read_bytes())
+    (source / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    pq.write_table(pq.read_table(base / "in" / "part-02.parquet").drop_columns(["text"]), source / "no-text.parquet")
+    summary = slmbatch.run(two_stage_job(source, base / "out2", tiny_lm, tiny_classifier), progress=False)
+    reasons = dict((Path(p).name, r) for p, r in summary.skipped_files)
+    assert set(reasons) == {"corrupt.parquet", "no-text.parquet"}
+    assert reasons["corrupt.parquet"].startswith("unreadable Parquet")
+    assert reasons["no-text.parquet"].startswith("missing column 'text'")
+    assert summary.rows_out == summary.rows_in == 100
+
+    # Same files, same row ids and answers as in the first run: ids are stable across runs.
+    again = read_output(base / "out2").select("_row_id", "spam", "spam_confidence")
+    before = read_output(base / "out").select("_row_id", "spam", "spam_confidence").filter(
+        read_output(base / "out")["_row_id"].is_in(again["_row_id"].implode()))
+    assert again.sort("_row_id").equals(before.sort("_row_id"))
+
+
+def test_a_source_without_usable_files_fails_before_starting_ray(tmp_path, tiny_lm, tiny_classifier):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad.parquet").write_bytes(b"nope")
+    with pytest.raises(InputError, match="no usable input"):
+        slmbatch.run(two_stage_job(tmp_path / "in", tmp_path / "out", tiny_lm, tiny_classifier))
+    with pytest.raises(InputError, match="does not exist"):
+        slmbatch.run(two_stage_job(tmp_path / "missing", tmp_path / "out", tiny_lm, tiny_classifier))

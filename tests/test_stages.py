@@ -1,0 +1,170 @@
+"""Each stage family on a real vLLM engine (tiny local models, in this process)."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pytest
+
+from slmbatch import Classify, ConfigError, Extract, Model, Summarize
+from slmbatch.stages.summarize import TRUNCATION_MARK
+
+from .conftest import banking_texts
+
+LABELS = ["card payment", "card refund", "cash", "transfer failed", "other"]
+BOUNDED = {  # every field bounded, so even a random model must close the object
+    "type": "object",
+    "properties": {
+        "people": {"type": "integer", "minimum": 1, "maximum": 9},
+        "urgent": {"type": "boolean"},
+        "name": {"type": "string", "maxLength": 5},
+    },
+    "required": ["people", "urgent", "name"],
+}
+
+
+@pytest.fixture(scope="module")
+def lm_model(tiny_lm):
+    return Model(tiny_lm, engine={"max_model_len": 1024, "dtype": "float32"})
+
+
+@pytest.fixture(scope="module")
+def lm_replica(lm_model):
+    from slmbatch.engine import Replica
+
+    replica = Replica(lm_model)
+    yield replica
+    replica.shutdown()
+
+
+@pytest.fixture(scope="module")
+def clf_replica(tiny_classifier):
+    from slmbatch.engine import Replica
+
+    replica = Replica(Model(tiny_classifier, engine={"max_model_len": 256, "dtype": "float32"}))
+    yield replica
+    replica.shutdown()
+
+
+def batch(texts) -> pa.Table:
+    return pa.table({"text": pa.array(texts, pa.string())})
+
+
+def test_generative_classify_answers_a_label_with_probability_normalised_over_all_labels(lm_model, lm_replica, tiny_lm):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    stage = Classify("topic", model=lm_model, input="text", labels=LABELS)
+    texts = banking_texts(40)
+    out = stage.apply(batch(texts), lm_replica)
+    answers, confidences = out["topic"].to_pylist(), out["topic_confidence"].to_pylist()
+    assert set(answers) <= set(LABELS)
+    assert all(0.0 <= c <= 1.0 for c in confidences)
+    assert len({round(c, 6) for c in confidences}) > 1, "confidence must vary across rows"
+    assert out["topic_error"].null_count == len(texts)
+
+    # Reference: the same normalised probabilities computed independently with HF transformers.
+    hf = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
+    tok = lm_replica.tokenizer
+    for text, answer, confidence in list(zip(texts, answers, confidences))[:5]:
+        request = stage.prepare(0, {"text": text}, lm_replica)
+        scores = []
+        for label in LABELS:
+            ending = tok(label, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = torch.tensor([request.prompt_ids + ending])
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(ids).logits[0].double(), -1)
+            start = len(request.prompt_ids)
+            scores.append(sum(logp[start - 1 + j, t].item() for j, t in enumerate(ending)))
+        probs = [math.exp(s - max(scores)) for s in scores]
+        probs = [p / sum(probs) for p in probs]
+        best = max(range(len(LABELS)), key=probs.__getitem__)
+        assert answer == LABELS[best]
+        assert confidence == pytest.approx(probs[best], abs=1e-3)
+
+
+def test_pooling_classifier_confidence_is_the_head_softmax(tiny_classifier, clf_replica):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    stage = Classify("spam", model=Model(tiny_classifier), input="text", labels=["ham", "spam"])
+    texts = banking_texts(30)
+    out = stage.apply(batch(texts), clf_replica)
+    assert set(out["spam"].to_pylist()) <= {"ham", "spam"}
+    hf = AutoModelForSequenceClassification.from_pretrained(tiny_classifier, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_classifier)
+    for text, answer, confidence in list(zip(texts, out["spam"].to_pylist(), out["spam_confidence"].to_pylist()))[:5]:
+        with torch.no_grad():
+            probs = torch.softmax(hf(**tok(text, return_tensors="pt")).logits[0].double(), -1)
+        best = int(probs.argmax())
+        assert answer == hf.config.id2label[best]
+        assert confidence == pytest.approx(probs[best].item(), abs=1e-3)
+    assert len({round(c, 6) for c in out["spam_confidence"].to_pylist()}) > 1
+
+
+def test_pooling_classifier_without_a_stage_label_fails_the_job_not_the_row(tiny_classifier, clf_replica):
+    stage = Classify("spam", model=Model("elsewhere/clf"), input="text", labels=["ham", "junk"])
+    with pytest.raises(ConfigError, match="'junk'"):
+        stage.apply(batch(["hello"]), clf_replica)
+
+
+def test_extract_output_always_follows_the_schema_and_is_typed(lm_model, lm_replica):
+    stage = Extract("booking", model=lm_model, input="text", schema=BOUNDED, max_output_tokens=40)
+    out = stage.apply(batch(banking_texts(30)), lm_replica)
+    assert out.schema.field("booking").type == pa.struct(
+        [("people", pa.int64()), ("urgent", pa.bool_()), ("name", pa.string())])
+    assert out["booking_error"].null_count == 30, out["booking_error"].drop_null().to_pylist()[:3]
+    for value in out["booking"].to_pylist():
+        assert 1 <= value["people"] <= 9 and isinstance(value["urgent"], bool) and len(value["name"]) <= 5
+    assert all(0.0 < c <= 1.0 for c in out["booking_confidence"].to_pylist())
+
+
+def test_extract_row_that_cannot_finish_the_object_is_errored_not_dropped(lm_model, lm_replica):
+    unbounded = {"type": "object", "properties": {"note": {"type": "string"}}, "required": ["note"]}
+    stage = Extract("x", model=lm_model, input="text", schema=unbounded, max_output_tokens=4)
+    out = stage.apply(batch(banking_texts(5)), lm_replica)
+    assert out.num_rows == 5
+    for value, error in zip(out["x"].to_pylist(), out["x_error"].to_pylist()):
+        assert value is None
+        assert error == "output hit max_output_tokens=4 before the JSON object closed"
+
+
+def test_summarize_marks_truncated_input_and_respects_output_budget(lm_model, lm_replica):
+    stage = Summarize("gist", model=lm_model, input="text", max_input_tokens=8, max_output_tokens=6)
+    long_text, short_text = " ".join(banking_texts(6)), "card"
+    out = stage.apply(batch([long_text, short_text]), lm_replica)
+    assert out["gist_input_truncated"].to_pylist() == [True, False]
+    assert all(0 < n <= 6 for n in out["gist_tokens_out"].to_pylist())
+    assert all(0.0 < c <= 1.0 for c in out["gist_confidence"].to_pylist())
+    request = stage.prepare(0, {"text": long_text}, lm_replica)
+    assert request.text.endswith(TRUNCATION_MARK)
+    assert len(lm_replica.encode(request.text.removesuffix(TRUNCATION_MARK))) <= 9
+
+
+def test_summarize_overflow_error_mode_errors_the_row(lm_model, lm_replica):
+    stage = Summarize("gist", model=lm_model, input="text", max_input_tokens=8, overflow="error")
+    out = stage.apply(batch([" ".join(banking_texts(6))]), lm_replica)
+    assert out["gist"].to_pylist() == [None]
+    assert out["gist_error"][0].as_py().startswith("input is ") and "max_input_tokens=8" in out["gist_error"][0].as_py()
+
+
+def test_bad_rows_get_a_reason_and_the_batch_goes_on(lm_model, lm_replica):
+    stage = Summarize("gist", model=lm_model, input="text", max_input_tokens=10_000, max_output_tokens=4)
+    texts = [None, "", "   \n", "a fine row", "word " * 1200]
+    out = stage.apply(batch(texts), lm_replica)
+    errors = out["gist_error"].to_pylist()
+    assert errors[0] == "input column 'text' is null"
+    assert errors[1] == errors[2] == "input column 'text' is empty"
+    assert errors[3] is None and out["gist"][3].as_py() is not None
+    assert errors[4].startswith("prompt is ") and "accepts" in errors[4]
+    numbers = stage.apply(pa.table({"text": [1, 2]}), lm_replica)["gist_error"].to_pylist()
+    assert numbers == ["input column 'text' is int, not text"] * 2
+
+
+def test_when_skips_rows_with_all_null_outputs(lm_model, lm_replica):
+    stage = Summarize("gist", model=lm_model, input="text", max_output_tokens=4, when={"kind": ["complaint"]})
+    table = pa.table({"text": ["a", "b", "c"], "kind": ["complaint", "praise", None]})
+    out = stage.apply(table, lm_replica)
+    assert out["gist_model"].to_pylist() == [lm_model.name, None, None]
+    assert out["gist"][1].as_py() is None and out["gist_error"][1].as_py() is None
