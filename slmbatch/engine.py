@@ -3,13 +3,16 @@
 Only this module imports vLLM, and only when a :class:`Replica` is created
 (inside a Ray actor), so job definitions and the driver stay light.
 
-Why the offline ``vllm.LLM`` engine in the actor's own process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) rather than the async engine: Ray Data
-already pipelines batches into each actor, and ``LLM.generate`` on a whole
-batch lets vLLM's scheduler batch continuously within it. Measured on this
-2-core CPU box (FACTS.md and ``benchmarks/``): the in-process engine starts in
-~2-12 s with ~1.3 GiB RSS, the multiprocess one in 12-30 s with ~2.7 GiB and
-was slower. On GPUs the same code runs; set ``Model.engine`` as for vLLM.
+Why the offline ``vllm.LLM`` engine, and in the actor's own process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) on CPU: Ray Data already pipelines
+batches into each actor, and ``LLM.generate`` on a whole batch lets vLLM's
+scheduler batch continuously within it, so an async engine would add a
+thread/event-loop hop and buy nothing for offline batches. On this 2-core CPU
+machine the in-process engine was the fastest to start and the smallest
+(~1.3 GiB RSS vs ~2.7 GiB and 12-30 s start for the multiprocess engine, as
+measured for the project's FACTS.md); a tiny model's replica was ready ~12 s
+after actor start, most of it importing torch and vLLM. On GPUs vLLM's
+defaults apply; ``Model.engine`` passes any ``vllm.LLM`` option.
 """
 
 from __future__ import annotations

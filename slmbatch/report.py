@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any
-
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -26,6 +24,7 @@ class StageStats:
     low_confidence: int = 0  # answered rows below the stage threshold
     tokens_in: int = 0
     tokens_out: int = 0
+    busy_s: float = 0.0  # replica seconds spent in this stage (summed over replicas)
     histogram: list[int] = dataclasses.field(default_factory=lambda: [0] * BINS)
     confidence_sum: float = 0.0
     errors: dict[str, int] = dataclasses.field(default_factory=dict)  # reason (first 80 chars) -> rows
@@ -59,6 +58,11 @@ class StageStats:
     def mean_confidence(self) -> float | None:
         return self.confidence_sum / self.answered if self.answered else None
 
+    @property
+    def rows_per_busy_s(self) -> float | None:
+        """Throughput of one replica on this stage: rows it ran per second busy."""
+        return self.ran / self.busy_s if self.busy_s else None
+
 
 def _value_counts(arr) -> tuple[list[int], list[int]]:
     counts = pc.value_counts(arr)
@@ -91,6 +95,7 @@ class RunSummary:
         for stage, stats in zip(data["stages"], self.stages):
             stage["skipped"] = stats.skipped
             stage["mean_confidence"] = stats.mean_confidence
+            stage["rows_per_busy_s"] = stats.rows_per_busy_s
         return json.dumps(data, indent=2)
 
     def render(self) -> str:
@@ -106,9 +111,10 @@ class RunSummary:
                 lines.append(f"    {path}: {reason}")
         for s in self.stages:
             mean = f"{s.mean_confidence:.3f}" if s.mean_confidence is not None else "-"
+            speed = f"{s.rows_per_busy_s:,.0f} rows/s per replica" if s.rows_per_busy_s else "-"
             lines.append(
                 f"  stage {s.name} ({s.kind}): ran {s.ran:,}, answered {s.answered:,}, errored {s.errored:,}, "
-                f"skipped {s.skipped:,}; mean confidence {mean}; tokens in/out {s.tokens_in:,}/{s.tokens_out:,}"
+                f"skipped {s.skipped:,}; mean confidence {mean}; tokens in/out {s.tokens_in:,}/{s.tokens_out:,}; {speed}"
             )
             if s.answered:
                 lines.append(f"    confidence {_sparkline(s.histogram)}  (0 -> 1, {BINS} bins: {s.histogram})")
@@ -122,7 +128,3 @@ def _sparkline(counts: list[int]) -> str:
     blocks = " ▁▂▃▄▅▆▇█"
     top = max(counts) or 1
     return "".join(blocks[math.ceil(c / top * (len(blocks) - 1))] for c in counts)
-
-
-def load_summary(text: str) -> dict[str, Any]:
-    return json.loads(text)

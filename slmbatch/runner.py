@@ -44,8 +44,13 @@ from .stages.base import Stage
 
 log = logging.getLogger("slmbatch")
 
-_SHARD = "__slmbatch_shard"
-_ROW = "__slmbatch_row"
+_INTERNAL = "__slmbatch_"  # prefix of columns that travel with rows but are never written
+_SHARD = _INTERNAL + "shard"
+_ROW = _INTERNAL + "row"
+
+
+def busy_column(stage: Stage) -> str:
+    return f"{_INTERNAL}busy_{stage.name}"
 #: CPU reserved per read task: small, so reads always fit next to the replicas.
 READ_TASK_CPUS = 0.25
 
@@ -99,7 +104,12 @@ class StageActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for stage in self.stages:
+            started = time.perf_counter()
             batch = stage.apply(batch, self.replica)
+            # Replica-busy seconds, spread over the batch's rows: the driver sums
+            # them into the stage's rows/s (excludes start-up and queueing).
+            share = (time.perf_counter() - started) / max(batch.num_rows, 1)
+            batch = batch.append_column(busy_column(stage), pa.array(np.full(batch.num_rows, share)))
         return batch
 
     def __del__(self):
@@ -180,7 +190,6 @@ class ShardWriter:
         self.parts: dict[int, list[pa.Table]] = {s.index: [] for s in shards}
         self.summary = summary
         self.stats = summary.stages
-        self.thresholds = [s.threshold for s in job.stages]
 
     def add(self, batch: pa.Table) -> int:
         for shard_index in pc.unique(batch[_SHARD]).to_pylist():
@@ -205,9 +214,12 @@ class ShardWriter:
     def _write(self, shard_index: int) -> None:
         shard = self.shards[shard_index]
         table = pa.concat_tables(self.parts.pop(shard_index), promote_options="permissive")
-        table = table.sort_by(_ROW).drop_columns([_SHARD, _ROW])
-        for stats, threshold in zip(self.stats, self.thresholds):
-            stats.add(table, threshold)
+        table = table.sort_by(_ROW)
+        for stats, stage in zip(self.stats, self.job.stages):
+            stats.add(table, stage.threshold)
+            if busy_column(stage) in table.column_names:
+                stats.busy_s += pc.sum(table[busy_column(stage)]).as_py() or 0.0
+        table = table.drop_columns([c for c in table.column_names if c.startswith(_INTERNAL)])
         url = output_path(self.job.sink.path, shard.key)
         write_parquet_atomic(table, url, self.job.sink.storage_options, self.job.sink.compression)
         self.summary.rows_out += table.num_rows
