@@ -73,7 +73,7 @@ def _run(args) -> int:
 
     job = load_job(args.job_file, args.job)
     print(job.describe(), flush=True)
-    summary = run(job, address=args.address, progress=not args.no_progress)
+    summary = run(job, address=args.address, progress=not args.no_progress, fresh=args.fresh)
     print(summary.render(), flush=True)
     return 0
 
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster address (default: RAY_ADDRESS if set, e.g. under `ray job submit`, "
                         "else start a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress log lines")
+    p.add_argument("--fresh", action="store_true",
+                   help="forget the work recorded in the sink by earlier runs and process everything again "
+                        "(needed after changing stages, models or thresholds of a job whose sink has output)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("validate", help="check a job definition (and its input) without running it",

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError
+from .faults import fault_point
 
 _GLOB_CHARS = set("*?[")
 
@@ -164,6 +165,7 @@ def write_parquet_atomic(table: pa.Table, url: str, storage_options: Mapping[str
             pq.write_table(table, tmp, compression=codec)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+            fault_point("writing")
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -172,6 +174,19 @@ def write_parquet_atomic(table: pa.Table, url: str, storage_options: Mapping[str
     fs, stripped = filesystem(url, storage_options)
     with fs.open(stripped, "wb") as f:
         pq.write_table(table, f, compression=codec)
+
+
+def remove_stale_temporaries(sink: str) -> int:
+    """Delete temporary files a crashed local write left in ``sink`` (hidden, so
+    no reader ever saw them). S3 needs nothing: an unfinished upload is no object."""
+    if is_remote(sink) or not os.path.isdir(sink):
+        return 0
+    import glob
+
+    stale = glob.glob(os.path.join(sink, "**", ".*.tmp"), recursive=True)
+    for path in stale:
+        os.unlink(path)
+    return len(stale)
 
 
 def write_text(url: str, text: str, storage_options: Mapping[str, Any] | None) -> None:

@@ -71,7 +71,9 @@ def _value_counts(arr) -> tuple[list[int], list[int]]:
 
 @dataclasses.dataclass
 class RunSummary:
-    """Everything a run did, adding up: ``rows_in == rows_out`` or the run failed."""
+    """Everything a run did, adding up: ``rows_in == rows_out + rows_done_before``
+    or the run failed. Files that could not be read are listed in ``skipped_files``
+    (their rows cannot be counted: their footers are unreadable too)."""
 
     job: str
     run_id: str
@@ -80,7 +82,10 @@ class RunSummary:
     wall_s: float = 0.0
     files_in: int = 0
     rows_in: int = 0
-    rows_out: int = 0
+    rows_out: int = 0  # written by this run
+    rows_done_before: int = 0  # in shards an earlier run of the job completed
+    files_done_before: int = 0
+    ledger_s: float = 0.0  # time spent recording completed shards
     files_out: list[str] = dataclasses.field(default_factory=list)
     skipped_files: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     stages: list[StageStats] = dataclasses.field(default_factory=list)
@@ -105,6 +110,9 @@ class RunSummary:
             f"  rows in {self.rows_in:,} ({self.files_in} files) -> rows out {self.rows_out:,} "
             f"({len(self.files_out)} files) at {self.rows_per_s:,.1f} rows/s",
         ]
+        if self.files_done_before:
+            lines.append(f"  already done by earlier runs: {self.rows_done_before:,} rows ({self.files_done_before} files), "
+                         "skipped")
         if self.skipped_files:
             lines.append(f"  files not read: {len(self.skipped_files)}")
             for path, reason in self.skipped_files[:5]:

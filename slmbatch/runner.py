@@ -37,8 +37,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import ConfigError, InputError, RowAccountingError
+from .faults import fault_point
 from .io import Plan, Shard, output_path, plan_shards, read_row_group, write_parquet_atomic, write_text
 from .job import ROW_ID, Job, Model
+from .ledger import Ledger
 from .report import RunSummary, StageStats
 from .stages.base import Stage
 
@@ -183,8 +185,9 @@ class ShardWriter:
     shard, or - at :meth:`close` - any shard with rows missing.
     """
 
-    def __init__(self, job: Job, shards: Sequence[Shard], summary: RunSummary):
+    def __init__(self, job: Job, shards: Sequence[Shard], summary: RunSummary, ledger: Ledger):
         self.job = job
+        self.ledger = ledger
         self.shards = {s.index: s for s in shards}
         self.seen = {s.index: np.zeros(s.num_rows, dtype=bool) for s in shards}
         self.parts: dict[int, list[pa.Table]] = {s.index: [] for s in shards}
@@ -222,6 +225,11 @@ class ShardWriter:
         table = table.drop_columns([c for c in table.column_names if c.startswith(_INTERNAL)])
         url = output_path(self.job.sink.path, shard.key)
         write_parquet_atomic(table, url, self.job.sink.storage_options, self.job.sink.compression)
+        fault_point("written")
+        started = time.perf_counter()
+        self.ledger.mark_done(shard.key, source=shard.path, rows=table.num_rows, output=url, run_id=self.summary.run_id)
+        self.summary.ledger_s += time.perf_counter() - started
+        fault_point("marked")
         self.summary.rows_out += table.num_rows
         self.summary.files_out.append(url)
         log.debug("wrote %s (%d rows)", url, table.num_rows)
@@ -272,9 +280,14 @@ class Progress:
             self.bar.close()
 
 
-def run(job: Job, *, address: str | None = None, progress: bool = True) -> RunSummary:
+def run(job: Job, *, address: str | None = None, progress: bool = True, fresh: bool = False) -> RunSummary:
     """Run ``job`` to completion and return its summary (also written to
-    ``<sink>/_slmbatch/runs/<run_id>.json``)."""
+    ``<sink>/_slmbatch/runs/<run_id>.json``).
+
+    Shards whose output is already recorded in the sink's ledger (an earlier,
+    possibly crashed, run of the same job) are skipped; a changed job is
+    refused (:class:`~slmbatch.ledger.JobChangedError`) unless ``fresh``.
+    """
     started = time.monotonic()
     now = dt.datetime.now(dt.timezone.utc)
     summary = RunSummary(
@@ -292,24 +305,43 @@ def run(job: Job, *, address: str | None = None, progress: bool = True) -> RunSu
         log.warning("not reading %s: %s", path, reason)
     log.info("job %s: %d rows in %d files -> %s", job.name, summary.rows_in, summary.files_in, job.sink.path)
 
-    ensure_ray(address)
-    _configure_ray_data()
-    writer = ShardWriter(job, the_plan.shards, summary)
-    bar = Progress(summary.rows_in, enabled=progress)
+    ledger = Ledger(job)
+    ledger.check_job(fresh=fresh)
+    done = ledger.completed()
+    todo = []
+    for shard in the_plan.shards:
+        record = done.get(shard.key)
+        if record is not None and record["rows"] == shard.num_rows:
+            summary.rows_done_before += shard.num_rows
+            summary.files_done_before += 1
+            continue
+        if record is not None:
+            log.warning("input %s changed since it was processed (%d -> %d rows): processing it again",
+                        shard.path, record["rows"], shard.num_rows)
+        todo.append(shard)
+    if summary.files_done_before:
+        log.info("already done by earlier runs: %d files, %d rows", summary.files_done_before, summary.rows_done_before)
+
+    writer = ShardWriter(job, todo, summary, ledger)
+    bar = Progress(sum(s.num_rows for s in todo), enabled=progress)
     try:
-        for shard in the_plan.shards:
+        for shard in todo:
             if shard.num_rows == 0:
                 writer.write_empty(shard, empty_output(job, the_plan.schema))
-        live = [s for s in the_plan.shards if s.num_rows > 0]
+        live = [s for s in todo if s.num_rows > 0]
         if live:
+            ensure_ray(address)
+            _configure_ray_data()
             for batch in build_dataset(job, live).iter_batches(batch_size=None, batch_format="pyarrow"):
+                fault_point("batch")
                 bar.update(writer.add(batch))
         writer.close()
     finally:
         bar.close()
     summary.wall_s = round(time.monotonic() - started, 3)
-    if summary.rows_out != summary.rows_in:
-        raise RowAccountingError(f"rows in {summary.rows_in} != rows out {summary.rows_out}")
+    if summary.rows_out + summary.rows_done_before != summary.rows_in:
+        raise RowAccountingError(f"rows in {summary.rows_in} != rows written {summary.rows_out} "
+                                 f"+ rows done by earlier runs {summary.rows_done_before}")
     write_text(
         output_path(job.sink.path, f"_slmbatch/runs/{summary.run_id}.json"),
         summary.to_json(),

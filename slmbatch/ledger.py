@@ -1,0 +1,166 @@
+"""The durable record of completed work, kept next to the output.
+
+Layout under the sink (local directory or S3 prefix)::
+
+    <sink>/<shard key>                    output files, one per input shard (Parquet)
+    <sink>/_slmbatch/job.json             what the outputs were produced with (fingerprint)
+    <sink>/_slmbatch/done/<shard key>.json  one marker per completed shard
+    <sink>/_slmbatch/runs/<run id>.json   run summaries
+
+Resume after a crash and nightly incremental runs ask the same question -
+*which input shards already have a whole output?* - so both use this ledger.
+
+A shard is done iff its marker exists, and the marker is written only after
+the shard's output file is complete (atomic rename locally; on S3 an object
+exists only once its upload completed). Whatever crashes, and whenever:
+
+- before the output is written: no file, no marker -> the shard is redone;
+- between output and marker: the file exists, no marker -> the shard is redone
+  and its file *overwritten* at the same deterministic path, never duplicated;
+- after the marker: the shard is skipped.
+
+Why per shard rather than Ray Data's row-level checkpointing
+(``ray.data.checkpoint``): that needs the pipeline to end in a Ray Data write
+(we write on the driver, one file per shard, to check row accounting), loads
+every checkpointed id into memory and runs extra filter actors (1 GiB reserved
+each), while a shard marker costs one small object per input file. The price:
+a crash redoes at most the shards that were in flight.
+
+Markers go in a separate ``_slmbatch/`` prefix, so readers that glob
+``<sink>/**/*.parquet`` (Polars, pyarrow, Ray Data; they skip ``_``-prefixed
+paths anyway) only ever see whole output files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import posixpath
+from typing import Any
+
+from .errors import ConfigError
+from .io import filesystem, output_path, remove_stale_temporaries, write_text
+from .job import Job, Model
+
+log = logging.getLogger("slmbatch")
+
+META = "_slmbatch"
+#: Model options that change throughput, never answers: not part of the fingerprint.
+_RUNTIME_ONLY = {"replicas", "num_cpus", "num_gpus", "batch_size"}
+
+
+class JobChangedError(ConfigError):
+    """The job now differs from the one that produced the outputs in its sink."""
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Model):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name not in _RUNTIME_ONLY}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"kind": type(value).__name__,
+                **{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "_"}}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def job_config(job: Job) -> dict[str, Any]:
+    """Everything about a job that changes what its output rows contain."""
+    return {
+        "source_columns": list(job.source.columns) if job.source.columns is not None else None,
+        "stages": [_plain(stage) for stage in job.stages],
+    }
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{path}[{i}]")]
+    return [] if old == new else [f"{path}: {json.dumps(old, default=str)[:60]} -> {json.dumps(new, default=str)[:60]}"]
+
+
+class Ledger:
+    """Completed shards of one sink (see module docstring)."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.sink = job.sink.path
+        self.options = job.sink.storage_options
+        self.config = job_config(job)
+        self.fingerprint = fingerprint(self.config)
+
+    def _url(self, *parts: str) -> str:
+        return output_path(self.sink, posixpath.join(META, *parts))
+
+    def _read_json(self, url: str) -> dict | None:
+        fs, path = filesystem(url, self.options)
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "r") as f:
+            return json.load(f)
+
+    def check_job(self, *, fresh: bool = False) -> None:
+        """Refuse to mix outputs of a changed job, unless ``fresh`` (then forget
+        all completed work and start over). Records the job on first use."""
+        url = self._url("job.json")
+        removed = remove_stale_temporaries(self.sink)
+        if removed:
+            log.info("removed %d temporary file(s) left by a crashed run", removed)
+        if fresh:
+            self.forget()
+        recorded = self._read_json(url)
+        if recorded is not None and recorded["fingerprint"] != self.fingerprint:
+            changes = _differences(recorded["config"], self.config)
+            raise JobChangedError(
+                "Job.stages",
+                f"the job differs from the one that wrote {self.sink} ({'; '.join(changes[:4]) or 'config changed'}); "
+                "mixing their outputs would be wrong. Use a new sink, or rerun with --fresh to discard that output.",
+            )
+        if recorded is None:
+            write_text(url, json.dumps({"job": self.job.name, "fingerprint": self.fingerprint, "config": self.config,
+                                        "recorded_at": _now()}, indent=2, default=str), self.options)
+
+    def completed(self) -> dict[str, dict]:
+        """Shard key -> its marker, for every completed shard."""
+        fs, root = filesystem(self._url("done"), self.options)
+        if not fs.exists(root):
+            return {}
+        done = {}
+        for path in fs.find(root):
+            if not path.endswith(".json"):
+                continue
+            key = posixpath.relpath(path, root)[: -len(".json")]
+            with fs.open(path, "r") as f:
+                done[key] = json.load(f)
+        return done
+
+    def mark_done(self, key: str, *, source: str, rows: int, output: str, run_id: str, **extra: Any) -> None:
+        record = {"key": key, "source": source, "rows": rows, "output": output, "run_id": run_id,
+                  "fingerprint": self.fingerprint, "completed_at": _now(), **extra}
+        write_text(self._url("done", key + ".json"), json.dumps(record, indent=2), self.options)
+
+    def forget(self) -> None:
+        """Discard the record of completed work (outputs are overwritten as shards are redone)."""
+        fs, root = filesystem(self._url(), self.options)
+        for name in ("done", "job.json"):
+            path = posixpath.join(root, name)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        log.warning("fresh run: forgot the completed work recorded under %s", self._url())
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

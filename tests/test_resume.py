@@ -1,0 +1,137 @@
+"""Resume after a crash: the driver is SIGKILLed at exact points, then rerun.
+
+After the rerun the output holds every input row exactly once (row-id set
+equality with the input), whatever point the crash hit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import polars as pl
+import psutil
+import pytest
+
+import slmbatch
+from slmbatch.cli import load_job
+from slmbatch.ledger import JobChangedError
+
+from .conftest import banking_texts, write_shards
+
+ROWS, SHARDS = 120, 4
+JOB = """
+from slmbatch import Classify, Job, Model, ParquetSink, ParquetSource
+clf = Model({model!r}, num_cpus=0.5, batch_size=10, engine={{"max_model_len": 256, "dtype": "float32"}})
+job = Job(name="resume-test", source=ParquetSource({src!r}),
+          stages=[Classify("spam", model=clf, input="text", labels=["ham", "spam"], threshold={threshold})],
+          sink=ParquetSink({out!r}))
+"""
+
+
+def write_job(base: Path, model: str, threshold: float = 0.5) -> Path:
+    path = base / f"job-{threshold}.py"
+    path.write_text(textwrap.dedent(JOB.format(model=model, src=str(base / "in"), out=str(base / "out"),
+                                               threshold=threshold)))
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    write_shards(tmp_path / "in", banking_texts(ROWS), shards=SHARDS, row_group_size=10)
+    return tmp_path
+
+
+def expected_ids() -> set[str]:
+    per = ROWS // SHARDS
+    return {f"part-{i // per:02d}.parquet:{i % per}" for i in range(ROWS)}
+
+
+def assert_every_row_once(out: Path) -> pl.DataFrame:
+    df = pl.read_parquet(out / "*.parquet")
+    assert df.height == ROWS, f"{df.height} rows written for {ROWS} input rows"
+    assert set(df["_row_id"]) == expected_ids() and df["_row_id"].n_unique() == ROWS
+    return df
+
+
+def run_driver(job_file: Path, address: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    """`slmbatch run` as its own process (own session, so a crash can be cleaned up whole)."""
+    env = {**os.environ, "RAY_ADDRESS": address}
+    if fault:
+        env["SLMBATCH_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "slmbatch.cli", "run", "--no-progress", str(job_file)],
+                          env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+
+
+@pytest.mark.parametrize("fault", ["batch:2", "writing:1", "written:1", "marked:2"])
+def test_driver_killed_mid_run_then_rerun_writes_every_row_once(workdir, tiny_classifier, ray_local, fault):
+    job_file = write_job(workdir, tiny_classifier)
+    crashed = run_driver(job_file, ray_local.get_runtime_context().gcs_address, fault)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    out = workdir / "out"
+    written_before = {p.name for p in out.glob("*.parquet")}
+    if fault == "writing:1":
+        assert list(out.glob(".*.tmp")) and not written_before  # the crash left only a hidden temporary
+
+    summary = slmbatch.run(load_job(str(job_file)), progress=False)
+    assert_every_row_once(out)
+    assert summary.rows_in == summary.rows_out + summary.rows_done_before == ROWS
+    marked = int(fault.split(":")[1]) if fault.startswith("marked") else 0
+    assert summary.files_done_before == marked  # only recorded shards are skipped; the rest is redone
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_rerun_of_a_finished_job_does_nothing(workdir, tiny_classifier, ray_local):
+    job = load_job(str(write_job(workdir, tiny_classifier)))
+    first = slmbatch.run(job, progress=False)
+    mtimes = {p: p.stat().st_mtime_ns for p in (workdir / "out").glob("*.parquet")}
+    second = slmbatch.run(job, progress=False)
+    assert (first.rows_out, second.rows_out, second.rows_done_before) == (ROWS, 0, ROWS)
+    assert {p: p.stat().st_mtime_ns for p in (workdir / "out").glob("*.parquet")} == mtimes
+    assert "already done by earlier runs: 120 rows (4 files)" in second.render()
+
+
+def test_changed_job_is_refused_unless_fresh(workdir, tiny_classifier, ray_local):
+    slmbatch.run(load_job(str(write_job(workdir, tiny_classifier, threshold=0.5))), progress=False)
+    changed = load_job(str(write_job(workdir, tiny_classifier, threshold=0.8)))
+    with pytest.raises(JobChangedError, match=r"stages\[0\]\.threshold: 0.5 -> 0.8"):
+        slmbatch.run(changed, progress=False)
+    summary = slmbatch.run(changed, progress=False, fresh=True)
+    assert summary.rows_out == ROWS and summary.rows_done_before == 0
+    assert_every_row_once(workdir / "out")
+
+
+def test_cli_refuses_a_changed_job_with_a_clear_message(workdir, tiny_classifier, ray_local):
+    address = ray_local.get_runtime_context().gcs_address
+    assert run_driver(write_job(workdir, tiny_classifier, 0.5), address).returncode == 0
+    refused = run_driver(write_job(workdir, tiny_classifier, 0.9), address)
+    assert refused.returncode == 2
+    assert "threshold: 0.5 -> 0.9" in refused.stderr and "--fresh" in refused.stderr
+
+
+def test_replica_killed_mid_run_is_replaced_and_the_job_completes(workdir, tiny_classifier, ray_local):
+    job_file = write_job(workdir, tiny_classifier)
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "slmbatch.cli", "run", "--no-progress", str(job_file)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and driver.poll() is None and time.monotonic() < deadline:
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if "StageActor" in " ".join(proc.info["cmdline"] or []):
+                # Let the replica start and take work, then kill it.
+                time.sleep(3)
+                proc.kill()
+                killed = proc.info["pid"]
+                break
+        time.sleep(0.2)
+    output, _ = driver.communicate(timeout=600)
+    assert killed is not None, "the replica actor was never seen"
+    assert driver.returncode == 0, output[-3000:]
+    assert_every_row_once(workdir / "out")
