@@ -8,6 +8,10 @@ The hierarchy::
     ├── InputError           the input cannot be read as the job says (no files,
     │                        a file without the job's columns); names the file
     ├── EngineError          a model replica failed for a whole batch
+    ├── FrontierError        the frontier endpoint cannot be used at all (the shared
+    │                        rate limiter is gone or was made with other limits, a
+    │                        client used after close); one request's failure is
+    │                        never raised, it comes back as FrontierReply.error
     └── RowAccountingError   rows in != rows out for a shard: the job stops rather
                              than write a short or duplicated output
 
@@ -36,6 +40,13 @@ class InputError(SlmbatchError):
 
 class EngineError(SlmbatchError):
     """A model replica failed for a whole batch."""
+
+
+class FrontierError(SlmbatchError):
+    """The frontier endpoint cannot be used for the job (not one request's failure).
+
+    Messages never contain the API key.
+    """
 
 
 class RowAccountingError(SlmbatchError):

@@ -70,6 +70,13 @@ def list_parquet(path: str, storage_options: Mapping[str, Any] | None = None) ->
     metadata and in-progress files).
     """
     fs, stripped = filesystem(path, storage_options)
+    try:
+        return _list_parquet(fs, path, stripped)
+    except OSError as exc:  # e.g. S3 credentials refused, endpoint unreachable
+        raise InputError(f"cannot list source {path!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _list_parquet(fs, path: str, stripped: str) -> tuple[Any, str, list[str]]:
     if any(c in stripped for c in _GLOB_CHARS):
         root = stripped
         while any(c in root for c in _GLOB_CHARS):
@@ -97,11 +104,14 @@ def plan_shards(
     path: str,
     storage_options: Mapping[str, Any] | None,
     required_columns: Iterable[str],
+    columns: Sequence[str] | None = None,
     *,
     threads: int = 16,
 ) -> Plan:
     """Read every shard's footer (in parallel threads: S3 round trips dominate)
-    and set aside files that cannot be read or lack a required column."""
+    and set aside files that cannot be read, lack a required column, or whose
+    ``columns`` (all columns if None) have other types than in the first
+    usable file."""
     fs, root, files = list_parquet(path, storage_options)
     protocol = path.split("://", 1)[0] + "://" if is_remote(path) else ""
     required = sorted(set(required_columns))
@@ -116,16 +126,19 @@ def plan_shards(
 
     with ThreadPoolExecutor(max_workers=min(threads, len(files))) as pool:
         footers = list(pool.map(footer, files))
-    shards, skipped, schema = [], [], None
+    shards, skipped, schema, reference = [], [], None, ""
     for f, (meta, file_schema, error) in zip(files, footers):
         if error is None:
             missing = [c for c in required if c not in file_schema.names]
             if missing:
                 error = f"missing column {missing[0]!r} (has: {', '.join(file_schema.names)})"
+            elif schema is not None and meta.num_rows:  # an empty file's types cannot clash with anything
+                error = _schema_difference(schema, file_schema, columns, reference)
         if error is not None:
             skipped.append((protocol + f, error))
             continue
-        schema = schema or file_schema
+        if schema is None and meta.num_rows:
+            schema, reference = file_schema, protocol + f
         shards.append(Shard(
             index=len(shards),
             path=protocol + f,
@@ -133,7 +146,19 @@ def plan_shards(
             num_rows=meta.num_rows,
             row_groups=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
         ))
+    if schema is None:  # only empty files: any of their schemas will do
+        schema = next((s for _, s, e in footers if e is None), None)
     return Plan(shards=shards, skipped=skipped, schema=schema)
+
+
+def _schema_difference(reference: pa.Schema, schema: pa.Schema, columns: Sequence[str] | None, where: str) -> str | None:
+    for name in columns or reference.names:
+        if name not in schema.names:
+            return f"schema differs from {where}: no column {name!r}"
+        if schema.field(name).type != reference.field(name).type:
+            return (f"schema differs from {where}: column {name!r} is {schema.field(name).type}, "
+                    f"not {reference.field(name).type}")
+    return None
 
 
 def read_row_group(
@@ -172,8 +197,16 @@ def write_parquet_atomic(table: pa.Table, url: str, storage_options: Mapping[str
                 os.unlink(tmp)
         return
     fs, stripped = filesystem(url, storage_options)
-    with fs.open(stripped, "wb") as f:
+    f = fs.open(stripped, "wb")
+    try:
         pq.write_table(table, f, compression=codec)
+    except BaseException:
+        # fsspec's context manager would upload what was written so far:
+        # abort the multipart upload instead, leaving no object at all.
+        f.discard()
+        f.closed = True
+        raise
+    f.close()
 
 
 def remove_stale_temporaries(sink: str) -> int:

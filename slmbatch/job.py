@@ -35,7 +35,9 @@ _SECRET_KEY = re.compile(r"(secret|token|password|key)", re.IGNORECASE)
 
 
 def _redact(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in options.items()}
+    """Storage options fit to print: values of secret-looking keys hidden, at any depth."""
+    return {k: ("***" if _SECRET_KEY.search(str(k)) else _redact(v) if isinstance(v, Mapping) else v)
+            for k, v in options.items()}
 
 
 @spec
@@ -111,11 +113,15 @@ class ParquetSource:
             ``{"endpoint_url": ..., "anon": False}``). Credentials come from the
             environment (``AWS_ACCESS_KEY_ID``...) unless given here; they are
             never printed.
+        strict: stop the job (before processing anything, where possible)
+            if any input file cannot be used. By default such files are
+            listed with the reason in the run summary and the rest is processed.
     """
 
     path: str
     columns: Sequence[str] | None = None
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    strict: bool = False
 
     def __post_init__(self):
         require(isinstance(self.path, str) and self.path.strip() != "", "ParquetSource.path", f"must be a path, glob or s3:// prefix, got {self.path!r}")
@@ -124,11 +130,16 @@ class ParquetSource:
             require(ROW_ID not in self.columns, "ParquetSource.columns", f"{ROW_ID!r} is reserved for slmbatch's row id")
         require(isinstance(self.storage_options, Mapping), "ParquetSource.storage_options", "must be a dict")
         set_field(self, "storage_options", freeze(self.storage_options))
+        require(isinstance(self.strict, bool), "ParquetSource.strict", f"must be True or False, got {self.strict!r}")
+
+    def __repr__(self) -> str:
+        return (f"ParquetSource(path={self.path!r}, columns={self.columns!r}, "
+                f"storage_options={_redact(self.storage_options)!r}, strict={self.strict!r})")
 
     def describe(self) -> str:
         cols = ", ".join(self.columns) if self.columns else "all columns"
         opts = f", storage={_redact(self.storage_options)}" if self.storage_options else ""
-        return f"parquet {self.path} [{cols}]{opts}"
+        return f"parquet {self.path} [{cols}]{opts}{', strict' if self.strict else ''}"
 
 
 @spec
@@ -151,6 +162,10 @@ class ParquetSink:
                 f"must be one of zstd, snappy, gzip, lz4, brotli, none; got {self.compression!r}")
         require(isinstance(self.storage_options, Mapping), "ParquetSink.storage_options", "must be a dict")
         set_field(self, "storage_options", freeze(self.storage_options))
+
+    def __repr__(self) -> str:
+        return (f"ParquetSink(path={self.path!r}, compression={self.compression!r}, "
+                f"storage_options={_redact(self.storage_options)!r})")
 
     def describe(self) -> str:
         opts = f", storage={_redact(self.storage_options)}" if self.storage_options else ""

@@ -71,9 +71,11 @@ def _value_counts(arr) -> tuple[list[int], list[int]]:
 
 @dataclasses.dataclass
 class RunSummary:
-    """Everything a run did, adding up: ``rows_in == rows_out + rows_done_before``
-    or the run failed. Files that could not be read are listed in ``skipped_files``
-    (their rows cannot be counted: their footers are unreadable too)."""
+    """Everything a run did, adding up:
+    ``rows_in == rows_out + rows_done_before + rows_in_failed_files`` or the run
+    failed. ``rows_in`` counts the rows of every file whose footer could be
+    read; files set aside (unreadable, wrong schema, failed while reading) are
+    listed with the reason in ``skipped_files``."""
 
     job: str
     run_id: str
@@ -84,6 +86,7 @@ class RunSummary:
     rows_in: int = 0
     rows_out: int = 0  # written by this run
     rows_done_before: int = 0  # in shards an earlier run of the job completed
+    rows_in_failed_files: int = 0  # footer readable, data not: the file is set aside whole
     files_done_before: int = 0
     ledger_s: float = 0.0  # time spent recording completed shards
     files_out: list[str] = dataclasses.field(default_factory=list)
@@ -114,8 +117,9 @@ class RunSummary:
             lines.append(f"  already done by earlier runs: {self.rows_done_before:,} rows ({self.files_done_before} files), "
                          "skipped")
         if self.skipped_files:
-            lines.append(f"  files not read: {len(self.skipped_files)}")
-            for path, reason in self.skipped_files[:5]:
+            failed = f", holding {self.rows_in_failed_files:,} of the rows in" if self.rows_in_failed_files else ""
+            lines.append(f"  files set aside: {len(self.skipped_files)}{failed}")
+            for path, reason in self.skipped_files[:10]:
                 lines.append(f"    {path}: {reason}")
         for s in self.stages:
             mean = f"{s.mean_confidence:.3f}" if s.mean_confidence is not None else "-"

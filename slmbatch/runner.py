@@ -49,6 +49,7 @@ log = logging.getLogger("slmbatch")
 _INTERNAL = "__slmbatch_"  # prefix of columns that travel with rows but are never written
 _SHARD = _INTERNAL + "shard"
 _ROW = _INTERNAL + "row"
+_READ_ERROR = _INTERNAL + "read_error"
 
 
 def busy_column(stage: Stage) -> str:
@@ -70,7 +71,10 @@ def required_source_columns(job: Job) -> dict[str, str]:
 
 def plan(job: Job) -> Plan:
     """List the job's shards; raise InputError if none is usable."""
-    result = plan_shards(job.source.path, job.source.storage_options, required_source_columns(job))
+    result = plan_shards(job.source.path, job.source.storage_options, required_source_columns(job), job.source.columns)
+    if job.source.strict and result.skipped:
+        raise InputError("strict source: input files that cannot be used: "
+                         + "; ".join(f"{p}: {r}" for p, r in result.skipped))
     if not result.shards:
         readers = required_source_columns(job)
         reasons = "; ".join(f"{p}: {r}" for p, r in result.skipped[:3])
@@ -84,15 +88,28 @@ def plan(job: Job) -> Plan:
 # -- Ray side ------------------------------------------------------------------------
 
 
-def _read_units(batch: pa.Table, *, columns: Sequence[str] | None, storage_options: Mapping[str, Any]) -> Iterator[pa.Table]:
-    """Read task: one row group per unit, tagged with shard, row index and row id."""
+def _read_units(batch: pa.Table, *, schema: pa.Schema, storage_options: Mapping[str, Any]) -> Iterator[pa.Table]:
+    """Read task: one row group per unit, tagged with shard, row index and row id.
+
+    A row group that cannot be read (corrupt pages behind a valid footer)
+    still yields its rows - as nulls carrying the reason in ``_READ_ERROR`` - so
+    the driver can account for them and set the whole file aside, instead of
+    the task failing the job.
+    """
     for unit in batch.to_pylist():
-        table = read_row_group(unit["path"], unit["row_group"], columns, storage_options)
+        error = None
+        try:
+            table = read_row_group(unit["path"], unit["row_group"], schema.names, storage_options)
+            table = table.select(schema.names).cast(schema)
+        except Exception as exc:  # noqa: BLE001 - reported per file by the driver
+            error = f"unreadable row group {unit['row_group']}: {type(exc).__name__}: {exc}"[:500]
+            table = pa.table({f.name: pa.nulls(unit["rows"], f.type) for f in schema}, schema=schema)
         rows = np.arange(unit["first_row"], unit["first_row"] + table.num_rows, dtype=np.int64)
         ids = pa.array([f"{unit['key']}:{r}" for r in rows], pa.string())
         table = table.append_column(ROW_ID, ids)
         table = table.append_column(_SHARD, pa.array(np.full(table.num_rows, unit["shard"], dtype=np.int64)))
-        yield table.append_column(_ROW, pa.array(rows))
+        table = table.append_column(_ROW, pa.array(rows))
+        yield table.append_column(_READ_ERROR, pa.array([error] * table.num_rows, pa.string()))
 
 
 class StageActor:
@@ -120,7 +137,12 @@ class StageActor:
             replica.shutdown()
 
 
-def build_dataset(job: Job, shards: Sequence[Shard]):
+def read_schema(job: Job, schema: pa.Schema) -> pa.Schema:
+    """Schema of the rows read from every shard (the first usable file's, for the job's columns)."""
+    return pa.schema([schema.field(c) for c in (job.source.columns or schema.names)])
+
+
+def build_dataset(job: Job, shards: Sequence[Shard], schema: pa.Schema):
     import ray.data
 
     units = []
@@ -128,12 +150,13 @@ def build_dataset(job: Job, shards: Sequence[Shard]):
         first = 0
         for g, rows in enumerate(shard.row_groups):
             if rows:
-                units.append({"path": shard.path, "key": shard.key, "shard": shard.index, "row_group": g, "first_row": first})
+                units.append({"path": shard.path, "key": shard.key, "shard": shard.index, "row_group": g,
+                              "first_row": first, "rows": rows})
             first += rows
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(
         _read_units,
-        fn_kwargs={"columns": job.source.columns, "storage_options": dict(job.source.storage_options)},
+        fn_kwargs={"schema": read_schema(job, schema), "storage_options": dict(job.source.storage_options)},
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=READ_TASK_CPUS,
@@ -191,6 +214,7 @@ class ShardWriter:
         self.shards = {s.index: s for s in shards}
         self.seen = {s.index: np.zeros(s.num_rows, dtype=bool) for s in shards}
         self.parts: dict[int, list[pa.Table]] = {s.index: [] for s in shards}
+        self.failed: dict[int, str] = {}  # shard -> why its rows could not all be read
         self.summary = summary
         self.stats = summary.stages
 
@@ -205,10 +229,29 @@ class ShardWriter:
                 shard = self.shards[shard_index]
                 raise RowAccountingError(f"shard {shard.key}: a row came back twice (row ids near {shard.key}:{rows[0]})")
             seen[rows] = True
-            self.parts[shard_index].append(part)
+            errors = part[_READ_ERROR].drop_null()
+            if len(errors) and shard_index not in self.failed:
+                shard = self.shards[shard_index]
+                if self.job.source.strict:
+                    raise InputError(f"strict source: {shard.path}: {errors[0].as_py()}")
+                log.warning("setting aside %s: %s", shard.path, errors[0].as_py())
+                self.failed[shard_index] = errors[0].as_py()
+            if shard_index in self.failed:
+                self.parts[shard_index] = []  # a file is written whole or not at all
+            else:
+                self.parts[shard_index].append(part)
             if seen.all():
-                self._write(shard_index)
+                if shard_index in self.failed:
+                    self._set_aside(shard_index)
+                else:
+                    self._write(shard_index)
         return batch.num_rows
+
+    def _set_aside(self, shard_index: int) -> None:
+        shard = self.shards[shard_index]
+        self.parts.pop(shard_index)
+        self.summary.skipped_files.append((shard.path, self.failed[shard_index]))
+        self.summary.rows_in_failed_files += shard.num_rows
 
     def write_empty(self, shard: Shard, table: pa.Table) -> None:
         self.parts[shard.index] = [table]
@@ -242,7 +285,7 @@ class ShardWriter:
 
 def empty_output(job: Job, schema: pa.Schema) -> pa.Table:
     """A zero-row table with every output column, for an empty shard."""
-    fields = [schema.field(c) for c in (job.source.columns or schema.names)]
+    fields = list(read_schema(job, schema))
     fields += [pa.field(ROW_ID, pa.string()), pa.field(_SHARD, pa.int64()), pa.field(_ROW, pa.int64())]
     for stage in job.stages:
         fields += stage.output_schema()
@@ -332,16 +375,17 @@ def run(job: Job, *, address: str | None = None, progress: bool = True, fresh: b
         if live:
             ensure_ray(address)
             _configure_ray_data()
-            for batch in build_dataset(job, live).iter_batches(batch_size=None, batch_format="pyarrow"):
+            for batch in build_dataset(job, live, the_plan.schema).iter_batches(batch_size=None, batch_format="pyarrow"):
                 fault_point("batch")
                 bar.update(writer.add(batch))
         writer.close()
     finally:
         bar.close()
     summary.wall_s = round(time.monotonic() - started, 3)
-    if summary.rows_out + summary.rows_done_before != summary.rows_in:
+    if summary.rows_out + summary.rows_done_before + summary.rows_in_failed_files != summary.rows_in:
         raise RowAccountingError(f"rows in {summary.rows_in} != rows written {summary.rows_out} "
-                                 f"+ rows done by earlier runs {summary.rows_done_before}")
+                                 f"+ rows done by earlier runs {summary.rows_done_before} "
+                                 f"+ rows in files set aside {summary.rows_in_failed_files}")
     write_text(
         output_path(job.sink.path, f"_slmbatch/runs/{summary.run_id}.json"),
         summary.to_json(),

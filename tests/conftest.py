@@ -61,3 +61,23 @@ def write_shards(directory: Path, texts: list, *, shards: int, row_group_size: i
         pq.write_table(table.slice(i * size, size), path, row_group_size=row_group_size)
         paths.append(path)
     return paths
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real S3-compatible server (SeaweedFS on 127.0.0.1, signatures checked)
+    for the whole session, with one bucket; stopped at the end (tests/s3server.py)."""
+    from .s3server import running
+
+    with running(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_prefix(s3_server, request) -> str:
+    """A fresh ``s3://<bucket>/<test name>-<random>`` for one test, so tests never see each other's objects."""
+    import re
+    import secrets
+
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:60].strip("-")
+    return s3_server.url(f"{name}-{secrets.token_hex(3)}")

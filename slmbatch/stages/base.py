@@ -280,7 +280,7 @@ class Stage:
     def apply(self, table: pa.Table, replica: Replica) -> pa.Table:
         """Add this stage's output columns to ``table`` (one batch, on a replica)."""
         self.check_replica(replica)
-        rows = table.to_pylist()
+        rows = rows_of(table)
         answers: list[Answer | None] = [None] * len(rows)
         requests: list[Request] = []
         for i, row in enumerate(rows):
@@ -311,6 +311,21 @@ class Stage:
         for f in schema:
             table = table.append_column(f, pa.array(columns[f.name], type=f.type))
         return table
+
+
+def rows_of(table: pa.Table) -> list[dict[str, Any]]:
+    """Rows as dicts; string columns holding invalid UTF-8 come back as bytes
+    (so :meth:`Stage.input_text` can error that row) instead of failing the batch."""
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:
+        for i, field in enumerate(table.schema):
+            if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+                try:
+                    table.column(i).validate(full=True)
+                except pa.ArrowInvalid:
+                    table = table.set_column(i, field.name, table.column(i).cast(pa.binary()))
+        return table.to_pylist()
 
 
 def raise_config(field: str, message: str):

@@ -1,0 +1,734 @@
+"""The frontier model: an OpenAI-compatible chat-completions endpoint, called politely.
+
+Three pieces, each usable alone:
+
+* :class:`Frontier` — the driver-side spec (where, which model, how hard to
+  push it, what it costs). Plain validated data: importing this module and
+  building one imports neither Ray nor httpx.
+* :class:`FrontierClient` — an async client (``httpx.AsyncClient``) that never
+  raises for one request's failure: every call comes back as a
+  :class:`FrontierReply`, answered or with a reason. It retries a named set of
+  transient failures with exponential backoff and full jitter, honours
+  ``Retry-After``, bounds each attempt with a timeout and bounds in-flight
+  requests with a semaphore.
+* :class:`RateLimiter` — a Ray actor holding token buckets for requests and
+  tokens per minute, shared by every frontier actor of a job (see
+  :func:`shared_rate_limiter`). The client asks it before every attempt,
+  retries included.
+
+The API key is read from the environment variable *named* by
+``Frontier.api_key_env`` inside the client, at call time, for each attempt. It
+is never stored on an object, logged, or put in a reason string; response
+excerpts are scrubbed of it in case a server echoes it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email.utils
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import FrontierError
+from .spec import check_non_negative, check_positive_int, require, set_field, spec
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = [
+    "Frontier",
+    "FrontierClient",
+    "FrontierReply",
+    "FrontierRequest",
+    "RateLimiter",
+    "shared_rate_limiter",
+]
+
+log = logging.getLogger(__name__)
+
+#: HTTP statuses worth another attempt: timeout, conflict, rate limit, and the
+#: server-side errors that are transient at a load balancer or an overloaded
+#: backend. Everything else (400, 401, 403, 404, 422, 501...) fails at once:
+#: repeating the same request cannot change the answer.
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+#: A ``Retry-After`` longer than this is clamped, so that a bogus header
+#: (``Retry-After: 86400``) cannot park a job for a day. Shorter values are
+#: honoured even when above ``Frontier.max_backoff_s``: the server knows its limits.
+MAX_RETRY_AFTER_S = 900.0
+
+#: Characters of a response body kept in a reason string.
+EXCERPT_CHARS = 200
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _check_optional_rate(value: Any, field: str) -> None:
+    require(
+        value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value)),
+        field,
+        f"must be a positive number or None (no limit), got {value!r}",
+    )
+
+
+def _check_positive(value: Any, field: str) -> None:
+    require(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value),
+        field,
+        f"must be a positive number, got {value!r}",
+    )
+
+
+@spec
+class Frontier:
+    """A frontier model behind an OpenAI-compatible ``/chat/completions`` endpoint.
+
+    Args:
+        base_url: the API root, up to and including the version segment
+            (``https://api.openai.com/v1``, ``http://127.0.0.1:8000/v1`` for a
+            vLLM server); requests go to ``{base_url}/chat/completions``. Must
+            not carry credentials.
+        model: the model name sent in every request.
+        api_key_env: the NAME of the environment variable holding the API key
+            (not the key). Read by the client at call time, in whichever
+            process calls; on a cluster the variable must be set where the
+            frontier actors run. None sends no ``Authorization`` header (a
+            local server). If the variable is unset, no header is sent either
+            and the server's 401 says so.
+        actors: frontier actors per job (each runs one :class:`FrontierClient`).
+        concurrency: requests in flight per actor; the job's total is
+            ``actors * concurrency``.
+        requests_per_minute: requests per minute for the whole job, shared by
+            all actors through one :class:`RateLimiter`; retries count. None:
+            no limit.
+        tokens_per_minute: estimated tokens per minute for the whole job
+            (prompt characters / 4 + ``max_tokens`` per attempt, as providers
+            count a request's ``max_tokens`` against the limit up front). None:
+            no limit.
+        timeout_s: seconds for one attempt, from sending to the last byte of
+            the response (connect, write, read and pool each also bounded by it).
+        max_attempts: attempts per request, the first included.
+        backoff_s: base of the exponential backoff, seconds; attempt ``n``'s
+            retry waits a random time in ``[0, min(max_backoff_s, backoff_s * 2**(n-1))]``
+            ("full jitter"), or at least the server's ``Retry-After``.
+        max_backoff_s: cap of the backoff before jitter, seconds.
+        price_in_per_mtok: USD per 1M prompt tokens.
+        price_out_per_mtok: USD per 1M completion tokens. The defaults are a
+            typical frontier model's list price (2.5 / 10 USD) so that cost
+            reports are never zero by accident; set both to your model's
+            actual price.
+    """
+
+    base_url: str
+    model: str
+    api_key_env: str | None = "OPENAI_API_KEY"
+    actors: int = 2
+    concurrency: int = 8
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    timeout_s: float = 60.0
+    max_attempts: int = 5
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    price_in_per_mtok: float = 2.5
+    price_out_per_mtok: float = 10.0
+
+    def __post_init__(self):
+        require(isinstance(self.base_url, str), "Frontier.base_url", f"must be an http(s) URL, got {self.base_url!r}")
+        parts = urllib.parse.urlsplit(self.base_url.strip())
+        # Checked before anything echoes the URL: it may hold a password.
+        require(parts.username is None and parts.password is None, "Frontier.base_url",
+                "must not contain credentials (user:password@); put the key in the environment "
+                "variable named by Frontier.api_key_env")
+        require(parts.scheme in ("http", "https") and bool(parts.hostname), "Frontier.base_url",
+                f"must be an http:// or https:// URL with a host, got {self.base_url!r}")
+        require(not parts.query and not parts.fragment, "Frontier.base_url",
+                f"must not have a query or fragment, got {self.base_url!r}")
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        require(port_ok, "Frontier.base_url", f"has an invalid port, got {self.base_url!r}")
+        set_field(self, "base_url", self.base_url.strip().rstrip("/"))
+        require(isinstance(self.model, str) and self.model.strip() != "", "Frontier.model",
+                f"must be a model name, got {self.model!r}")
+        if self.api_key_env is not None:
+            # Never echo the value: a key pasted here by mistake must not reach a log.
+            require(isinstance(self.api_key_env, str) and _ENV_NAME.match(self.api_key_env) is not None,
+                    "Frontier.api_key_env",
+                    "must be the NAME of an environment variable (letters, digits, _; e.g. "
+                    f"'OPENAI_API_KEY'), not the key itself; got a {type(self.api_key_env).__name__}"
+                    + (f" of {len(self.api_key_env)} characters" if isinstance(self.api_key_env, str) else ""))
+        check_positive_int(self.actors, "Frontier.actors")
+        check_positive_int(self.concurrency, "Frontier.concurrency")
+        _check_optional_rate(self.requests_per_minute, "Frontier.requests_per_minute")
+        _check_optional_rate(self.tokens_per_minute, "Frontier.tokens_per_minute")
+        _check_positive(self.timeout_s, "Frontier.timeout_s")
+        check_positive_int(self.max_attempts, "Frontier.max_attempts")
+        check_non_negative(self.backoff_s, "Frontier.backoff_s")
+        check_non_negative(self.max_backoff_s, "Frontier.max_backoff_s")
+        require(self.max_backoff_s >= self.backoff_s, "Frontier.max_backoff_s",
+                f"must be >= Frontier.backoff_s ({self.backoff_s!r}), got {self.max_backoff_s!r}")
+        check_non_negative(self.price_in_per_mtok, "Frontier.price_in_per_mtok")
+        check_non_negative(self.price_out_per_mtok, "Frontier.price_out_per_mtok")
+        for name in ("requests_per_minute", "tokens_per_minute", "timeout_s", "backoff_s", "max_backoff_s",
+                     "price_in_per_mtok", "price_out_per_mtok"):
+            value = getattr(self, name)
+            if value is not None:
+                set_field(self, name, float(value))
+
+    @property
+    def chat_url(self) -> str:
+        return f"{self.base_url}/chat/completions"
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """USD for one answered request at this spec's prices."""
+        return (prompt_tokens * self.price_in_per_mtok + completion_tokens * self.price_out_per_mtok) / 1e6
+
+    def describe(self) -> str:
+        limits = ", ".join(
+            f"{v:g} {unit}" for v, unit in ((self.requests_per_minute, "req/min"), (self.tokens_per_minute, "tok/min"))
+            if v is not None
+        ) or "no rate limit"
+        key = f"key from ${self.api_key_env}" if self.api_key_env else "no key"
+        return (f"{self.model} at {self.base_url} ({self.actors} actor(s) x {self.concurrency} in flight, {limits}, "
+                f"{key}, timeout {self.timeout_s:g} s, {self.max_attempts} attempt(s), "
+                f"${self.price_in_per_mtok:g}/${self.price_out_per_mtok:g} per 1M tokens in/out)")
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontierRequest:
+    """One chat-completions request for :meth:`FrontierClient.complete_many`.
+
+    A plain mapping with the same keys is accepted too.
+    """
+
+    messages: Sequence[Mapping[str, Any]]
+    max_tokens: int
+    response_format: Mapping[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontierReply:
+    """The outcome of one request: answered (``error is None``) or failed with a reason.
+
+    Attributes:
+        text: ``choices[0].message.content`` of the answered attempt; None if failed.
+        prompt_tokens, completion_tokens: the server's ``usage`` for the
+            answered attempt (failed attempts are not counted: most providers
+            do not bill them, and their usage is not reported). When the
+            response has no usable ``usage`` they are estimated as characters / 4
+            and ``usage_estimated`` is True. Both 0 for a failed request.
+        attempts: attempts made, the first included.
+        error: why the request failed (the last attempt's cause and whether
+            it was retryable), None when answered. Never contains the API key.
+        cost_usd: ``prompt_tokens`` and ``completion_tokens`` at the
+            :class:`Frontier` prices.
+        finish_reason: ``choices[0].finish_reason`` (``"length"`` means the
+            answer was cut at ``max_tokens``).
+        usage_estimated: True when the token counts are estimates.
+    """
+
+    text: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    attempts: int
+    error: str | None = None
+    cost_usd: float = 0.0
+    finish_reason: str | None = None
+    usage_estimated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+    """One attempt's result: a reply, or a reason with whether to try again."""
+
+    reply: FrontierReply | None = None
+    reason: str = ""
+    retryable: bool = False
+    retry_after_s: float | None = None
+
+
+def _content_chars(messages: Sequence[Mapping[str, Any]]) -> int:
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, Sequence):
+            total += sum(len(part.get("text") or "") for part in content if isinstance(part, Mapping))
+    return total
+
+
+def estimate_tokens(messages: Sequence[Mapping[str, Any]], max_tokens: int) -> int:
+    """What one attempt counts against ``tokens_per_minute``: prompt characters / 4 + ``max_tokens``.
+
+    Characters / 4 is the usual rule of thumb for English with BPE tokenizers;
+    ``max_tokens`` is added because providers reserve it when the request arrives.
+    """
+    return math.ceil(_content_chars(messages) / 4) + max_tokens
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP-date.
+
+    None when absent or unparseable; never negative; at most :data:`MAX_RETRY_AFTER_S`.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    """A short, single-line excerpt with the key (and anything that looks like one) masked."""
+    if secret:
+        text = text.replace(secret, "***")
+    text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
+    text = re.sub(r"\bsk-[A-Za-z0-9_\-]{6,}", "sk-***", text)
+    text = " ".join(text.split())
+    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
+
+
+def _error_excerpt(body: bytes, secret: str | None) -> str:
+    text = body.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, Mapping):
+        err = data.get("error")
+        if isinstance(err, Mapping) and isinstance(err.get("message"), str):
+            text = err["message"]
+        elif isinstance(err, str):
+            text = err
+        elif isinstance(data.get("message"), str):
+            text = data["message"]
+    return _scrub(text, secret) or "(empty body)"
+
+
+def _usage_count(usage: Any, name: str) -> int | None:
+    if isinstance(usage, Mapping):
+        value = usage.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
+class FrontierClient:
+    """Async client for one :class:`Frontier`; one per frontier actor.
+
+    ``complete`` and ``complete_many`` never raise for one request's failure;
+    they raise :class:`~slmbatch.errors.FrontierError` only when the shared
+    rate limiter cannot be reached (the job cannot go on politely).
+
+    Args:
+        frontier: the spec.
+        limiter: a :class:`RateLimiter` actor handle (see
+            :func:`shared_rate_limiter`), or anything whose ``acquire.remote(tokens)``
+            returns an awaitable; None: no rate limit.
+        transport: an ``httpx.AsyncBaseTransport`` for tests or custom
+            networking; None: httpx's default.
+
+    At most ``frontier.concurrency`` attempts are in flight per client,
+    whichever of ``complete``/``complete_many`` starts them; a slot is held
+    from the rate-limiter grant to the end of the response (not during a
+    backoff), so grants turn into requests at once and never pile up into a
+    burst. The underlying ``httpx.AsyncClient`` is created on first use in
+    the running event loop; close it with ``await client.aclose()`` or
+    ``async with FrontierClient(...)``.
+    """
+
+    def __init__(self, frontier: Frontier, limiter: Any = None, transport: httpx.AsyncBaseTransport | None = None):
+        if not isinstance(frontier, Frontier):
+            raise TypeError(f"frontier must be a Frontier, got {type(frontier).__name__}")
+        self.frontier = frontier
+        self.limiter = limiter
+        self._transport = transport
+        self._http: httpx.AsyncClient | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._random = random.Random()
+
+    def __repr__(self) -> str:
+        limited = "shared rate limiter" if self.limiter is not None else "no rate limiter"
+        return f"FrontierClient({self.frontier.describe()}, {limited})"
+
+    async def __aenter__(self) -> FrontierClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.aclose()
+
+    def _ensure_started(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        if self._closed:
+            raise FrontierError("FrontierClient used after aclose()")
+        loop = asyncio.get_running_loop()
+        if self._http is None or self._loop is not loop:
+            # A client is bound to the loop it first ran in; a new loop (a new
+            # asyncio.run) gets fresh connections rather than dead ones.
+            import httpx
+
+            f = self.frontier
+            self._http = httpx.AsyncClient(
+                transport=self._transport,
+                timeout=httpx.Timeout(f.timeout_s),
+                limits=httpx.Limits(max_connections=f.concurrency, max_keepalive_connections=f.concurrency),
+                follow_redirects=False,
+            )
+            self._slots = asyncio.Semaphore(f.concurrency)
+            self._loop = loop
+        assert self._slots is not None
+        return self._http, self._slots
+
+    async def complete(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        max_tokens: int,
+        response_format: Mapping[str, Any] | None = None,
+    ) -> FrontierReply:
+        """Send one chat completion (``temperature`` 0) and return its reply or the reason it failed.
+
+        ``response_format`` is passed through, e.g. ``{"type": "json_schema",
+        "json_schema": {"name": "answer", "schema": {...}, "strict": True}}``.
+        Token usage comes from the response's ``usage``; when it is missing,
+        prompt characters / 4 and answer characters / 4 are reported instead,
+        with ``usage_estimated=True``.
+        """
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        f = self.frontier
+        http, slots = self._ensure_started()
+        body: dict[str, Any] = {
+            "model": f.model,
+            "messages": [dict(m) for m in messages],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
+        if response_format is not None:
+            body["response_format"] = _plain(response_format)
+        estimate = estimate_tokens(messages, max_tokens)
+        outcome = _Outcome()
+        attempt = 0
+        for attempt in range(1, f.max_attempts + 1):
+            async with slots:
+                await self._acquire(estimate)
+                outcome = await self._attempt(http, body, messages)
+            if outcome.reply is not None:
+                return dataclasses.replace(outcome.reply, attempts=attempt)
+            if not outcome.retryable or attempt == f.max_attempts:
+                break
+            delay = self._backoff(attempt, outcome.retry_after_s)
+            log.debug("frontier attempt %d/%d failed (%s); retrying in %.2f s",
+                      attempt, f.max_attempts, outcome.reason, delay)
+            await asyncio.sleep(delay)
+        if outcome.retryable:
+            error = f"{outcome.reason} (gave up after {attempt} attempt(s))"
+        else:
+            error = f"{outcome.reason} (not retryable; {attempt} attempt(s))"
+        log.debug("frontier request failed: %s", error)
+        return FrontierReply(text=None, prompt_tokens=0, completion_tokens=0, attempts=attempt, error=error)
+
+    async def complete_many(self, requests: Sequence[FrontierRequest | Mapping[str, Any]]) -> list[FrontierReply]:
+        """Run ``requests`` concurrently (at most ``concurrency`` in flight); replies in input order."""
+        calls = []
+        for i, request in enumerate(requests):
+            if isinstance(request, FrontierRequest):
+                request = dataclasses.asdict(request)
+            if not isinstance(request, Mapping) or "messages" not in request or "max_tokens" not in request:
+                raise TypeError(f"requests[{i}] must be a FrontierRequest or a mapping with "
+                                f"'messages' and 'max_tokens', got {type(request).__name__}")
+            unknown = set(request) - {"messages", "max_tokens", "response_format"}
+            if unknown:
+                raise TypeError(f"requests[{i}] has unknown key(s) {sorted(unknown)}")
+            calls.append(self.complete(request["messages"], max_tokens=request["max_tokens"],
+                                       response_format=request.get("response_format")))
+        return list(await asyncio.gather(*calls))
+
+    def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
+        f = self.frontier
+        ceiling = min(f.max_backoff_s, f.backoff_s * 2 ** (attempt - 1))
+        delay = self._random.uniform(0.0, ceiling)
+        if retry_after_s is not None:
+            delay = max(delay, retry_after_s)
+        return delay
+
+    async def _acquire(self, tokens: int) -> None:
+        if self.limiter is None:
+            return
+        try:
+            await self.limiter.acquire.remote(tokens)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the actor died or was never reachable: a job-level failure
+            raise FrontierError(f"the shared frontier rate limiter is unavailable: {type(e).__name__}") from e
+
+    async def _attempt(self, http: httpx.AsyncClient, body: dict[str, Any],
+                       messages: Sequence[Mapping[str, Any]]) -> _Outcome:
+        import httpx
+
+        f = self.frontier
+        key = os.environ.get(f.api_key_env) if f.api_key_env else None
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        try:
+            response = await asyncio.wait_for(http.post(f.chat_url, json=body, headers=headers), f.timeout_s)
+        except (TimeoutError, httpx.TimeoutException) as e:
+            return _Outcome(reason=f"timeout: no complete response within {f.timeout_s:g} s ({type(e).__name__})",
+                            retryable=True)
+        except (httpx.NetworkError, httpx.RemoteProtocolError) as e:
+            return _Outcome(reason=f"connection error: {type(e).__name__}: {_scrub(str(e), key) or 'no detail'}",
+                            retryable=True)
+        except httpx.HTTPError as e:
+            return _Outcome(reason=f"request failed: {type(e).__name__}: {_scrub(str(e), key) or 'no detail'}")
+
+        status = response.status_code
+        if status in RETRYABLE_STATUSES:
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            retry_after_ms = response.headers.get("retry-after-ms")  # OpenAI's finer-grained variant
+            if retry_after_ms is not None:
+                ms = parse_retry_after(retry_after_ms)
+                if ms is not None:
+                    retry_after = max(retry_after or 0.0, ms / 1000)
+            return _Outcome(reason=f"HTTP {status}: {_error_excerpt(response.content, key)}",
+                            retryable=True, retry_after_s=retry_after)
+        if not 200 <= status < 300:
+            hint = ""
+            if status == 401 and f.api_key_env and not key:
+                hint = f" (environment variable {f.api_key_env} is not set)"
+            return _Outcome(reason=f"HTTP {status}{hint}: {_error_excerpt(response.content, key)}")
+
+        try:
+            data = json.loads(response.content)
+        except ValueError:
+            return _Outcome(reason=f"malformed response: HTTP {status} body is not valid JSON: "
+                                   f"{_scrub(response.content.decode('utf-8', 'replace'), key) or '(empty body)'}",
+                            retryable=True)
+        message, finish_reason = _first_message(data)
+        content = message.get("content") if message is not None else None
+        if not isinstance(content, str):
+            refusal = message.get("refusal") if message is not None else None
+            if isinstance(refusal, str) and refusal:
+                return _Outcome(reason=f"refused by the model: {_scrub(refusal, key)}")
+            return _Outcome(reason="malformed response: no string choices[0].message.content", retryable=True)
+
+        usage = data.get("usage")
+        prompt_tokens = _usage_count(usage, "prompt_tokens")
+        completion_tokens = _usage_count(usage, "completion_tokens")
+        estimated = prompt_tokens is None or completion_tokens is None
+        if prompt_tokens is None:
+            prompt_tokens = math.ceil(_content_chars(messages) / 4)
+        if completion_tokens is None:
+            completion_tokens = math.ceil(len(content) / 4)
+        return _Outcome(reply=FrontierReply(
+            text=content,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            attempts=0,
+            cost_usd=f.cost_usd(prompt_tokens, completion_tokens),
+            finish_reason=finish_reason,
+            usage_estimated=estimated,
+        ))
+
+
+def _first_message(data: Any) -> tuple[Mapping[str, Any] | None, str | None]:
+    if not isinstance(data, Mapping):
+        return None, None
+    choices = data.get("choices")
+    if not isinstance(choices, Sequence) or isinstance(choices, str) or not choices:
+        return None, None
+    choice = choices[0]
+    if not isinstance(choice, Mapping):
+        return None, None
+    message = choice.get("message")
+    finish = choice.get("finish_reason")
+    return (message if isinstance(message, Mapping) else None), (finish if isinstance(finish, str) else None)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy of a (possibly frozen) mapping/sequence."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- rate limit
+
+#: Bucket capacity, in seconds of allowance. Not a full minute: providers
+#: enforce per-minute limits over shorter windows too (OpenAI documents that
+#: 60,000 req/min may be enforced as 1,000 req/s), so a fresh job firing a
+#: whole minute's allowance at once would draw a wave of 429s. One second's
+#: worth still lets every actor start without waiting in lockstep.
+BURST_S = 1.0
+
+
+class _TokenBucket:
+    """Continuous refill at ``rate`` per second up to ``capacity``; may go into debt.
+
+    A cost above the capacity waits for a full bucket, then drives the level
+    negative, so an oversized request is admitted (never deadlocks) and the
+    long-run rate still holds.
+    """
+
+    def __init__(self, per_minute: float, burst_s: float, minimum: float):
+        self.rate = per_minute / 60.0
+        self.capacity = max(self.rate * burst_s, minimum)
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_s(self, cost: float) -> float:
+        need = min(cost, self.capacity) - self.level
+        return max(0.0, need / self.rate)
+
+
+class _RateLimiter:
+    """Token buckets for requests and tokens per minute; the body of :class:`RateLimiter`.
+
+    ``acquire`` is served first-come first-served (one waiter at a time holds
+    the lock while it sleeps), so a big request is not starved by small ones.
+    """
+
+    def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None, burst_s: float = BURST_S):
+        self._limits = (requests_per_minute, tokens_per_minute, burst_s)
+        self._requests = _TokenBucket(requests_per_minute, burst_s, 1.0) if requests_per_minute else None
+        self._tokens = _TokenBucket(tokens_per_minute, burst_s, 1.0) if tokens_per_minute else None
+        self._lock = asyncio.Lock()
+        self._granted = 0
+        self._granted_tokens = 0
+        self._waited_s = 0.0
+
+    async def acquire(self, tokens: int = 0) -> float:
+        """Wait until one request of ``tokens`` estimated tokens may go; return the seconds waited."""
+        start = time.monotonic()
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                wait = 0.0
+                for bucket, cost in ((self._requests, 1), (self._tokens, tokens)):
+                    if bucket is not None:
+                        bucket.refill(now)
+                        wait = max(wait, bucket.wait_s(cost))
+                if wait <= 0:
+                    break
+                await asyncio.sleep(wait)
+            if self._requests is not None:
+                self._requests.level -= 1
+            if self._tokens is not None:
+                self._tokens.level -= tokens
+        waited = time.monotonic() - start
+        self._granted += 1
+        self._granted_tokens += tokens
+        self._waited_s += waited
+        return waited
+
+    def limits(self) -> tuple[float | None, float | None, float]:
+        """``(requests_per_minute, tokens_per_minute, burst_s)`` this limiter was made with."""
+        return self._limits
+
+    def capacity(self) -> tuple[float | None, float | None]:
+        """Bucket capacities (requests, tokens): the most that may go in a burst."""
+        return (self._requests.capacity if self._requests else None,
+                self._tokens.capacity if self._tokens else None)
+
+    def stats(self) -> dict[str, float]:
+        return {"granted": self._granted, "granted_tokens": self._granted_tokens, "waited_s": self._waited_s}
+
+
+_ray_rate_limiter: Any = None
+
+
+def _rate_limiter_actor_class() -> Any:
+    global _ray_rate_limiter
+    if _ray_rate_limiter is None:
+        import ray
+
+        # num_cpus=0: it only sleeps and does arithmetic, and must never wait
+        # for a CPU behind the model replicas. max_concurrency: every in-flight
+        # attempt of every actor may be waiting in acquire() at once.
+        _ray_rate_limiter = ray.remote(num_cpus=0, max_concurrency=10_000)(_RateLimiter)
+    return _ray_rate_limiter
+
+
+def __getattr__(name: str) -> Any:
+    # RateLimiter is a Ray actor class, built on first access so that importing
+    # this module (and defining a job) does not import Ray.
+    if name == "RateLimiter":
+        return _rate_limiter_actor_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def shared_rate_limiter(
+    name: str,
+    requests_per_minute: float | None,
+    tokens_per_minute: float | None,
+    *,
+    burst_s: float = BURST_S,
+    namespace: str | None = None,
+) -> Any:
+    """The job's one :class:`RateLimiter` actor named ``name``: created, or fetched if it exists.
+
+    Call it on the driver and pass the handle to the frontier actors: the
+    actor is not detached, so it is owned by the caller and goes away with
+    the job (a limiter created by a frontier actor would die with that
+    actor). ``namespace`` None means the current job's namespace, so two jobs
+    never share a limiter by accident; give an explicit namespace to share
+    one API key's limits between concurrently running jobs.
+
+    Returns None when both limits are None (no limiting needed). Raises
+    :class:`~slmbatch.errors.FrontierError` if a limiter of that name exists
+    with different limits.
+    """
+    if requests_per_minute is None and tokens_per_minute is None:
+        return None
+    import ray
+
+    _check_optional_rate(requests_per_minute, "Frontier.requests_per_minute")
+    _check_optional_rate(tokens_per_minute, "Frontier.tokens_per_minute")
+    options: dict[str, Any] = {"name": name, "get_if_exists": True}
+    if namespace is not None:
+        options["namespace"] = namespace
+    handle = _rate_limiter_actor_class().options(**options).remote(requests_per_minute, tokens_per_minute, burst_s)
+    want = (requests_per_minute, tokens_per_minute, burst_s)
+    have = tuple(ray.get(handle.limits.remote()))
+    if have != want:
+        raise FrontierError(f"rate limiter {name!r} already exists with limits {have} "
+                            f"(requests/min, tokens/min, burst s), not {want}")
+    return handle
