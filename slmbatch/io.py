@@ -56,6 +56,7 @@ class Plan:
     shards: list[Shard]
     skipped: list[tuple[str, str]]  # (path, reason)
     schema: pa.Schema | None
+    skipped_rows: int = 0  # rows in skipped files whose footer could be read
 
     @property
     def num_rows(self) -> int:
@@ -126,7 +127,7 @@ def plan_shards(
 
     with ThreadPoolExecutor(max_workers=min(threads, len(files))) as pool:
         footers = list(pool.map(footer, files))
-    shards, skipped, schema, reference = [], [], None, ""
+    shards, skipped, schema, reference, skipped_rows = [], [], None, "", 0
     for f, (meta, file_schema, error) in zip(files, footers):
         if error is None:
             missing = [c for c in required if c not in file_schema.names]
@@ -136,6 +137,7 @@ def plan_shards(
                 error = _schema_difference(schema, file_schema, columns, reference)
         if error is not None:
             skipped.append((protocol + f, error))
+            skipped_rows += meta.num_rows if meta is not None else 0
             continue
         if schema is None and meta.num_rows:
             schema, reference = file_schema, protocol + f
@@ -148,7 +150,7 @@ def plan_shards(
         ))
     if schema is None:  # only empty files: any of their schemas will do
         schema = next((s for _, s, e in footers if e is None), None)
-    return Plan(shards=shards, skipped=skipped, schema=schema)
+    return Plan(shards=shards, skipped=skipped, schema=schema, skipped_rows=skipped_rows)
 
 
 def _schema_difference(reference: pa.Schema, schema: pa.Schema, columns: Sequence[str] | None, where: str) -> str | None:

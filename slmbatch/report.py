@@ -74,8 +74,9 @@ class RunSummary:
     """Everything a run did, adding up:
     ``rows_in == rows_out + rows_done_before + rows_in_failed_files`` or the run
     failed. ``rows_in`` counts the rows of every file whose footer could be
-    read; files set aside (unreadable, wrong schema, failed while reading) are
-    listed with the reason in ``skipped_files``."""
+    read; files set aside (unreadable, missing a column, another schema, failed
+    while reading) are listed with the reason in ``skipped_files`` - those with
+    an unreadable footer hold rows nobody can count."""
 
     job: str
     run_id: str
@@ -86,7 +87,7 @@ class RunSummary:
     rows_in: int = 0
     rows_out: int = 0  # written by this run
     rows_done_before: int = 0  # in shards an earlier run of the job completed
-    rows_in_failed_files: int = 0  # footer readable, data not: the file is set aside whole
+    rows_in_failed_files: int = 0  # in files set aside whose footer could be read
     files_done_before: int = 0
     ledger_s: float = 0.0  # time spent recording completed shards
     files_out: list[str] = dataclasses.field(default_factory=list)

@@ -341,9 +341,10 @@ def run(job: Job, *, address: str | None = None, progress: bool = True, fresh: b
         stages=[StageStats(s.name, s.kind) for s in job.stages],
     )
     the_plan = plan(job)
-    summary.files_in = len(the_plan.shards)
-    summary.rows_in = the_plan.num_rows
-    summary.skipped_files = the_plan.skipped
+    summary.files_in = len(the_plan.shards) + len(the_plan.skipped)
+    summary.rows_in = the_plan.num_rows + the_plan.skipped_rows
+    summary.rows_in_failed_files = the_plan.skipped_rows
+    summary.skipped_files = list(the_plan.skipped)
     for path, reason in the_plan.skipped:
         log.warning("not reading %s: %s", path, reason)
     log.info("job %s: %d rows in %d files -> %s", job.name, summary.rows_in, summary.files_in, job.sink.path)
