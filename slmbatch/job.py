@@ -110,9 +110,12 @@ class ParquetSource:
             column of the files. Stages may only read these (and earlier
             stages' outputs).
         storage_options: options for ``s3fs.S3FileSystem`` (e.g.
-            ``{"endpoint_url": ..., "anon": False}``). Credentials come from the
-            environment (``AWS_ACCESS_KEY_ID``...) unless given here; they are
-            never printed.
+            ``{"endpoint_url": ..., "key": os.environ["S3_KEY"], "secret": ...}``).
+            Without ``key``/``secret`` here, s3fs looks for credentials where
+            the code runs - the driver lists and writes, Ray workers read - so
+            on a cluster every node needs them (an instance role, or
+            ``ray job submit --runtime-env-json '{"env_vars": {...}}'``).
+            Values of secret-looking keys are never printed.
         strict: stop the job (before processing anything, where possible)
             if any input file cannot be used. By default such files are
             listed with the reason in the run summary and the rest is processed.

@@ -101,7 +101,9 @@ def _read_units(batch: pa.Table, *, schema: pa.Schema, storage_options: Mapping[
         try:
             table = read_row_group(unit["path"], unit["row_group"], schema.names, storage_options)
             table = table.select(schema.names).cast(schema)
-        except Exception as exc:  # noqa: BLE001 - reported per file by the driver
+        except Exception as exc:
+            if not _is_corrupt_data(exc):
+                raise  # access or network trouble is not the file's fault: fail loudly, not per file
             error = f"unreadable row group {unit['row_group']}: {type(exc).__name__}: {exc}"[:500]
             table = pa.table({f.name: pa.nulls(unit["rows"], f.type) for f in schema}, schema=schema)
         rows = np.arange(unit["first_row"], unit["first_row"] + table.num_rows, dtype=np.int64)
@@ -135,6 +137,14 @@ class StageActor:
         replica = getattr(self, "replica", None)
         if replica is not None:
             replica.shutdown()
+
+
+def _is_corrupt_data(exc: BaseException) -> bool:
+    """True for errors that say the file's bytes are bad (set the file aside);
+    False for credentials, permissions, missing objects and the network."""
+    if isinstance(exc, (PermissionError, FileNotFoundError, ConnectionError, TimeoutError)):
+        return False
+    return isinstance(exc, (pa.ArrowException, OSError, ValueError, EOFError))
 
 
 def read_schema(job: Job, schema: pa.Schema) -> pa.Schema:

@@ -148,3 +148,43 @@ def test_replica_killed_mid_run_is_replaced_and_the_job_completes(tmp_path, tiny
     assert len(written) == 8
     df = pl.read_parquet(tmp_path / "out" / "*.parquet")
     assert df.height == rows and df["_row_id"].n_unique() == rows
+
+
+S3_JOB = """
+import os
+from slmbatch import Classify, Job, Model, ParquetSink, ParquetSource
+storage = {{"endpoint_url": os.environ["TEST_S3_ENDPOINT"],
+            "key": os.environ["TEST_S3_KEY"], "secret": os.environ["TEST_S3_SECRET"]}}
+clf = Model({model!r}, num_cpus=0.5, batch_size=10, engine={{"max_model_len": 256, "dtype": "float32"}})
+job = Job(name="resume-s3", source=ParquetSource({src!r}, storage_options=storage),
+          stages=[Classify("spam", model=clf, input="text", labels=["ham", "spam"])],
+          sink=ParquetSink({out!r}, storage_options=storage))
+"""
+
+
+@pytest.mark.parametrize("fault", ["batch:2", "written:1", "marked:2"])
+def test_driver_killed_mid_run_on_s3_then_rerun_writes_every_row_once(tmp_path, s3_server, s3_prefix,
+                                                                     tiny_classifier, ray_local, fault, monkeypatch):
+    import s3fs
+
+    write_shards(tmp_path / "in", banking_texts(ROWS), shards=SHARDS, row_group_size=10)
+    fs = s3fs.S3FileSystem(**s3_server.storage_options, use_listings_cache=False)
+    for path in sorted((tmp_path / "in").glob("*.parquet")):
+        fs.put_file(str(path), f"{s3_prefix}/in/{path.name}".removeprefix("s3://"))
+    job_file = tmp_path / "job.py"
+    job_file.write_text(textwrap.dedent(S3_JOB.format(model=tiny_classifier, src=f"{s3_prefix}/in", out=f"{s3_prefix}/out")))
+    monkeypatch.setenv("TEST_S3_ENDPOINT", s3_server.storage_options["endpoint_url"])
+    monkeypatch.setenv("TEST_S3_KEY", s3_server.storage_options["key"])
+    monkeypatch.setenv("TEST_S3_SECRET", s3_server.storage_options["secret"])
+
+    crashed = run_driver(job_file, ray_local.get_runtime_context().gcs_address, fault)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    summary = slmbatch.run(load_job(str(job_file)), progress=False)
+    assert summary.rows_in == summary.rows_out + summary.rows_done_before == ROWS
+
+    out = f"{s3_prefix}/out".removeprefix("s3://")
+    fs.invalidate_cache()
+    objects = sorted(p for p in fs.find(out) if p.endswith(".parquet"))
+    assert [p.rsplit("/", 1)[1] for p in objects] == [f"part-{i:02d}.parquet" for i in range(SHARDS)]
+    df = pl.concat([pl.read_parquet(fs.cat_file(p)) for p in objects])
+    assert df.height == ROWS and set(df["_row_id"]) == expected_ids()
