@@ -7,16 +7,21 @@ A job is plain Python::
 and runs with ``slmbatch run job.py`` (or :func:`run`).
 """
 
-from .errors import ConfigError, EngineError, InputError, RowAccountingError, SlmbatchError
+from .errors import ConfigError, EngineError, FrontierError, InputError, RowAccountingError, SlmbatchError
+from .frontier import Frontier
 from .job import Job, Model, ParquetSink, ParquetSource
+from .routing import Egress, load_thresholds
 from .runner import RunSummary, run
 from .stages import Classify, Extract, Stage, Summarize
 
-__all__ = sorted([
+__all__ = [
     "Classify",
     "ConfigError",
+    "Egress",
     "EngineError",
     "Extract",
+    "Frontier",
+    "FrontierError",
     "InputError",
     "Job",
     "Model",
@@ -27,6 +32,7 @@ __all__ = sorted([
     "SlmbatchError",
     "Stage",
     "Summarize",
+    "load_thresholds",
     "run",
-])
+]
 __version__ = "0.1.0"

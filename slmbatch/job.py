@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+from .frontier import Frontier
+from .routing import Egress
 from .spec import (
     check_identifier,
     check_non_negative,
@@ -58,6 +60,12 @@ class Model:
         engine: extra keyword arguments for ``vllm.LLM`` (e.g. ``max_model_len``,
             ``dtype``, ``kv_cache_memory_bytes``). Checked against vLLM's
             ``EngineArgs`` by ``slmbatch validate`` when vLLM is installed.
+        price_in_per_mtok, price_out_per_mtok: what this self-hosted model
+            costs, USD per 1M prompt / generated tokens, for the run's cost
+            report. The defaults (0.02 / 0.20) approximate a ~1B model on one
+            rented mid-range GPU at ~$0.80/hour, prefilling ~10k and
+            generating ~1k tokens/s; derive yours as
+            ``gpu_usd_per_hour / (3600 * tokens_per_s) * 1e6``.
     """
 
     name: str
@@ -66,6 +74,8 @@ class Model:
     num_gpus: float = 0.0
     batch_size: int = 256
     engine: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    price_in_per_mtok: float = 0.02
+    price_out_per_mtok: float = 0.20
 
     def __post_init__(self):
         require(isinstance(self.name, str) and self.name.strip() != "", "Model.name", f"must be a model id or directory, got {self.name!r}")
@@ -78,6 +88,11 @@ class Model:
             require(key not in ("model", "seed"), f"Model.engine.{key}",
                     "is set by slmbatch (model = Model.name; seed is fixed per engine for determinism)")
         set_field(self, "engine", freeze(self.engine))
+        check_non_negative(self.price_in_per_mtok, "Model.price_in_per_mtok")
+        check_non_negative(self.price_out_per_mtok, "Model.price_out_per_mtok")
+
+    def cost_usd(self, tokens_in: int, tokens_out: int) -> float:
+        return (tokens_in * self.price_in_per_mtok + tokens_out * self.price_out_per_mtok) / 1e6
 
     @property
     def on_gpu(self) -> bool:
@@ -189,9 +204,17 @@ class Job:
     source: ParquetSource
     stages: Sequence[Stage]
     sink: ParquetSink
+    frontier: Frontier | None = None
+    egress: Egress = dataclasses.field(default_factory=Egress)
 
     def __post_init__(self):
         from .stages.base import Stage
+
+        require(self.frontier is None or isinstance(self.frontier, Frontier), "Job.frontier",
+                f"must be a slmbatch.Frontier or None, got {type(self.frontier).__name__}")
+        require(isinstance(self.egress, Egress), "Job.egress", f"must be a slmbatch.Egress, got {type(self.egress).__name__}")
+        if self.frontier is not None:
+            self.egress.check_endpoint(self.frontier.base_url, "Job.frontier.base_url")
 
         check_identifier(self.name.replace("-", "_") if isinstance(self.name, str) else self.name, "Job.name")
         require(isinstance(self.source, ParquetSource), "Job.source", f"must be a ParquetSource, got {type(self.source).__name__}")
@@ -214,14 +237,28 @@ class Job:
         require(os.path.normpath(self.sink.path) != os.path.normpath(self.source.path), "Job.sink.path",
                 "must differ from the source path")
 
+    @property
+    def escalates(self) -> bool:
+        """Whether any row can reach the frontier (a frontier, egress allowed, a routed stage)."""
+        return self.frontier is not None and self.egress.allow and any(s.routed for s in self.stages)
+
     def model_groups(self) -> list[tuple[Model, tuple[Stage, ...]]]:
-        """Runs of consecutive stages that share a model: each run is one replica pool."""
+        """Runs of consecutive stages that share a model: each run is one replica pool.
+
+        When rows can be escalated, a run also ends after a routed stage whose
+        answer a later stage reads (``input``/``when``/prompt), so that the
+        later stage sees the frontier's answer, not the small model's.
+        """
         groups: list[tuple[Model, list[Stage]]] = []
+        cut = False
         for stage in self.stages:
-            if groups and groups[-1][0] == stage.model:
+            if groups and groups[-1][0] == stage.model and not cut:
                 groups[-1][1].append(stage)
             else:
                 groups.append((stage.model, [stage]))
+            cut = self.escalates and stage.routed and any(
+                set(stage.output_columns()) & later.required_columns()
+                for later in self.stages[self.stages.index(stage) + 1:])
         return [(m, tuple(s)) for m, s in groups]
 
     def describe(self) -> str:
@@ -231,6 +268,11 @@ class Job:
         lines.append("  replica pools:")
         for model, stages in self.model_groups():
             lines.append(f"    {model.describe()} -> {', '.join(s.name for s in stages)}")
+        if self.frontier is not None:
+            lines.append(f"  frontier: {self.frontier.describe()}")
+        if self.egress != Egress():
+            lines.append(f"  egress: allow={self.egress.allow}, endpoints={self.egress.endpoints}, "
+                         f"exclude_when={dict(self.egress.exclude_when) if self.egress.exclude_when else None}")
         lines.append(f"  sink: {self.sink.describe()}")
         return "\n".join(lines)
 

@@ -49,7 +49,7 @@ log = logging.getLogger("slmbatch")
 
 META = "_slmbatch"
 #: Model options that change throughput, never answers: not part of the fingerprint.
-_RUNTIME_ONLY = {"replicas", "num_cpus", "num_gpus", "batch_size"}
+_RUNTIME_ONLY = {"replicas", "num_cpus", "num_gpus", "batch_size", "price_in_per_mtok", "price_out_per_mtok"}
 
 
 class JobChangedError(ConfigError):
@@ -74,6 +74,9 @@ def job_config(job: Job) -> dict[str, Any]:
     return {
         "source_columns": list(job.source.columns) if job.source.columns is not None else None,
         "stages": [_plain(stage) for stage in job.stages],
+        # Who answers escalated rows changes those answers; limits and prices do not.
+        "frontier": None if job.frontier is None else {"base_url": job.frontier.base_url, "model": job.frontier.model},
+        "egress": _plain(job.egress),
     }
 
 

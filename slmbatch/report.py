@@ -25,6 +25,15 @@ class StageStats:
     tokens_in: int = 0
     tokens_out: int = 0
     busy_s: float = 0.0  # replica seconds spent in this stage (summed over replicas)
+    escalation_wanted: int = 0  # rows the small model was not trusted with
+    escalated: int = 0  # rows answered by the frontier
+    not_sent: int = 0  # wanted escalation, not sent (no frontier, egress policy)
+    frontier_failed: int = 0  # sent, but no usable frontier answer: small answer kept
+    frontier_tokens_in: int = 0
+    frontier_tokens_out: int = 0
+    small_cost_usd: float = 0.0
+    frontier_cost_usd: float = 0.0
+    all_frontier_cost_usd: float | None = None  # the same rows, all sent to the frontier (estimate)
     histogram: list[int] = dataclasses.field(default_factory=lambda: [0] * BINS)
     confidence_sum: float = 0.0
     errors: dict[str, int] = dataclasses.field(default_factory=dict)  # reason (first 80 chars) -> rows
@@ -33,8 +42,8 @@ class StageStats:
     def skipped(self) -> int:
         return self.rows - self.ran
 
-    def add(self, table: pa.Table, threshold: float | None) -> None:
-        n = self.name
+    def add(self, table: pa.Table, stage, frontier=None) -> None:
+        n, threshold = self.name, stage.threshold
         self.rows += table.num_rows
         self.ran += table.num_rows - table[f"{n}_model"].null_count
         errors = table[f"{n}_error"]
@@ -51,8 +60,25 @@ class StageStats:
                 self.histogram[b] += count
             if threshold is not None:
                 self.low_confidence += pc.sum(pc.less(conf, threshold)).as_py() or 0
-        self.tokens_in += pc.sum(table[f"{n}_tokens_in"]).as_py() or 0
-        self.tokens_out += pc.sum(table[f"{n}_tokens_out"]).as_py() or 0
+        tokens_in = pc.sum(table[f"{n}_tokens_in"]).as_py() or 0
+        tokens_out = pc.sum(table[f"{n}_tokens_out"]).as_py() or 0
+        self.tokens_in += tokens_in
+        self.tokens_out += tokens_out
+        self.small_cost_usd += stage.model.cost_usd(tokens_in, tokens_out)
+        if frontier is not None:
+            # What sending every row the stage ran on would have cost: the
+            # frontier would read about the same prompt and write about as much.
+            self.all_frontier_cost_usd = (self.all_frontier_cost_usd or 0.0) + frontier.cost_usd(tokens_in, tokens_out)
+        if not stage.routed:
+            return
+        wanted = table[f"{n}_escalation"].drop_null()
+        self.escalation_wanted += len(wanted)
+        self.not_sent += sum(1 for w in wanted.to_pylist() if "; not sent: " in w)
+        self.escalated += pc.sum(pc.equal(table[f"{n}_routed_to"], "frontier")).as_py() or 0
+        self.frontier_failed += len(table) - table[f"{n}_frontier_error"].null_count
+        self.frontier_tokens_in += pc.sum(table[f"{n}_frontier_tokens_in"]).as_py() or 0
+        self.frontier_tokens_out += pc.sum(table[f"{n}_frontier_tokens_out"]).as_py() or 0
+        self.frontier_cost_usd += pc.sum(table[f"{n}_frontier_cost_usd"]).as_py() or 0.0
 
     @property
     def mean_confidence(self) -> float | None:
@@ -131,10 +157,27 @@ class RunSummary:
             )
             if s.answered:
                 lines.append(f"    confidence {_sparkline(s.histogram)}  (0 -> 1, {BINS} bins: {s.histogram})")
+            if s.escalation_wanted:
+                lines.append(f"    routing: {s.escalation_wanted:,} rows below the bar -> {s.escalated:,} answered by "
+                             f"the frontier, {s.frontier_failed:,} frontier failures, {s.not_sent:,} not sent; "
+                             f"frontier tokens in/out {s.frontier_tokens_in:,}/{s.frontier_tokens_out:,}")
             for reason, count in sorted(s.errors.items(), key=lambda kv: -kv[1])[:3]:
                 lines.append(f"    error x{count}: {reason}")
+        lines += self.render_cost()
         lines.append(f"  output: {self.sink}")
         return "\n".join(lines)
+
+
+    def render_cost(self) -> list[str]:
+        small = sum(s.small_cost_usd for s in self.stages)
+        frontier = sum(s.frontier_cost_usd for s in self.stages)
+        lines = [f"  cost: small models ${small:.4f} + frontier ${frontier:.4f} = ${small + frontier:.4f}"]
+        baselines = [s.all_frontier_cost_usd for s in self.stages if s.all_frontier_cost_usd is not None]
+        if baselines and sum(baselines) > 0:
+            baseline = sum(baselines)
+            lines[0] += (f"; all-frontier estimate ${baseline:.4f} -> saving "
+                         f"{100 * (1 - (small + frontier) / baseline):.1f}%")
+        return lines
 
 
 def _sparkline(counts: list[int]) -> str:

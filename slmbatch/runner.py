@@ -42,6 +42,7 @@ from .io import Plan, Shard, output_path, plan_shards, read_row_group, write_par
 from .job import ROW_ID, Job, Model
 from .ledger import Ledger
 from .report import RunSummary, StageStats
+from .routing import FrontierActor, Router
 from .stages.base import Stage
 
 log = logging.getLogger("slmbatch")
@@ -56,6 +57,8 @@ def busy_column(stage: Stage) -> str:
     return f"{_INTERNAL}busy_{stage.name}"
 #: CPU reserved per read task: small, so reads always fit next to the replicas.
 READ_TASK_CPUS = 0.25
+#: CPU reserved per frontier actor: it mostly waits on HTTP.
+FRONTIER_ACTOR_CPUS = 0.1
 
 
 def required_source_columns(job: Job) -> dict[str, str]:
@@ -117,16 +120,17 @@ def _read_units(batch: pa.Table, *, schema: pa.Schema, storage_options: Mapping[
 class StageActor:
     """Ray Data callable class: one vLLM replica running a run of stages."""
 
-    def __init__(self, model: Model, stages: Sequence[Stage]):
+    def __init__(self, model: Model, stages: Sequence[Stage], router: Router):
         from .engine import Replica
 
         self.replica = Replica(model)
         self.stages = list(stages)
+        self.router = router
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for stage in self.stages:
             started = time.perf_counter()
-            batch = stage.apply(batch, self.replica)
+            batch = stage.apply(batch, self.replica, self.router)
             # Replica-busy seconds, spread over the batch's rows: the driver sums
             # them into the stage's rows/s (excludes start-up and queueing).
             share = (time.perf_counter() - started) / max(batch.num_rows, 1)
@@ -152,7 +156,20 @@ def read_schema(job: Job, schema: pa.Schema) -> pa.Schema:
     return pa.schema([schema.field(c) for c in (job.source.columns or schema.names)])
 
 
-def build_dataset(job: Job, shards: Sequence[Shard], schema: pa.Schema):
+def frontier_key_ref(job: Job) -> list:
+    """The frontier API key from the driver's environment, as ``[ObjectRef]`` (or
+    ``[]``): the driver is where ``ray job submit --runtime-env-json`` or a
+    scheduler sets it, and workers may not have it. The object store keeps it
+    out of the actors' runtime env, the dashboard and every log."""
+    import ray
+
+    name = job.frontier.api_key_env if job.frontier else None
+    if name and os.environ.get(name):
+        return [ray.put(os.environ[name])]
+    return []
+
+
+def build_dataset(job: Job, shards: Sequence[Shard], schema: pa.Schema, limiter: Any = None, api_key: list = ()):
     import ray.data
 
     units = []
@@ -171,16 +188,30 @@ def build_dataset(job: Job, shards: Sequence[Shard], schema: pa.Schema):
         batch_format="pyarrow",
         num_cpus=READ_TASK_CPUS,
     )
+    router = Router(job.frontier, job.egress)
     for model, stages in job.model_groups():
         ds = ds.map_batches(
             StageActor,
-            fn_constructor_kwargs={"model": model, "stages": stages},
+            fn_constructor_kwargs={"model": model, "stages": stages, "router": router},
             batch_size=model.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=model.replicas),
             num_cpus=model.num_cpus,
             num_gpus=model.num_gpus or None,
         )
+        routed = [s for s in stages if s.routed]
+        if job.escalates and routed:
+            ds = ds.map_batches(
+                FrontierActor,
+                fn_constructor_kwargs={"frontier": job.frontier, "stages": routed, "limiter": limiter,
+                                       "api_key": list(api_key)},
+                batch_size=model.batch_size,
+                batch_format="pyarrow",
+                # Frontier actors wait on the network: a sliver of CPU each, a
+                # fixed pool so the shared rate limit is spread over known actors.
+                compute=ray.data.ActorPoolStrategy(size=job.frontier.actors),
+                num_cpus=FRONTIER_ACTOR_CPUS,
+            )
     return ds
 
 
@@ -272,7 +303,7 @@ class ShardWriter:
         table = pa.concat_tables(self.parts.pop(shard_index), promote_options="permissive")
         table = table.sort_by(_ROW)
         for stats, stage in zip(self.stats, self.job.stages):
-            stats.add(table, stage.threshold)
+            stats.add(table, stage, self.job.frontier)
             if busy_column(stage) in table.column_names:
                 stats.busy_s += pc.sum(table[busy_column(stage)]).as_py() or 0.0
         table = table.drop_columns([c for c in table.column_names if c.startswith(_INTERNAL)])
@@ -386,7 +417,14 @@ def run(job: Job, *, address: str | None = None, progress: bool = True, fresh: b
         if live:
             ensure_ray(address)
             _configure_ray_data()
-            for batch in build_dataset(job, live, the_plan.schema).iter_batches(batch_size=None, batch_format="pyarrow"):
+            limiter = None
+            if job.escalates:
+                from .frontier import shared_rate_limiter
+
+                limiter = shared_rate_limiter(f"slmbatch-{job.name}-{summary.run_id}",
+                                              job.frontier.requests_per_minute, job.frontier.tokens_per_minute)
+            dataset = build_dataset(job, live, the_plan.schema, limiter, frontier_key_ref(job) if job.escalates else [])
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 fault_point("batch")
                 bar.update(writer.add(batch))
         writer.close()

@@ -81,3 +81,16 @@ def s3_prefix(s3_server, request) -> str:
 
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:60].strip("-")
     return s3_server.url(f"{name}-{secrets.token_hex(3)}")
+
+
+FRONTIER_KEY = "sk-slmbatch-test-4f1c9e"  # the local server requires it; no output may ever show it
+
+
+@pytest.fixture(scope="session")
+def frontier_server(tiny_lm):
+    """vLLM's own OpenAI-compatible server on 127.0.0.1 as a real frontier (requires an API key)."""
+    from slmbatch.localserver import local_openai_server
+
+    with local_openai_server(tiny_lm, api_key=FRONTIER_KEY, max_model_len=1024,
+                             extra_args=("--dtype", "float32")) as base_url:
+        yield base_url

@@ -12,8 +12,26 @@ plus the stage's output columns::
     <name>_tokens_out  tokens the model produced for this row
 
 A family implements three things: :meth:`Stage.answer_type`, the default
-prompt, and :meth:`Stage.infer` (requests -> answers on a live replica).
+prompt, and :meth:`Stage.infer` (requests -> answers on a live replica) - plus,
+to be escalated, how the frontier is asked (:meth:`Stage.frontier_request`) and
+how its answer is checked (:meth:`Stage.parse_frontier`), with the same
+instructions, label set, schema and limits as the small model.
 Rows the stage does not apply to (``when``) get nulls in every column.
+
+A *routed* stage (one with a ``threshold``) also writes, per row, what the
+cascade did - one row format shared by escalation, evaluation and the
+fine-tuning feedback that is learnt from it::
+
+    <name>_routed_to            "small" or "frontier": who produced <name>
+    <name>_escalation           why the row was escalated, or why it could not be
+                                (no frontier, egress policy); null if confident
+    <name>_small                the small model's answer (always kept)
+    <name>_frontier             the frontier's answer (escalated rows)
+    <name>_frontier_error       why the frontier gave no usable answer
+    <name>_frontier_tokens_in / _out, <name>_frontier_cost_usd
+
+``<name>_confidence`` is always the small model's: it is what the threshold
+and calibration are about.
 """
 
 from __future__ import annotations
@@ -56,6 +74,7 @@ class Answer:
     tokens_out: int = 0
     error: str | None = None
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    escalatable: bool = True  # False for bad input: a bigger model cannot fix a null
 
 
 def mean_logprob_confidence(logprobs: Sequence[float]) -> float:
@@ -87,8 +106,13 @@ class Stage:
         system: system-message override.
         when: run only on rows where every named column has one of the given
             values, e.g. ``{"intent": ["complaint"]}``; other rows get nulls.
-        threshold: confidence below which a row counts as low-confidence
-            (routing escalates those; None = never).
+        threshold: confidence below which a row is escalated to the job's
+            frontier model (None: the stage is not routed). Set it in the job
+            or load it from a calibration file (:func:`slmbatch.load_thresholds`).
+        escalate_on_error: also escalate rows the small model could not answer
+            (output failed the schema, prompt over the context, input over
+            its budget). Rows with unusable input (null, empty, not text) are
+            never escalated.
     """
 
     kind: ClassVar[str] = "stage"
@@ -104,6 +128,7 @@ class Stage:
     system: str | None = None
     when: Mapping[str, Any] | None = None
     threshold: float | None = None
+    escalate_on_error: bool = True
 
     def __post_init__(self):
         cls = type(self).__name__
@@ -117,6 +142,8 @@ class Stage:
         if self.prompt is not None:
             self._placeholders(self.prompt, f"{cls}.prompt")
         check_unit_interval(self.threshold, f"{cls}.threshold")
+        require(isinstance(self.escalate_on_error, bool), f"{cls}.escalate_on_error",
+                f"must be True or False, got {self.escalate_on_error!r}")
         if self.when is not None:
             require(isinstance(self.when, Mapping) and len(self.when) > 0, f"{cls}.when",
                     f"must be a non-empty dict of column -> allowed value(s), got {self.when!r}")
@@ -173,6 +200,11 @@ class Stage:
     def extra_fields(self) -> list[pa.Field]:
         return []
 
+    @property
+    def routed(self) -> bool:
+        """Whether rows of this stage can be escalated (and carry the routing columns)."""
+        return self.threshold is not None
+
     def output_schema(self) -> list[pa.Field]:
         n = self.name
         return [
@@ -183,7 +215,49 @@ class Stage:
             pa.field(f"{n}_tokens_in", pa.int64()),
             pa.field(f"{n}_tokens_out", pa.int64()),
             *self.extra_fields(),
+            *(self.routing_schema() if self.routed else []),
         ]
+
+    def routing_schema(self) -> list[pa.Field]:
+        n = self.name
+        return [
+            pa.field(f"{n}_routed_to", pa.string()),
+            pa.field(f"{n}_escalation", pa.string()),
+            pa.field(f"{n}_small", self.answer_type()),
+            pa.field(f"{n}_frontier", self.answer_type()),
+            pa.field(f"{n}_frontier_error", pa.string()),
+            pa.field(f"{n}_frontier_tokens_in", pa.int64()),
+            pa.field(f"{n}_frontier_tokens_out", pa.int64()),
+            pa.field(f"{n}_frontier_cost_usd", pa.float64()),
+        ]
+
+    def escalation_reason(self, answer: Answer) -> str | None:
+        """Why this answer should go to the frontier, or None to keep it."""
+        if answer.error is not None:
+            return f"small model failed: {answer.error}" if answer.escalatable and self.escalate_on_error else None
+        if self.threshold is not None and answer.confidence is not None and answer.confidence < self.threshold:
+            return f"confidence {answer.confidence:.3f} < threshold {self.threshold:g}"
+        return None
+
+    # -- the same task, asked of the frontier ------------------------------------------
+
+    def frontier_messages(self, row: Mapping[str, Any], text: str) -> list[dict[str, str]]:
+        """The small model's instructions, as chat messages for the frontier."""
+        system = self.system if self.system is not None else self.default_system
+        user = self.prompt_template("generate").format(**self.template_values(row, text))
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+    def frontier_request(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """Keyword arguments for one frontier request (messages, max_tokens, response_format)."""
+        return {"messages": self.frontier_messages(row, self.input_text(row)), "max_tokens": self.reserved_output_tokens(),
+                "response_format": None}
+
+    def parse_frontier(self, text: str) -> Any:
+        """Check and convert the frontier's answer exactly as the small model's (RowError if unusable)."""
+        text = text.strip()
+        if not text:
+            raise RowError("frontier answered with empty text")
+        return text
 
     def describe_options(self) -> list[str]:
         return []
@@ -194,7 +268,8 @@ class Stage:
         if self.when:
             parts.append(f"when={dict(self.when)}")
         if self.threshold is not None:
-            parts.append(f"threshold={self.threshold}")
+            parts.append(f"threshold={self.threshold} (escalates below it"
+                         f"{' and on errors' if self.escalate_on_error else ''})")
         if self.prompt is not None:
             parts.append(f"prompt={self.prompt!r}")
         return ", ".join(parts)
@@ -232,9 +307,9 @@ class Stage:
         except KeyError as exc:
             raise RowError(f"prompt placeholder {exc} has no value in this row") from None
 
-    def prepare(self, index: int, row: dict[str, Any], replica: Replica) -> Request:
+    def prepare(self, index: int, row: dict[str, Any], replica: Replica, text: str | None = None) -> Request:
         """Build the request for one row (validates input, renders, tokenizes)."""
-        request = Request(index=index, row=row, text=self.input_text(row))
+        request = Request(index=index, row=row, text=self.input_text(row) if text is None else text)
         self.fit_input(request, replica)
         user = self.render_user(row, request.text, replica)
         system = self.system if self.system is not None else self.default_system
@@ -277,8 +352,15 @@ class Stage:
                 answers.append(Answer(error=f"engine error: {type(exc).__name__}: {exc}"))
         return answers
 
-    def apply(self, table: pa.Table, replica: Replica) -> pa.Table:
-        """Add this stage's output columns to ``table`` (one batch, on a replica)."""
+    def apply(self, table: pa.Table, replica: Replica, router=None) -> pa.Table:
+        """Add this stage's output columns to ``table`` (one batch, on a replica).
+
+        ``router`` (a :class:`~slmbatch.routing.Router`) decides where
+        escalation-worthy rows of a routed stage go; None means nowhere."""
+        if router is None:
+            from ..routing import Router
+
+            router = Router(None)
         self.check_replica(replica)
         rows = rows_of(table)
         answers: list[Answer | None] = [None] * len(rows)
@@ -287,15 +369,45 @@ class Stage:
             if not self.applies_to(row):
                 continue
             try:
-                requests.append(self.prepare(i, row, replica))
+                text = self.input_text(row)
+            except RowError as exc:
+                answers[i] = Answer(error=str(exc), escalatable=False)
+                continue
+            try:
+                requests.append(self.prepare(i, row, replica, text))
             except RowError as exc:
                 answers[i] = Answer(error=str(exc))
         for request, answer in zip(requests, self._infer_isolating_failures(requests, replica)):
             answers[request.index] = answer
-        return self._append_columns(table, answers, replica.model_name)
+        table = self._append_columns(table, answers, replica.model_name)
+        if self.routed:
+            table = self._append_routing(table, rows, answers, router)
+        return table
+
+    def _append_routing(self, table: pa.Table, rows: list[dict], answers: list[Answer | None], router) -> pa.Table:
+        """Decide each row's route now; the frontier step later answers the "pending" ones."""
+        routed_to, reasons = [], []
+        for row, answer in zip(rows, answers):
+            if answer is None:
+                routed_to.append(None)
+                reasons.append(None)
+                continue
+            reason = self.escalation_reason(answer)
+            route, why = ("small", None) if reason is None else router.route(row, reason)
+            routed_to.append(route)
+            reasons.append(why)
+        n = len(rows)
+        values = dict(zip(
+            [f.name for f in self.routing_schema()],
+            [routed_to, reasons, table[self.name], [None] * n, [None] * n, [None] * n, [None] * n, [None] * n],
+        ))
+        for f in self.routing_schema():
+            table = table.append_column(f, values[f.name] if isinstance(values[f.name], pa.ChunkedArray)
+                                        else pa.array(values[f.name], type=f.type))
+        return table
 
     def _append_columns(self, table: pa.Table, answers: list[Answer | None], model_name: str) -> pa.Table:
-        schema = self.output_schema()
+        schema = self.output_schema()[: 6 + len(self.extra_fields())]  # routing columns come after
         ran = [a is not None for a in answers]
         ok = [a is not None and a.error is None for a in answers]
         columns = {

