@@ -8,11 +8,11 @@ PYTEST_ARGS ?=
 install:
 	@bash scripts/install.sh $(VENV)
 
-# Build the demo's models locally (once), run the demo job, show its output.
+# Build the demo's models locally (once), run the demo job (with a local frontier
+# server unless SLMBATCH_FRONTIER_URL is set), show its output.
 demo: install
 	@$(PY) examples/build_demo_models.py
-	@rm -rf build/demo-output
-	@$(VENV)/bin/slmbatch run examples/banking77_demo.py
+	@$(PY) examples/run_demo.py
 	@$(PY) examples/show_demo_output.py
 
 test: install

@@ -12,6 +12,14 @@ CC BY 4.0 - see data/banking77/LICENSE.md) with two locally built models
 
 Both later stages run only on card-related intents and put the intent in
 their prompt: a stage can use an earlier stage's output.
+
+Rows whose intent confidence is below 0.3 are escalated to a frontier model:
+the one in ``SLMBATCH_FRONTIER_URL`` / ``SLMBATCH_FRONTIER_MODEL`` (API key in
+the variable named by ``SLMBATCH_FRONTIER_KEY_ENV``, default
+``OPENAI_API_KEY``), or - what ``make demo`` does when none is set - a local
+vLLM OpenAI-compatible server that ``examples/run_demo.py`` starts and stops,
+serving the tiny random model: plumbing and cost accounting are real, its
+answers are not.
 """
 
 import json
@@ -20,7 +28,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from slmbatch import Classify, Extract, Job, Model, ParquetSink, ParquetSource, Summarize
+from slmbatch import Classify, Extract, Frontier, Job, Model, ParquetSink, ParquetSource, Summarize
 
 HERE = Path(__file__).resolve().parent
 MODELS = HERE.parent / "build" / "models"
@@ -40,15 +48,25 @@ intent_model = Model(str(MODELS / "banking77-minilm"), replicas=1, num_cpus=1,
 tiny_llm = Model(str(MODELS / "tiny-qwen2-chat"), replicas=1, num_cpus=0.5,
                  engine={"max_model_len": 512, "dtype": "float32"})
 
+frontier = None
+if os.environ.get("SLMBATCH_FRONTIER_URL"):
+    frontier = Frontier(base_url=os.environ["SLMBATCH_FRONTIER_URL"],
+                        model=os.environ.get("SLMBATCH_FRONTIER_MODEL", "gpt-4o-mini"),
+                        api_key_env=os.environ.get("SLMBATCH_FRONTIER_KEY_ENV", "OPENAI_API_KEY"),
+                        actors=1, concurrency=8, requests_per_minute=600,
+                        # Price the escalations as a hosted mini frontier model would be billed.
+                        price_in_per_mtok=0.15, price_out_per_mtok=0.60)
+
 job = Job(
     name="banking77-demo",
     source=ParquetSource(str(HERE / "data" / "banking77" / "test"), columns=["text", "label"]),
     stages=[
-        Classify("intent", model=intent_model, input="text", labels=LABELS, threshold=0.5),
+        Classify("intent", model=intent_model, input="text", labels=LABELS, threshold=0.3),
         Extract("details", model=tiny_llm, input="text", schema=CardIssue, max_output_tokens=48,
                 when={"intent": CARD_ISSUES}, prompt="Intent: {intent}\n{input}"),
         Summarize("gist", model=tiny_llm, input="text", max_input_tokens=64, max_output_tokens=16,
                   when={"intent": CARD_ISSUES}, prompt="Customer ({intent}) wrote:\n{input}"),
     ],
     sink=ParquetSink(os.environ.get("SLMBATCH_DEMO_OUTPUT", str(HERE.parent / "build" / "demo-output"))),
+    frontier=frontier,
 )

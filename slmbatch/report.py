@@ -33,7 +33,7 @@ class StageStats:
     frontier_tokens_out: int = 0
     small_cost_usd: float = 0.0
     frontier_cost_usd: float = 0.0
-    all_frontier_cost_usd: float | None = None  # the same rows, all sent to the frontier (estimate)
+    small_tokens_at_frontier_price: float | None = None  # fallback estimate when nothing was escalated
     histogram: list[int] = dataclasses.field(default_factory=lambda: [0] * BINS)
     confidence_sum: float = 0.0
     errors: dict[str, int] = dataclasses.field(default_factory=dict)  # reason (first 80 chars) -> rows
@@ -66,9 +66,8 @@ class StageStats:
         self.tokens_out += tokens_out
         self.small_cost_usd += stage.model.cost_usd(tokens_in, tokens_out)
         if frontier is not None:
-            # What sending every row the stage ran on would have cost: the
-            # frontier would read about the same prompt and write about as much.
-            self.all_frontier_cost_usd = (self.all_frontier_cost_usd or 0.0) + frontier.cost_usd(tokens_in, tokens_out)
+            self.small_tokens_at_frontier_price = ((self.small_tokens_at_frontier_price or 0.0)
+                                                   + frontier.cost_usd(tokens_in, tokens_out))
         if not stage.routed:
             return
         wanted = table[f"{n}_escalation"].drop_null()
@@ -83,6 +82,20 @@ class StageStats:
     @property
     def mean_confidence(self) -> float | None:
         return self.confidence_sum / self.answered if self.answered else None
+
+    @property
+    def all_frontier_cost_usd(self) -> float | None:
+        """Estimated $ had every row the stage ran on gone to the frontier.
+
+        From the escalated rows' real frontier cost per row (the frontier's own
+        prompt - label list, schema, instructions - and answer lengths), scaled
+        to all rows; with nothing escalated, the small model's token counts at
+        the frontier's prices (an underestimate for prompts the frontier sees
+        in full, e.g. label lists a pooling classifier never reads).
+        """
+        if self.escalated:
+            return self.frontier_cost_usd / self.escalated * self.ran
+        return self.small_tokens_at_frontier_price
 
     @property
     def rows_per_busy_s(self) -> float | None:
@@ -131,6 +144,7 @@ class RunSummary:
             stage["skipped"] = stats.skipped
             stage["mean_confidence"] = stats.mean_confidence
             stage["rows_per_busy_s"] = stats.rows_per_busy_s
+            stage["all_frontier_cost_usd"] = stats.all_frontier_cost_usd
         return json.dumps(data, indent=2)
 
     def render(self) -> str:

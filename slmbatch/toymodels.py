@@ -130,10 +130,11 @@ def build_tiny_causal_lm(
     with torch.no_grad():
         # Tied embeddings: a zero row gives that token logit 0, which greedy
         # decoding never picks over ~1000 random logits. Without this the
-        # random model often "writes" only pad/<|im_start|> tokens, which
-        # detokenize to an empty string.
-        for token in ("<|endoftext|>", "<|im_start|>"):
-            model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)] = 0.0
+        # random model often "writes" only pad/<|im_start|> or newline tokens,
+        # which read as an empty answer.
+        silent = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>")]
+        silent += [i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip() == "" and i != tokenizer.eos_token_id]
+        model.get_input_embeddings().weight[silent] = 0.0
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
