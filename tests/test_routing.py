@@ -141,3 +141,37 @@ def test_thresholds_load_from_a_calibration_file(tmp_path):
     path.write_text(json.dumps({"intent": 1.5}))
     with pytest.raises(ConfigError, match="intent"):
         slmbatch.load_thresholds(str(path))
+
+
+def test_frontier_faults_end_every_row_answered_or_failed_with_its_reason(tmp_path, ray_local, tiny_lm):
+    from slmbatch import Summarize
+
+    from .faultserver import FaultServer
+
+    write_shards(tmp_path / "in", banking_texts(40), shards=2, row_group_size=10)
+    lm = Model(tiny_lm, num_cpus=0.5, batch_size=20, engine={"max_model_len": 1024, "dtype": "float32"})
+    # Up to 2 faults per row against 2 attempts: some rows get through on the retry, some never do.
+    with FaultServer(rate=0.5, faults=("429", "500", "hang", "malformed"), max_faults_per_key=2, seed=3,
+                     hang_s=4.0) as server:
+        job = Job(name="faults", source=ParquetSource(str(tmp_path / "in")), sink=ParquetSink(str(tmp_path / "out")),
+                  stages=[Summarize("gist", model=lm, input="text", max_output_tokens=4, threshold=1.0)],
+                  frontier=Frontier(base_url=server.base_url, model="m", api_key_env=None, actors=2, concurrency=4,
+                                    timeout_s=1.5, max_attempts=2, backoff_s=0.05, max_backoff_s=0.2))
+        summary = slmbatch.run(job, progress=False)
+        seen = server.seen
+    df = pl.read_parquet(tmp_path / "out" / "*.parquet")
+    assert df.height == 40 and (df["gist_escalation"].is_not_null()).all()
+    answered = df.filter(pl.col("gist_routed_to") == "frontier")
+    failed = df.filter(pl.col("gist_frontier_error").is_not_null())
+    assert answered.height + failed.height == 40 and answered.height > 0 and failed.height > 0
+    assert answered["gist"].str.starts_with("answer to: ").all()
+    assert (failed["gist_routed_to"] == "small").all() and (failed["gist"] == failed["gist_small"]).all()
+    reasons = " ".join(failed["gist_frontier_error"].to_list())
+    assert any(word in reasons for word in ("429", "500", "timed out", "malformed", "not valid JSON"))
+    assert summary.stages[0].escalated == answered.height and summary.stages[0].frontier_failed == failed.height
+    # Retry-After: 1 was honoured: a 429's retry of the same row came at least ~1 s later.
+    by_key: dict[str, list] = {}
+    for s in seen:
+        by_key.setdefault(s.key, []).append(s)
+    waits = [b.t - a.t for attempts in by_key.values() for a, b in zip(attempts, attempts[1:]) if a.outcome == "429"]
+    assert waits and min(waits) >= 0.95
