@@ -29,4 +29,14 @@ from vllm import LLM  # noqa: F401  - fails loudly if the engine cannot load
 import ray, pyarrow, polars, transformers, s3fs  # noqa: F401,E401
 print("install: ok (vllm", __import__("vllm").__version__ + ", ray", ray.__version__ + ")")
 PY
+# Headless Chromium renders the HTML run report in the tests (Debian package).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "install: Debian chromium (headless report check in the tests)"
+    (apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }) \
+      || echo "install: WARNING could not install chromium; the report rendering test will fail"
+  else
+    echo "install: WARNING chromium not found (apt-get install chromium); the report rendering test needs it"
+  fi
+fi
 echo "$want" > "$stamp"

@@ -24,7 +24,10 @@ sink) and assigns it to a variable named `job`. Examples: jobs/, examples/.
 
   slmbatch validate jobs/tickets.py     check a job without running it
   slmbatch run jobs/tickets.py          run it (local Ray, or the cluster in
-                                        RAY_ADDRESS / --address)
+                                        RAY_ADDRESS / --address); reruns resume
+  slmbatch run jobs/tickets.py --run-date 2026-11-28   a nightly run
+  slmbatch status OUT_DIR               runs, complete dates, pending input
+  slmbatch report OUT_DIR               re-render the last run's HTML report
 
 On a cluster, submit the same command unchanged:
   ray job submit --working-dir . -- slmbatch run jobs/tickets.py
@@ -73,8 +76,32 @@ def _run(args) -> int:
 
     job = load_job(args.job_file, args.job)
     print(job.describe(), flush=True)
-    summary = run(job, address=args.address, progress=not args.no_progress, fresh=args.fresh)
+    backfill = tuple(args.backfill.split(":", 1)) if args.backfill else None
+    if backfill is not None and len(backfill) != 2:
+        raise ConfigError("--backfill", f"must be FIRST:LAST dates, got {args.backfill!r}")
+    summary = run(job, address=args.address, progress=not args.no_progress, fresh=args.fresh,
+                  run_date=args.run_date, backfill=backfill)
     print(summary.render(), flush=True)
+    return 0
+
+
+def _status(args) -> int:
+    from .status import status_text
+
+    print(status_text(args.output_dir))
+    return 0
+
+
+def _report(args) -> int:
+    from .status import rerender_report
+
+    try:
+        summary, url = rerender_report(args.output_dir, args.run)
+    except FileNotFoundError as exc:
+        print(f"slmbatch: {exc}", file=sys.stderr)
+        return 1
+    print(summary.render())
+    print(f"report: {url}")
     return 0
 
 
@@ -97,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster address (default: RAY_ADDRESS if set, e.g. under `ray job submit`, "
                         "else start a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress log lines")
+    p.add_argument("--run-date", metavar="YYYY-MM-DD", default=None,
+                   help="date this run is for (default: today, UTC). Input files already processed by any "
+                        "earlier run are skipped, so nightly runs only process new files and a rerun of the "
+                        "same date resumes or does nothing. With ParquetSink(partition_by_run_date=True) "
+                        "outputs go to <sink>/run_date=<date>/")
+    p.add_argument("--backfill", metavar="FIRST:LAST", default=None,
+                   help="reprocess, on purpose, the input files that runs dated FIRST..LAST processed, "
+                        "into their original run_date partitions")
     p.add_argument("--fresh", action="store_true",
                    help="forget the work recorded in the sink by earlier runs and process everything again "
                         "(needed after changing stages, models or thresholds of a job whose sink has output)")
@@ -110,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-input", action="store_true", help="do not look at the input files")
     p.add_argument("--skip-engine", action="store_true", help="do not check engine options against vLLM")
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser("status", help="what ran when, which run dates are complete, what input is pending",
+                       description="Read the ledger a job keeps in OUTPUT_DIR/_slmbatch (local or s3://) and "
+                                   "print its runs, completed run dates and the input files not processed yet.")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the job's sink path")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("report", help="re-render a run's HTML report and print its summary",
+                       description="Re-render OUTPUT_DIR/_slmbatch/runs/<run>.html from the run's JSON summary "
+                                   "(the latest run unless --run) and print the one-screen summary.")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the job's sink path")
+    p.add_argument("--run", default=None, metavar="RUN_ID", help="which run (default: the latest)")
+    p.set_defaults(func=_report)
     return parser
 
 

@@ -168,11 +168,15 @@ class ParquetSink:
         path: output directory or ``s3://bucket/prefix``.
         compression: Parquet codec.
         storage_options: as for :class:`ParquetSource`.
+        partition_by_run_date: write each run's outputs under
+            ``<path>/run_date=YYYY-MM-DD/`` (Hive-style, so Polars, pyarrow and
+            Ray Data read the date as a column) - for nightly jobs.
     """
 
     path: str
     compression: str = "zstd"
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    partition_by_run_date: bool = False
 
     def __post_init__(self):
         require(isinstance(self.path, str) and self.path.strip() != "", "ParquetSink.path", f"must be a directory or s3:// prefix, got {self.path!r}")
@@ -180,14 +184,17 @@ class ParquetSink:
                 f"must be one of zstd, snappy, gzip, lz4, brotli, none; got {self.compression!r}")
         require(isinstance(self.storage_options, Mapping), "ParquetSink.storage_options", "must be a dict")
         set_field(self, "storage_options", freeze(self.storage_options))
+        require(isinstance(self.partition_by_run_date, bool), "ParquetSink.partition_by_run_date",
+                f"must be True or False, got {self.partition_by_run_date!r}")
 
     def __repr__(self) -> str:
         return (f"ParquetSink(path={self.path!r}, compression={self.compression!r}, "
-                f"storage_options={_redact(self.storage_options)!r})")
+                f"storage_options={_redact(self.storage_options)!r}, partition_by_run_date={self.partition_by_run_date!r})")
 
     def describe(self) -> str:
         opts = f", storage={_redact(self.storage_options)}" if self.storage_options else ""
-        return f"parquet {self.path} ({self.compression}){opts}"
+        part = ", partitioned by run_date" if self.partition_by_run_date else ""
+        return f"parquet {self.path} ({self.compression}{part}){opts}"
 
 
 @spec

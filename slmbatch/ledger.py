@@ -33,12 +33,14 @@ paths anyway) only ever see whole output files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import json
 import logging
 import posixpath
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import ConfigError
@@ -54,6 +56,10 @@ _RUNTIME_ONLY = {"replicas", "num_cpus", "num_gpus", "batch_size", "price_in_per
 
 class JobChangedError(ConfigError):
     """The job now differs from the one that produced the outputs in its sink."""
+
+
+class ConcurrentRunError(ConfigError):
+    """Another run of the job is active on the same sink."""
 
 
 def _plain(value: Any) -> Any:
@@ -134,7 +140,8 @@ class Ledger:
             )
         if recorded is None:
             write_text(url, json.dumps({"job": self.job.name, "fingerprint": self.fingerprint, "config": self.config,
-                                        "recorded_at": _now()}, indent=2, default=str), self.options)
+                                        "source": self.job.source.path, "recorded_at": _now()},
+                                       indent=2, default=str), self.options)
 
     def completed(self) -> dict[str, dict]:
         """Shard key -> its marker, for every completed shard."""
@@ -155,6 +162,46 @@ class Ledger:
                   "fingerprint": self.fingerprint, "completed_at": _now(), **extra}
         write_text(self._url("done", key + ".json"), json.dumps(record, indent=2), self.options)
 
+    @contextlib.contextmanager
+    def run_lock(self, run_date: dt.date, run_id: str) -> Iterator[None]:
+        """Hold ``_slmbatch/active.json`` for the run: one run per sink at a time.
+
+        Two concurrent runs - a double-fired cron, two dates at once - would
+        both see the same new shards as not done and write them twice (into
+        two date partitions), so the second is refused. A lock left by a
+        crashed run on this host (its process is gone) is taken over; one from
+        another host must be removed by hand after checking that run is dead.
+        Read-then-write, not atomic on S3: it guards against scheduling
+        mistakes, not against a race within milliseconds.
+        """
+        import os
+        import socket
+
+        url = self._url("active.json")
+        holder = self._read_json(url)
+        if holder is not None:
+            same_host = holder.get("host") == socket.gethostname()
+            if same_host and not _pid_alive(holder.get("pid", -1)):
+                log.warning("taking over the lock of run %s (run date %s): its process %s is gone",
+                            holder.get("run_id"), holder.get("run_date"), holder.get("pid"))
+            else:
+                raise ConcurrentRunError(
+                    "Job.sink.path",
+                    f"run {holder.get('run_id')} (run date {holder.get('run_date')}, host {holder.get('host')}, "
+                    f"pid {holder.get('pid')}, started {holder.get('started')}) is still active on {self.sink}; "
+                    f"refusing to start a second one. If it died, delete {url}.",
+                )
+        write_text(url, json.dumps({"run_id": run_id, "run_date": run_date.isoformat(), "host": socket.gethostname(),
+                                    "pid": os.getpid(), "started": _now()}), self.options)
+        try:
+            yield
+        finally:
+            fs, path = filesystem(url, self.options)
+            try:
+                fs.rm(path)
+            except FileNotFoundError:
+                pass
+
     def forget(self) -> None:
         """Discard the record of completed work (outputs are overwritten as shards are redone)."""
         fs, root = filesystem(self._url(), self.options)
@@ -163,6 +210,18 @@ class Ledger:
             if fs.exists(path):
                 fs.rm(path, recursive=True)
         log.warning("fresh run: forgot the completed work recorded under %s", self._url())
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
 
 
 def _now() -> str:

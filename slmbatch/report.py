@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from typing import Any
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -17,6 +19,7 @@ class StageStats:
 
     name: str
     kind: str
+    threshold: float | None = None
     rows: int = 0
     ran: int = 0  # rows the stage applied to (``when`` matched)
     answered: int = 0
@@ -37,6 +40,7 @@ class StageStats:
     histogram: list[int] = dataclasses.field(default_factory=lambda: [0] * BINS)
     confidence_sum: float = 0.0
     errors: dict[str, int] = dataclasses.field(default_factory=dict)  # reason (first 80 chars) -> rows
+    error_examples: dict[str, str] = dataclasses.field(default_factory=dict)  # reason -> one row id
 
     @property
     def skipped(self) -> int:
@@ -48,9 +52,12 @@ class StageStats:
         self.ran += table.num_rows - table[f"{n}_model"].null_count
         errors = table[f"{n}_error"]
         self.errored += table.num_rows - errors.null_count
-        for reason in errors.drop_null().to_pylist():
+        for row_id, reason in zip(table["_row_id"].to_pylist(), errors.to_pylist()):
+            if reason is None:
+                continue
             key = reason[:80]
             self.errors[key] = self.errors.get(key, 0) + 1
+            self.error_examples.setdefault(key, row_id)
         conf = table[f"{n}_confidence"].drop_null()
         self.answered += len(conf)
         if len(conf):
@@ -129,9 +136,23 @@ class RunSummary:
     rows_in_failed_files: int = 0  # in files set aside whose footer could be read
     files_done_before: int = 0
     ledger_s: float = 0.0  # time spent recording completed shards
+    run_date: str = ""
+    backfill: list[str] | None = None
     files_out: list[str] = dataclasses.field(default_factory=list)
+    shard_seconds: list[tuple[str, float, int]] = dataclasses.field(default_factory=list)  # key, first row -> written, rows
+    timeline: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # seconds, rows done
     skipped_files: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     stages: list[StageStats] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSummary:
+        """A summary back from its JSON (derived figures are recomputed)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        stage_fields = {f.name for f in dataclasses.fields(StageStats)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["stages"] = [StageStats(**{k: v for k, v in s.items() if k in stage_fields}) for s in data["stages"]]
+        values["skipped_files"] = [tuple(x) for x in data.get("skipped_files", [])]
+        return cls(**values)
 
     @property
     def rows_per_s(self) -> float:
@@ -150,7 +171,8 @@ class RunSummary:
     def render(self) -> str:
         """The one-screen summary printed at the end of a run."""
         lines = [
-            f"slmbatch run {self.run_id} of job {self.job!r}: {self.wall_s:.1f} s",
+            f"slmbatch run {self.run_id} of job {self.job!r} (run date {self.run_date}"
+            f"{', backfill ' + ' to '.join(self.backfill) if self.backfill else ''}): {self.wall_s:.1f} s",
             f"  rows in {self.rows_in:,} ({self.files_in} files) -> rows out {self.rows_out:,} "
             f"({len(self.files_out)} files) at {self.rows_per_s:,.1f} rows/s",
         ]

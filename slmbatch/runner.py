@@ -24,6 +24,7 @@ Why each piece:
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import sys
@@ -249,9 +250,12 @@ class ShardWriter:
     shard, or - at :meth:`close` - any shard with rows missing.
     """
 
-    def __init__(self, job: Job, shards: Sequence[Shard], summary: RunSummary, ledger: Ledger):
+    def __init__(self, job: Job, shards: Sequence[Shard], summary: RunSummary, ledger: Ledger,
+                 out_keys: Mapping[int, tuple[str, str]] | None = None):
         self.job = job
         self.ledger = ledger
+        self.out_keys = dict(out_keys or {})
+        self.first_seen: dict[int, float] = {}
         self.shards = {s.index: s for s in shards}
         self.seen = {s.index: np.zeros(s.num_rows, dtype=bool) for s in shards}
         self.parts: dict[int, list[pa.Table]] = {s.index: [] for s in shards}
@@ -270,6 +274,7 @@ class ShardWriter:
                 shard = self.shards[shard_index]
                 raise RowAccountingError(f"shard {shard.key}: a row came back twice (row ids near {shard.key}:{rows[0]})")
             seen[rows] = True
+            self.first_seen.setdefault(shard_index, time.monotonic())
             errors = part[_READ_ERROR].drop_null()
             if len(errors) and shard_index not in self.failed:
                 shard = self.shards[shard_index]
@@ -307,12 +312,16 @@ class ShardWriter:
             if busy_column(stage) in table.column_names:
                 stats.busy_s += pc.sum(table[busy_column(stage)]).as_py() or 0.0
         table = table.drop_columns([c for c in table.column_names if c.startswith(_INTERNAL)])
-        url = output_path(self.job.sink.path, shard.key)
+        key, run_date = self.out_keys.get(shard_index, (shard.key, self.summary.run_date))
+        url = output_path(self.job.sink.path, key)
         write_parquet_atomic(table, url, self.job.sink.storage_options, self.job.sink.compression)
         fault_point("written")
         started = time.perf_counter()
-        self.ledger.mark_done(shard.key, source=shard.path, rows=table.num_rows, output=url, run_id=self.summary.run_id)
+        self.ledger.mark_done(shard.key, source=shard.path, rows=table.num_rows, output=url,
+                              run_id=self.summary.run_id, run_date=run_date)
         self.summary.ledger_s += time.perf_counter() - started
+        seconds = time.monotonic() - self.first_seen.get(shard_index, time.monotonic())
+        self.summary.shard_seconds.append((shard.key, round(seconds, 3), table.num_rows))
         fault_point("marked")
         self.summary.rows_out += table.num_rows
         self.summary.files_out.append(url)
@@ -339,6 +348,7 @@ class Progress:
 
     def __init__(self, total: int, enabled: bool = True, interval: float = 10.0):
         self.total, self.done, self.start = total, 0, time.monotonic()
+        self.timeline: list[tuple[float, int]] = [(0.0, 0)]  # (seconds since start, rows done), for the report
         self.interval, self.last = interval, self.start
         self.bar = None
         if enabled and sys.stderr.isatty():
@@ -349,6 +359,9 @@ class Progress:
 
     def update(self, n: int) -> None:
         self.done += n
+        elapsed = round(time.monotonic() - self.start, 3)
+        if elapsed - self.timeline[-1][0] >= 0.5 or self.done == self.total:
+            self.timeline.append((elapsed, self.done))
         if self.bar is not None:
             self.bar.update(n)
             return
@@ -364,22 +377,50 @@ class Progress:
             self.bar.close()
 
 
-def run(job: Job, *, address: str | None = None, progress: bool = True, fresh: bool = False) -> RunSummary:
-    """Run ``job`` to completion and return its summary (also written to
-    ``<sink>/_slmbatch/runs/<run_id>.json``).
+def parse_date(value: str, field: str = "--run-date") -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise ConfigError(field, f"must be a date YYYY-MM-DD, got {value!r}") from None
 
-    Shards whose output is already recorded in the sink's ledger (an earlier,
-    possibly crashed, run of the same job) are skipped; a changed job is
-    refused (:class:`~slmbatch.ledger.JobChangedError`) unless ``fresh``.
+
+def run(
+    job: Job,
+    *,
+    address: str | None = None,
+    progress: bool = True,
+    fresh: bool = False,
+    run_date: str | dt.date | None = None,
+    backfill: tuple[str | dt.date, str | dt.date] | None = None,
+) -> RunSummary:
+    """Run ``job`` to completion and return its summary (also written to
+    ``<sink>/_slmbatch/runs/<run_id>.json`` with a readable ``.html`` report).
+
+    Incremental by design: input shards already recorded in the sink's ledger
+    (by any earlier run, crashed or not, of any date) are skipped, so a rerun
+    resumes and a nightly run processes only new files. ``run_date`` (default:
+    today, UTC) names the run; with ``ParquetSink(partition_by_run_date=True)``
+    outputs go to ``<sink>/run_date=<date>/``. ``backfill=(first, last)``
+    reprocesses, on purpose, the shards that runs of those dates processed,
+    into their original partitions. A changed job is refused
+    (:class:`~slmbatch.ledger.JobChangedError`) unless ``fresh``.
     """
     started = time.monotonic()
     now = dt.datetime.now(dt.timezone.utc)
+    day = run_date if isinstance(run_date, dt.date) else parse_date(run_date) if run_date else now.date()
+    window = None
+    if backfill is not None:
+        window = tuple(d if isinstance(d, dt.date) else parse_date(d, "--backfill") for d in backfill)
+        if window[0] > window[1]:
+            raise ConfigError("--backfill", f"first date {window[0]} is after last date {window[1]}")
     summary = RunSummary(
         job=job.name,
         run_id=now.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6],
         sink=job.sink.path,
         started=now.isoformat(timespec="seconds"),
-        stages=[StageStats(s.name, s.kind) for s in job.stages],
+        run_date=day.isoformat(),
+        backfill=[d.isoformat() for d in window] if window else None,
+        stages=[StageStats(s.name, s.kind, threshold=s.threshold) for s in job.stages],
     )
     the_plan = plan(job)
     summary.files_in = len(the_plan.shards) + len(the_plan.skipped)
@@ -388,26 +429,56 @@ def run(job: Job, *, address: str | None = None, progress: bool = True, fresh: b
     summary.skipped_files = list(the_plan.skipped)
     for path, reason in the_plan.skipped:
         log.warning("not reading %s: %s", path, reason)
-    log.info("job %s: %d rows in %d files -> %s", job.name, summary.rows_in, summary.files_in, job.sink.path)
+    log.info("job %s, run date %s: %d rows in %d files -> %s", job.name, day, summary.rows_in, summary.files_in,
+             job.sink.path)
 
     ledger = Ledger(job)
     ledger.check_job(fresh=fresh)
-    done = ledger.completed()
-    todo = []
-    for shard in the_plan.shards:
-        record = done.get(shard.key)
-        if record is not None and record["rows"] == shard.num_rows:
-            summary.rows_done_before += shard.num_rows
-            summary.files_done_before += 1
-            continue
-        if record is not None:
-            log.warning("input %s changed since it was processed (%d -> %d rows): processing it again",
-                        shard.path, record["rows"], shard.num_rows)
-        todo.append(shard)
-    if summary.files_done_before:
-        log.info("already done by earlier runs: %d files, %d rows", summary.files_done_before, summary.rows_done_before)
+    with ledger.run_lock(day, summary.run_id):
+        done = ledger.completed()
+        todo, out_keys = [], {}
+        for shard in the_plan.shards:
+            record = done.get(shard.key)
+            if window is not None:
+                # Backfill: only shards that runs of those dates processed, back into their partitions.
+                recorded = dt.date.fromisoformat(record["run_date"]) if record and record.get("run_date") else None
+                if recorded is None or not window[0] <= recorded <= window[1]:
+                    summary.rows_done_before += shard.num_rows
+                    summary.files_done_before += 1
+                    continue
+                out_keys[shard.index] = (partitioned(job, shard.key, recorded), recorded.isoformat())
+                todo.append(shard)
+                continue
+            if record is not None and record["rows"] == shard.num_rows:
+                summary.rows_done_before += shard.num_rows
+                summary.files_done_before += 1
+                continue
+            if record is not None:
+                log.warning("input %s changed since it was processed (%d -> %d rows): processing it again",
+                            shard.path, record["rows"], shard.num_rows)
+            out_keys[shard.index] = (partitioned(job, shard.key, day), day.isoformat())
+            todo.append(shard)
+        if summary.files_done_before:
+            log.info("not processed in this run (done earlier%s): %d files, %d rows",
+                     " or outside the backfill dates" if window else "", summary.files_done_before,
+                     summary.rows_done_before)
+        _process(job, the_plan, todo, out_keys, summary, ledger, address, progress)
+    summary.wall_s = round(time.monotonic() - started, 3)
+    if summary.rows_out + summary.rows_done_before + summary.rows_in_failed_files != summary.rows_in:
+        raise RowAccountingError(f"rows in {summary.rows_in} != rows written {summary.rows_out} "
+                                 f"+ rows done by earlier runs {summary.rows_done_before} "
+                                 f"+ rows in files set aside {summary.rows_in_failed_files}")
+    write_run_report(job, summary)
+    return summary
 
-    writer = ShardWriter(job, todo, summary, ledger)
+
+def partitioned(job: Job, key: str, day: dt.date) -> str:
+    """Output key of a shard: under ``run_date=<day>/`` when the sink partitions by run date."""
+    return f"run_date={day.isoformat()}/{key}" if job.sink.partition_by_run_date else key
+
+
+def _process(job, the_plan, todo, out_keys, summary, ledger, address, progress) -> None:
+    writer = ShardWriter(job, todo, summary, ledger, out_keys)
     bar = Progress(sum(s.num_rows for s in todo), enabled=progress)
     try:
         for shard in todo:
@@ -430,14 +501,14 @@ def run(job: Job, *, address: str | None = None, progress: bool = True, fresh: b
         writer.close()
     finally:
         bar.close()
-    summary.wall_s = round(time.monotonic() - started, 3)
-    if summary.rows_out + summary.rows_done_before + summary.rows_in_failed_files != summary.rows_in:
-        raise RowAccountingError(f"rows in {summary.rows_in} != rows written {summary.rows_out} "
-                                 f"+ rows done by earlier runs {summary.rows_done_before} "
-                                 f"+ rows in files set aside {summary.rows_in_failed_files}")
-    write_text(
-        output_path(job.sink.path, f"_slmbatch/runs/{summary.run_id}.json"),
-        summary.to_json(),
-        job.sink.storage_options,
-    )
-    return summary
+        summary.timeline = bar.timeline
+
+
+def write_run_report(job: Job, summary: RunSummary) -> None:
+    """``<sink>/_slmbatch/runs/<run_id>.json`` (machine) and ``.html`` (people)."""
+    from .html_report import render_html
+
+    base = output_path(job.sink.path, f"_slmbatch/runs/{summary.run_id}")
+    text = summary.to_json()
+    write_text(base + ".json", text, job.sink.storage_options)
+    write_text(base + ".html", render_html(json.loads(text)), job.sink.storage_options)

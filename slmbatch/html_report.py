@@ -1,0 +1,128 @@
+"""The human run report: one self-contained HTML page (plots embedded as PNG data URIs).
+
+Rendered from the run's JSON summary alone, so ``slmbatch report`` can redo it
+for any past run, offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+BINS = 10
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _figure(width: float = 5.0, height: float = 2.6):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def confidence_plot(stage: dict[str, Any], threshold: float | None) -> str:
+    fig, ax = _figure()
+    edges = [i / BINS for i in range(BINS)]
+    ax.bar(edges, stage["histogram"], width=1 / BINS, align="edge", color="#4c78a8", edgecolor="white")
+    if threshold is not None:
+        ax.axvline(threshold, color="#e45756", linestyle="--", label=f"threshold {threshold:g}")
+        ax.legend(loc="upper left", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("rows")
+    ax.set_title(f"{stage['name']} ({stage['kind']})", fontsize=10)
+    return _png(fig)
+
+
+def throughput_plot(timeline: list[list[float]]) -> str:
+    fig, ax = _figure()
+    seconds = [t for t, _ in timeline]
+    rows = [r for _, r in timeline]
+    ax.plot(seconds, rows, color="#4c78a8")
+    ax.set_xlabel("seconds since processing started")
+    ax.set_ylabel("rows written")
+    ax.set_title("throughput", fontsize=10)
+    return _png(fig)
+
+
+def cost_plot(small: float, frontier: float, baseline: float | None) -> str:
+    fig, ax = _figure(4.0, 2.4)
+    names = ["small models", "frontier", "this run"] + (["all-frontier"] if baseline else [])
+    values = [small, frontier, small + frontier] + ([baseline] if baseline else [])
+    ax.bar(names, values, color=["#54a24b", "#f58518", "#4c78a8", "#9d755d"][: len(values)])
+    ax.set_ylabel("USD")
+    ax.set_title("cost", fontsize=10)
+    return _png(fig)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(data: dict[str, Any]) -> str:
+    """The report page for one run's JSON summary (``RunSummary.to_json``)."""
+    stages = data["stages"]
+    small = sum(s["small_cost_usd"] for s in stages)
+    frontier = sum(s["frontier_cost_usd"] for s in stages)
+    baselines = [s["all_frontier_cost_usd"] for s in stages if s.get("all_frontier_cost_usd") is not None]
+    baseline = sum(baselines) if baselines else None
+    saving = f"{100 * (1 - (small + frontier) / baseline):.1f}%" if baseline else "-"
+    parts = [
+        f"<h1>slmbatch run {html.escape(data['run_id'])}</h1>",
+        f"<p>job <b>{html.escape(data['job'])}</b>, run date {html.escape(data.get('run_date') or '-')}, "
+        f"started {html.escape(data['started'])}, {data['wall_s']:.1f} s; output <code>{html.escape(data['sink'])}</code></p>",
+        "<h2>Rows</h2>",
+        _table(["rows in", "rows written", "done by earlier runs", "in files set aside", "rows/s"],
+               [[data["rows_in"], data["rows_out"], data["rows_done_before"], data["rows_in_failed_files"],
+                 f"{data['rows_per_s']:.1f}"]]),
+        _table(["stage", "kind", "ran", "answered", "errored", "skipped", "below threshold", "escalated",
+                "frontier failed", "not sent", "mean confidence", "rows/s per replica"],
+               [[s["name"], s["kind"], s["ran"], s["answered"], s["errored"], s["skipped"], s["escalation_wanted"],
+                 s["escalated"], s["frontier_failed"], s["not_sent"],
+                 f"{s['mean_confidence']:.3f}" if s["mean_confidence"] is not None else "-",
+                 f"{s['rows_per_busy_s']:.0f}" if s.get("rows_per_busy_s") else "-"] for s in stages]),
+        "<h2>Confidence</h2><div class='plots'>",
+        *(f"<img alt='confidence histogram of {html.escape(s['name'])}' src='{confidence_plot(s, s.get('threshold'))}'>"
+          for s in stages if s["answered"]),
+        "</div><h2>Escalation, tokens and cost</h2>",
+        _table(["stage", "escalation rate", "small tokens in/out", "frontier tokens in/out", "small $", "frontier $",
+                "all-frontier $ (est.)"],
+               [[s["name"], f"{s['escalated'] / s['ran']:.1%}" if s["ran"] else "-",
+                 f"{s['tokens_in']:,}/{s['tokens_out']:,}", f"{s['frontier_tokens_in']:,}/{s['frontier_tokens_out']:,}",
+                 f"{s['small_cost_usd']:.4f}", f"{s['frontier_cost_usd']:.4f}",
+                 f"{s['all_frontier_cost_usd']:.4f}" if s.get("all_frontier_cost_usd") is not None else "-"]
+                for s in stages]),
+        f"<p>This run: ${small + frontier:.4f}; saving against all-frontier: {saving}</p>",
+        f"<div class='plots'><img alt='cost' src='{cost_plot(small, frontier, baseline)}'>",
+    ]
+    if len(data.get("timeline") or []) > 1:
+        parts.append(f"<img alt='throughput over time' src='{throughput_plot(data['timeline'])}'>")
+    parts.append("</div>")
+    slow = sorted(data.get("shard_seconds") or [], key=lambda r: -r[1])[:10]
+    if slow:
+        parts += ["<h2>Slowest shards</h2>", _table(["shard", "seconds (first row to written)", "rows"], slow)]
+    errors = [[s["name"], count, reason, s.get("error_examples", {}).get(reason, "")]
+              for s in stages for reason, count in sorted(s["errors"].items(), key=lambda kv: -kv[1])]
+    if errors:
+        parts += ["<h2>Errors by reason</h2>", _table(["stage", "rows", "reason", "example row"], errors)]
+    if data.get("skipped_files"):
+        parts += ["<h2>Files set aside</h2>", _table(["file", "reason"], data["skipped_files"])]
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}"
+             ".plots img{margin:4px;border:1px solid #eee}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>slmbatch {html.escape(data['run_id'])}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
