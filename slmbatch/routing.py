@@ -110,10 +110,14 @@ class FrontierActor:
     its handle passed to every actor).
     """
 
-    def __init__(self, frontier, stages: Sequence[Any], limiter: Any = None, api_key: Sequence[Any] = ()):
+    def __init__(self, frontier, stages: Sequence[Any], limiter: Any = None, api_key: Sequence[Any] = (),
+                 job_name: str = ""):
         import os
 
         from .frontier import FrontierClient
+        from .metrics import StageMetrics
+
+        self.metrics = StageMetrics(job_name)
 
         if api_key and frontier.api_key_env and not os.environ.get(frontier.api_key_env):
             # The driver's key, handed over through the object store (a nested
@@ -144,6 +148,7 @@ class FrontierActor:
             requests = [FrontierRequest(**stage.frontier_request(row)) for row in rows]
             replies = self._run(self.client.complete_many(requests))
             batch = merge_frontier_answers(batch, stage, pending, replies)
+            self.metrics.record_frontier(batch.take(pending), stage, self.frontier.model)
         return batch
 
     def __del__(self):

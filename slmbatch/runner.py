@@ -121,12 +121,14 @@ def _read_units(batch: pa.Table, *, schema: pa.Schema, storage_options: Mapping[
 class StageActor:
     """Ray Data callable class: one vLLM replica running a run of stages."""
 
-    def __init__(self, model: Model, stages: Sequence[Stage], router: Router):
+    def __init__(self, model: Model, stages: Sequence[Stage], router: Router, job_name: str = ""):
         from .engine import Replica
+        from .metrics import StageMetrics
 
         self.replica = Replica(model)
         self.stages = list(stages)
         self.router = router
+        self.metrics = StageMetrics(job_name)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for stage in self.stages:
@@ -136,6 +138,7 @@ class StageActor:
             # them into the stage's rows/s (excludes start-up and queueing).
             share = (time.perf_counter() - started) / max(batch.num_rows, 1)
             batch = batch.append_column(busy_column(stage), pa.array(np.full(batch.num_rows, share)))
+            self.metrics.record_small(batch, stage, self.replica.model_name)
         return batch
 
     def __del__(self):
@@ -193,7 +196,7 @@ def build_dataset(job: Job, shards: Sequence[Shard], schema: pa.Schema, limiter:
     for model, stages in job.model_groups():
         ds = ds.map_batches(
             StageActor,
-            fn_constructor_kwargs={"model": model, "stages": stages, "router": router},
+            fn_constructor_kwargs={"model": model, "stages": stages, "router": router, "job_name": job.name},
             batch_size=model.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=model.replicas),
@@ -205,7 +208,7 @@ def build_dataset(job: Job, shards: Sequence[Shard], schema: pa.Schema, limiter:
             ds = ds.map_batches(
                 FrontierActor,
                 fn_constructor_kwargs={"frontier": job.frontier, "stages": routed, "limiter": limiter,
-                                       "api_key": list(api_key)},
+                                       "api_key": list(api_key), "job_name": job.name},
                 batch_size=model.batch_size,
                 batch_format="pyarrow",
                 # Frontier actors wait on the network: a sliver of CPU each, a

@@ -41,8 +41,12 @@ def ray_local():
     """One local Ray for the whole session (2 CPUs, like the CI machine)."""
     import ray
 
+    from slmbatch.localserver import free_port
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.metrics_port = free_port()  # Prometheus export of this node's metrics agent (tests read it)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             _metrics_export_port=ray.metrics_port)
     yield ray
     ray.shutdown()
 

@@ -131,3 +131,22 @@ def test_a_source_without_usable_files_fails_before_starting_ray(tmp_path, tiny_
         slmbatch.run(two_stage_job(tmp_path / "in", tmp_path / "out", tiny_lm, tiny_classifier))
     with pytest.raises(InputError, match="does not exist"):
         slmbatch.run(two_stage_job(tmp_path / "missing", tmp_path / "out", tiny_lm, tiny_classifier))
+
+
+def test_progress_metrics_reach_ray_prometheus_export(first_run, ray_local):
+    import time
+    import urllib.request
+
+    wanted = 'ray_slmbatch_rows_processed_total{'
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{ray_local.metrics_port}/metrics", timeout=5).read().decode()
+        lines = [line for line in body.splitlines() if line.startswith(wanted) and 'job="runner-test"' in line
+                 and 'stage="spam"' in line]
+        if lines:
+            break
+        time.sleep(2)
+    assert lines, "no slmbatch row counter in Ray's Prometheus export"
+    # This module's runs share the job name: the first run's 150 rows, plus 100 if the
+    # unreadable-files run (same job) came first.
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in lines) in (ROWS, ROWS + 100)

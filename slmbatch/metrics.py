@@ -1,0 +1,58 @@
+"""Prometheus metrics through Ray's metrics API, so the Ray dashboard / Grafana show a job's progress.
+
+Exported by every Ray node's metrics agent (``ray_slmbatch_*`` series on the
+node's metrics export port). Recorded on the replica and frontier actors per
+batch, tagged by job, stage and model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+_TAGS = ("job", "stage", "model")
+
+
+class StageMetrics:
+    """Counters for one actor; created lazily (Ray's metrics need a connected worker)."""
+
+    def __init__(self, job: str):
+        self.job = job
+        self._counters: dict[str, Any] = {}
+
+    def _counter(self, name: str, description: str):
+        if name not in self._counters:
+            from ray.util.metrics import Counter
+
+            self._counters[name] = Counter(name, description=description, tag_keys=_TAGS)
+        return self._counters[name]
+
+    def _inc(self, name: str, description: str, value: float, tags: dict[str, str]) -> None:
+        if value:
+            self._counter(name, description).inc(value, tags=tags)
+
+    def record_small(self, table: pa.Table, stage, model: str) -> None:
+        n = stage.name
+        tags = {"job": self.job, "stage": n, "model": model}
+        ran = table.num_rows - table[f"{n}_model"].null_count
+        errored = table.num_rows - table[f"{n}_error"].null_count
+        self._inc("slmbatch_rows_processed", "rows a stage's small model ran on", ran, tags)
+        self._inc("slmbatch_rows_errored", "rows a stage could not answer (error column set)", errored, tags)
+        self._inc("slmbatch_tokens_in", "prompt tokens processed", pc.sum(table[f"{n}_tokens_in"]).as_py() or 0, tags)
+        self._inc("slmbatch_tokens_out", "tokens generated", pc.sum(table[f"{n}_tokens_out"]).as_py() or 0, tags)
+
+    def record_frontier(self, table: pa.Table, stage, model: str) -> None:
+        n = stage.name
+        tags = {"job": self.job, "stage": n, "model": model}
+        escalated = pc.sum(pc.equal(table[f"{n}_routed_to"], "frontier")).as_py() or 0
+        self._inc("slmbatch_rows_escalated", "rows answered by the frontier", escalated, tags)
+        self._inc("slmbatch_frontier_failures", "escalated rows without a usable frontier answer",
+                  table.num_rows - table[f"{n}_frontier_error"].null_count, tags)
+        self._inc("slmbatch_tokens_in", "prompt tokens processed",
+                  pc.sum(table[f"{n}_frontier_tokens_in"]).as_py() or 0, tags)
+        self._inc("slmbatch_tokens_out", "tokens generated",
+                  pc.sum(table[f"{n}_frontier_tokens_out"]).as_py() or 0, tags)
+        self._inc("slmbatch_frontier_cost_usd", "USD spent on the frontier",
+                  pc.sum(table[f"{n}_frontier_cost_usd"]).as_py() or 0.0, tags)
