@@ -8,6 +8,7 @@ is submitted unchanged from a laptop, CI or a scheduler:
     SLMBATCH_OUTPUT      output directory or s3:// prefix (default: build/support-intents)
     SLMBATCH_CLASSIFIER  HF id or directory of a ...ForSequenceClassification model
                          (default: the demo's MiniLM intent model, `make demo` builds it)
+    SLMBATCH_LABELS      JSON file with the label list (default: the Banking77 categories)
     SLMBATCH_REPLICAS, SLMBATCH_NUM_GPUS   replica pool size and GPUs per replica
 
     ray job submit --working-dir . -- slmbatch run jobs/support_intents.py

@@ -131,6 +131,13 @@ class Ledger:
         if fresh:
             self.forget()
         recorded = self._read_json(url)
+        if recorded is not None and recorded.get("source", self.job.source.path) != self.job.source.path:
+            raise JobChangedError(
+                "Job.source.path",
+                f"{self.sink} holds output of source {recorded['source']!r}, not {self.job.source.path!r}: shards are "
+                "recorded by their path relative to the source, so files of two sources would be mistaken for "
+                "each other. Use one source path per sink (e.g. a sink per input date), or --fresh.",
+            )
         if recorded is not None and recorded["fingerprint"] != self.fingerprint:
             changes = _differences(recorded["config"], self.config)
             raise JobChangedError(

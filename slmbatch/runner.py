@@ -227,11 +227,15 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise ConfigError("--address", f"{address} is a job-server (dashboard) address: use it with "
+                                       "`ray job submit --address`, or give slmbatch the cluster's host:6379 address")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes a token under $HOME
-    ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    # "local": never silently join another `ray start` cluster on this machine.
+    ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
 
 
 def _configure_ray_data() -> None:
