@@ -303,8 +303,9 @@ def test_systemd_units_pass_systemd_analyze_verify():
 
 # -- entrypoints -----------------------------------------------------------------------
 
-# `slmbatch run` then its arguments, up to a shell operator, quote or markdown backtick.
-SLMBATCH_RUN = re.compile(r"(?<![\w-])slmbatch run((?:[ \t]+[^\s'\"`|;&><\\]+)*)")
+# `slmbatch run` then its arguments ("double-quoted" words included), up to a shell operator, a single
+# quote (the end of an `sh -c '...'`) or a markdown backtick.
+SLMBATCH_RUN = re.compile(r"(?<![\w-])slmbatch run((?:[ \t]+[^\s'`|;&><\\]+)*)")
 
 
 def named_commands() -> list[tuple[str, tuple[str, ...]]]:
