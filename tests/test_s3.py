@@ -209,7 +209,7 @@ def test_a_job_writes_one_object_per_input_shard_and_its_run_summary(s3_server, 
     assert sorted(summary.files_out) == sorted(f"{sink}/{key}" for key in KEYS)
     runs = [o for o in objects if o.startswith("_slmbatch/runs/")]
     assert runs == [f"_slmbatch/runs/{summary.run_id}.html", f"_slmbatch/runs/{summary.run_id}.json"]
-    data = json.loads(fs.cat_file(bare(f"{sink}/{runs[0]}")))
+    data = json.loads(fs.cat_file(bare(f"{sink}/{runs[1]}")))
     assert data["rows_in"] == data["rows_out"] == ROWS and data["files_in"] == len(KEYS)
     assert data["sink"] == sink
     # A reader globbing the sink for Parquet sees the outputs, nothing of slmbatch's own records.
