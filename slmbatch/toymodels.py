@@ -93,6 +93,25 @@ def _default_corpus() -> list[str]:
     return [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 4
 
 
+def _tiny_qwen2_config(tokenizer, hidden_size: int, num_layers: int, **extra):
+    """Qwen2 shape with head_dim 32 (vLLM's CPU attention needs >= 32), sized to the tokenizer."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 32,
+        num_key_value_heads=max(1, hidden_size // 64),
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+        **extra,
+    )
+
+
 def build_tiny_causal_lm(
     path: str | Path,
     texts: Iterable[str] | None = None,
@@ -104,7 +123,7 @@ def build_tiny_causal_lm(
 ) -> Path:
     """Build a random tiny Qwen2 chat model at ``path`` (head_dim 32: CPU attention needs >= 32)."""
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, Qwen2ForCausalLM
 
     path = Path(path)
     if _finished(path):
@@ -112,20 +131,7 @@ def build_tiny_causal_lm(
     tmp = _tmp_dir(path)
     tokenizer = train_bpe_tokenizer(texts if texts is not None else _default_corpus(), vocab_size)
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=hidden_size // 32,
-        num_key_value_heads=max(1, hidden_size // 64),
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        torch_dtype="float32",
-    )
+    config = _tiny_qwen2_config(tokenizer, hidden_size, num_layers, tie_word_embeddings=True, bos_token_id=None)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():
         # Tied embeddings: a zero row gives that token logit 0, which greedy
@@ -152,7 +158,7 @@ def build_tiny_classifier(
 ) -> Path:
     """Build a random tiny ``Qwen2ForSequenceClassification`` whose ``id2label`` is ``labels``."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+    from transformers import Qwen2ForSequenceClassification
 
     path = Path(path)
     if _finished(path):
@@ -160,21 +166,8 @@ def build_tiny_classifier(
     tmp = _tmp_dir(path)
     tokenizer = train_bpe_tokenizer(texts if texts is not None else _default_corpus(), vocab_size)
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=2,
-        num_attention_heads=hidden_size // 32,
-        num_key_value_heads=max(1, hidden_size // 64),
-        max_position_embeddings=4096,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        torch_dtype="float32",
-    )
+    config = _tiny_qwen2_config(tokenizer, hidden_size, 2, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                                label2id={label: i for i, label in enumerate(labels)})
     model = Qwen2ForSequenceClassification(config)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
