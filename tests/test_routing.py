@@ -175,3 +175,41 @@ def test_frontier_faults_end_every_row_answered_or_failed_with_its_reason(tmp_pa
         by_key.setdefault(s.key, []).append(s)
     waits = [b.t - a.t for attempts in by_key.values() for a, b in zip(attempts, attempts[1:]) if a.outcome == "429"]
     assert waits and min(waits) >= 0.95
+
+
+def test_a_frontier_actor_killed_mid_run_loses_no_row(tmp_path, ray_local, tiny_classifier):
+    import threading
+    import time
+
+    import psutil
+
+    from .faultserver import FaultServer
+
+    rows = 120
+    write_shards(tmp_path / "in", banking_texts(rows), shards=4, row_group_size=10)
+    clf = Model(tiny_classifier, num_cpus=0.5, batch_size=10, engine={"max_model_len": 256, "dtype": "float32"})
+    killed: list[int] = []
+
+    def kill_one_frontier_actor(server):
+        deadline = time.monotonic() + 240
+        while not killed and time.monotonic() < deadline:
+            if len(server.seen) >= 10:  # the pool is mid-run
+                for proc in psutil.process_iter(["cmdline"]):
+                    if "FrontierActor" in " ".join(proc.info["cmdline"] or []):
+                        proc.kill()
+                        killed.append(proc.pid)
+                        return
+            time.sleep(0.05)
+
+    with FaultServer(reply=lambda body: '{"label": "spam"}', delay_s=0.1) as server:
+        job = Job(name="frontier-kill", source=ParquetSource(str(tmp_path / "in")), sink=ParquetSink(str(tmp_path / "out")),
+                  stages=[Classify("spam", model=clf, input="text", labels=["ham", "spam"], threshold=1.0)],
+                  frontier=Frontier(base_url=server.base_url, model="m", api_key_env=None, actors=2, concurrency=2))
+        watcher = threading.Thread(target=kill_one_frontier_actor, args=(server,), daemon=True)
+        watcher.start()
+        summary = slmbatch.run(job, progress=False)
+        watcher.join(timeout=1)
+    assert killed, "no frontier actor was seen mid-run"
+    df = pl.read_parquet(tmp_path / "out" / "*.parquet")
+    assert df.height == rows and df["_row_id"].n_unique() == rows and summary.rows_out == rows
+    assert (df["spam_routed_to"] == "frontier").all() and (df["spam"] == "spam").all()
