@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_CACHE_GIB = 1
 
 
-def cpu_engine_env(model: Model) -> dict[str, str]:
+def cpu_engine_env(model: Model | None = None) -> dict[str, str]:
     """Environment a CPU replica needs before vLLM is imported."""
     env = {
         # Engine core in this process: fastest start and lowest memory on CPU.

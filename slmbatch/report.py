@@ -24,7 +24,6 @@ class StageStats:
     ran: int = 0  # rows the stage applied to (``when`` matched)
     answered: int = 0
     errored: int = 0
-    low_confidence: int = 0  # answered rows below the stage threshold
     tokens_in: int = 0
     tokens_out: int = 0
     busy_s: float = 0.0  # replica seconds spent in this stage (summed over replicas)
@@ -47,7 +46,7 @@ class StageStats:
         return self.rows - self.ran
 
     def add(self, table: pa.Table, stage, frontier=None) -> None:
-        n, threshold = self.name, stage.threshold
+        n = self.name
         self.rows += table.num_rows
         self.ran += table.num_rows - table[f"{n}_model"].null_count
         errors = table[f"{n}_error"]
@@ -65,8 +64,6 @@ class StageStats:
             bins = pc.min_element_wise(pc.cast(pc.floor(pc.multiply(conf, BINS)), pa.int64()), BINS - 1)
             for b, count in zip(*_value_counts(bins)):
                 self.histogram[b] += count
-            if threshold is not None:
-                self.low_confidence += pc.sum(pc.less(conf, threshold)).as_py() or 0
         tokens_in = pc.sum(table[f"{n}_tokens_in"]).as_py() or 0
         tokens_out = pc.sum(table[f"{n}_tokens_out"]).as_py() or 0
         self.tokens_in += tokens_in

@@ -56,6 +56,8 @@ _READ_ERROR = _INTERNAL + "read_error"
 
 def busy_column(stage: Stage) -> str:
     return f"{_INTERNAL}busy_{stage.name}"
+
+
 #: CPU reserved per read task: small, so reads always fit next to the replicas.
 READ_TASK_CPUS = 0.25
 #: CPU reserved per frontier actor: it mostly waits on HTTP.
