@@ -1,0 +1,1 @@
+"""Benchmarks: measurements, not tests (see ENGINE.md and README.md)."""
