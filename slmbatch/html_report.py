@@ -11,7 +11,7 @@ import html
 import io
 from typing import Any
 
-BINS = 10
+from .report import BINS
 
 
 def _png(fig) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import KW_ONLY
 from typing import TYPE_CHECKING, Any
@@ -120,15 +121,9 @@ class Extract(Stage):
                 answers.append(Answer(error=str(exc), tokens_in=tokens_in, tokens_out=tokens_out))
                 continue
             logprobs = sampled_logprobs(completion)
-            confidence = min((_exp(lp) for lp in logprobs), default=0.0)
+            confidence = min((math.exp(lp) for lp in logprobs), default=0.0)
             answers.append(Answer(value, confidence, tokens_in, tokens_out))
         return answers
-
-
-def _exp(logprob: float) -> float:
-    import math
-
-    return math.exp(logprob)
 
 
 def parse_and_validate(text: str, schema: dict) -> dict:
