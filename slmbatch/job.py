@@ -52,8 +52,13 @@ class Model:
         replicas: number of replica actors (fixed pool: model start-up takes
             seconds to minutes, so autoscaling would thrash).
         num_cpus: CPUs reserved per replica. On CPU-only machines this is also
-            the engine's thread count; keep ``replicas * num_cpus`` below the
-            machine's CPUs so the Parquet read tasks are never starved.
+            the engine's thread count unless ``threads`` is set; keep
+            ``replicas * num_cpus`` below the machine's CPUs so the Parquet
+            read tasks are never starved.
+        threads: engine threads of a CPU replica. Default: what Ray gives
+            the actor (``OMP_NUM_THREADS = floor(num_cpus)``, at least 1).
+            Set it to use more cores than the CPUs reserved (e.g. all cores
+            with ``num_cpus=1`` on a small machine).
         num_gpus: GPUs per replica (0 runs the engine on CPU).
         batch_size: rows handed to a replica per call; vLLM schedules them
             continuously, so larger batches only cost latency and memory.
@@ -76,6 +81,7 @@ class Model:
     engine: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     price_in_per_mtok: float = 0.02
     price_out_per_mtok: float = 0.20
+    threads: int | None = None
 
     def __post_init__(self):
         require(isinstance(self.name, str) and self.name.strip() != "", "Model.name", f"must be a model id or directory, got {self.name!r}")
@@ -90,6 +96,8 @@ class Model:
         set_field(self, "engine", freeze(self.engine))
         check_non_negative(self.price_in_per_mtok, "Model.price_in_per_mtok")
         check_non_negative(self.price_out_per_mtok, "Model.price_out_per_mtok")
+        if self.threads is not None:
+            check_positive_int(self.threads, "Model.threads")
 
     def cost_usd(self, tokens_in: int, tokens_out: int) -> float:
         return (tokens_in * self.price_in_per_mtok + tokens_out * self.price_out_per_mtok) / 1e6

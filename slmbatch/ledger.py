@@ -51,7 +51,7 @@ log = logging.getLogger("slmbatch")
 
 META = "_slmbatch"
 #: Model options that change throughput, never answers: not part of the fingerprint.
-_RUNTIME_ONLY = {"replicas", "num_cpus", "num_gpus", "batch_size", "price_in_per_mtok", "price_out_per_mtok"}
+_RUNTIME_ONLY = {"replicas", "num_cpus", "num_gpus", "threads", "batch_size", "price_in_per_mtok", "price_out_per_mtok"}
 
 
 class JobChangedError(ConfigError):
