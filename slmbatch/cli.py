@@ -28,6 +28,11 @@ sink) and assigns it to a variable named `job`. Examples: jobs/, examples/.
   slmbatch run jobs/tickets.py --run-date 2026-11-28   a nightly run
   slmbatch status OUT_DIR               runs, complete dates, pending input
   slmbatch report OUT_DIR               re-render the last run's HTML report
+  slmbatch eval jobs/tickets.py --labels gold.parquet --key id
+                                        quality of small model, frontier, cascade
+  slmbatch calibrate jobs/tickets.py --source validation/ --gold intent=label \
+      --target 'accuracy>=0.9'          thresholds for a target -> a thresholds file
+  slmbatch feedback OUT_DIR             escalated rows -> chat JSONL for fine-tuning
 
 On a cluster, submit the same command unchanged:
   ray job submit --working-dir . -- slmbatch run jobs/tickets.py
@@ -105,6 +110,97 @@ def _report(args) -> int:
     return 0
 
 
+def _labelled(args):
+    """The job (re-pointed by --source/--sink), its labels and gold columns."""
+    from .evaluate import parse_gold, read_labels, with_source
+
+    job = with_source(load_job(args.job_file, args.job), args.source, args.sink)
+    labels = read_labels(args.labels) if args.labels else None
+    return job, labels, parse_gold(args.gold)
+
+
+def _labelled_output(job, labels, args, gold, stages=None):
+    from .evaluate import read_output, with_gold
+
+    if not args.no_run:
+        from .runner import run
+
+        print(run(job, address=args.address, progress=not args.no_progress, fresh=args.fresh).render(), flush=True)
+    return with_gold(job, read_output(job), labels, args.key, gold, stages)
+
+
+def _eval(args) -> int:
+    import json
+
+    from .evaluate import escalate_all, evaluate_stage, render_eval, stage_rows
+
+    job, labels, gold = _labelled(args)
+    frame, sources = _labelled_output(job, labels, args, gold)
+    if not sources:
+        raise ConfigError("--labels", "no stage has gold answers: give --labels FILE with a column named after a "
+                                      "stage (or --gold STAGE=COLUMN), or --gold STAGE=COLUMN for labels carried in "
+                                      "the input")
+    every = None
+    if args.frontier_all:
+        every = escalate_all(job, job.sink.path + "-frontier-all")
+        every_frame, _ = _labelled_output(every, labels, args, gold)
+    results = []
+    for stage in job.stages:
+        if stage.name not in sources:
+            continue
+        rows = stage_rows(job, frame, stage.name)
+        rows_all = stage_rows(every, every_frame, stage.name) if every is not None and stage.routed else None
+        results.append(evaluate_stage(rows, rows_all))
+    print(render_eval(results, sources))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"job": job.name, "sink": job.sink.path, "gold": sources, "stages": results}, f, indent=2)
+        print(f"eval: wrote {args.json}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from pathlib import Path
+
+    from .calibrate import calibrate_stage, calibration_file, parse_target, render_calibration, write_json
+    from .evaluate import escalate_all, stage_rows
+    from .html_report import cost_quality_figure
+
+    targets = [parse_target(t) for t in args.target]
+    job, labels, gold = _labelled(args)
+    routed = [s.name for s in job.stages if s.routed]
+    for target in targets:
+        if target.stage is not None and target.stage not in routed:
+            raise ConfigError("--target", f"{target.text!r}: job has no routed stage {target.stage!r} (routed: {routed})")
+    per_stage = {t.stage: t for t in targets if t.stage is not None}
+    default = next((t for t in targets if t.stage is None), None)
+    chosen = {name: per_stage.get(name, default) for name in routed if per_stage.get(name, default) is not None}
+    sink = args.sink_all or job.sink.path + "-calibration"
+    every = escalate_all(job, sink)
+    frame, sources = _labelled_output(every, labels, args, gold, list(chosen))
+    out = Path(args.out or Path(args.job_file).with_suffix(".thresholds.json"))
+    records = []
+    for name, target in chosen.items():
+        rows = stage_rows(every, frame, name, gold_from_frontier=name not in sources)
+        record = calibrate_stage(rows, target, bootstrap=args.bootstrap, conservative=args.conservative,
+                                 gold_source=sources.get(name, "frontier"), frontier_model=job.frontier.model)
+        records.append(record)
+        print(render_calibration(record))
+        plot = out.with_name(f"{out.name.removesuffix('.json')}.{name}.png")
+        cost_quality_figure(record).savefig(plot, dpi=100, bbox_inches="tight")
+        print(f"  cost-quality plot: {plot}")
+    write_json(str(out), calibration_file(job.name, records, {"source": job.source.path, "sink": sink}))
+    print(f"calibrate: wrote {out}; use it in the job with slmbatch.load_thresholds({str(out)!r})")
+    return 0 if all(r["met"] for r in records) else 1
+
+
+def _feedback(args) -> int:
+    from .feedback import export_feedback, render_manifest
+
+    print(render_manifest(export_feedback(args.output_dir, args.out, holdout=args.holdout, stages=args.stage)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slmbatch", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,6 +254,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the job's sink path")
     p.add_argument("--run", default=None, metavar="RUN_ID", help="which run (default: the latest)")
     p.set_defaults(func=_report)
+
+    def labelled_args(p):
+        job_args(p)
+        p.add_argument("--labels", metavar="FILE", help="gold answers: Parquet (file or directory), CSV or JSON lines, "
+                                                       "a column per stage (named as the stage, or see --gold)")
+        p.add_argument("--key", metavar="COLUMN", help="column identifying a row in both the labels file and the "
+                                                       "job's output (e.g. an id carried from the input)")
+        p.add_argument("--gold", action="append", default=[], metavar="STAGE=COLUMN",
+                       help="where a stage's gold is: a labels-file column, or without --labels an input column "
+                            "carried to the output (e.g. intent=label); repeatable")
+        p.add_argument("--source", metavar="PATH", help="run the job on this input instead (e.g. a labelled split)")
+        p.add_argument("--sink", metavar="PATH", help="... and write its output here instead")
+        p.add_argument("--no-run", action="store_true", help="read the output as it is; do not run or resume the job")
+        p.add_argument("--fresh", action="store_true", help="recompute the output even if a run completed it")
+        p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar or progress log lines")
+
+    p = sub.add_parser("eval", help="quality of the small model, the frontier and the cascade against labels",
+                       description="Run (or resume) the job, then score its output against gold answers, per stage: "
+                                   "classify accuracy and macro-F1; extract exact match and field precision/recall/F1; "
+                                   "summarize ROUGE-L - for the small model, the frontier on the escalated rows, the "
+                                   "cascade and (--frontier-all) the frontier on every row, with escalation rate and "
+                                   "$ per 1k rows.")
+    labelled_args(p)
+    p.add_argument("--frontier-all", action="store_true",
+                   help="also run the job with every row escalated (into <sink>-frontier-all) to measure the "
+                        "frontier alone on everything")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("calibrate", help="choose thresholds that meet a quality (or cost) target",
+                       description="Run the job on labelled validation rows with every routed stage escalating "
+                                   "every row (into <sink>-calibration), then pick per stage the threshold that meets "
+                                   "the target at the lowest escalation, with a bootstrap interval. Prints the "
+                                   "cost-quality curve, writes it as a plot and the thresholds file "
+                                   "(slmbatch.load_thresholds reads it). Exit 1 if a target cannot be met.")
+    labelled_args(p)
+    p.add_argument("--target", action="append", required=True, metavar="TARGET",
+                   help="'accuracy>=0.95' (the stage's metric: accuracy, exact_match, rouge_l, or quality), "
+                        "'frontier_gap<=1pt', 'usd_per_1m<=5'; 'STAGE:...' for one stage; repeatable")
+    p.add_argument("--out", metavar="FILE", help="thresholds file (default: JOB.thresholds.json next to the job file)")
+    p.add_argument("--sink-all", metavar="PATH", help="where the all-escalated validation run writes "
+                                                      "(default: <sink>-calibration)")
+    p.add_argument("--conservative", action="store_true",
+                   help="choose where the 95%% interval's lower end meets the target, not the point estimate")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
+    p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("feedback", help="escalated rows -> chat JSONL fine-tuning data for the small model",
+                       description="Read the job's output and write, per routed stage, the rows the frontier "
+                                   "answered as chat conversations (the small model's prompt + the frontier's "
+                                   "answer), deduplicated, with a held-out split: OUT/<stage>/{train,heldout}.jsonl.")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the job's sink path")
+    p.add_argument("--out", default="slmbatch-feedback", metavar="DIR", help="where to write (default: slmbatch-feedback)")
+    p.add_argument("--holdout", type=float, default=0.1, help="held-out fraction, chosen by prompt hash (default 0.1)")
+    p.add_argument("--stage", action="append", default=None, metavar="NAME", help="only this stage (repeatable)")
+    p.set_defaults(func=_feedback)
     return parser
 
 

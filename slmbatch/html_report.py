@@ -67,6 +67,44 @@ def cost_plot(small: float, frontier: float, baseline: float | None) -> str:
     return _png(fig)
 
 
+def cost_quality_figure(calibration: dict[str, Any], observed_escalation: float | None = None):
+    """The cascade's cost-quality curve from a calibration record (``slmbatch
+    calibrate``): quality against $ per 1M rows and against the escalation
+    rate, with the 95% bootstrap band, the chosen threshold marked and, for a
+    run, the escalation rate it actually had."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 3.0))
+    points = calibration["curve"]
+    chosen = calibration["chosen"]
+    metric = calibration["metric"]
+    for ax, key, scale, label in ((left, "usd_per_1m_rows", 1.0, "$ per 1M rows"),
+                                  (right, "escalation_rate", 100.0, "escalated rows (%)")):
+        x = [p[key] * scale for p in points]
+        ax.fill_between(x, [p["quality_lo"] for p in points], [p["quality_hi"] for p in points], color="#4c78a8",
+                        alpha=0.2, linewidth=0, label="95% interval")
+        ax.plot(x, [p["quality"] for p in points], color="#4c78a8", label="cascade")
+        ax.axhline(calibration["frontier_quality"], color="#f58518", linestyle=":", label="frontier alone")
+        ax.axhline(calibration["small_quality"], color="#54a24b", linestyle=":", label="small model alone")
+        ax.plot([chosen[key] * scale], [chosen["quality"]], marker="o", color="#e45756", linestyle="none",
+                label=f"chosen: threshold {chosen['threshold']:.3f}")
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric)
+    if observed_escalation is not None:
+        right.axvline(observed_escalation * 100, color="#9d755d", linestyle="--", label="this run")
+    right.legend(loc="lower right", fontsize=7)
+    fig.suptitle(f"{calibration['stage']}: cost-quality curve ({calibration['rows']:,} validation rows, "
+                 f"target {calibration['target']})", fontsize=10)
+    return fig
+
+
+def cost_quality_plot(calibration: dict[str, Any], observed_escalation: float | None = None) -> str:
+    return _png(cost_quality_figure(calibration, observed_escalation))
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -109,6 +147,13 @@ def render_html(data: dict[str, Any]) -> str:
         f"<p>This run: ${small + frontier:.4f}; saving against all-frontier: {saving}</p>",
         f"<div class='plots'><img alt='cost' src='{cost_plot(small, frontier, baseline)}'>",
     ]
+    calibrated = [s for s in stages if s.get("calibration")]
+    if calibrated:
+        parts.append("</div><h2>Cost-quality curves (thresholds from calibration)</h2><div class='plots'>")
+        for s in calibrated:
+            observed = s["escalation_wanted"] / s["ran"] if s["ran"] else None
+            parts.append(f"<img alt='cost-quality curve of {html.escape(s['name'])}' "
+                         f"src='{cost_quality_plot(s['calibration'], observed)}'>")
     if len(data.get("timeline") or []) > 1:
         parts.append(f"<img alt='throughput over time' src='{throughput_plot(data['timeline'])}'>")
     parts.append("</div>")

@@ -40,6 +40,7 @@ class StageStats:
     confidence_sum: float = 0.0
     errors: dict[str, int] = dataclasses.field(default_factory=dict)  # reason (first 80 chars) -> rows
     error_examples: dict[str, str] = dataclasses.field(default_factory=dict)  # reason -> one row id
+    calibration: dict[str, Any] | None = None  # how the threshold was chosen (``slmbatch calibrate``), if it was
 
     @property
     def skipped(self) -> int:
@@ -190,6 +191,12 @@ class RunSummary:
             )
             if s.answered:
                 lines.append(f"    confidence {_sparkline(s.histogram)}  (0 -> 1, {BINS} bins: {s.histogram})")
+            if s.calibration and s.ran:
+                c = s.calibration["chosen"]
+                lines.append(f"    calibrated for {s.calibration['target']} on {s.calibration['rows']:,} rows: predicted "
+                             f"escalation {c['escalation_rate']:.1%} [{c['escalation_interval'][0]:.1%}, "
+                             f"{c['escalation_interval'][1]:.1%}], {s.calibration['metric']} {c['quality']:.3f}; "
+                             f"this run wanted {s.escalation_wanted / s.ran:.1%}")
             if s.escalation_wanted:
                 lines.append(f"    routing: {s.escalation_wanted:,} rows below the bar -> {s.escalated:,} answered by "
                              f"the frontier, {s.frontier_failed:,} frontier failures, {s.not_sent:,} not sent; "

@@ -88,16 +88,35 @@ class Router:
         return "pending", reason
 
 
+class CalibratedThreshold(float):
+    """A threshold read from a calibration file: a float that also carries how
+    it was chosen (target, curve, predicted outcome), so the run report can
+    draw the cost-quality curve and set this run's escalation against it."""
+
+    calibration: dict[str, Any]
+
+    def __new__(cls, value: float, calibration: Mapping[str, Any]):
+        self = super().__new__(cls, value)
+        self.calibration = dict(calibration)
+        return self
+
+    def __reduce__(self):
+        return CalibratedThreshold, (float(self), self.calibration)
+
+
 def load_thresholds(path: str) -> dict[str, float]:
-    """Per-stage thresholds from a calibration file (``{"thresholds": {stage: t}}``
-    or a plain ``{stage: t}``), for ``Classify(..., threshold=t["intent"])``."""
+    """Per-stage thresholds from a calibration file (``slmbatch calibrate``
+    writes one; a plain ``{"thresholds": {stage: t}}`` or ``{stage: t}`` works
+    too), for ``Classify(..., threshold=t["intent"])``. Thresholds from
+    ``slmbatch calibrate`` carry their cost-quality curve into the run report."""
     with open(path) as f:
         data = json.load(f)
+    stages = data.get("stages", {}) if isinstance(data.get("stages"), Mapping) else {}
     data = data.get("thresholds", data)
     for stage, value in data.items():
-        require(isinstance(value, (int, float)) and 0 <= value <= 1, f"thresholds file {path}: {stage}",
-                f"must be a number in [0, 1], got {value!r}")
-    return {str(k): float(v) for k, v in data.items()}
+        require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1,
+                f"thresholds file {path}: {stage}", f"must be a number in [0, 1], got {value!r}")
+    return {str(k): CalibratedThreshold(float(v), stages[k]) if k in stages else float(v) for k, v in data.items()}
 
 
 class FrontierActor:
@@ -147,7 +166,7 @@ class FrontierActor:
             rows = rows_of(batch.take(pending))
             requests = [FrontierRequest(**stage.frontier_request(row)) for row in rows]
             replies = self._run(self.client.complete_many(requests))
-            batch = merge_frontier_answers(batch, stage, pending, replies)
+            batch = merge_frontier_answers(batch, stage, pending, replies, [r.messages for r in requests])
             self.metrics.record_frontier(batch.take(pending), stage, self.frontier.model)
         return batch
 
@@ -161,13 +180,15 @@ class FrontierActor:
             loop.call_soon_threadsafe(loop.stop)
 
 
-def merge_frontier_answers(batch: pa.Table, stage, indices: list[int], replies: list) -> pa.Table:
-    """Write frontier replies for rows ``indices`` into the stage's columns."""
+def merge_frontier_answers(batch: pa.Table, stage, indices: list[int], replies: list,
+                           messages: list) -> pa.Table:
+    """Write frontier replies (and the messages that asked) for rows ``indices`` into the stage's columns."""
     n = stage.name
     columns = {name: batch[name].to_pylist() for name in (
-        n, f"{n}_routed_to", f"{n}_frontier", f"{n}_frontier_error", f"{n}_frontier_tokens_in",
-        f"{n}_frontier_tokens_out", f"{n}_frontier_cost_usd")}
-    for i, reply in zip(indices, replies):
+        n, f"{n}_routed_to", f"{n}_frontier", f"{n}_frontier_error", f"{n}_frontier_messages",
+        f"{n}_frontier_tokens_in", f"{n}_frontier_tokens_out", f"{n}_frontier_cost_usd")}
+    for i, reply, asked in zip(indices, replies, messages):
+        columns[f"{n}_frontier_messages"][i] = json.dumps(list(asked), ensure_ascii=False)
         columns[f"{n}_frontier_tokens_in"][i] = reply.prompt_tokens
         columns[f"{n}_frontier_tokens_out"][i] = reply.completion_tokens
         columns[f"{n}_frontier_cost_usd"][i] = reply.cost_usd

@@ -429,7 +429,8 @@ def run(
         started=now.isoformat(timespec="seconds"),
         run_date=day.isoformat(),
         backfill=[d.isoformat() for d in window] if window else None,
-        stages=[StageStats(s.name, s.kind, threshold=s.threshold) for s in job.stages],
+        stages=[StageStats(s.name, s.kind, threshold=None if s.threshold is None else float(s.threshold),
+                           calibration=getattr(s.threshold, "calibration", None)) for s in job.stages],
     )
     the_plan = plan(job)
     summary.files_in = len(the_plan.shards) + len(the_plan.skipped)

@@ -134,15 +134,6 @@ def test_egress_endpoints_are_checked_when_the_job_is_defined(tmp_path):
         Classify("c", model=m, input="text", labels=["a", "b"], escalate_labels=["z"], threshold=0.5)
 
 
-def test_thresholds_load_from_a_calibration_file(tmp_path):
-    path = tmp_path / "thresholds.json"
-    path.write_text(json.dumps({"thresholds": {"intent": 0.8, "gist": 0.3}}))
-    assert slmbatch.load_thresholds(str(path)) == {"intent": 0.8, "gist": 0.3}
-    path.write_text(json.dumps({"intent": 1.5}))
-    with pytest.raises(ConfigError, match="intent"):
-        slmbatch.load_thresholds(str(path))
-
-
 def test_frontier_faults_end_every_row_answered_or_failed_with_its_reason(tmp_path, ray_local, tiny_lm):
     from slmbatch import Summarize
 

@@ -28,6 +28,9 @@ fine-tuning feedback that is learnt from it::
     <name>_small                the small model's answer (always kept)
     <name>_frontier             the frontier's answer (escalated rows)
     <name>_frontier_error       why the frontier gave no usable answer
+    <name>_frontier_messages    the chat messages sent to the frontier (JSON), which
+                                are also the small model's prompt: with
+                                <name>_frontier they make a fine-tuning example
     <name>_frontier_tokens_in / _out, <name>_frontier_cost_usd
 
 ``<name>_confidence`` is always the small model's: it is what the threshold
@@ -107,7 +110,8 @@ class Stage:
         when: run only on rows where every named column has one of the given
             values, e.g. ``{"intent": ["complaint"]}``; other rows get nulls.
         threshold: confidence below which a row is escalated to the job's
-            frontier model (None: the stage is not routed). Set it in the job
+            frontier model (None: the stage is not routed; 1: every row is
+            escalated, which is how calibration collects both answers). Set it in the job
             or load it from a calibration file (:func:`slmbatch.load_thresholds`).
         escalate_on_error: also escalate rows the small model could not answer
             (output failed the schema, prompt over the context, input over
@@ -226,6 +230,7 @@ class Stage:
             pa.field(f"{n}_small", self.answer_type()),
             pa.field(f"{n}_frontier", self.answer_type()),
             pa.field(f"{n}_frontier_error", pa.string()),
+            pa.field(f"{n}_frontier_messages", pa.string()),
             pa.field(f"{n}_frontier_tokens_in", pa.int64()),
             pa.field(f"{n}_frontier_tokens_out", pa.int64()),
             pa.field(f"{n}_frontier_cost_usd", pa.float64()),
@@ -235,8 +240,11 @@ class Stage:
         """Why this answer should go to the frontier, or None to keep it."""
         if answer.error is not None:
             return f"small model failed: {answer.error}" if answer.escalatable and self.escalate_on_error else None
-        if self.threshold is not None and answer.confidence is not None and answer.confidence < self.threshold:
-            return f"confidence {answer.confidence:.3f} < threshold {self.threshold:g}"
+        if self.threshold is not None and answer.confidence is not None:
+            if answer.confidence < self.threshold:
+                return f"confidence {answer.confidence:.3f} < threshold {self.threshold:g}"
+            if self.threshold >= 1:
+                return "threshold 1 escalates every row"
         return None
 
     # -- the same task, asked of the frontier ------------------------------------------
@@ -399,7 +407,7 @@ class Stage:
         n = len(rows)
         values = dict(zip(
             [f.name for f in self.routing_schema()],
-            [routed_to, reasons, table[self.name], [None] * n, [None] * n, [None] * n, [None] * n, [None] * n],
+            [routed_to, reasons, table[self.name], *([[None] * n] * 6)],
         ))
         for f in self.routing_schema():
             table = table.append_column(f, values[f.name] if isinstance(values[f.name], pa.ChunkedArray)

@@ -1,0 +1,133 @@
+"""Evaluation metrics, threshold calibration and the thresholds file - on data where the answer is known."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+from slmbatch import Classify, ConfigError, Job, Model, ParquetSink, ParquetSource, load_thresholds
+from slmbatch.calibrate import build_curve, calibrate_stage, calibration_file, choose, parse_target, rows_needed
+from slmbatch.evaluate import StageRows, accuracy, evaluate_stage, exact_match, field_prf, macro_f1, metrics, rouge_l
+from slmbatch.html_report import render_html
+from slmbatch.report import RunSummary, StageStats
+
+
+def test_classification_metrics_match_hand_computed_values():
+    gold = ["a", "a", "b", "b", "c"]
+    pred = ["a", "b", "b", "b", None]
+    assert accuracy(pred, gold) == 3 / 5
+    # a: tp1 fp0 fn1 -> 2/3; b: tp2 fp1 fn0 -> 4/5; c: tp0 fn1 -> 0 (a failed row is no class of its own)
+    assert macro_f1(pred, gold) == pytest.approx((2 / 3 + 4 / 5 + 0) / 3)
+
+
+def test_extraction_metrics_match_hand_computed_values():
+    gold = [{"people": 2, "time": "7pm", "name": None}, {"people": 4, "time": "8pm", "name": "Ana"}]
+    pred = [{"people": 2.0, "time": " 7PM ", "name": None}, {"people": 3, "time": "8pm", "name": None}]
+    # row 1: people, time match (2 == 2.0; case/space-insensitive) -> tp 2; row 2: time tp, people fp+fn, name fn
+    assert field_prf(pred, gold) == pytest.approx({"field_precision": 3 / 4, "field_recall": 3 / 5,
+                                                   "field_f1": 2 * 0.75 * 0.6 / 1.35})
+    assert exact_match(pred[0], gold[0]) and not exact_match(pred[1], gold[1]) and not exact_match(None, gold[0])
+    # JSON strings (a labels file written as text) are read as objects
+    assert metrics("extract", pred, [json.dumps(g) for g in gold])["exact_match"] == 0.5
+
+
+def test_rouge_l_matches_hand_computed_lcs():
+    # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat": 5 of 6 tokens each side
+    assert rouge_l("the cat is on the mat", "the cat sat on the mat") == pytest.approx(5 / 6)
+    assert rouge_l(None, "anything") == 0.0
+
+
+def synthetic(n=1000, wrong_below=300, frontier_wrong=()):
+    """Row i has confidence (i + .5)/n; the small model is right iff i >= wrong_below; the frontier is right
+    except on rows ``frontier_wrong``; the small model is free, the frontier costs $0.001 a row ($1,000 per 1M)."""
+    confidence = [(i + 0.5) / n for i in range(n)]
+    small = [float(i >= wrong_below) for i in range(n)]
+    frontier = [0.0 if i in frontier_wrong else 1.0 for i in range(n)]
+    return small, frontier, confidence, [0.0] * n, [1e-3] * n
+
+
+def test_calibration_picks_the_threshold_that_meets_the_target_where_the_answer_is_known():
+    curve = build_curve(*synthetic(), bootstrap=300)
+    # escalating the k least confident rows gives accuracy (k + 700) / 1000 for k <= 300
+    j = choose(curve, parse_target("accuracy>=0.95"))
+    assert curve.escalated[j] == 250 and curve.quality[j] == pytest.approx(0.95)
+    assert curve.thresholds[j] == pytest.approx(0.25)  # between the 250th and 251st confidence
+    assert curve.quality_lo[j] <= 0.95 <= curve.quality_hi[j] and curve.quality_hi[j] - curve.quality_lo[j] < 0.05
+    j = choose(curve, parse_target("usd_per_1m<=100"))  # 1,000 rows: each escalated row adds $1 per 1M rows
+    assert curve.escalated[j] == 100 and curve.quality[j] == pytest.approx(0.8)
+    j = choose(curve, parse_target("frontier_gap<=2pt"))  # frontier alone is perfect here
+    assert curve.escalated[j] == 280
+    # conservative: the interval's lower end must clear the target, so it escalates more
+    assert curve.escalated[choose(curve, parse_target("accuracy>=0.95"), conservative=True)] > 250
+    assert choose(build_curve(*synthetic(frontier_wrong=range(100)), bootstrap=50), parse_target("accuracy>=0.95")) is None
+
+
+def stage_rows_from(small, frontier, confidence, small_usd, frontier_usd) -> StageRows:
+    n = len(small)
+    return StageRows(name="intent", kind="classify", gold=["x"] * n, small=["x" if s else "y" for s in small],
+                     confidence=confidence, cascade=["x"] * n, frontier=["x" if f else "y" for f in frontier],
+                     escalated=[True] * n, escalatable=[True] * n, small_cost=small_usd, frontier_cost=frontier_usd)
+
+
+def test_calibration_warns_when_the_validation_set_is_too_small_for_the_target():
+    big = calibrate_stage(stage_rows_from(*synthetic()), parse_target("accuracy>=0.95"), bootstrap=300)
+    assert big["met"] and big["chosen"]["escalation_rate"] == pytest.approx(0.25)
+    assert big["chosen"]["saving_vs_frontier"] == pytest.approx(0.75)  # free small model, 25% sent up
+    small = calibrate_stage(stage_rows_from(*synthetic(n=60, wrong_below=18)), parse_target("accuracy>=0.95"),
+                            bootstrap=300)
+    text = " ".join(small["warnings"])
+    assert "only 60 labelled rows" in text and "too small for this target" in text
+    assert rows_needed(100, 0.96, 0.92, 0.95) == 1600  # half-width 0.04 must shrink to the 0.01 margin
+    missed = calibrate_stage(stage_rows_from(*synthetic(frontier_wrong=range(100))), parse_target("accuracy>=0.95"),
+                             bootstrap=50)
+    assert not missed["met"] and "not reachable" in missed["warnings"][0]
+
+
+def test_targets_are_checked_and_name_the_option():
+    assert parse_target("intent: accuracy >= 0.9").stage == "intent"
+    assert parse_target("frontier_gap<=1pt").value == pytest.approx(0.01)
+    for bad in ("accuracy<=0.9", "accuracy>=1.5", "speed>=3", "nonsense"):
+        with pytest.raises(ConfigError, match="--target"):
+            parse_target(bad)
+
+
+def test_thresholds_file_round_trips_into_a_job_and_its_run_report(tmp_path, tiny_classifier):
+    record = calibrate_stage(stage_rows_from(*synthetic()), parse_target("accuracy>=0.95"), bootstrap=100,
+                             gold_source="labels", frontier_model="big")
+    path = tmp_path / "job.thresholds.json"
+    path.write_text(json.dumps(calibration_file("j", [record], {"source": "val"})))
+    thresholds = load_thresholds(str(path))
+    assert thresholds == {"intent": pytest.approx(0.25)}
+    model = Model(tiny_classifier)
+    job = Job(name="j", source=ParquetSource(str(tmp_path)), sink=ParquetSink(str(tmp_path / "out")),
+              stages=[Classify("intent", model=model, input="text", labels=["ham", "spam"],
+                               threshold=thresholds["intent"])])
+    stage = pickle.loads(pickle.dumps(job)).stages[0]  # as Ray ships it to the actors
+    assert stage.threshold == thresholds["intent"] and stage.threshold.calibration["target"] == "accuracy>=0.95"
+    assert "threshold=0.25" in job.describe()
+    stats = StageStats("intent", "classify", threshold=0.25, rows=100, ran=100, answered=100, escalation_wanted=27,
+                       calibration=stage.threshold.calibration)
+    summary = RunSummary(job="j", run_id="r", sink="s", started="t", stages=[stats])
+    assert "calibrated for accuracy>=0.95 on 1,000 rows: predicted escalation 25.0%" in summary.render()
+    again = RunSummary.from_dict(json.loads(summary.to_json()))
+    assert "cost-quality curve of intent" in render_html(json.loads(again.to_json()))
+    # a plain thresholds file works too, and a bad value names the stage
+    path.write_text(json.dumps({"intent": 0.4}))
+    assert load_thresholds(str(path)) == {"intent": 0.4}
+    path.write_text(json.dumps({"thresholds": {"intent": 4}}))
+    with pytest.raises(ConfigError, match="intent"):
+        load_thresholds(str(path))
+
+
+def test_eval_table_counts_the_cascade_from_the_row_format():
+    rows = StageRows(name="intent", kind="classify", gold=["a", "b", "c", "a"], small=["a", "a", "a", "a"],
+                     confidence=[0.9, 0.2, 0.3, 0.8], cascade=["a", "b", "a", "a"], frontier=[None, "b", None, None],
+                     escalated=[False, True, False, False], escalatable=[True] * 4, small_cost=[1e-6] * 4,
+                     frontier_cost=[0.0, 1e-4, 0.0, 0.0])
+    table = {s["system"]: s for s in evaluate_stage(rows)["systems"]}
+    assert table["small model"]["accuracy"] == 0.5 and table["cascade"]["accuracy"] == 0.75
+    assert table["cascade"]["escalation_rate"] == 0.25
+    assert table["frontier, escalated rows"]["accuracy"] == 1.0 and table["frontier, escalated rows"]["rows"] == 1
+    assert table["cascade"]["usd_per_1k_rows"] == pytest.approx((4e-6 + 1e-4) / 4 * 1000)
