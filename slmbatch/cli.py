@@ -151,6 +151,8 @@ def _eval(args) -> int:
         rows = stage_rows(job, frame, stage.name)
         rows_all = stage_rows(every, every_frame, stage.name) if every is not None and stage.routed else None
         results.append(evaluate_stage(rows, rows_all))
+    if job.frontier is not None:
+        print(f"frontier: {job.frontier.model} at {job.frontier.base_url}")
     print(render_eval(results, sources))
     if args.json:
         with open(args.json, "w") as f:
