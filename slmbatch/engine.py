@@ -42,7 +42,36 @@ def cpu_engine_env(model: Model | None = None) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_DISABLE_TELEMETRY": "1",
     }
+    if model is not None and model.threads is not None:
+        # Ray sets OMP_NUM_THREADS=floor(num_cpus) in its workers; the engine's
+        # thread count is Model.threads instead. Read by OpenMP when torch is
+        # first imported; set_engine_threads covers a torch imported earlier.
+        env["OMP_NUM_THREADS"] = str(model.threads)
     return env
+
+
+def set_engine_threads(threads: int) -> None:
+    """Run this process's CPU engine on ``threads`` intra-op threads (torch and OpenMP).
+
+    Must run before the engine starts. ``torch._C.set_num_threads`` rather than
+    ``torch.set_num_threads``: vLLM's CPU worker replaces the latter with a
+    no-op once an engine has started in the process (it binds its threads
+    then), so a second replica in the same process would silently keep the
+    first one's count. vLLM's own thread binding (``VLLM_CPU_OMP_THREADS_BIND``)
+    applies only to its multiprocess executor, which a CPU replica does not use
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): ``OMP_NUM_THREADS`` and torch's
+    count are what the in-process engine runs on.
+    """
+    import torch
+
+    torch._C.set_num_threads(threads)
+
+
+def engine_threads() -> int:
+    """Intra-op threads the engine in this process runs on."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def engine_kwargs(model: Model) -> dict[str, Any]:
@@ -85,6 +114,8 @@ class Replica:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # engine chatter drowns the job's own logs
         if not model.on_gpu:
             os.environ.update(cpu_engine_env(model))
+            if model.threads is not None:
+                set_engine_threads(model.threads)
         try:
             from vllm import LLM
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -98,6 +129,9 @@ class Replica:
             self.llm = LLM(**engine_kwargs(model))
         except Exception as exc:
             raise EngineError(f"could not start vLLM for model {model.name!r}: {type(exc).__name__}: {exc}") from exc
+        #: Intra-op threads the CPU engine runs on (None on GPU): Model.threads,
+        #: or what Ray gave the actor (OMP_NUM_THREADS = floor(num_cpus), at least 1).
+        self.threads: int | None = None if model.on_gpu else engine_threads()
         config = self.llm.llm_engine.model_config
         self.runner: str = config.runner_type
         self.max_model_len: int = config.max_model_len

@@ -33,6 +33,18 @@ class StageMetrics:
         if value:
             self._counter(name, description).inc(value, tags=tags)
 
+    def record_replica(self, stages, model: str, threads: int | None) -> None:
+        """Once per replica, at start: the CPU engine's threads (``Model.threads``, or
+        what Ray gave the actor), so a starved replica shows on the dashboard."""
+        if threads is None:
+            return
+        from ray.util.metrics import Gauge
+
+        gauge = Gauge("slmbatch_engine_threads", description="intra-op threads of a CPU replica's engine",
+                      tag_keys=_TAGS)
+        for stage in stages:
+            gauge.set(threads, tags={"job": self.job, "stage": stage.name, "model": model})
+
     def record_small(self, table: pa.Table, stage, model: str) -> None:
         n = stage.name
         tags = {"job": self.job, "stage": n, "model": model}

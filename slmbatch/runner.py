@@ -131,6 +131,8 @@ class StageActor:
         self.stages = list(stages)
         self.router = router
         self.metrics = StageMetrics(job_name)
+        self.metrics.record_replica(self.stages, self.replica.model_name, self.replica.threads)
+        log.info("replica of %s ready (%s engine threads)", model.name, self.replica.threads or "GPU")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for stage in self.stages:

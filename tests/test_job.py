@@ -85,6 +85,10 @@ def test_model_values_are_checked():
         Model("m", engine={"seed": 3})
     with pytest.raises(ConfigError, match=r"Model\.name"):
         Model("")
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match=r"Model\.threads"):
+            Model("m", threads=bad)
+    assert Model("m").threads is None and Model("m", threads=2).threads == 2
 
 
 def test_extract_accepts_pydantic_and_types_its_columns():

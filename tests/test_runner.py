@@ -18,8 +18,10 @@ ROWS = 150
 
 def two_stage_job(source: Path, sink: Path, tiny_lm: str, tiny_classifier: str) -> Job:
     # Two pools at 0.5 CPU each leave a CPU for the read tasks on a 2-core machine.
+    # The LM's engine runs 2 threads whatever its CPU reservation; the classifier
+    # keeps Ray's default, floor(0.5) -> 1 thread.
     clf = Model(tiny_classifier, num_cpus=0.5, batch_size=32, engine={"max_model_len": 256, "dtype": "float32"})
-    lm = Model(tiny_lm, num_cpus=0.5, batch_size=32, engine={"max_model_len": 512, "dtype": "float32"})
+    lm = Model(tiny_lm, num_cpus=0.5, threads=2, batch_size=32, engine={"max_model_len": 512, "dtype": "float32"})
     return Job(
         name="runner-test",
         source=ParquetSource(str(source)),
@@ -133,20 +135,32 @@ def test_a_source_without_usable_files_fails_before_starting_ray(tmp_path, tiny_
         slmbatch.run(two_stage_job(tmp_path / "missing", tmp_path / "out", tiny_lm, tiny_classifier))
 
 
-def test_progress_metrics_reach_ray_prometheus_export(first_run, ray_local):
+def exported(ray_local, wanted: str, *tags: str, timeout_s: float = 60) -> list[str]:
+    """Lines of Ray's Prometheus export starting with ``wanted`` and holding every tag (waits for them)."""
     import time
     import urllib.request
 
-    wanted = 'ray_slmbatch_rows_processed_total{'
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout_s
+    while True:
         body = urllib.request.urlopen(f"http://127.0.0.1:{ray_local.metrics_port}/metrics", timeout=5).read().decode()
-        lines = [line for line in body.splitlines() if line.startswith(wanted) and 'job="runner-test"' in line
-                 and 'stage="spam"' in line]
-        if lines:
-            break
+        lines = [line for line in body.splitlines() if line.startswith(wanted) and all(t in line for t in tags)]
+        if lines or time.monotonic() > deadline:
+            return lines
         time.sleep(2)
+
+
+def test_progress_metrics_reach_ray_prometheus_export(first_run, ray_local):
+    lines = exported(ray_local, "ray_slmbatch_rows_processed_total{", 'job="runner-test"', 'stage="spam"')
     assert lines, "no slmbatch row counter in Ray's Prometheus export"
     # This module's runs share the job name: the first run's 150 rows, plus 100 if the
     # unreadable-files run (same job) came first.
     assert sum(float(line.rsplit(" ", 1)[1]) for line in lines) in (ROWS, ROWS + 100)
+
+
+def test_replica_engine_threads_follow_model_threads_not_the_cpu_reservation(first_run, ray_local):
+    # Each replica reports torch.get_num_threads() from inside its actor, once its engine has started.
+    threads = {}
+    for stage in ("spam", "gist"):
+        lines = exported(ray_local, "ray_slmbatch_engine_threads{", 'job="runner-test"', f'stage="{stage}"')
+        threads[stage] = {float(line.rsplit(" ", 1)[1]) for line in lines}
+    assert threads == {"spam": {1.0}, "gist": {2.0}}
