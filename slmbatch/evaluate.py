@@ -158,22 +158,14 @@ def metrics(kind: str, predictions: Sequence[Any], golds: Sequence[Any]) -> dict
 
 def read_output(job: Job, columns: Sequence[str] | None = None) -> pl.DataFrame:
     """Every row the job's sink holds (all ``*.parquet`` outside ``_slmbatch``)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .io import list_parquet
 
-    _, _, files = list_parquet(job.sink.path, job.sink.storage_options)
-    fs, _ = _filesystem(job)
+    fs, _, files = list_parquet(job.sink.path, job.sink.storage_options)
     tables = [pq.read_table(f, filesystem=fs, columns=list(columns) if columns else None) for f in files]
-    import pyarrow as pa
-
     return pl.from_arrow(pa.concat_tables(tables, promote_options="default"))
-
-
-def _filesystem(job: Job):
-    from .io import filesystem
-
-    return filesystem(job.sink.path, job.sink.storage_options)
 
 
 def read_labels(path: str) -> pl.DataFrame:
