@@ -168,3 +168,18 @@ def test_when_skips_rows_with_all_null_outputs(lm_model, lm_replica):
     out = stage.apply(table, lm_replica)
     assert out["gist_model"].to_pylist() == [lm_model.name, None, None]
     assert out["gist"][1].as_py() is None and out["gist_error"][1].as_py() is None
+
+
+def test_replica_warm_up_sends_each_stage_one_request_and_only_logs_failures(lm_model, lm_replica, monkeypatch, caplog):
+    from slmbatch.runner import warm_up
+
+    calls = []
+    generate = lm_replica.generate
+    monkeypatch.setattr(lm_replica, "generate", lambda ids, params: calls.append(len(ids)) or generate(ids, params))
+    fits = Summarize("gist", model=lm_model, input="text", prompt="{topic}: {input}", max_output_tokens=4)
+    too_long = Summarize("long", model=lm_model, input="text", prompt="{input} " + "card " * 2000, max_output_tokens=4)
+    with caplog.at_level("WARNING", logger="slmbatch"):
+        assert warm_up([fits, too_long], lm_replica) > 0
+    assert calls == [1]  # one one-row request; the over-long prompt never reached the engine
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "warm-up request of stage 'long' failed: RowError: prompt is" in warnings[0]
