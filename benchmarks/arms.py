@@ -36,7 +36,8 @@ over exactly the processes it started. Arms:
 
 ``cold``
     Diagnostic: ``Stage.apply`` twice on a fresh engine in a fresh process
-    (first pass cold, second warm); not part of the default run.
+    (first pass cold, second warm), optionally after the replica's start-up
+    warm-up (``"warm_up": true``); not part of the default run.
 
 ``raydata_llm``
     The peer: Ray Data LLM (``ray.data.llm.build_processor`` with
@@ -110,7 +111,8 @@ def raw(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         for stage in spec["stages"]:
             results[stage] = _raw_stage(stage, Path(spec["inputs"][stage]), Path(spec["output"]) / stage,
-                                        replicas, diagnostics=bool(spec.get("diagnostics")))
+                                        replicas, diagnostics=bool(spec.get("diagnostics")),
+                                        job_kwargs=spec.get("job") or {}, prefill_pass=bool(spec.get("prefill_pass")))
     finally:
         for replica, _ in replicas.values():
             replica.shutdown()
@@ -118,11 +120,12 @@ def raw(spec: dict[str, Any]) -> dict[str, Any]:
             "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"), "process_s": time.perf_counter() - started}
 
 
-def _raw_stage(name: str, input_dir: Path, output_dir: Path, replicas: dict, diagnostics: bool) -> dict[str, Any]:
+def _raw_stage(name: str, input_dir: Path, output_dir: Path, replicas: dict, diagnostics: bool,
+               job_kwargs: dict[str, Any], prefill_pass: bool = False) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    job = build_job(name, input_dir, output_dir)
+    job = build_job(name, input_dir, output_dir, **job_kwargs)
     stage = job.stages[0]
     model = stage.model
     t = time.perf_counter()
@@ -176,6 +179,16 @@ def _raw_stage(name: str, input_dir: Path, output_dir: Path, replicas: dict, dia
     engine_s = time.perf_counter() - t
     tokens_out = 0 if replica.runner == "pooling" else sum(len(o.outputs[0].token_ids) for o in outputs)
     del outputs
+    prefill: dict[str, Any] = {}
+    if prefill_pass and replica.runner != "pooling":
+        # Prefill alone: the same prompts, one greedy token each, no grammar.
+        # (A pooling classifier's engine pass is prefill-only already.)
+        from vllm import SamplingParams
+
+        _reset_prefix_cache(llm)
+        t = time.perf_counter()
+        llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+        prefill = {"prefill_pass_s": time.perf_counter() - t}
 
     size = model.batch_size
     _reset_prefix_cache(llm)
@@ -216,7 +229,8 @@ def _raw_stage(name: str, input_dir: Path, output_dir: Path, replicas: dict, dia
         "engine_s": engine_s, "engine_rows_per_s": n / engine_s,
         "stage_apply_s": stage_apply_s, "stage_apply_rows_per_s": n / stage_apply_s,
         "write_s": write_s, "script_s": script_s, "script_rows_per_s": n / script_s,
-        "tokens_in": sum(len(r.prompt_ids) for r in requests), "tokens_out": tokens_out,
+        "tokens_in": sum(len(r.prompt_ids) for r in requests), "tokens_out": tokens_out, **prefill,
+        "prompt_lens": [len(r.prompt_ids) for r in requests] if prefill_pass else None,
         "errored_rows_stage_apply": out.num_rows - out[f"{stage.name}_error"].null_count,
         "engine_kwargs": {k: v for k, v in engine_kwargs(model).items() if k != "model"},
         "engine_env": cpu_engine_env(model), **extra,
@@ -234,8 +248,8 @@ def slmbatch_arm(spec: dict[str, Any]) -> dict[str, Any]:
     import slmbatch
 
     shutil.rmtree(spec["output"], ignore_errors=True)  # else the ledger skips shards done by an earlier arm
-    job = build_job(spec["stage"], spec["input"], spec["output"], replicas=spec.get("replicas", 1),
-                    num_cpus=spec.get("num_cpus", 1.0), batch_size=spec.get("batch_size", 256))
+    job = build_job(spec["stage"], spec["input"], spec["output"], **(spec.get("job") or {}))
+    model = job.stages[0].model
     from slmbatch.runner import ensure_ray
 
     t = time.perf_counter()
@@ -256,8 +270,9 @@ def slmbatch_arm(spec: dict[str, Any]) -> dict[str, Any]:
         shutdown_s = time.perf_counter() - t
     stats = summary.stages[0]
     result = {
-        "arm": "slmbatch", "stage": spec["stage"], "replicas": spec.get("replicas", 1),
-        "num_cpus": spec.get("num_cpus", 1.0), "rows": summary.rows_out, "wall_s": wall_s,
+        "arm": "slmbatch", "stage": spec["stage"], "replicas": model.replicas, "num_cpus": model.num_cpus,
+        "threads": model.threads, "num_gpus": model.num_gpus, "batch_size": model.batch_size,
+        "rows": summary.rows_out, "wall_s": wall_s,
         "summary_wall_s": summary.wall_s, "rows_per_s": summary.rows_out / wall_s,
         "shutdown_s": shutdown_s, "ray_init_s": ray_init_s, "busy_s": stats.busy_s, "rows_per_busy_s": stats.rows_per_busy_s,
         "ran": stats.ran, "errored": stats.errored, "tokens_in": stats.tokens_in, "tokens_out": stats.tokens_out,
@@ -297,7 +312,7 @@ def raydata_llm(spec: dict[str, Any]) -> dict[str, Any]:
     from slmbatch.engine import cpu_engine_env, engine_kwargs
 
     shutil.rmtree(spec["output"], ignore_errors=True)
-    job = build_job(spec["stage"], spec["input"], spec["output"])
+    job = build_job(spec["stage"], spec["input"], spec["output"], **(spec.get("job") or {}))
     stage = job.stages[0]
     model = stage.model
     kwargs = {k: v for k, v in engine_kwargs(model).items() if k not in ("model",)}
@@ -389,17 +404,22 @@ def _raydata_postprocess(row):
 
 
 def cold(spec: dict[str, Any]) -> dict[str, Any]:
-    """``Stage.apply`` over all rows twice on a fresh engine in a fresh process:
-    what a new replica's first batch pays (run it with ``OMP_NUM_THREADS=1``
-    for a 1-CPU replica's thread count)."""
+    """``Stage.apply`` over all rows ``passes`` times on a fresh engine in a fresh
+    process: what a new replica's first batch pays, with or without the
+    warm-up a replica actor runs at start (``"warm_up": true``)."""
     import torch
 
     from slmbatch.engine import Replica
 
-    job = build_job(spec["stage"], spec["input"], spec.get("output", "/nonexistent"))
+    job = build_job(spec["stage"], spec["input"], spec.get("output", "/nonexistent"), **(spec.get("job") or {}))
     stage = job.stages[0]
     table = read_input(Path(spec["input"]))
     replica = Replica(stage.model)
+    warm_up_s = None
+    if spec.get("warm_up"):
+        from slmbatch.runner import warm_up
+
+        warm_up_s = warm_up([stage], replica)  # what a replica actor does at start
     passes = []
     for _ in range(int(spec.get("passes", 2))):
         _reset_prefix_cache(replica.llm)
@@ -407,7 +427,7 @@ def cold(spec: dict[str, Any]) -> dict[str, Any]:
         stage.apply(table, replica)
         passes.append(time.perf_counter() - t)
     replica.shutdown()
-    return {"arm": "cold", "stage": spec["stage"], "rows": table.num_rows, "apply_s": passes,
+    return {"arm": "cold", "stage": spec["stage"], "rows": table.num_rows, "warm_up_s": warm_up_s, "apply_s": passes,
             "rows_per_s": [table.num_rows / p for p in passes], "torch_threads": torch.get_num_threads()}
 
 

@@ -20,7 +20,7 @@ otherwise it answers 429 with ``Retry-After`` (and ``retry-after-ms``) saying
 when the oldest accepted request leaves the window, and counts a violation.
 Rejected requests do not count against the window.
 
-Reported per arm (table on stdout, JSON under ``build/benchmarks/``):
+Reported per arm (table on stdout, JSON in ``benchmarks/results/``):
 
 * achieved rate / limit: requests the server ACCEPTED (HTTP 200), by arrival
   time, per minute, divided by ``--rpm``. "steady" counts arrivals in
@@ -64,7 +64,7 @@ from slmbatch.frontier import BURST_S, Frontier, shared_rate_limiter  # noqa: E4
 from slmbatch.routing import FrontierActor  # noqa: E402
 from slmbatch.runner import FRONTIER_ACTOR_CPUS  # noqa: E402
 
-DEFAULT_OUT = ROOT / "build" / "benchmarks" / "frontier_rate_limit.json"
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "frontier_rate_limit.json"
 
 
 # --------------------------------------------------------------------------- server

@@ -2,8 +2,8 @@
 
 ``python -m benchmarks.run`` from the repository root (``--help`` for the
 knobs, ``--quick`` for a small run). A benchmark, not a test: it measures,
-prints a table and writes JSON (``build/benchmarks/engine.json``); it asserts
-nothing about timing.
+prints a table and writes JSON (``benchmarks/results/engine.json``, committed:
+the latest run's figures); it asserts nothing about timing.
 
 Same models, same rows, same machine; every arm runs in a fresh process
 (:mod:`benchmarks.arms`), watched by :mod:`benchmarks.procs`, and the arms are
@@ -16,18 +16,20 @@ Per round:
 
 1. ``raw``: one process, the engine ceiling for each stage (see
    :func:`benchmarks.arms.raw`);
-2. ``slmbatch`` per stage: ``slmbatch.run(job)``, one replica, Parquet in and
-   out. Its end-to-end rows/s include Ray start, replica start (importing
-   torch + vLLM, loading the model) and writing; its steady-state rows/s is
-   the run summary's ``rows_per_busy_s`` (rows / seconds the replica spent in
-   the stage's ``apply``), which excludes start-up and queueing;
-3. scaling: the classify job with 2 replicas x 0.5 CPU (the 1-replica figure
-   is step 2's classify run);
-4. round 1 only (``--threads-check``): the raw arm again with
-   ``OMP_NUM_THREADS=1`` and the classify job again with
-   ``OMP_NUM_THREADS=2`` - Ray gives a 1-CPU replica actor one OpenMP
-   thread, where a plain process's engine uses both cores;
-5. peer: Ray Data LLM on the classify rows (``--peer``, first
+2. ``slmbatch`` per stage: ``slmbatch.run(job)``, one replica with
+   ``Model(threads=--threads)`` (default: the machine's cores, as many
+   threads as the raw engine uses in a plain process), Parquet in and out.
+   Its end-to-end rows/s include Ray start, replica start (importing torch +
+   vLLM, loading the model, the warm-up request) and writing; its
+   steady-state rows/s is the run summary's ``rows_per_busy_s`` (rows /
+   seconds the replica spent in the stage's ``apply``), which excludes
+   start-up and queueing;
+3. scaling: the classify job with 2 replicas x 0.5 CPU x threads/2 (the
+   1-replica figure is step 2's classify run);
+4. round 1 only (``--threads-check``): the classify job again with
+   ``Model(threads=None)``: Ray's default, one OpenMP thread for a 1-CPU actor;
+5. peer: Ray Data LLM on the classify rows, its engine given the same
+   environment (``OMP_NUM_THREADS=--threads``) (``--peer``, first
    ``--peer-rounds`` rounds).
 
 After the rounds: the classify job on 10x the rows, for memory (peak RSS
@@ -48,9 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.procs import run_arm
-from benchmarks.workloads import ROOT, STAGES, WORK, check_models, write_input
+from benchmarks.workloads import CLASSIFIER, ROOT, STAGES, TINY_LM, WORK, check_models, write_input
 
-DEFAULT_OUT = ROOT / "build" / "benchmarks" / "engine.json"
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "engine.json"
 TARGET_RATIO = 0.95
 TARGET_MEMORY = 1.1
 
@@ -83,9 +85,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Ray Data LLM on the classify rows (default on; skipped after a failure)")
     p.add_argument("--peer-rounds", type=int, default=1, help="rounds that include the peer (default 1)")
     p.add_argument("--peer-timeout", type=float, default=240.0, help="seconds before the peer arm is given up")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="Model.threads of the slmbatch replicas (default: this machine's cores, what the raw "
+                        "engine uses); 2 replicas get half each")
     p.add_argument("--threads-check", action=argparse.BooleanOptionalAction, default=True,
-                   help="round 1 also runs the classify job with OMP_NUM_THREADS=2 (default on): "
-                        "Ray gives a 1-CPU actor 1 OpenMP thread")
+                   help="round 1 also runs the classify job with Model(threads=None), Ray's default of "
+                        "floor(num_cpus) = 1 thread (default on)")
+    p.add_argument("--classifier", type=Path, help="classify model directory (default: the demo's MiniLM "
+                   "Banking77 classifier); its id2label is the label set")
+    p.add_argument("--lm", type=Path, help="extract/summarize model directory (default: the demo's tiny Qwen2)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before any other arm is given up")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--from-json", type=Path, help="re-summarise the arms recorded in an earlier JSON; runs nothing")
@@ -96,6 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
     for s in args.stages:
         if s not in STAGES:
             p.error(f"--stages: unknown stage {s!r}; one of {', '.join(STAGES)}")
@@ -173,44 +183,46 @@ class Bench:
     def input_for(self, stage: str) -> Path:
         return self.inputs["classify" if stage == "classify" else "gen"]
 
+    def job(self, **overrides: Any) -> dict[str, Any]:
+        """``build_job`` options every arm of this run shares (models, threads)."""
+        a = self.args
+        models = {k: str(v) for k, v in (("classifier", a.classifier), ("lm", a.lm)) if v is not None}
+        return {"threads": a.threads, **models, **overrides}
+
     def execute(self) -> None:
         a = self.args
         out = WORK / "out"
         peer_failed = None
         for r in range(1, a.rounds + 1):
-            raw_spec = {"arm": "raw", "stages": a.stages, "diagnostics": r == 1,
+            raw_spec = {"arm": "raw", "stages": a.stages, "diagnostics": r == 1, "job": self.job(),
                         "inputs": {s: str(self.input_for(s)) for s in a.stages},
                         "output": str(out / "raw")}
             self.arm(f"r{r}-raw", raw_spec, role="raw", round_=r)
-            if r == 1 and a.threads_check:
-                # The same ceiling with one OpenMP thread, as a 1-CPU replica actor gets.
-                self.arm(f"r{r}-raw-1thread", {**raw_spec, "diagnostics": False}, role="raw:omp1", round_=r,
-                         env={"OMP_NUM_THREADS": "1"})
             for stage in a.stages:
-                spec = {"arm": "slmbatch", "stage": stage, "input": str(self.input_for(stage)),
+                spec = {"arm": "slmbatch", "stage": stage, "input": str(self.input_for(stage)), "job": self.job(),
                         "output": str(out / f"slmbatch-{stage}")}
                 self.arm(f"r{r}-slmbatch-{stage}", spec, role=f"slmbatch:{stage}", round_=r)
             if not a.no_scaling:
                 spec = {"arm": "slmbatch", "stage": "classify", "input": str(self.inputs["classify"]),
-                        "output": str(out / "slmbatch-classify-2x"), "replicas": 2, "num_cpus": 0.5}
+                        "output": str(out / "slmbatch-classify-2x"),
+                        "job": self.job(replicas=2, num_cpus=0.5, threads=max(1, a.threads // 2))}
                 self.arm(f"r{r}-slmbatch-classify-2replicas", spec, role="scaling:2", round_=r)
             if r == 1 and a.threads_check and "classify" in a.stages:
-                # Ray sets OMP_NUM_THREADS=floor(num_cpus) in a worker unless it is
-                # already set; set in the driver it reaches the replica too.
+                # Ray sets OMP_NUM_THREADS=floor(num_cpus) = 1 in a 1-CPU actor
+                # unless Model.threads says otherwise: what it costs.
                 spec = {"arm": "slmbatch", "stage": "classify", "input": str(self.inputs["classify"]),
-                        "output": str(out / "slmbatch-classify-omp2")}
-                self.arm(f"r{r}-slmbatch-classify-omp2", spec, role="threads:omp2", round_=r,
-                         env={"OMP_NUM_THREADS": "2"})
+                        "output": str(out / "slmbatch-classify-ray-threads"), "job": self.job(threads=None)}
+                self.arm(f"r{r}-slmbatch-classify-ray-default-threads", spec, role="threads:ray-default", round_=r)
             if a.peer and peer_failed is None and r <= a.peer_rounds:
                 spec = {"arm": "raydata_llm", "stage": "classify", "input": str(self.inputs["classify"]),
-                        "output": str(out / "raydata-llm-classify")}
+                        "job": self.job(), "output": str(out / "raydata-llm-classify")}
                 res = self.arm(f"r{r}-raydata-llm-classify", spec, role="peer", round_=r, timeout=a.peer_timeout)
                 if not res.get("ok"):
                     peer_failed = f"round {r}: {res.get('error', '')[:1500]}"
         if not a.no_memory:
             for m in range(1, a.memory_rounds + 1):
                 spec = {"arm": "slmbatch", "stage": "classify", "input": str(self.inputs["memory"]),
-                        "output": str(out / "slmbatch-classify-memory")}
+                        "job": self.job(), "output": str(out / "slmbatch-classify-memory")}
                 self.arm(f"m{m}-slmbatch-classify-x{a.memory_factor}", spec, role="memory:big", round_=None)
         self.peer_failed = peer_failed
 
@@ -260,17 +272,6 @@ class Bench:
                 "slmbatch_cpu_s_by_process": {r: slm[r]["memory"]["cpu_s_by_kind"] for r in rounds},
                 "slmbatch_peak_rss_bytes": agg([slm[r]["memory"]["peak_rss_bytes"] for r in rounds]),
             }
-            one = self.by_role("raw:omp1").get(1, {}).get("stages", {}).get(stage)
-            if one and 1 in slm and 1 in raw_s:
-                entry["round_1_one_thread"] = {
-                    "raw_engine_rows_per_s_1_thread": one["engine_rows_per_s"],
-                    "raw_engine_rows_per_s": raw_s[1]["engine_rows_per_s"],
-                    "raw_first_call_s_1_thread": one["first_call_s"],
-                    "slmbatch_rows_per_busy_s": slm[1]["rows_per_busy_s"],
-                    "steady_ratio_vs_1_thread_engine": ratio(slm[1]["rows_per_busy_s"], one["engine_rows_per_s"]),
-                    "raw_peak_cores_1_thread": self.by_role("raw:omp1")[1]["memory"]["peak_cores_by_kind"]
-                    .get("arm process (driver)"),
-                }
             first = raws.get(rounds[0]) if rounds else None
             if first and first.get("stages", {}).get(stage, {}).get("diagnostics"):
                 entry["diagnostics_round_1"] = first["stages"][stage]["diagnostics"]
@@ -287,19 +288,21 @@ class Bench:
                 entry["label_agreement_raw_vs_slmbatch"] = agg(agree)
             stages[stage] = entry
         summary: dict[str, Any] = {"stages": stages}
-        omp2 = self.by_role("threads:omp2").get(1)
+        ray_default = self.by_role("threads:ray-default").get(1)
         base = self.by_role("slmbatch:classify").get(1)
         raw1 = raws.get(1, {}).get("stages", {}).get("classify")
-        if omp2 and base and raw1:
+        if ray_default and base and raw1:
             summary["threads_check"] = {
-                "what": "round 1 classify job, default vs OMP_NUM_THREADS=2 in the driver's environment",
-                "default": {"rows_per_busy_s": base["rows_per_busy_s"], "rows_per_s": base["rows_per_s"],
+                "what": "round 1 classify job, Model(threads=--threads) vs threads=None (Ray's floor(num_cpus) = 1)",
+                "threads": {"rows_per_busy_s": base["rows_per_busy_s"], "rows_per_s": base["rows_per_s"],
+                            "threads": base.get("threads"),
                             "replica_peak_cores": base["memory"]["peak_cores_by_kind"].get("slmbatch replica actor")},
-                "omp2": {"rows_per_busy_s": omp2["rows_per_busy_s"], "rows_per_s": omp2["rows_per_s"],
-                         "replica_peak_cores": omp2["memory"]["peak_cores_by_kind"].get("slmbatch replica actor")},
+                "ray_default": {"rows_per_busy_s": ray_default["rows_per_busy_s"], "rows_per_s": ray_default["rows_per_s"],
+                                "replica_peak_cores": ray_default["memory"]["peak_cores_by_kind"]
+                                .get("slmbatch replica actor")},
                 "raw_engine_rows_per_s": raw1["engine_rows_per_s"],
-                "steady_ratio_default": ratio(base["rows_per_busy_s"], raw1["engine_rows_per_s"]),
-                "steady_ratio_omp2": ratio(omp2["rows_per_busy_s"], raw1["engine_rows_per_s"]),
+                "steady_ratio_threads": ratio(base["rows_per_busy_s"], raw1["engine_rows_per_s"]),
+                "steady_ratio_ray_default": ratio(ray_default["rows_per_busy_s"], raw1["engine_rows_per_s"]),
             }
 
         slm1 = self.by_role("slmbatch:classify")
@@ -378,7 +381,8 @@ def fmt(a: dict[str, Any] | None, spec: str = ".0f") -> str:
 
 
 def render(summary: dict[str, Any], args: argparse.Namespace) -> str:
-    lines = [f"slmbatch vs raw vLLM: median [min-max] over {args.rounds} interleaved round(s); rows/s"]
+    lines = [f"slmbatch (Model(threads={args.threads})) vs raw vLLM: median [min-max] over {args.rounds} "
+             "interleaved round(s); rows/s"]
     head = f"{'stage':<10} {'rows':>5} {'raw engine':>18} {'slmbatch e2e':>18} {'slmbatch steady':>18} " \
            f"{'e2e ratio':>17} {'steady ratio':>17} {'stage code':>17}"
     lines += [head, "-" * len(head)]
@@ -398,19 +402,13 @@ def render(summary: dict[str, Any], args: argparse.Namespace) -> str:
                      f" raw engine start {fmt(s['raw']['engine_start_s'], '.1f')} s;"
                      f" peak cores: raw {fmt(s['cores']['raw_engine_pass_peak'], '.2f')}, "
                      f"replica {fmt(s['cores']['slmbatch_replica_peak'], '.2f')}")
-    for stage, s in summary["stages"].items():
-        one = s.get("round_1_one_thread")
-        if one:
-            lines.append(f"  {stage}, round 1, raw engine with 1 thread (as a 1-CPU replica gets): "
-                         f"{one['raw_engine_rows_per_s_1_thread']:.0f} rows/s (2 threads: {one['raw_engine_rows_per_s']:.0f}); "
-                         f"slmbatch steady / that = {one['steady_ratio_vs_1_thread_engine']:.2f}; raw first call "
-                         f"({s['raw']['first_call_s'] and 8} rows, cold, 1 thread) {one['raw_first_call_s_1_thread']:.2f} s")
     tc = summary.get("threads_check")
     if tc:
-        lines.append(f"threads check (classify, round 1): replica steady {tc['default']['rows_per_busy_s']:.0f} rows/s at "
-                     f"{tc['default']['replica_peak_cores']} peak cores; with OMP_NUM_THREADS=2 "
-                     f"{tc['omp2']['rows_per_busy_s']:.0f} rows/s at {tc['omp2']['replica_peak_cores']} peak cores "
-                     f"(steady ratio {tc['steady_ratio_default']:.2f} -> {tc['steady_ratio_omp2']:.2f})")
+        lines.append(f"threads check (classify, round 1): replica steady {tc['threads']['rows_per_busy_s']:.0f} rows/s "
+                     f"with Model(threads={tc['threads']['threads']}) at {tc['threads']['replica_peak_cores']} peak cores; "
+                     f"{tc['ray_default']['rows_per_busy_s']:.0f} rows/s with Ray's default (1 thread) at "
+                     f"{tc['ray_default']['replica_peak_cores']} peak cores (steady ratio "
+                     f"{tc['steady_ratio_ray_default']:.2f} -> {tc['steady_ratio_threads']:.2f})")
     mem = summary.get("memory")
     if mem:
         gib = lambda a: None if not a else {**a, **{k: a[k] / 2**30 for k in ("median", "min", "max")}}  # noqa: E731
@@ -444,6 +442,7 @@ def render(summary: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     started = time.monotonic()
     bench = Bench(args)
@@ -456,10 +455,10 @@ def main(argv: list[str] | None = None) -> int:
             bench.take_answers(result)
         info = {k: old[k] for k in ("benchmark", "command", "date", "machine", "config", "wall_s")}
     else:
-        check_models()
+        check_models([d for d, given in ((CLASSIFIER, args.classifier), (TINY_LM, args.lm)) if given is None])
         bench.prepare_inputs()
         info = {"benchmark": "engine",
-                "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
+                "command": "python -m benchmarks.run " + " ".join(argv),
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
                 "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     summary: dict[str, Any] = {}

@@ -44,34 +44,46 @@ SHARD_ROWS = 770
 ROW_GROUP_ROWS = 193
 
 
-def labels() -> list[str]:
-    return json.loads((BANKING / "categories.json").read_text())
+def labels(classifier: str | Path | None = None) -> list[str]:
+    """The classify stage's labels: the Banking77 categories, or a given classifier's ``id2label``."""
+    if classifier is None:
+        return json.loads((BANKING / "categories.json").read_text())
+    id2label = json.loads((Path(classifier) / "config.json").read_text())["id2label"]
+    return [id2label[k] for k in sorted(id2label, key=int)]
 
 
-def check_models() -> None:
-    missing = [str(p) for p in (CLASSIFIER, TINY_LM) if not (p / ".slmbatch-built").exists()]
+def check_models(paths=(CLASSIFIER, TINY_LM)) -> None:
+    missing = [str(p) for p in paths if not (p / ".slmbatch-built").exists()]
     if missing:
         raise SystemExit(f"models missing: {', '.join(missing)}; build them with "
                          "`.venv/bin/python examples/build_demo_models.py` (about a minute)")
 
 
 def build_job(stage: str, input_dir: str | Path, output_dir: str | Path, *, replicas: int = 1,
-              num_cpus: float = 1.0, batch_size: int = 256):
+              num_cpus: float = 1.0, batch_size: int = 256, threads: int | None = None, num_gpus: float = 0.0,
+              classifier: str | Path | None = None, lm: str | Path | None = None,
+              classifier_engine: dict | None = None, lm_engine: dict | None = None):
     """The one-stage slmbatch job of family ``stage`` over ``input_dir``.
 
     Engine options are the demo's: the classifier in bfloat16 with
     ``max_model_len=128`` (FACTS: ~1.6x float32 on this CPU), the tiny LM in
-    float32 with ``max_model_len=512``.
+    float32 with ``max_model_len=512``. ``threads`` is ``Model.threads`` (the
+    CPU engine's threads; None: Ray's default, floor(num_cpus)). The GPU
+    variant (:mod:`benchmarks.gpu`) swaps in its own models and engine options
+    (``classifier``, ``lm``, ``*_engine``) and ``num_gpus``.
     """
     from slmbatch import Classify, Extract, Job, Model, ParquetSink, ParquetSource, Summarize
 
+    common = {"replicas": replicas, "num_cpus": num_cpus, "batch_size": batch_size, "threads": threads,
+              "num_gpus": num_gpus}
     if stage == "classify":
-        model = Model(str(CLASSIFIER), replicas=replicas, num_cpus=num_cpus, batch_size=batch_size,
-                      engine={"max_model_len": 128, "dtype": "bfloat16"})
-        spec = Classify("intent", model=model, input="text", labels=labels())
+        model = Model(str(classifier or CLASSIFIER), **common,
+                      engine=classifier_engine if classifier_engine is not None
+                      else {"max_model_len": 128, "dtype": "bfloat16"})
+        spec = Classify("intent", model=model, input="text", labels=labels(classifier))
     else:
-        model = Model(str(TINY_LM), replicas=replicas, num_cpus=num_cpus, batch_size=batch_size,
-                      engine={"max_model_len": 512, "dtype": "float32"})
+        model = Model(str(lm or TINY_LM), **common,
+                      engine=lm_engine if lm_engine is not None else {"max_model_len": 512, "dtype": "float32"})
         if stage == "extract":
             spec = Extract("details", model=model, input="text", schema=CARD_ISSUE, max_output_tokens=48)
         elif stage == "summarize":
