@@ -28,6 +28,8 @@ over exactly the processes it started. Arms:
     process serves every stage of the round, with a fresh engine per stage
     (only the first pays for importing vLLM and torch: ``engine_start_s``).
     ``first_call_s``: the cold first call (8 rows) that warms each engine up.
+    With ``prefill_pass`` (the GPU variant), a generate stage also times the
+    same prompts with one greedy token each and no grammar: prefill alone.
 
 ``slmbatch``
     ``slmbatch.run(job)`` end to end (local Ray started by slmbatch's own
@@ -38,6 +40,9 @@ over exactly the processes it started. Arms:
     Diagnostic: ``Stage.apply`` twice on a fresh engine in a fresh process
     (first pass cold, second warm), optionally after the replica's start-up
     warm-up (``"warm_up": true``); not part of the default run.
+
+``gpu_matmul``
+    The GPU's dense bf16 matmul rate (:mod:`benchmarks.gpu`).
 
 ``raydata_llm``
     The peer: Ray Data LLM (``ray.data.llm.build_processor`` with
@@ -431,7 +436,13 @@ def cold(spec: dict[str, Any]) -> dict[str, Any]:
             "rows_per_s": [table.num_rows / p for p in passes], "torch_threads": torch.get_num_threads()}
 
 
-ARMS = {"raw": raw, "slmbatch": slmbatch_arm, "raydata_llm": raydata_llm, "cold": cold}
+def gpu_matmul(spec: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.gpu import matmul_arm
+
+    return matmul_arm(spec)
+
+
+ARMS = {"raw": raw, "slmbatch": slmbatch_arm, "raydata_llm": raydata_llm, "cold": cold, "gpu_matmul": gpu_matmul}
 
 
 def main(argv: list[str]) -> int:

@@ -3,7 +3,8 @@
 ``python -m benchmarks.run`` from the repository root (``--help`` for the
 knobs, ``--quick`` for a small run). A benchmark, not a test: it measures,
 prints a table and writes JSON (``benchmarks/results/engine.json``, committed:
-the latest run's figures); it asserts nothing about timing.
+the latest run's figures); it asserts nothing about timing. ``--gpu`` runs the
+GPU variant instead (:mod:`benchmarks.gpu`).
 
 Same models, same rows, same machine; every arm runs in a fresh process
 (:mod:`benchmarks.arms`), watched by :mod:`benchmarks.procs`, and the arms are
@@ -71,6 +72,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpu", action="store_true", help="run the GPU variant instead (benchmarks/gpu.py; "
+                   "`python -m benchmarks.gpu --help` for its options)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes: --rows 500 --gen-rows 64 --rounds 1 (explicit flags win)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
@@ -443,6 +446,10 @@ def render(summary: dict[str, Any], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--gpu" in argv:
+        from benchmarks.gpu import main as gpu_main
+
+        return gpu_main([a for a in argv if a != "--gpu"])
     args = parse_args(argv)
     started = time.monotonic()
     bench = Bench(args)
