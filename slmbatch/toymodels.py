@@ -256,3 +256,131 @@ def build_minilm_intent_classifier(
                     "train_accuracy": round(train_acc, 4)}, indent=2)
     )
     return _publish(tmp, path, "minilm-intent-classifier")
+
+
+def build_minilm_finetuned_classifier(
+    path: str | Path,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    label_names: Sequence[str],
+    *,
+    epochs: int = 2,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    max_length: int = 64,
+    seed: int = 0,
+    init_head: str | Path | None = None,
+    log=print,
+) -> Path:
+    """Fine-tune every weight of all-MiniLM-L6-v2 as a ``BertForSequenceClassification``
+    on ``texts``/``labels`` - a clearly stronger classifier than the linear probe of
+    :func:`build_minilm_intent_classifier`, for a few minutes of CPU training
+    (about 100 texts/s with 2 torch threads).
+
+    Same output shape as the linear probe (CLS pooler + linear head, no
+    ``modules.json``/``1_Pooling``, so vLLM's pooling runner serves it as trained).
+    AdamW (weight decay 0.01, none on biases and LayerNorm), ``lr`` with a linear
+    warm-up over the first 6% of steps and a linear decay to 0, gradients clipped
+    at norm 1, ``max_length`` tokens per text (Banking77 texts average 16).
+    Batches group texts of similar length (shuffled within and across groups),
+    which cuts padding - the cost on CPU - about threefold. Deterministic for a
+    given ``seed`` and torch thread count; the caller chooses the threads.
+
+    ``init_head``: a model folder from :func:`build_minilm_intent_classifier`
+    with the same ``label_names``, whose fitted head starts the fine-tuning
+    instead of a random one ("linear probe, then fine-tune", Kumar et al.,
+    ICLR 2022): the first steps then refine good features instead of pushing
+    gradients from a random head through them, so fewer epochs are needed (on
+    Banking77, 3 epochs from a random head at lr 1e-4 stayed below the probe).
+
+    ``slmbatch_training.json`` records the recipe, the time taken and the
+    training accuracy, measured on the fly during the last epoch (dropout on,
+    each batch scored just before its update), which costs no extra pass.
+    """
+    import random
+    import time
+
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    path = Path(path)
+    if _finished(path):
+        return path
+    if len(texts) != len(labels) or not texts:
+        raise ValueError(f"texts and labels must be non-empty and equally long, got {len(texts)} and {len(labels)}")
+    tmp = _tmp_dir(path)
+    started = time.monotonic()
+    src = minilm_dir()
+    index = {name: i for i, name in enumerate(label_names)}
+    y = torch.tensor([index[label] for label in labels])
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = BertForSequenceClassification.from_pretrained(
+        src,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id=dict(index),
+    )
+    if init_head is not None:
+        probe = BertForSequenceClassification.from_pretrained(init_head)
+        if [probe.config.id2label[i] for i in range(probe.config.num_labels)] != list(label_names):
+            raise ValueError(f"init_head {init_head} has other labels than label_names")
+        with torch.no_grad():
+            model.classifier.weight.copy_(probe.classifier.weight)
+            model.classifier.bias.copy_(probe.classifier.bias)
+        del probe
+    decay = [p for n, p in model.named_parameters() if not n.endswith("bias") and "LayerNorm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    steps_per_epoch = -(-len(texts) // batch_size)
+    total = steps_per_epoch * epochs
+    warmup = max(1, round(0.06 * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda step: step / warmup if step < warmup else max(0.0, (total - step) / (total - warmup))
+    )
+    if log:
+        log(f"  fine-tuning all-MiniLM-L6-v2 on {len(texts):,} texts: {epochs} epoch(s) x {steps_per_epoch} "
+            f"steps of {batch_size}, lr {lr:g}, {torch.get_num_threads()} torch thread(s)")
+    model.train()
+    step = 0
+    for epoch in range(1, epochs + 1):
+        order = sorted(range(len(texts)), key=lambda i: (len(ids[i]), rng.random()))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        rng.shuffle(batches)
+        seen = correct = 0
+        loss_sum = 0.0
+        epoch_started = time.monotonic()
+        for k, batch in enumerate(batches, 1):
+            enc = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt")
+            target = y[batch]
+            out = model(**enc, labels=target)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            schedule.step()
+            optim.zero_grad(set_to_none=True)
+            step += 1
+            seen += len(batch)
+            correct += int((out.logits.argmax(-1) == target).sum())
+            loss_sum += out.loss.item() * len(batch)
+            if log and (k % max(1, len(batches) // 5) == 0 or k == len(batches)):
+                elapsed = time.monotonic() - epoch_started
+                log(f"  epoch {epoch}/{epochs}: {seen:,}/{len(texts):,} texts, loss {loss_sum / seen:.3f}, "
+                    f"accuracy {correct / seen:.3f}, {seen / elapsed:.0f} texts/s")
+    model.eval()
+    seconds = time.monotonic() - started
+    train_acc = correct / seen
+    if log:
+        log(f"  fine-tuned in {seconds:.0f} s: last-epoch train accuracy {train_acc:.3f}, loss {loss_sum / seen:.3f}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "slmbatch_training.json").write_text(json.dumps({
+        "base": "sentence-transformers/all-MiniLM-L6-v2", "method": "full fine-tuning",
+        "train_rows": len(texts), "epochs": epochs, "batch_size": batch_size, "lr": lr, "max_length": max_length,
+        "seed": seed, "init_head": str(init_head) if init_head is not None else None, "torch_threads": torch.get_num_threads(), "seconds": round(seconds, 1),
+        "train_accuracy": round(train_acc, 4), "train_accuracy_measured": "last epoch, on the fly, dropout on",
+        "train_loss": round(loss_sum / seen, 4),
+    }, indent=2))
+    return _publish(tmp, path, "minilm-finetuned-classifier")
