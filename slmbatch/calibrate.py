@@ -106,6 +106,8 @@ class Curve:
     escalation_lo: np.ndarray
     escalation_hi: np.ndarray
     gap_hi: np.ndarray  # upper end of (frontier-all quality - quality)
+    quality_samples: np.ndarray  # bootstrap resamples x candidates
+    gap_samples: np.ndarray
     small_quality: float
     frontier_quality: float
     frontier_usd_per_row: float
@@ -145,7 +147,7 @@ def build_curve(small_score: Sequence[float], frontier_score: Sequence[float], c
     usd = (s.sum() + xa[ks]) / n
     # Bootstrap: B resamples as multinomial row counts, all thresholds at once.
     rng = np.random.default_rng(seed)
-    b = max(1, min(bootstrap, int(2e7 // max(n, 1))))
+    b = max(1, min(bootstrap, int(5e6 // max(n, 1))))  # bounds memory: resamples x rows
     counts = rng.multinomial(n, np.full(n, 1 / n), size=b).astype(float)
     fw, aw, cw = prefix(f, counts), prefix(a, counts), prefix(np.ones(n), counts)
     q_b = (fw[:, ks] + aw[:, [n]] - aw[:, ks]) / n
@@ -155,6 +157,7 @@ def build_curve(small_score: Sequence[float], frontier_score: Sequence[float], c
     e_lo, e_hi = np.percentile(e_b, [2.5, 97.5], axis=0)
     return Curve(n=n, thresholds=thresholds, escalated=ks, quality=quality, usd_per_row=usd, quality_lo=lo,
                  quality_hi=hi, escalation_lo=e_lo, escalation_hi=e_hi, gap_hi=np.percentile(gap_b, 97.5, axis=0),
+                 quality_samples=q_b, gap_samples=gap_b,
                  small_quality=float(a.mean()), frontier_quality=float(f.mean()),
                  frontier_usd_per_row=float(x.mean()), small_usd_per_row=float(s.mean()), resamples=b)
 
@@ -228,17 +231,16 @@ def calibrate_stage(rows: StageRows, target: Target, *, bootstrap: int = 1000, c
     }
     record["threshold"] = point["threshold"]
     record["chosen"] = point
-    lo = point["quality_interval"][0]
-    goal = (target.value if target.kind == "quality"
-            else curve.frontier_quality - target.value if target.kind == "frontier_gap" else None)
+    if record["met"] and target.kind != "usd_per_1m":
+        if target.kind == "quality":
+            held = curve.quality_samples[:, j] >= target.value - 1e-12
+        else:
+            held = curve.gap_samples[:, j] <= target.value + 1e-12
+        point["probability_target_met"] = float(held.mean())
+        if held.mean() < 0.95 and not conservative:
+            warnings.append(_uncertainty_warning(curve, target, j, float(held.mean()), metric))
     if curve.n < MIN_ROWS:
         warnings.append(f"only {curve.n} labelled rows: thresholds from so few rows move a lot between samples")
-    if goal is not None and record["met"] and lo < goal:
-        needed = rows_needed(curve.n, point["quality"], lo, goal)
-        more = f"; about {needed:,} labelled rows would tell" if needed else ""
-        warnings.append(f"the validation set is too small for this target: the 95% interval of {metric} at the "
-                        f"chosen threshold, [{lo:.4f}, {point['quality_interval'][1]:.4f}], reaches below "
-                        f"{goal:.4f}{more} (or use --conservative)")
     escalated = int(curve.escalated[j])
     if 0 < escalated < MIN_ESCALATED:
         warnings.append(f"only {escalated} validation rows fall below the threshold: the frontier's quality on "
@@ -247,6 +249,27 @@ def calibrate_stage(rows: StageRows, target: Target, *, bootstrap: int = 1000, c
         warnings.append("no labels for this stage: quality is agreement with the frontier's answers")
     record["curve"] = _curve_points(curve, j)
     return record
+
+
+def _uncertainty_warning(curve: Curve, target: Target, j: int, held: float, metric: str) -> str:
+    """What the point estimate's luck means: the price of being sure, or the rows it would take."""
+    first = (f"the target holds at the chosen threshold in {held:.0%} of bootstrap resamples of the validation "
+             f"set ({metric} 95% interval [{curve.quality_lo[j]:.4f}, {curve.quality_hi[j]:.4f}])")
+    sure = choose(curve, target, conservative=True)
+    if sure is not None:
+        return (f"{first}; to meet it at the 95% level (--conservative) escalate "
+                f"{curve.escalated[sure] / curve.n:.1%} instead (threshold {curve.thresholds[sure]:.4f})")
+    # No threshold clears the target at the 95% level: how many rows would, were the best point estimate true.
+    if target.kind == "quality":
+        best = int(np.argmax(curve.quality))
+        spread, margin = curve.quality[best] - curve.quality_lo[best], curve.quality[best] - target.value
+    else:
+        gap = curve.frontier_quality - curve.quality
+        best = int(np.argmin(gap))
+        spread, margin = curve.gap_hi[best] - gap[best], target.value - gap[best]
+    needed = rows_needed(curve.n, margin, margin - spread, 0.0)
+    more = f"about {needed:,} labelled rows would" if needed else "no validation size would (the best estimate is at the target)"
+    return f"the validation set is too small for this target: {first}, and no threshold meets it at the 95% level; {more}"
 
 
 def _curve_points(curve: Curve, chosen: int) -> list[dict[str, float]]:
@@ -297,6 +320,9 @@ def render_calibration(record: Mapping[str, Any], rows: int = 12) -> str:
                  f"[{c['quality_interval'][0]:.4f}, {c['quality_interval'][1]:.4f}], escalation "
                  f"{c['escalation_rate']:.1%} [{c['escalation_interval'][0]:.1%}, {c['escalation_interval'][1]:.1%}], "
                  f"${c['usd_per_1m_rows']:.2f}/1M rows{saving}")
+    if c.get("probability_target_met") is not None:
+        lines.append(f"  the target holds there in {c['probability_target_met']:.0%} of "
+                     f"{record['bootstrap']['resamples']:,} bootstrap resamples of the validation rows")
     for warning in record["warnings"]:
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)
