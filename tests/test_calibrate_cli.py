@@ -115,3 +115,13 @@ def test_feedback_exports_escalated_rows_as_chat_jsonl_that_chat_templates_accep
         assert rendered.endswith(f"<|im_start|>assistant\n{rule(row['text'])}<|im_end|>\n")
     manifest = json.loads((out / "manifest.json").read_text())["stages"]["spam"]
     assert manifest["escalated_rows"] == ROWS and manifest["train"] + manifest["heldout"] == len(lines)
+
+
+def test_without_labels_calibration_measures_agreement_with_the_frontier(calibrated, tmp_path):
+    base, job_file, _ = calibrated
+    out = tmp_path / "agreement.json"
+    assert main(["calibrate", str(job_file), "--sink-all", str(base / "out-calibration"), "--no-run",
+                 "--target", "accuracy>=0.9", "--bootstrap", "100", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())["stages"]["spam"]
+    assert record["gold"] == "frontier" and record["frontier_quality"] == 1.0
+    assert "quality is agreement with the frontier" in " ".join(record["warnings"])
