@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "job's output (e.g. an id carried from the input)")
         p.add_argument("--gold", action="append", default=[], metavar="STAGE=COLUMN",
                        help="where a stage's gold is: a labels-file column, or without --labels an input column "
-                            "carried to the output (e.g. intent=label); repeatable")
+                            "carried to the output (e.g. intent=label); COL1,COL2,... makes an extraction "
+                            "record of those columns (e.g. booking=people,date,time); repeatable")
         p.add_argument("--source", metavar="PATH", help="run the job on this input instead (e.g. a labelled split)")
         p.add_argument("--sink", metavar="PATH", help="... and write its output here instead")
         p.add_argument("--no-run", action="store_true", help="read the output as it is; do not run or resume the job")

@@ -204,44 +204,41 @@ def with_gold(job: Job, output: pl.DataFrame, labels: pl.DataFrame | None, key: 
     A stage's gold is the column ``gold[stage]`` (default: a column named as
     the stage) of the labels file, joined on ``key``, or - without a labels
     file - of the output rows themselves (labels carried in the input).
-    Returns the frame and ``{stage: where its gold came from}``.
+    ``"people,date,time"`` makes an extraction gold record of those columns,
+    named as the columns. Returns the frame and ``{stage: where its gold came from}``.
     """
     wanted = [s for s in job.stages if stages is None or s.name in stages]
     for name in gold:
         if name not in {s.name for s in job.stages}:
             raise ConfigError("--gold", f"job {job.name!r} has no stage {name!r}")
+    frame, where = (labels, "labels file") if labels is not None else (output, "output")
     found: dict[str, str] = {}
-    if labels is not None:
-        if key is None:
-            raise ConfigError("--key", "a labels file needs --key COLUMN: the column that identifies a row "
-                                       "in both the labels file and the job's output (e.g. an id column; "
-                                       "_row_id works for labels keyed by slmbatch's row ids)")
-        for where, frame in (("labels file", labels), ("job output", output)):
-            if key not in frame.columns:
-                raise ConfigError("--key", f"column {key!r} is not in the {where} (columns: {frame.columns})")
-        if labels[key].is_duplicated().any():
-            raise InputError(f"labels file has duplicate keys in column {key!r}")
-        picked = {}
-        for stage in wanted:
-            column = gold.get(stage.name, stage.name)
-            if column in labels.columns:
-                picked[GOLD_PREFIX + stage.name] = column
-                found[stage.name] = f"labels file column {column!r}"
-            elif stage.name in gold:
-                raise ConfigError("--gold", f"column {column!r} is not in the labels file (columns: {labels.columns})")
-        right = labels.select([pl.col(key), *(pl.col(c).alias(a) for a, c in picked.items())])
-        output = output.join(right, on=key, how="left")
-    else:
-        for stage in wanted:
-            column = gold.get(stage.name)
-            if column is None:
-                continue
-            if column not in output.columns:
-                raise ConfigError("--gold", f"column {column!r} is in neither a labels file (none given) nor "
-                                            f"the job's output (columns: {output.columns})")
-            output = output.with_columns(pl.col(column).alias(GOLD_PREFIX + stage.name))
-            found[stage.name] = f"output column {column!r}"
-    return output, found
+    picked: list[pl.Expr] = []
+    for stage in wanted:
+        spec = gold.get(stage.name, stage.name if labels is not None else None)
+        if spec is None:
+            continue
+        columns = [c.strip() for c in spec.split(",")]
+        missing = [c for c in columns if c not in frame.columns]
+        if missing and stage.name not in gold:
+            continue  # no column named after the stage: this stage has no gold
+        if missing:
+            raise ConfigError("--gold", f"column {missing[0]!r} is not in the {where} (columns: {frame.columns})")
+        expr = pl.struct(columns) if len(columns) > 1 else pl.col(columns[0])
+        picked.append(expr.alias(GOLD_PREFIX + stage.name))
+        found[stage.name] = f"{where} column{'s' if len(columns) > 1 else ''} {spec!r}"
+    if labels is None:
+        return output.with_columns(picked), found
+    if key is None:
+        raise ConfigError("--key", "a labels file needs --key COLUMN: the column that identifies a row "
+                                   "in both the labels file and the job's output (e.g. an id column; "
+                                   "_row_id works for labels keyed by slmbatch's row ids)")
+    for name, frame in (("labels file", labels), ("job output", output)):
+        if key not in frame.columns:
+            raise ConfigError("--key", f"column {key!r} is not in the {name} (columns: {frame.columns})")
+    if labels[key].is_duplicated().any():
+        raise InputError(f"labels file has duplicate keys in column {key!r}")
+    return output.join(labels.select([pl.col(key), *picked]), on=key, how="left"), found
 
 
 # -- per-stage rows of the cascade ---------------------------------------------------------

@@ -138,3 +138,29 @@ def test_eval_table_counts_the_cascade_from_the_row_format():
     assert table["cascade"]["escalation_rate"] == 0.25
     assert table["frontier, escalated rows"]["accuracy"] == 1.0 and table["frontier, escalated rows"]["rows"] == 1
     assert table["cascade"]["usd_per_1k_rows"] == pytest.approx((4e-6 + 1e-4) / 4 * 1000)
+
+
+def test_gold_comes_from_a_labels_file_or_the_output_and_may_be_a_record_of_columns():
+    import polars as pl
+
+    from slmbatch import Extract
+    from slmbatch.evaluate import with_gold
+
+    model = Model("some/model")
+    job = Job(name="j", source=ParquetSource("in"), sink=ParquetSink("out"), stages=[
+        Classify("intent", model=model, input="text", labels=["a", "b"]),
+        Extract("booking", model=model, input="text", schema={"type": "object", "properties": {
+            "people": {"type": "string"}, "time": {"type": "string"}}})])
+    output = pl.DataFrame({"id": [1, 2], "text": ["x", "y"], "label": ["a", "b"], "people": ["2", None],
+                           "time": ["7pm", "8pm"]})
+    frame, found = with_gold(job, output, None, None, {"intent": "label", "booking": "people,time"})
+    assert frame["_gold_intent"].to_list() == ["a", "b"]
+    assert frame["_gold_booking"].to_list() == [{"people": "2", "time": "7pm"}, {"people": None, "time": "8pm"}]
+    assert found == {"intent": "output column 'label'", "booking": "output columns 'people,time'"}
+    labels = pl.DataFrame({"id": [2, 1], "intent": ["b", "b"]})
+    frame, found = with_gold(job, output, labels, "id", {})
+    assert frame.sort("id")["_gold_intent"].to_list() == ["b", "b"] and list(found) == ["intent"]
+    with pytest.raises(ConfigError, match="--key"):
+        with_gold(job, output, labels, None, {})
+    with pytest.raises(ConfigError, match="--gold: column 'nope'"):
+        with_gold(job, output, None, None, {"intent": "nope"})
