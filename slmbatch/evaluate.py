@@ -259,6 +259,7 @@ class StageRows:
     escalatable: list[bool]  # small answered, or failed in a way a bigger model can fix
     small_cost: list[float]
     frontier_cost: list[float]
+    routed: bool = True
 
     def __len__(self) -> int:
         return len(self.gold)
@@ -294,6 +295,7 @@ def stage_rows(job: Job, frame: pl.DataFrame, name: str, *, gold_from_frontier: 
         escalatable=[e is None or w is not None for e, w in zip(errors, escalation)],
         small_cost=[stage.model.cost_usd(a, b) for a, b in tokens],
         frontier_cost=frame[f"{n}_frontier_cost_usd"].fill_null(0.0).to_list() if routed else [0.0] * frame.height,
+        routed=routed,
     )
 
 
@@ -316,12 +318,14 @@ def evaluate_stage(rows: StageRows, frontier_all: StageRows | None = None) -> di
         system("small model, escalated rows", [rows.small[i] for i in up], [rows.gold[i] for i in up], 0.0,
                sum(rows.small_cost[i] for i in up) / len(up) * 1000 if up else math.nan),
     ]
-    if frontier_all is not None:
+    if not rows.routed:
+        del table[1:]  # no threshold: the small model is the whole answer
+    elif frontier_all is not None:
         m = len(frontier_all)
         table.append(system("frontier, all rows", frontier_all.frontier, frontier_all.gold, 1.0,
                             sum(frontier_all.frontier_cost) / m * 1000 if m else math.nan))
     else:
-        table.append({"system": "frontier, all rows (cost estimated from escalated rows)", "rows": n,
+        table.append({"system": "frontier, all rows ($ estimated)", "rows": n,
                       "escalation_rate": 1.0, "usd_per_1k_rows": frontier_usd})
     return {"stage": rows.name, "kind": rows.kind, "metric": HEADLINE[rows.kind], "rows": n, "systems": table}
 
