@@ -292,6 +292,10 @@ def slmbatch_arm(spec: dict[str, Any]) -> dict[str, Any]:
         last_s, last_rows = timeline[-1]
         result["first_rows_s"] = first_s
         result["processing_window_unix"] = [run_t0 + first_s, run_t1]
+        # The replica's busy time for the rows that came back first (one batch in a
+        # 200-row job): the span before first_s in which the engine ran them.
+        first_busy = stats.busy_s * first_rows / max(summary.rows_out, 1)
+        result["first_rows_busy_window_unix"] = [run_t0 + first_s - first_busy, run_t0 + first_s]
         result["after_first_rows_per_s"] = ((last_rows - first_rows) / (last_s - first_s)
                                             if last_s > first_s else None)
     if spec["stage"] == "classify":
@@ -411,7 +415,16 @@ def _raydata_postprocess(row):
 def cold(spec: dict[str, Any]) -> dict[str, Any]:
     """``Stage.apply`` over all rows ``passes`` times on a fresh engine in a fresh
     process: what a new replica's first batch pays, with or without the
-    warm-up a replica actor runs at start (``"warm_up": true``)."""
+    warm-up a replica actor runs at start (``"warm_up": true``).
+
+    ``"threads_layout"``: which threads run the engine. ``"main"`` (default):
+    start, warm-up and passes on the main thread, as in a plain script;
+    ``"split"``: start and warm-up on the main thread, passes on another, as Ray
+    Data runs an actor's ``__init__`` and ``__call__``; ``"one"``: all of it on
+    one other thread, as ``StageActor`` does.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
     from slmbatch.engine import Replica
@@ -419,20 +432,37 @@ def cold(spec: dict[str, Any]) -> dict[str, Any]:
     job = build_job(spec["stage"], spec["input"], spec.get("output", "/nonexistent"), **(spec.get("job") or {}))
     stage = job.stages[0]
     table = read_input(Path(spec["input"]))
-    replica = Replica(stage.model)
+    layout = spec.get("threads_layout", "main")
+    start_on = ThreadPoolExecutor(1) if layout == "one" else None
+    run_on = start_on if layout == "one" else ThreadPoolExecutor(1) if layout == "split" else None
+
+    def on(executor, fn, *args):
+        return fn(*args) if executor is None else executor.submit(fn, *args).result()
+
+    replica = on(start_on, Replica, stage.model)
     warm_up_s = None
     if spec.get("warm_up"):
         from slmbatch.runner import warm_up
 
-        warm_up_s = warm_up([stage], replica)  # what a replica actor does at start
-    passes = []
-    for _ in range(int(spec.get("passes", 2))):
+        warm_up_s = on(start_on, warm_up, [stage], replica)  # what a replica actor does at start
+    # "chunks": row counts of the calls of one pass (e.g. [193, 7], batches cut at
+    # row-group boundaries); default one call over all rows.
+    chunks = spec.get("chunks") or [table.num_rows]
+
+    def one_pass() -> tuple[float, float]:
         _reset_prefix_cache(replica.llm)
-        t = time.perf_counter()
-        stage.apply(table, replica)
-        passes.append(time.perf_counter() - t)
+        t, c = time.perf_counter(), os.times()
+        start = 0
+        for count in chunks:
+            stage.apply(table.slice(start, count), replica)
+            start += count
+        return time.perf_counter() - t, os.times().user + os.times().system - c.user - c.system
+
+    timed = [on(run_on, one_pass) for _ in range(int(spec.get("passes", 2)))]
+    passes, cpu = [t for t, _ in timed], [c for _, c in timed]
     replica.shutdown()
-    return {"arm": "cold", "stage": spec["stage"], "rows": table.num_rows, "warm_up_s": warm_up_s, "apply_s": passes,
+    return {"arm": "cold", "stage": spec["stage"], "rows": table.num_rows, "chunks": chunks, "warm_up_s": warm_up_s,
+            "threads_layout": layout, "apply_s": passes, "cpu_s": cpu, "cores": [c / p for c, p in zip(cpu, passes)],
             "rows_per_s": [table.num_rows / p for p in passes], "torch_threads": torch.get_num_threads()}
 
 

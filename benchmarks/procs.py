@@ -72,6 +72,7 @@ class TreeSampler(threading.Thread):
         self.started = time.monotonic()
         self.cpu_by_kind: dict[str, float] = {}
         self.series: list[tuple[float, dict[str, float]]] = []  # (seconds, cumulative CPU s by kind)
+        self.series_unix: list[float] = []  # wall-clock time of each entry of series
         self.rss_series: list[tuple[float, int]] = []  # (unix time, RSS summed over the tree)
 
     def tree(self) -> list[psutil.Process]:
@@ -109,6 +110,7 @@ class TreeSampler(threading.Thread):
             by_kind[info["kind"]] = by_kind.get(info["kind"], 0) + rss
         self.samples += 1
         self.series.append((now, dict(self.cpu_by_kind)))
+        self.series_unix.append(time.time())
         self.rss_series.append((time.time(), total))
         if total > self.peak_rss:
             self.peak_rss, self.peak_by_kind = total, by_kind
@@ -138,6 +140,19 @@ class TreeSampler(threading.Thread):
     def stop(self) -> None:
         self.stop_event.set()
         self.join(timeout=5)
+
+    def cpu_between(self, start_unix: float, end_unix: float) -> dict[str, Any] | None:
+        """CPU seconds per process kind between two wall-clock times (nearest samples
+        inside), and the cores each kept busy on average over that span."""
+        inside = [i for i, t in enumerate(self.series_unix) if start_unix <= t <= end_unix]
+        if len(inside) < 2:
+            return None
+        i, j = inside[0], inside[-1]
+        span = self.series_unix[j] - self.series_unix[i]
+        c0, c1 = self.series[i][1], self.series[j][1]
+        cpu = {k: round(v - c0.get(k, 0.0), 2) for k, v in sorted(c1.items(), key=lambda kv: -kv[1])}
+        return {"span_s": round(span, 2), "cpu_s_by_kind": {k: v for k, v in cpu.items() if v > 0},
+                "cores_by_kind": {k: round(v / span, 2) for k, v in cpu.items() if v > 0} if span > 0 else {}}
 
     def peak_between(self, start_unix: float, end_unix: float) -> int | None:
         """Largest summed RSS among samples taken between two wall-clock times."""
@@ -240,6 +255,11 @@ def run_arm(spec: dict[str, Any], work: Path, name: str, timeout_s: float, env: 
     window = result.get("processing_window_unix")
     if window:
         result["memory"]["peak_rss_processing_bytes"] = sampler.peak_between(*window)
+        result["memory"]["cpu_processing"] = sampler.cpu_between(*window)
+    busy = result.get("first_rows_busy_window_unix")
+    if busy:
+        # Which processes had the CPU while the replica computed the first rows.
+        result["memory"]["cpu_first_rows_busy"] = sampler.cpu_between(*busy)
     result["process_wall_s"] = process_s
     result["leftover_processes_terminated"] = left_kinds
     result["log"] = str(log_path.relative_to(ROOT))

@@ -146,22 +146,38 @@ def warm_up(stages: Sequence[Stage], replica: Any) -> float:
 
 
 class StageActor:
-    """Ray Data callable class: one vLLM replica running a run of stages."""
+    """Ray Data callable class: one vLLM replica running a run of stages.
+
+    Every engine call - start, warm-up, each batch - runs on one thread of its
+    own. Ray Data calls ``__call__`` on another thread than ``__init__``, and
+    OpenMP keeps a team of worker threads per calling thread: two teams of two
+    on a 2-core machine are more OpenMP threads than cores, so libgomp stops
+    spin-waiting between parallel regions and every region pays a futex
+    wake-up. Measured on the benchmark's jobs with ``threads=2``
+    (``benchmarks/ENGINE.md``): the replica ran at ~1.2-1.4 cores, against
+    ~1.8 for the same ``Stage.apply`` in a plain process.
+    """
 
     def __init__(self, model: Model, stages: Sequence[Stage], router: Router, job_name: str = ""):
+        from concurrent.futures import ThreadPoolExecutor
+
         from .engine import Replica
         from .metrics import StageMetrics
 
-        self.replica = Replica(model)
+        self.engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmbatch-engine")
+        self.replica = self.engine_thread.submit(Replica, model).result()
         self.stages = list(stages)
         self.router = router
         self.metrics = StageMetrics(job_name)
-        seconds = warm_up(self.stages, self.replica)
+        seconds = self.engine_thread.submit(warm_up, self.stages, self.replica).result()
         self.metrics.record_replica(self.stages, self.replica.model_name, self.replica.threads)
         log.info("replica of %s ready (%s engine threads, warm-up %.2f s)", model.name,
                  self.replica.threads or "GPU", seconds)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.engine_thread.submit(self._apply, batch).result()
+
+    def _apply(self, batch: pa.Table) -> pa.Table:
         for stage in self.stages:
             started = time.perf_counter()
             batch = stage.apply(batch, self.replica, self.router)
@@ -176,6 +192,9 @@ class StageActor:
         replica = getattr(self, "replica", None)
         if replica is not None:
             replica.shutdown()
+        engine_thread = getattr(self, "engine_thread", None)
+        if engine_thread is not None:
+            engine_thread.shutdown(wait=False)
 
 
 def _is_corrupt_data(exc: BaseException) -> bool:
