@@ -43,9 +43,7 @@ import logging
 import os
 import re
 import string
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -54,7 +52,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from .localserver import _wait_ready, free_port
+from .localserver import free_port, serve_subprocess
 
 log = logging.getLogger("slmbatch")
 
@@ -297,22 +295,9 @@ def local_classifier_server(
                "--host", "127.0.0.1", "--port", str(port), "--served-name", served_name]
     if input_regex is not None:
         command += ["--input-regex", input_regex]
-    logfile = tempfile.NamedTemporaryFile(prefix="slmbatch-classifier-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen(command, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        _wait_ready(proc, port, timeout_s, logfile.name)
+    with serve_subprocess(command, env, port, timeout_s=timeout_s, name="classifier-server") as base_url:
         log.info("local classifier frontier %s serving %s at %s", served_name, model_dir, base_url)
         yield base_url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        logfile.close()
-        os.unlink(logfile.name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

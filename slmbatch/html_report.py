@@ -23,13 +23,13 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _figure(width: float = 5.0, height: float = 2.6):
+def _figure(width: float = 5.0, height: float = 2.6, ncols: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(width, height))
+    return plt.subplots(1, ncols, figsize=(width, height))
 
 
 def confidence_plot(stage: dict[str, Any], threshold: float | None) -> str:
@@ -72,12 +72,7 @@ def cost_quality_figure(calibration: dict[str, Any], observed_escalation: float 
     calibrate``): quality against $ per 1M rows and against the escalation
     rate, with the 95% bootstrap band, the chosen threshold marked and, for a
     run, the escalation rate it actually had."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 3.0))
+    fig, (left, right) = _figure(10.0, 3.0, ncols=2)
     points = calibration["curve"]
     chosen = calibration["chosen"]
     metric = calibration["metric"]

@@ -54,13 +54,23 @@ def local_openai_server(
                # Compact JSON: small models otherwise emit runaway whitespace.
                "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
                *extra_args]
-    logfile = tempfile.NamedTemporaryFile(prefix="slmbatch-frontier-", suffix=".log", delete=False)
-    proc = subprocess.Popen(command, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        _wait_ready(proc, port, timeout_s, logfile.name)
+    with serve_subprocess(command, env, port, timeout_s=timeout_s, name="frontier") as base_url:
         log.info("local frontier %s serving %s at %s", served_name, model, base_url)
         yield base_url
+
+
+@contextlib.contextmanager
+def serve_subprocess(command: list[str], env: dict[str, str], port: int, *, timeout_s: float,
+                     name: str) -> Iterator[str]:
+    """Run an HTTP server ``command`` listening on 127.0.0.1:``port``; yield its
+    ``/v1`` base URL once ``/health`` answers. Output goes to a temporary log
+    (its tail is in the error if the server dies or never gets ready); the
+    server is stopped (SIGTERM, then SIGKILL) when the block exits."""
+    logfile = tempfile.NamedTemporaryFile(prefix=f"slmbatch-{name}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(command, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_ready(proc, port, timeout_s, logfile.name)
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()
         try:
