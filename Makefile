@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean
+.PHONY: install demo lint test test-fast clean
+LINTED := slmbatch tests benchmarks examples devkit jobs
 
 install:
 	@bash scripts/install.sh $(VENV)
@@ -15,8 +16,18 @@ demo: install
 	@$(PY) examples/run_demo.py
 	@$(PY) examples/show_demo_output.py
 
+# Format, lint and type checks (configured in pyproject.toml); CI runs it before the tests.
+lint: install
+	@$(VENV)/bin/ruff format --check $(LINTED)
+	@$(VENV)/bin/ruff check $(LINTED)
+	@$(VENV)/bin/mypy
+
 test: install
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+# While working: everything but the tests marked slow.
+test-fast: install
+	@$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

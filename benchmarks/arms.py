@@ -16,11 +16,11 @@ over exactly the processes it started. Arms:
 
     - ``engine``: one ``LLM.classify`` / ``LLM.generate`` call over all rows
       (the ceiling; vLLM schedules the whole set);
-    - ``stage_apply``: ``Stage.apply`` on chunks of ``Model.batch_size``
+    - ``stage_apply``: ``worker.apply_stage`` on chunks of ``Model.batch_size``
       (everything a replica actor does per batch: rows to Python, tokenise,
       engine, confidence, parse/validate, Arrow columns), in-process;
     - with ``diagnostics`` (round 1): the engine in chunks of
-      ``Model.batch_size`` (what one actor call hands it), and ``Stage.apply``
+      ``Model.batch_size`` (what one actor call hands it), and ``worker.apply_stage``
       once more under cProfile, cumulative seconds per named bucket.
 
     Plus ``script_s``: the same job as a plain script (read Parquet, start the
@@ -37,7 +37,7 @@ over exactly the processes it started. Arms:
     Reports the run summary; ``wall_s`` covers Ray's start and the run.
 
 ``cold``
-    Diagnostic: ``Stage.apply`` twice on a fresh engine in a fresh process
+    Diagnostic: ``worker.apply_stage`` twice on a fresh engine in a fresh process
     (first pass cold, second warm), optionally after the replica's start-up
     warm-up (``"warm_up": true``); not part of the default run.
 
@@ -76,11 +76,17 @@ def _reset_prefix_cache(llm) -> None:
 #: They do not nest: the engine is entered through ``Replica.classify`` /
 #: ``Replica.generate`` from ``Stage.infer``, never from the other buckets.
 _BUCKETS = (
-    ("engine (vllm LLM.classify / LLM.generate)", lambda f, n: f.endswith("slmbatch/engine.py") and n in ("classify", "generate")),
+    (
+        "engine (vllm LLM.classify / LLM.generate)",
+        lambda f, n: f.endswith("slmbatch/engine.py") and n in ("classify", "generate"),
+    ),
     ("tokenise + prompt (Stage.prepare)", lambda f, n: f.endswith("stages/base.py") and n == "prepare"),
-    ("rows to Python (rows_of)", lambda f, n: f.endswith("stages/base.py") and n == "rows_of"),
+    ("rows to Python (rows_of)", lambda f, n: f.endswith("slmbatch/worker.py") and n == "rows_of"),
     ("answer columns (Stage._append_columns)", lambda f, n: f.endswith("stages/base.py") and n == "_append_columns"),
-    ("parse + validate JSON (parse_and_validate)", lambda f, n: f.endswith("stages/extract.py") and n == "parse_and_validate"),
+    (
+        "parse + validate JSON (parse_and_validate)",
+        lambda f, n: f.endswith("stages/extract.py") and n == "parse_and_validate",
+    ),
 )
 
 
@@ -94,11 +100,20 @@ def _bucket_profile(profile: cProfile.Profile, total_s: float) -> dict[str, Any]
     # parse_and_validate runs inside Stage.infer, not inside the engine call.
     named = sum(buckets.values())
     buckets["other (Stage.apply remainder: confidence, request objects, ...)"] = max(total_s - named, 0.0)
-    top = sorted(((ct, tt, f"{Path(file).name}:{line}:{func}") for (file, line, func), (_cc, _nc, tt, ct, _c)
-                  in stats.stats.items()), reverse=True)  # type: ignore[attr-defined]
-    return {"total_s": round(total_s, 4), "buckets_s": {k: round(v, 4) for k, v in buckets.items()},
-            "top_cumulative": [{"function": name, "cumulative_s": round(ct, 4), "self_s": round(tt, 4)}
-                               for ct, tt, name in top[:25]]}
+    top = sorted(
+        (
+            (ct, tt, f"{Path(file).name}:{line}:{func}")
+            for (file, line, func), (_cc, _nc, tt, ct, _c) in stats.stats.items()
+        ),
+        reverse=True,
+    )  # type: ignore[attr-defined]
+    return {
+        "total_s": round(total_s, 4),
+        "buckets_s": {k: round(v, 4) for k, v in buckets.items()},
+        "top_cumulative": [
+            {"function": name, "cumulative_s": round(ct, 4), "self_s": round(tt, 4)} for ct, tt, name in top[:25]
+        ],
+    }
 
 
 def _chunks(n: int, size: int):
@@ -115,18 +130,36 @@ def raw(spec: dict[str, Any]) -> dict[str, Any]:
     results = {}
     try:
         for stage in spec["stages"]:
-            results[stage] = _raw_stage(stage, Path(spec["inputs"][stage]), Path(spec["output"]) / stage,
-                                        replicas, diagnostics=bool(spec.get("diagnostics")),
-                                        job_kwargs=spec.get("job") or {}, prefill_pass=bool(spec.get("prefill_pass")))
+            results[stage] = _raw_stage(
+                stage,
+                Path(spec["inputs"][stage]),
+                Path(spec["output"]) / stage,
+                replicas,
+                diagnostics=bool(spec.get("diagnostics")),
+                job_kwargs=spec.get("job") or {},
+                prefill_pass=bool(spec.get("prefill_pass")),
+            )
     finally:
         for replica, _ in replicas.values():
             replica.shutdown()
-    return {"arm": "raw", "stages": results, "torch_threads": torch.get_num_threads(),
-            "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"), "process_s": time.perf_counter() - started}
+    return {
+        "arm": "raw",
+        "stages": results,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "process_s": time.perf_counter() - started,
+    }
 
 
-def _raw_stage(name: str, input_dir: Path, output_dir: Path, replicas: dict, diagnostics: bool,
-               job_kwargs: dict[str, Any], prefill_pass: bool = False) -> dict[str, Any]:
+def _raw_stage(
+    name: str,
+    input_dir: Path,
+    output_dir: Path,
+    replicas: dict,
+    diagnostics: bool,
+    job_kwargs: dict[str, Any],
+    prefill_pass: bool = False,
+) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -137,8 +170,8 @@ def _raw_stage(name: str, input_dir: Path, output_dir: Path, replicas: dict, dia
     table = read_input(input_dir)
     read_s = time.perf_counter() - t
 
-    from slmbatch.engine import Replica, cpu_engine_env, engine_kwargs
-    from slmbatch.stages.base import rows_of
+    from slmbatch.engine import Replica, cpu_engine_env, engine_kwargs, sampling_params
+    from slmbatch.worker import apply_stage, rows_of
 
     # A fresh engine per stage, as each one-stage job gets a fresh replica: the
     # first call then pays the same cold costs (grammar compile, first kernels).
@@ -146,7 +179,10 @@ def _raw_stage(name: str, input_dir: Path, output_dir: Path, replicas: dict, dia
         old.shutdown()
     replicas.clear()
     t = time.perf_counter()
-    replicas[name] = (Replica(model), time.perf_counter() - t)  # vllm.LLM(**engine_kwargs(model)) under cpu_engine_env(model)
+    replicas[name] = (
+        Replica(model),
+        time.perf_counter() - t,
+    )  # vllm.LLM(**engine_kwargs(model)) under cpu_engine_env(model)
     replica, engine_start_s = replicas[name]
     llm = replica.llm
 
@@ -162,9 +198,9 @@ def _raw_stage(name: str, input_dir: Path, output_dir: Path, replicas: dict, dia
     captured: dict[str, Any] = {}
     generate = replica.generate
 
-    def spy(prompt_ids, params):
-        captured["params"] = params
-        return generate(prompt_ids, params)
+    def spy(prompt_ids, **options):
+        captured["params"] = sampling_params(**options)
+        return generate(prompt_ids, **options)
 
     replica.generate = spy  # type: ignore[method-assign]
     t = time.perf_counter()
@@ -198,7 +234,7 @@ def _raw_stage(name: str, input_dir: Path, output_dir: Path, replicas: dict, dia
     size = model.batch_size
     _reset_prefix_cache(llm)
     t = time.perf_counter()
-    parts = [stage.apply(table.slice(start, count), replica) for start, count in _chunks(n, size)]
+    parts = [apply_stage(stage, table.slice(start, count), replica) for start, count in _chunks(n, size)]
     stage_apply_s = time.perf_counter() - t
     out = pa.concat_tables(parts)
 
@@ -207,17 +243,18 @@ def _raw_stage(name: str, input_dir: Path, output_dir: Path, replicas: dict, dia
         _reset_prefix_cache(llm)
         t = time.perf_counter()
         for start, count in _chunks(n, size):
-            engine_call(prompts[start:start + count])
+            engine_call(prompts[start : start + count])
         batched_s = time.perf_counter() - t
         _reset_prefix_cache(llm)
         prof = cProfile.Profile()
         t = time.perf_counter()
         prof.enable()
         for start, count in _chunks(n, size):
-            stage.apply(table.slice(start, count), replica)
+            apply_stage(stage, table.slice(start, count), replica)
         prof.disable()
         extra["diagnostics"] = {
-            "engine_batched_s": batched_s, "engine_batched_rows_per_s": n / batched_s,
+            "engine_batched_s": batched_s,
+            "engine_batched_rows_per_s": n / batched_s,
             "stage_apply_cprofile": _bucket_profile(prof, time.perf_counter() - t),
         }
 
@@ -228,17 +265,29 @@ def _raw_stage(name: str, input_dir: Path, output_dir: Path, replicas: dict, dia
     # The job as a plain script: read, start the engine, tokenise, run, write.
     script_s = read_s + engine_start_s + tokenise_s + engine_s + write_s
     result = {
-        "stage": name, "rows": n, "batch_size": size, "read_s": read_s,
-        "engine_start_s": engine_start_s, "tokenise_s": tokenise_s,
-        "first_call_rows": min(8, n), "first_call_s": first_call_s,
-        "engine_s": engine_s, "engine_rows_per_s": n / engine_s,
-        "stage_apply_s": stage_apply_s, "stage_apply_rows_per_s": n / stage_apply_s,
-        "write_s": write_s, "script_s": script_s, "script_rows_per_s": n / script_s,
-        "tokens_in": sum(len(r.prompt_ids) for r in requests), "tokens_out": tokens_out, **prefill,
+        "stage": name,
+        "rows": n,
+        "batch_size": size,
+        "read_s": read_s,
+        "engine_start_s": engine_start_s,
+        "tokenise_s": tokenise_s,
+        "first_call_rows": min(8, n),
+        "first_call_s": first_call_s,
+        "engine_s": engine_s,
+        "engine_rows_per_s": n / engine_s,
+        "stage_apply_s": stage_apply_s,
+        "stage_apply_rows_per_s": n / stage_apply_s,
+        "write_s": write_s,
+        "script_s": script_s,
+        "script_rows_per_s": n / script_s,
+        "tokens_in": sum(len(r.prompt_ids) for r in requests),
+        "tokens_out": tokens_out,
+        **prefill,
         "prompt_lens": [len(r.prompt_ids) for r in requests] if prefill_pass else None,
         "errored_rows_stage_apply": out.num_rows - out[f"{stage.name}_error"].null_count,
         "engine_kwargs": {k: v for k, v in engine_kwargs(model).items() if k != "model"},
-        "engine_env": cpu_engine_env(model), **extra,
+        "engine_env": cpu_engine_env(model),
+        **extra,
     }
     if name == "classify":
         result["answers"] = out[stage.name].to_pylist()
@@ -275,13 +324,28 @@ def slmbatch_arm(spec: dict[str, Any]) -> dict[str, Any]:
         shutdown_s = time.perf_counter() - t
     stats = summary.stages[0]
     result = {
-        "arm": "slmbatch", "stage": spec["stage"], "replicas": model.replicas, "num_cpus": model.num_cpus,
-        "threads": model.threads, "num_gpus": model.num_gpus, "batch_size": model.batch_size,
-        "rows": summary.rows_out, "wall_s": wall_s,
-        "summary_wall_s": summary.wall_s, "rows_per_s": summary.rows_out / wall_s,
-        "shutdown_s": shutdown_s, "ray_init_s": ray_init_s, "busy_s": stats.busy_s, "rows_per_busy_s": stats.rows_per_busy_s,
-        "ran": stats.ran, "errored": stats.errored, "tokens_in": stats.tokens_in, "tokens_out": stats.tokens_out,
-        "ledger_s": summary.ledger_s, "timeline": summary.timeline, "shard_seconds": summary.shard_seconds,
+        "arm": "slmbatch",
+        "stage": spec["stage"],
+        "replicas": model.replicas,
+        "num_cpus": model.num_cpus,
+        "threads": model.threads,
+        "num_gpus": model.num_gpus,
+        "batch_size": model.batch_size,
+        "rows": summary.rows_out,
+        "wall_s": wall_s,
+        "summary_wall_s": summary.wall_s,
+        "rows_per_s": summary.rows_out / wall_s,
+        "shutdown_s": shutdown_s,
+        "ray_init_s": ray_init_s,
+        "busy_s": stats.busy_s,
+        "rows_per_busy_s": stats.rows_per_busy_s,
+        "ran": stats.ran,
+        "errored": stats.errored,
+        "tokens_in": stats.tokens_in,
+        "tokens_out": stats.tokens_out,
+        "ledger_s": summary.ledger_s,
+        "timeline": summary.timeline,
+        "shard_seconds": summary.shard_seconds,
         "files_out": len(summary.files_out),
     }
     # Time to the first rows back (Ray start + actor start + first batch) and the
@@ -296,8 +360,7 @@ def slmbatch_arm(spec: dict[str, Any]) -> dict[str, Any]:
         # 200-row job): the span before first_s in which the engine ran them.
         first_busy = stats.busy_s * first_rows / max(summary.rows_out, 1)
         result["first_rows_busy_window_unix"] = [run_t0 + first_s - first_busy, run_t0 + first_s]
-        result["after_first_rows_per_s"] = ((last_rows - first_rows) / (last_s - first_s)
-                                            if last_s > first_s else None)
+        result["after_first_rows_per_s"] = (last_rows - first_rows) / (last_s - first_s) if last_s > first_s else None
     if spec["stage"] == "classify":
         out = pq.read_table(spec["output"], columns=["_row_id", "intent"]).to_pylist()
         out.sort(key=lambda r: (r["_row_id"].rsplit(":", 1)[0], int(r["_row_id"].rsplit(":", 1)[1])))
@@ -378,9 +441,17 @@ def raydata_llm(spec: dict[str, Any]) -> dict[str, Any]:
         t2 = time.perf_counter()
         ray.shutdown()
         shutdown_s = time.perf_counter() - t2
-    return {"arm": "raydata_llm", "stage": spec["stage"], "rows": rows, "wall_s": wall_s,
-            "rows_per_s": rows / wall_s, "shutdown_s": shutdown_s,
-            "engine_kwargs": kwargs, "engine_env": env, "helper_cpus": spec.get("helper_cpus", 0.25)}
+    return {
+        "arm": "raydata_llm",
+        "stage": spec["stage"],
+        "rows": rows,
+        "wall_s": wall_s,
+        "rows_per_s": rows / wall_s,
+        "shutdown_s": shutdown_s,
+        "engine_kwargs": kwargs,
+        "engine_env": env,
+        "helper_cpus": spec.get("helper_cpus", 0.25),
+    }
 
 
 def _watch_resources(every_s: float):
@@ -394,8 +465,11 @@ def _watch_resources(every_s: float):
     def loop():
         while not stop.wait(every_s):
             try:
-                free = {k: round(v, 2) for k, v in ray.available_resources().items()
-                        if k in ("CPU", "GPU") or k.startswith("CPU_group")}
+                free = {
+                    k: round(v, 2)
+                    for k, v in ray.available_resources().items()
+                    if k in ("CPU", "GPU") or k.startswith("CPU_group")
+                }
                 print(f"[watch] free resources: {free}", flush=True)
             except Exception as exc:  # noqa: BLE001
                 print(f"[watch] {exc}", flush=True)
@@ -413,7 +487,7 @@ def _raydata_postprocess(row):
 
 
 def cold(spec: dict[str, Any]) -> dict[str, Any]:
-    """``Stage.apply`` over all rows ``passes`` times on a fresh engine in a fresh
+    """``worker.apply_stage`` over all rows ``passes`` times on a fresh engine in a fresh
     process: what a new replica's first batch pays, with or without the
     warm-up a replica actor runs at start (``"warm_up": true``).
 
@@ -442,7 +516,7 @@ def cold(spec: dict[str, Any]) -> dict[str, Any]:
     replica = on(start_on, Replica, stage.model)
     warm_up_s = None
     if spec.get("warm_up"):
-        from slmbatch.runner import warm_up
+        from slmbatch.worker import apply_stage, warm_up
 
         warm_up_s = on(start_on, warm_up, [stage], replica)  # what a replica actor does at start
     # "chunks": row counts of the calls of one pass (e.g. [193, 7], batches cut at
@@ -454,16 +528,26 @@ def cold(spec: dict[str, Any]) -> dict[str, Any]:
         t, c = time.perf_counter(), os.times()
         start = 0
         for count in chunks:
-            stage.apply(table.slice(start, count), replica)
+            apply_stage(stage, table.slice(start, count), replica)
             start += count
         return time.perf_counter() - t, os.times().user + os.times().system - c.user - c.system
 
     timed = [on(run_on, one_pass) for _ in range(int(spec.get("passes", 2)))]
     passes, cpu = [t for t, _ in timed], [c for _, c in timed]
     replica.shutdown()
-    return {"arm": "cold", "stage": spec["stage"], "rows": table.num_rows, "chunks": chunks, "warm_up_s": warm_up_s,
-            "threads_layout": layout, "apply_s": passes, "cpu_s": cpu, "cores": [c / p for c, p in zip(cpu, passes)],
-            "rows_per_s": [table.num_rows / p for p in passes], "torch_threads": torch.get_num_threads()}
+    return {
+        "arm": "cold",
+        "stage": spec["stage"],
+        "rows": table.num_rows,
+        "chunks": chunks,
+        "warm_up_s": warm_up_s,
+        "threads_layout": layout,
+        "apply_s": passes,
+        "cpu_s": cpu,
+        "cores": [c / p for c, p in zip(cpu, passes)],
+        "rows_per_s": [table.num_rows / p for p in passes],
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def gpu_matmul(spec: dict[str, Any]) -> dict[str, Any]:
@@ -482,8 +566,13 @@ def main(argv: list[str]) -> int:
         result = ARMS[spec["arm"]](spec)
         result["ok"] = True
     except BaseException as exc:  # noqa: BLE001 - the orchestrator reports it
-        result = {"arm": spec["arm"], "stage": spec.get("stage"), "ok": False,
-                  "error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+        result = {
+            "arm": spec["arm"],
+            "stage": spec.get("stage"),
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}"[:2000],
+            "traceback": traceback.format_exc()[-4000:],
+        }
     out.write_text(json.dumps(result, default=str))
     return 0 if result["ok"] else 1
 

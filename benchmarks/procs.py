@@ -95,8 +95,12 @@ class TreeSampler(threading.Thread):
                 continue
             info = self.seen.get(proc.pid)
             if info is None or info["create_time"] != created:
-                info = self.seen[proc.pid] = {"kind": process_kind(proc, self.root_pid), "create_time": created,
-                                              "max_rss": 0, "cpu_s": 0.0}
+                info = self.seen[proc.pid] = {
+                    "kind": process_kind(proc, self.root_pid),
+                    "create_time": created,
+                    "max_rss": 0,
+                    "cpu_s": 0.0,
+                }
             elif info["kind"] != "slmbatch replica actor":
                 info["kind"] = process_kind(proc, self.root_pid)  # a worker's title changes with its task
             info["max_rss"] = max(info["max_rss"], rss)
@@ -151,8 +155,11 @@ class TreeSampler(threading.Thread):
         span = self.series_unix[j] - self.series_unix[i]
         c0, c1 = self.series[i][1], self.series[j][1]
         cpu = {k: round(v - c0.get(k, 0.0), 2) for k, v in sorted(c1.items(), key=lambda kv: -kv[1])}
-        return {"span_s": round(span, 2), "cpu_s_by_kind": {k: v for k, v in cpu.items() if v > 0},
-                "cores_by_kind": {k: round(v / span, 2) for k, v in cpu.items() if v > 0} if span > 0 else {}}
+        return {
+            "span_s": round(span, 2),
+            "cpu_s_by_kind": {k: v for k, v in cpu.items() if v > 0},
+            "cores_by_kind": {k: round(v / span, 2) for k, v in cpu.items() if v > 0} if span > 0 else {},
+        }
 
     def peak_between(self, start_unix: float, end_unix: float) -> int | None:
         """Largest summed RSS among samples taken between two wall-clock times."""
@@ -205,8 +212,14 @@ def terminate(procs: list[psutil.Process], grace: float = 10.0) -> int:
     return len(procs)
 
 
-def run_arm(spec: dict[str, Any], work: Path, name: str, timeout_s: float, env: dict[str, str] | None = None,
-            sample_interval: float = 0.2) -> dict[str, Any]:
+def run_arm(
+    spec: dict[str, Any],
+    work: Path,
+    name: str,
+    timeout_s: float,
+    env: dict[str, str] | None = None,
+    sample_interval: float = 0.2,
+) -> dict[str, Any]:
     """Run ``python -m benchmarks.arms`` on ``spec`` in a child process; its result plus the sampler's."""
     work.mkdir(parents=True, exist_ok=True)
     spec_path, out_path, log_path = work / f"{name}.spec.json", work / f"{name}.result.json", work / f"{name}.log"
@@ -215,8 +228,13 @@ def run_arm(spec: dict[str, Any], work: Path, name: str, timeout_s: float, env: 
     child_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
     started = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.arms", str(spec_path), str(out_path)],
-                                cwd=ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.arms", str(spec_path), str(out_path)],
+            cwd=ROOT,
+            env=child_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         sampler = TreeSampler(proc.pid, sample_interval)
         sampler.start()
         timed_out = False
@@ -244,8 +262,12 @@ def run_arm(spec: dict[str, Any], work: Path, name: str, timeout_s: float, env: 
     if out_path.exists():
         result = json.loads(out_path.read_text())
     else:
-        result = {"arm": spec["arm"], "stage": spec.get("stage"), "ok": False,
-                  "error": "timed out" if timed_out else f"arm process exited {proc.returncode} without a result"}
+        result = {
+            "arm": spec["arm"],
+            "stage": spec.get("stage"),
+            "ok": False,
+            "error": "timed out" if timed_out else f"arm process exited {proc.returncode} without a result",
+        }
     if timed_out:
         result.update(ok=False, error=f"timed out after {timeout_s:.0f} s")
     result["memory"] = sampler.report()

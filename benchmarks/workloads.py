@@ -55,14 +55,27 @@ def labels(classifier: str | Path | None = None) -> list[str]:
 def check_models(paths=(CLASSIFIER, TINY_LM)) -> None:
     missing = [str(p) for p in paths if not (p / ".slmbatch-built").exists()]
     if missing:
-        raise SystemExit(f"models missing: {', '.join(missing)}; build them with "
-                         "`.venv/bin/python examples/build_demo_models.py` (about a minute)")
+        raise SystemExit(
+            f"models missing: {', '.join(missing)}; build them with "
+            "`.venv/bin/python examples/build_demo_models.py` (about a minute)"
+        )
 
 
-def build_job(stage: str, input_dir: str | Path, output_dir: str | Path, *, replicas: int = 1,
-              num_cpus: float = 1.0, batch_size: int = 256, threads: int | None = None, num_gpus: float = 0.0,
-              classifier: str | Path | None = None, lm: str | Path | None = None,
-              classifier_engine: dict | None = None, lm_engine: dict | None = None):
+def build_job(
+    stage: str,
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    replicas: int = 1,
+    num_cpus: float = 1.0,
+    batch_size: int = 256,
+    threads: int | None = None,
+    num_gpus: float = 0.0,
+    classifier: str | Path | None = None,
+    lm: str | Path | None = None,
+    classifier_engine: dict | None = None,
+    lm_engine: dict | None = None,
+):
     """The one-stage slmbatch job of family ``stage`` over ``input_dir``.
 
     Engine options are the demo's: the classifier in bfloat16 with
@@ -74,24 +87,38 @@ def build_job(stage: str, input_dir: str | Path, output_dir: str | Path, *, repl
     """
     from slmbatch import Classify, Extract, Job, Model, ParquetSink, ParquetSource, Summarize
 
-    common = {"replicas": replicas, "num_cpus": num_cpus, "batch_size": batch_size, "threads": threads,
-              "num_gpus": num_gpus}
+    common = {
+        "replicas": replicas,
+        "num_cpus": num_cpus,
+        "batch_size": batch_size,
+        "threads": threads,
+        "num_gpus": num_gpus,
+    }
     if stage == "classify":
-        model = Model(str(classifier or CLASSIFIER), **common,
-                      engine=classifier_engine if classifier_engine is not None
-                      else {"max_model_len": 128, "dtype": "bfloat16"})
+        model = Model(
+            str(classifier or CLASSIFIER),
+            **common,
+            engine=classifier_engine if classifier_engine is not None else {"max_model_len": 128, "dtype": "bfloat16"},
+        )
         spec = Classify("intent", model=model, input="text", labels=labels(classifier))
     else:
-        model = Model(str(lm or TINY_LM), **common,
-                      engine=lm_engine if lm_engine is not None else {"max_model_len": 512, "dtype": "float32"})
+        model = Model(
+            str(lm or TINY_LM),
+            **common,
+            engine=lm_engine if lm_engine is not None else {"max_model_len": 512, "dtype": "float32"},
+        )
         if stage == "extract":
             spec = Extract("details", model=model, input="text", schema=CARD_ISSUE, max_output_tokens=48)
         elif stage == "summarize":
             spec = Summarize("gist", model=model, input="text", max_input_tokens=64, max_output_tokens=16)
         else:
             raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
-    return Job(name=f"bench-{stage}", source=ParquetSource(str(input_dir), columns=["text", "label"]),
-               stages=[spec], sink=ParquetSink(str(output_dir)))
+    return Job(
+        name=f"bench-{stage}",
+        source=ParquetSource(str(input_dir), columns=["text", "label"]),
+        stages=[spec],
+        sink=ParquetSink(str(output_dir)),
+    )
 
 
 def write_input(directory: Path, rows: int) -> Path:
@@ -101,8 +128,9 @@ def write_input(directory: Path, rows: int) -> Path:
     done = directory / ".complete"
     if done.exists() and done.read_text().strip() == str(rows):
         return directory
-    base = pa.concat_tables(pq.read_table(p, columns=["text", "label"])
-                            for p in sorted((BANKING / "test").glob("*.parquet")))
+    base = pa.concat_tables(
+        pq.read_table(p, columns=["text", "label"]) for p in sorted((BANKING / "test").glob("*.parquet"))
+    )
     directory.mkdir(parents=True, exist_ok=True)
     for old in directory.glob("*.parquet"):
         old.unlink()

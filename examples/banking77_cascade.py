@@ -6,7 +6,7 @@
 - frontier: whatever OpenAI-compatible endpoint ``SLMBATCH_FRONTIER_URL`` /
   ``SLMBATCH_FRONTIER_MODEL`` name, priced as a hosted mini frontier model
   ($0.15 / $0.60 per 1M tokens in / out). The evaluation script serves a
-  fully fine-tuned MiniLM there (``slmbatch.classifier_server``);
+  fully fine-tuned MiniLM there (``devkit.classifier_server``);
 - threshold: from the calibration file in ``SLMBATCH_THRESHOLDS`` if set
   (``slmbatch calibrate`` writes it), else 0.5;
 - input / output: ``SLMBATCH_EVAL_SOURCE`` / ``SLMBATCH_EVAL_SINK``
@@ -28,17 +28,29 @@ LABELS = json.loads((ROOT / "examples" / "data" / "banking77" / "categories.json
 
 thresholds = load_thresholds(os.environ["SLMBATCH_THRESHOLDS"]) if os.environ.get("SLMBATCH_THRESHOLDS") else {}
 
-small = Model(str(ROOT / "build" / "models" / "banking77-eval-small"), num_cpus=1, threads=2, batch_size=256,
-              # float32: finer confidences than bf16 for the threshold to tell apart
-              engine={"max_model_len": 128, "dtype": "float32"})
+small = Model(
+    str(ROOT / "build" / "models" / "banking77-eval-small"),
+    num_cpus=1,
+    threads=2,
+    batch_size=256,
+    # float32: finer confidences than bf16 for the threshold to tell apart
+    engine={"max_model_len": 128, "dtype": "float32"},
+)
 
 job = Job(
     name="banking77-cascade",
-    source=ParquetSource(os.environ.get("SLMBATCH_EVAL_SOURCE", str(EVAL / "test.parquet")),
-                         columns=["id", "text", "label"]),
+    source=ParquetSource(
+        os.environ.get("SLMBATCH_EVAL_SOURCE", str(EVAL / "test.parquet")), columns=["id", "text", "label"]
+    ),
     stages=[Classify("intent", model=small, input="text", labels=LABELS, threshold=thresholds.get("intent", 0.5))],
     sink=ParquetSink(os.environ.get("SLMBATCH_EVAL_SINK", str(EVAL / "out" / "test"))),
-    frontier=Frontier(base_url=os.environ.get("SLMBATCH_FRONTIER_URL", "http://127.0.0.1:8000/v1"),
-                      model=os.environ.get("SLMBATCH_FRONTIER_MODEL", "frontier"), api_key_env=None,
-                      actors=1, concurrency=8, price_in_per_mtok=0.15, price_out_per_mtok=0.60),
+    frontier=Frontier(
+        base_url=os.environ.get("SLMBATCH_FRONTIER_URL", "http://127.0.0.1:8000/v1"),
+        model=os.environ.get("SLMBATCH_FRONTIER_MODEL", "frontier"),
+        api_key_env=None,
+        actors=1,
+        concurrency=8,
+        price_in_per_mtok=0.15,
+        price_out_per_mtok=0.60,
+    ),
 )

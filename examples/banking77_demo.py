@@ -33,8 +33,15 @@ from slmbatch import Classify, Extract, Frontier, Job, Model, ParquetSink, Parqu
 HERE = Path(__file__).resolve().parent
 MODELS = HERE.parent / "build" / "models"
 LABELS = json.loads((HERE / "data" / "banking77" / "categories.json").read_text())
-CARD_ISSUES = ["card_arrival", "card_not_working", "lost_or_stolen_card", "compromised_card",
-               "declined_card_payment", "card_payment_wrong_exchange_rate", "card_swallowed"]
+CARD_ISSUES = [
+    "card_arrival",
+    "card_not_working",
+    "lost_or_stolen_card",
+    "compromised_card",
+    "declined_card_payment",
+    "card_payment_wrong_exchange_rate",
+    "card_swallowed",
+]
 
 
 class CardIssue(BaseModel):
@@ -43,29 +50,50 @@ class CardIssue(BaseModel):
     days_waiting: int = Field(ge=0, le=60)
 
 
-intent_model = Model(str(MODELS / "banking77-minilm"), replicas=1, num_cpus=1,
-                     engine={"max_model_len": 128, "dtype": "bfloat16"})
-tiny_llm = Model(str(MODELS / "tiny-qwen2-chat"), replicas=1, num_cpus=0.5,
-                 engine={"max_model_len": 512, "dtype": "float32"})
+intent_model = Model(
+    str(MODELS / "banking77-minilm"), replicas=1, num_cpus=1, engine={"max_model_len": 128, "dtype": "bfloat16"}
+)
+tiny_llm = Model(
+    str(MODELS / "tiny-qwen2-chat"), replicas=1, num_cpus=0.5, engine={"max_model_len": 512, "dtype": "float32"}
+)
 
 frontier = None
 if os.environ.get("SLMBATCH_FRONTIER_URL"):
-    frontier = Frontier(base_url=os.environ["SLMBATCH_FRONTIER_URL"],
-                        model=os.environ.get("SLMBATCH_FRONTIER_MODEL", "gpt-4o-mini"),
-                        api_key_env=os.environ.get("SLMBATCH_FRONTIER_KEY_ENV", "OPENAI_API_KEY"),
-                        actors=1, concurrency=8, requests_per_minute=600,
-                        # Price the escalations as a hosted mini frontier model would be billed.
-                        price_in_per_mtok=0.15, price_out_per_mtok=0.60)
+    frontier = Frontier(
+        base_url=os.environ["SLMBATCH_FRONTIER_URL"],
+        model=os.environ.get("SLMBATCH_FRONTIER_MODEL", "gpt-4o-mini"),
+        api_key_env=os.environ.get("SLMBATCH_FRONTIER_KEY_ENV", "OPENAI_API_KEY"),
+        actors=1,
+        concurrency=8,
+        requests_per_minute=600,
+        # Price the escalations as a hosted mini frontier model would be billed.
+        price_in_per_mtok=0.15,
+        price_out_per_mtok=0.60,
+    )
 
 job = Job(
     name="banking77-demo",
     source=ParquetSource(str(HERE / "data" / "banking77" / "test"), columns=["text", "label"]),
     stages=[
         Classify("intent", model=intent_model, input="text", labels=LABELS, threshold=0.3),
-        Extract("details", model=tiny_llm, input="text", schema=CardIssue, max_output_tokens=48,
-                when={"intent": CARD_ISSUES}, prompt="Intent: {intent}\n{input}"),
-        Summarize("gist", model=tiny_llm, input="text", max_input_tokens=64, max_output_tokens=16,
-                  when={"intent": CARD_ISSUES}, prompt="Customer ({intent}) wrote:\n{input}"),
+        Extract(
+            "details",
+            model=tiny_llm,
+            input="text",
+            schema=CardIssue,
+            max_output_tokens=48,
+            when={"intent": CARD_ISSUES},
+            prompt="Intent: {intent}\n{input}",
+        ),
+        Summarize(
+            "gist",
+            model=tiny_llm,
+            input="text",
+            max_input_tokens=64,
+            max_output_tokens=16,
+            when={"intent": CARD_ISSUES},
+            prompt="Customer ({intent}) wrote:\n{input}",
+        ),
     ],
     sink=ParquetSink(os.environ.get("SLMBATCH_DEMO_OUTPUT", str(HERE.parent / "build" / "demo-output"))),
     frontier=frontier,

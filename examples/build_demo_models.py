@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from slmbatch.toymodels import build_minilm_intent_classifier, build_tiny_causal_lm
+from devkit.toymodels import build_minilm_intent_classifier, build_tiny_causal_lm
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "banking77"
@@ -32,8 +32,10 @@ def main() -> int:
     started = time.monotonic()
     target = MODELS / "banking77-minilm"
     if not (target / ".slmbatch-built").exists():
-        print(f"demo: no model hub is reachable, so the demo builds its models locally.\n"
-              f"demo: fitting a 77-intent head on all-MiniLM-L6-v2 (Banking77 train, {len(texts):,} rows) -> {target}")
+        print(
+            f"demo: no model hub is reachable, so the demo builds its models locally.\n"
+            f"demo: fitting a 77-intent head on all-MiniLM-L6-v2 (Banking77 train, {len(texts):,} rows) -> {target}"
+        )
     build_minilm_intent_classifier(target, texts, labels, label_names)
     target = MODELS / "tiny-qwen2-chat"
     if not (target / ".slmbatch-built").exists():

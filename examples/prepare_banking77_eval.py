@@ -9,10 +9,10 @@ Writes, under ``<root>/build``:
   train.parquet or validation.parquet), ``test-00007`` row 7 of the test parts
   read in name order.
 - ``models/banking77-eval-small`` - the small model: a linear head on frozen
-  all-MiniLM-L6-v2 features (:func:`slmbatch.toymodels.build_minilm_intent_classifier`).
+  all-MiniLM-L6-v2 features (:func:`devkit.toymodels.build_minilm_intent_classifier`).
 - ``models/banking77-eval-frontier`` - the stand-in frontier: all-MiniLM-L6-v2
-  fully fine-tuned (:func:`slmbatch.toymodels.build_minilm_finetuned_classifier`),
-  served by :mod:`slmbatch.classifier_server`. It is a stronger local
+  fully fine-tuned (:func:`devkit.toymodels.build_minilm_finetuned_classifier`),
+  served by :mod:`devkit.classifier_server`. It is a stronger local
   classifier, not a frontier LLM.
 
 Both models see the carved train split only. Their accuracies on validation
@@ -77,7 +77,7 @@ def prepare(root: str | Path = REPO, *, log: Callable[[str], None] = print) -> d
 
     import torch
 
-    from slmbatch.toymodels import build_minilm_finetuned_classifier, build_minilm_intent_classifier
+    from devkit.toymodels import build_minilm_finetuned_classifier, build_minilm_intent_classifier
 
     torch.set_num_threads(THREADS)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,8 +89,12 @@ def prepare(root: str | Path = REPO, *, log: Callable[[str], None] = print) -> d
     build_s: dict[str, float | None] = {}
     for key, builder, what, options in (
         ("small_model", build_minilm_intent_classifier, "small model: linear head on frozen all-MiniLM-L6-v2", {}),
-        ("frontier_model", build_minilm_finetuned_classifier, "stand-in frontier: all-MiniLM-L6-v2 fully fine-tuned",
-         {**FINETUNE, "init_head": paths["small_model"]}),
+        (
+            "frontier_model",
+            build_minilm_finetuned_classifier,
+            "stand-in frontier: all-MiniLM-L6-v2 fully fine-tuned",
+            {**FINETUNE, "init_head": paths["small_model"]},
+        ),
     ):
         target = paths[key]
         if (target / ".slmbatch-built").exists():
@@ -108,9 +112,12 @@ def prepare(root: str | Path = REPO, *, log: Callable[[str], None] = print) -> d
         for split in ("validation", "test"):
             table = pq.read_table(paths[split], columns=["text", "label"])
             entry[f"{split}_accuracy"] = round(
-                accuracy(paths[key], table["text"].to_pylist(), table["label"].to_pylist()), 4)
-        log(f"prepare: {paths[key].name}: validation accuracy {entry['validation_accuracy']:.4f}, "
-            f"test accuracy {entry['test_accuracy']:.4f}")
+                accuracy(paths[key], table["text"].to_pylist(), table["label"].to_pylist()), 4
+            )
+        log(
+            f"prepare: {paths[key].name}: validation accuracy {entry['validation_accuracy']:.4f}, "
+            f"test accuracy {entry['test_accuracy']:.4f}"
+        )
         summary["models"][key] = entry
     tmp = paths["summary"].with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
@@ -161,8 +168,9 @@ def predict(model_dir: str | Path, texts: Sequence[str], *, batch_size: int = 12
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            enc = tokenizer([texts[i] for i in batch], padding=True, truncation=True, max_length=limit,
-                            return_tensors="pt")
+            enc = tokenizer(
+                [texts[i] for i in batch], padding=True, truncation=True, max_length=limit, return_tensors="pt"
+            )
             for i, k in zip(batch, model(**enc).logits.argmax(-1).tolist()):
                 answers[i] = model.config.id2label[k]
     return answers
@@ -173,8 +181,10 @@ def main() -> int:
     paths = prepare()
     summary = json.loads(paths["summary"].read_text())
     for key, entry in summary["models"].items():
-        print(f"{key}: {entry['path']}: validation accuracy {entry['validation_accuracy']:.4f}, "
-              f"test accuracy {entry['test_accuracy']:.4f}")
+        print(
+            f"{key}: {entry['path']}: validation accuracy {entry['validation_accuracy']:.4f}, "
+            f"test accuracy {entry['test_accuracy']:.4f}"
+        )
     print(f"splits {summary['splits']} under {paths['train'].parent} ({time.monotonic() - started:.0f} s)")
     return 0
 

@@ -35,23 +35,40 @@ class Booking(BaseModel):
 
 frontier = None
 if os.environ.get("SLMBATCH_FRONTIER_URL"):
-    frontier = Frontier(base_url=os.environ["SLMBATCH_FRONTIER_URL"],
-                        model=os.environ.get("SLMBATCH_FRONTIER_MODEL", "gpt-4o-mini"),
-                        api_key_env=os.environ.get("SLMBATCH_FRONTIER_KEY_ENV", "OPENAI_API_KEY"),
-                        price_in_per_mtok=0.15, price_out_per_mtok=0.60)
+    frontier = Frontier(
+        base_url=os.environ["SLMBATCH_FRONTIER_URL"],
+        model=os.environ.get("SLMBATCH_FRONTIER_MODEL", "gpt-4o-mini"),
+        api_key_env=os.environ.get("SLMBATCH_FRONTIER_KEY_ENV", "OPENAI_API_KEY"),
+        price_in_per_mtok=0.15,
+        price_out_per_mtok=0.60,
+    )
 thresholds = load_thresholds(os.environ["SLMBATCH_THRESHOLDS"]) if os.environ.get("SLMBATCH_THRESHOLDS") else {}
 
-model = Model(os.environ.get("SLMBATCH_EXTRACT_MODEL", str(ROOT / "build" / "models" / "tiny-qwen2-chat")),
-              num_cpus=1, batch_size=64, engine={"max_model_len": 1024})
+model = Model(
+    os.environ.get("SLMBATCH_EXTRACT_MODEL", str(ROOT / "build" / "models" / "tiny-qwen2-chat")),
+    num_cpus=1,
+    batch_size=64,
+    engine={"max_model_len": 1024},
+)
 
 job = Job(
     name="restaurant8k-extract",
-    source=ParquetSource(str(ROOT / "examples" / "data" / "restaurant8k"),
-                         columns=["id", "text", "requested_slots", "people", "date", "time", "first_name", "last_name"]),
-    stages=[Extract("booking", model=model, input="text", schema=Booking, max_output_tokens=64,
-                    prompt="The assistant had just asked for: {requested_slots}\nThe user answered: {input}\n\n"
-                           "Extract the booking details the user gave; null for any not given.",
-                    threshold=thresholds.get("booking", 0.5) if frontier else None)],
+    source=ParquetSource(
+        str(ROOT / "examples" / "data" / "restaurant8k"),
+        columns=["id", "text", "requested_slots", "people", "date", "time", "first_name", "last_name"],
+    ),
+    stages=[
+        Extract(
+            "booking",
+            model=model,
+            input="text",
+            schema=Booking,
+            max_output_tokens=64,
+            prompt="The assistant had just asked for: {requested_slots}\nThe user answered: {input}\n\n"
+            "Extract the booking details the user gave; null for any not given.",
+            threshold=thresholds.get("booking", 0.5) if frontier else None,
+        )
+    ],
     sink=ParquetSink(os.environ.get("SLMBATCH_EVAL_SINK", str(ROOT / "build" / "eval" / "restaurant8k"))),
     frontier=frontier,
 )

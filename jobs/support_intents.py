@@ -32,8 +32,11 @@ classifier = Model(
 
 job = Job(
     name="support-intents",
-    source=ParquetSource(os.environ.get("SLMBATCH_INPUT", str(ROOT / "examples" / "data" / "banking77" / "test")),
-                         columns=["text"]),
-    stages=[Classify("intent", model=classifier, input="text", labels=json.loads(labels_file.read_text()), threshold=0.5)],
+    source=ParquetSource(
+        os.environ.get("SLMBATCH_INPUT", str(ROOT / "examples" / "data" / "banking77" / "test")), columns=["text"]
+    ),
+    stages=[
+        Classify("intent", model=classifier, input="text", labels=json.loads(labels_file.read_text()), threshold=0.5)
+    ],
     sink=ParquetSink(os.environ.get("SLMBATCH_OUTPUT", str(ROOT / "build" / "support-intents"))),
 )

@@ -11,10 +11,15 @@ engine=${SLMBATCH_ENGINE:-cpu}
 stamp="$venv/.slmbatch-installed"
 want="$(sha256sum pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)-$engine"
 
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+# The checkout's root on the venv's path: tests/, benchmarks/ and devkit/ (the
+# tiny models and local servers the tests, demo and examples use; not shipped
+# in the wheel) import from anywhere, Ray workers and subprocesses included.
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+pwd -P > "$site/slmbatch-checkout.pth"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 pip="$venv/bin/python -m pip"
 $pip install --quiet --upgrade pip
 echo "install: slmbatch[$engine,test,demo] into $venv (first time: a few minutes)"

@@ -7,11 +7,11 @@ A job is plain Python::
 and runs with ``slmbatch run job.py`` (or :func:`run`).
 """
 
+from .config import Egress, Frontier, Model, ParquetSink, ParquetSource, load_thresholds
 from .errors import ConfigError, EngineError, FrontierError, InputError, RowAccountingError, SlmbatchError
-from .frontier import Frontier
-from .job import Job, Model, ParquetSink, ParquetSource
-from .routing import Egress, load_thresholds
-from .runner import RunSummary, run
+from .job import Job
+from .report import RunSummary
+from .runner import run
 from .stages import Classify, Extract, Stage, Summarize
 
 __all__ = [

@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
-from .evaluate import HEADLINE, StageRows, row_score
+from .evaluate import StageRows
+from .stages import FAMILIES, family
 
-METRIC_NAMES = {"quality", *HEADLINE.values()}
+METRIC_NAMES = {"quality", *(f.headline_metric for f in FAMILIES.values())}
 MIN_ROWS = 200  # below this a validation set is flagged whatever the interval says
 MIN_ESCALATED = 30
 MAX_CURVE_POINTS = 200
@@ -57,15 +58,20 @@ class Target:
     metric: str = "quality"
 
 
-_TARGET = re.compile(r"^\s*(?:(?P<stage>[A-Za-z_][A-Za-z0-9_]*)\s*:)?\s*(?P<name>[a-z_0-9]+)\s*"
-                     r"(?P<op>>=|<=)\s*(?P<value>[0-9.eE+-]+)\s*(?P<pt>pts?)?\s*$")
+_TARGET = re.compile(
+    r"^\s*(?:(?P<stage>[A-Za-z_][A-Za-z0-9_]*)\s*:)?\s*(?P<name>[a-z_0-9]+)\s*"
+    r"(?P<op>>=|<=)\s*(?P<value>[0-9.eE+-]+)\s*(?P<pt>pts?)?\s*$"
+)
 
 
 def parse_target(text: str) -> Target:
     match = _TARGET.match(text)
     if not match:
-        raise ConfigError("--target", f"cannot read {text!r}; write e.g. 'accuracy>=0.95', 'frontier_gap<=1pt', "
-                                      f"'usd_per_1m<=5' (optionally 'STAGE:' first)")
+        raise ConfigError(
+            "--target",
+            f"cannot read {text!r}; write e.g. 'accuracy>=0.95', 'frontier_gap<=1pt', "
+            f"'usd_per_1m<=5' (optionally 'STAGE:' first)",
+        )
     name, op, stage = match["name"], match["op"], match["stage"]
     try:
         value = float(match["value"])
@@ -85,8 +91,10 @@ def parse_target(text: str) -> Target:
         if op != "<=" or value < 0:
             raise ConfigError("--target", f"write 'usd_per_1m<=X' (USD per 1M rows), got {text!r}")
         return Target("usd_per_1m", value, stage, text.strip())
-    raise ConfigError("--target", f"unknown target {name!r} in {text!r}; known: {', '.join(sorted(METRIC_NAMES))}, "
-                                  f"frontier_gap, usd_per_1m")
+    raise ConfigError(
+        "--target",
+        f"unknown target {name!r} in {text!r}; known: {', '.join(sorted(METRIC_NAMES))}, frontier_gap, usd_per_1m",
+    )
 
 
 @dataclasses.dataclass
@@ -115,9 +123,16 @@ class Curve:
     resamples: int
 
 
-def build_curve(small_score: Sequence[float], frontier_score: Sequence[float], confidence: Sequence[float],
-                small_usd: Sequence[float], frontier_usd: Sequence[float], *, bootstrap: int = 1000,
-                seed: int = 0) -> Curve:
+def build_curve(
+    small_score: Sequence[float],
+    frontier_score: Sequence[float],
+    confidence: Sequence[float],
+    small_usd: Sequence[float],
+    frontier_usd: Sequence[float],
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> Curve:
     """Quality/escalation/cost for every threshold, with bootstrap intervals.
 
     ``confidence`` of a row the small model failed on is negative: escalated
@@ -134,8 +149,8 @@ def build_curve(small_score: Sequence[float], frontier_score: Sequence[float], c
     if n == 0:
         raise ConfigError("--labels", "no labelled rows to calibrate on")
     k_min = int(np.sum(c < 0))
-    ks = [k_min] + [k for k in range(k_min + 1, n) if c[k] > c[k - 1]] + ([n] if n > k_min else [])
-    ks = np.array(sorted(set(ks)))
+    steps = [k_min] + [k for k in range(k_min + 1, n) if c[k] > c[k - 1]] + ([n] if n > k_min else [])
+    ks = np.array(sorted(set(steps)))
     thresholds = np.array([0.0 if k == k_min else 1.0 if k == n else (c[k - 1] + c[k]) / 2 for k in ks])
 
     def prefix(values, weights=None):
@@ -155,11 +170,25 @@ def build_curve(small_score: Sequence[float], frontier_score: Sequence[float], c
     gap_b = fw[:, [n]] / n - q_b
     lo, hi = np.percentile(q_b, [2.5, 97.5], axis=0)
     e_lo, e_hi = np.percentile(e_b, [2.5, 97.5], axis=0)
-    return Curve(n=n, thresholds=thresholds, escalated=ks, quality=quality, usd_per_row=usd, quality_lo=lo,
-                 quality_hi=hi, escalation_lo=e_lo, escalation_hi=e_hi, gap_hi=np.percentile(gap_b, 97.5, axis=0),
-                 quality_samples=q_b, gap_samples=gap_b,
-                 small_quality=float(a.mean()), frontier_quality=float(f.mean()),
-                 frontier_usd_per_row=float(x.mean()), small_usd_per_row=float(s.mean()), resamples=b)
+    return Curve(
+        n=n,
+        thresholds=thresholds,
+        escalated=ks,
+        quality=quality,
+        usd_per_row=usd,
+        quality_lo=lo,
+        quality_hi=hi,
+        escalation_lo=e_lo,
+        escalation_hi=e_hi,
+        gap_hi=np.percentile(gap_b, 97.5, axis=0),
+        quality_samples=q_b,
+        gap_samples=gap_b,
+        small_quality=float(a.mean()),
+        frontier_quality=float(f.mean()),
+        frontier_usd_per_row=float(x.mean()),
+        small_usd_per_row=float(s.mean()),
+        resamples=b,
+    )
 
 
 def choose(curve: Curve, target: Target, conservative: bool = False) -> int | None:
@@ -189,35 +218,61 @@ def rows_needed(n: int, estimate: float, lo: float, goal: float) -> int | None:
     return math.ceil(n * ((estimate - lo) / margin) ** 2)
 
 
-def calibrate_stage(rows: StageRows, target: Target, *, bootstrap: int = 1000, conservative: bool = False,
-                    gold_source: str = "", frontier_model: str = "") -> dict[str, Any]:
+def calibrate_stage(
+    rows: StageRows,
+    target: Target,
+    *,
+    bootstrap: int = 1000,
+    conservative: bool = False,
+    gold_source: str = "",
+    frontier_model: str = "",
+) -> dict[str, Any]:
     """Calibrate one stage: the threshold, its predicted outcome, the curve, warnings."""
+    score = family(rows.kind).score
     keep = [i for i in range(len(rows)) if rows.escalatable[i]]
-    small = [row_score(rows.kind, rows.small[i], rows.gold[i]) for i in keep]
-    frontier = [row_score(rows.kind, rows.frontier[i], rows.gold[i]) if rows.frontier[i] is not None else small[j]
-                for j, i in enumerate(keep)]
-    confidence = [rows.confidence[i] if rows.confidence[i] is not None else -1.0 for i in keep]
-    curve = build_curve(small, frontier, confidence, [rows.small_cost[i] for i in keep],
-                        [rows.frontier_cost[i] for i in keep], bootstrap=bootstrap)
-    metric = HEADLINE[rows.kind]
+    small = [score(rows.small[i], rows.gold[i]) for i in keep]
+    frontier = [
+        score(rows.frontier[i], rows.gold[i]) if rows.frontier[i] is not None else small[j] for j, i in enumerate(keep)
+    ]
+    confidence: list[float] = [c if (c := rows.confidence[i]) is not None else -1.0 for i in keep]
+    curve = build_curve(
+        small,
+        frontier,
+        confidence,
+        [rows.small_cost[i] for i in keep],
+        [rows.frontier_cost[i] for i in keep],
+        bootstrap=bootstrap,
+    )
+    metric = family(rows.kind).headline_metric
     if target.kind == "quality" and target.metric not in ("quality", metric):
         raise ConfigError("--target", f"stage {rows.name!r} ({rows.kind}) is measured by {metric}, not {target.metric}")
     j = choose(curve, target, conservative)
     record: dict[str, Any] = {
-        "stage": rows.name, "kind": rows.kind, "metric": metric, "target": target.text, "gold": gold_source,
-        "frontier": frontier_model, "rows": curve.n, "rows_not_escalatable": len(rows) - len(keep),
-        "small_quality": curve.small_quality, "frontier_quality": curve.frontier_quality,
+        "stage": rows.name,
+        "kind": rows.kind,
+        "metric": metric,
+        "target": target.text,
+        "gold": gold_source,
+        "frontier": frontier_model,
+        "rows": curve.n,
+        "rows_not_escalatable": len(rows) - len(keep),
+        "small_quality": curve.small_quality,
+        "frontier_quality": curve.frontier_quality,
         "small_usd_per_1m_rows": curve.small_usd_per_row * 1e6,
         "frontier_usd_per_1m_rows": curve.frontier_usd_per_row * 1e6,
         "bootstrap": {"resamples": curve.resamples, "level": 0.95, "seed": 0},
-        "met": j is not None, "conservative": conservative, "warnings": [],
+        "met": j is not None,
+        "conservative": conservative,
+        "warnings": [],
     }
     warnings = record["warnings"]
     if j is None:
         best = int(np.argmax(curve.quality))
-        warnings.append(f"target {target.text} is not reachable on this validation set: the best cascade "
-                        f"{metric} is {curve.quality[best]:.4f} at {curve.escalated[best] / curve.n:.1%} escalated "
-                        f"(frontier alone {curve.frontier_quality:.4f})")
+        warnings.append(
+            f"target {target.text} is not reachable on this validation set: the best cascade "
+            f"{metric} is {curve.quality[best]:.4f} at {curve.escalated[best] / curve.n:.1%} escalated "
+            f"(frontier alone {curve.frontier_quality:.4f})"
+        )
         j = best
     point = {
         "threshold": float(curve.thresholds[j]),
@@ -226,8 +281,9 @@ def calibrate_stage(rows: StageRows, target: Target, *, bootstrap: int = 1000, c
         "quality": float(curve.quality[j]),
         "quality_interval": [float(curve.quality_lo[j]), float(curve.quality_hi[j])],
         "usd_per_1m_rows": float(curve.usd_per_row[j] * 1e6),
-        "saving_vs_frontier": (float(1 - curve.usd_per_row[j] / curve.frontier_usd_per_row)
-                               if curve.frontier_usd_per_row > 0 else None),
+        "saving_vs_frontier": (
+            float(1 - curve.usd_per_row[j] / curve.frontier_usd_per_row) if curve.frontier_usd_per_row > 0 else None
+        ),
     }
     record["threshold"] = point["threshold"]
     record["chosen"] = point
@@ -243,8 +299,10 @@ def calibrate_stage(rows: StageRows, target: Target, *, bootstrap: int = 1000, c
         warnings.append(f"only {curve.n} labelled rows: thresholds from so few rows move a lot between samples")
     escalated = int(curve.escalated[j])
     if 0 < escalated < MIN_ESCALATED:
-        warnings.append(f"only {escalated} validation rows fall below the threshold: the frontier's quality on "
-                        f"them is a rough estimate")
+        warnings.append(
+            f"only {escalated} validation rows fall below the threshold: the frontier's quality on "
+            f"them is a rough estimate"
+        )
     if gold_source == "frontier":
         warnings.append("no labels for this stage: quality is agreement with the frontier's answers")
     record["curve"] = _curve_points(curve, j)
@@ -253,12 +311,16 @@ def calibrate_stage(rows: StageRows, target: Target, *, bootstrap: int = 1000, c
 
 def _uncertainty_warning(curve: Curve, target: Target, j: int, held: float, metric: str) -> str:
     """What the point estimate's luck means: the price of being sure, or the rows it would take."""
-    first = (f"the target holds at the chosen threshold in {held:.0%} of bootstrap resamples of the validation "
-             f"set ({metric} 95% interval [{curve.quality_lo[j]:.4f}, {curve.quality_hi[j]:.4f}])")
+    first = (
+        f"the target holds at the chosen threshold in {held:.0%} of bootstrap resamples of the validation "
+        f"set ({metric} 95% interval [{curve.quality_lo[j]:.4f}, {curve.quality_hi[j]:.4f}])"
+    )
     sure = choose(curve, target, conservative=True)
     if sure is not None:
-        return (f"{first}; to meet it at the 95% level (--conservative) escalate "
-                f"{curve.escalated[sure] / curve.n:.1%} instead (threshold {curve.thresholds[sure]:.4f})")
+        return (
+            f"{first}; to meet it at the 95% level (--conservative) escalate "
+            f"{curve.escalated[sure] / curve.n:.1%} instead (threshold {curve.thresholds[sure]:.4f})"
+        )
     # No threshold clears the target at the 95% level: how many rows would, were the best point estimate true.
     if target.kind == "quality":
         best = int(np.argmax(curve.quality))
@@ -268,20 +330,31 @@ def _uncertainty_warning(curve: Curve, target: Target, j: int, held: float, metr
         best = int(np.argmin(gap))
         spread, margin = curve.gap_hi[best] - gap[best], target.value - gap[best]
     needed = rows_needed(curve.n, margin, margin - spread, 0.0)
-    more = f"about {needed:,} labelled rows would" if needed else "no validation size would (the best estimate is at the target)"
-    return f"the validation set is too small for this target: {first}, and no threshold meets it at the 95% level; {more}"
+    more = (
+        f"about {needed:,} labelled rows would"
+        if needed
+        else "no validation size would (the best estimate is at the target)"
+    )
+    return (
+        f"the validation set is too small for this target: {first}, and no threshold meets it at the 95% level; {more}"
+    )
 
 
 def _curve_points(curve: Curve, chosen: int) -> list[dict[str, float]]:
     m = len(curve.thresholds)
     picks = sorted(set(np.linspace(0, m - 1, min(m, MAX_CURVE_POINTS)).round().astype(int).tolist()) | {chosen})
-    return [{"threshold": round(float(curve.thresholds[j]), 6),
-             "escalation_rate": round(float(curve.escalated[j] / curve.n), 6),
-             "quality": round(float(curve.quality[j]), 6),
-             "quality_lo": round(float(curve.quality_lo[j]), 6),
-             "quality_hi": round(float(curve.quality_hi[j]), 6),
-             "usd_per_1m_rows": round(float(curve.usd_per_row[j] * 1e6), 6),
-             **({"chosen": True} if j == chosen else {})} for j in picks]
+    return [
+        {
+            "threshold": round(float(curve.thresholds[j]), 6),
+            "escalation_rate": round(float(curve.escalated[j] / curve.n), 6),
+            "quality": round(float(curve.quality[j]), 6),
+            "quality_lo": round(float(curve.quality_lo[j]), 6),
+            "quality_hi": round(float(curve.quality_hi[j]), 6),
+            "usd_per_1m_rows": round(float(curve.usd_per_row[j] * 1e6), 6),
+            **({"chosen": True} if j == chosen else {}),
+        }
+        for j in picks
+    ]
 
 
 def calibration_file(job_name: str, records: Sequence[Mapping[str, Any]], validation: Mapping[str, Any]) -> dict:
@@ -300,29 +373,41 @@ def render_calibration(record: Mapping[str, Any], rows: int = 12) -> str:
     """The curve as a table (about ``rows`` points plus the chosen one) and the verdict."""
     metric = record["metric"]
     c = record["chosen"]
-    lines = [f"stage {record['stage']} ({record['kind']}): {record['rows']:,} validation rows, gold from "
-             f"{record['gold']}; target {record['target']}",
-             f"  small model alone {metric} {record['small_quality']:.4f} at ${record['small_usd_per_1m_rows']:.2f}/1M rows; "
-             f"frontier ({record['frontier']}) alone {record['frontier_quality']:.4f} at "
-             f"${record['frontier_usd_per_1m_rows']:.2f}/1M rows",
-             f"  {'threshold':>9} {'escalated':>9} {metric:>12} {'95% interval':>17} {'$ / 1M rows':>12}"]
+    lines = [
+        f"stage {record['stage']} ({record['kind']}): {record['rows']:,} validation rows, gold from "
+        f"{record['gold']}; target {record['target']}",
+        f"  small model alone {metric} {record['small_quality']:.4f} at ${record['small_usd_per_1m_rows']:.2f}/1M rows; "
+        f"frontier ({record['frontier']}) alone {record['frontier_quality']:.4f} at "
+        f"${record['frontier_usd_per_1m_rows']:.2f}/1M rows",
+        f"  {'threshold':>9} {'escalated':>9} {metric:>12} {'95% interval':>17} {'$ / 1M rows':>12}",
+    ]
     points = record["curve"]
     step = max(1, len(points) // rows)
     shown = [p for i, p in enumerate(points) if i % step == 0 or p.get("chosen") or i == len(points) - 1]
     for p in shown:
         mark = "  <- chosen" if p.get("chosen") else ""
-        lines.append(f"  {p['threshold']:>9.4f} {p['escalation_rate']:>9.1%} {p['quality']:>12.4f} "
-                     f"{'[' + format(p['quality_lo'], '.4f') + ', ' + format(p['quality_hi'], '.4f') + ']':>17} "
-                     f"{p['usd_per_1m_rows']:>12.2f}{mark}")
+        lines.append(
+            f"  {p['threshold']:>9.4f} {p['escalation_rate']:>9.1%} {p['quality']:>12.4f} "
+            f"{'[' + format(p['quality_lo'], '.4f') + ', ' + format(p['quality_hi'], '.4f') + ']':>17} "
+            f"{p['usd_per_1m_rows']:>12.2f}{mark}"
+        )
     verdict = "meets" if record["met"] else "DOES NOT MEET"
-    saving = f", saving {c['saving_vs_frontier']:.1%} against the frontier alone" if c["saving_vs_frontier"] is not None else ""
-    lines.append(f"  chosen threshold {c['threshold']:.4f} {verdict} the target: {metric} {c['quality']:.4f} "
-                 f"[{c['quality_interval'][0]:.4f}, {c['quality_interval'][1]:.4f}], escalation "
-                 f"{c['escalation_rate']:.1%} [{c['escalation_interval'][0]:.1%}, {c['escalation_interval'][1]:.1%}], "
-                 f"${c['usd_per_1m_rows']:.2f}/1M rows{saving}")
+    saving = (
+        f", saving {c['saving_vs_frontier']:.1%} against the frontier alone"
+        if c["saving_vs_frontier"] is not None
+        else ""
+    )
+    lines.append(
+        f"  chosen threshold {c['threshold']:.4f} {verdict} the target: {metric} {c['quality']:.4f} "
+        f"[{c['quality_interval'][0]:.4f}, {c['quality_interval'][1]:.4f}], escalation "
+        f"{c['escalation_rate']:.1%} [{c['escalation_interval'][0]:.1%}, {c['escalation_interval'][1]:.1%}], "
+        f"${c['usd_per_1m_rows']:.2f}/1M rows{saving}"
+    )
     if c.get("probability_target_met") is not None:
-        lines.append(f"  the target holds there in {c['probability_target_met']:.0%} of "
-                     f"{record['bootstrap']['resamples']:,} bootstrap resamples of the validation rows")
+        lines.append(
+            f"  the target holds there in {c['probability_target_met']:.0%} of "
+            f"{record['bootstrap']['resamples']:,} bootstrap resamples of the validation rows"
+        )
     for warning in record["warnings"]:
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)

@@ -54,7 +54,7 @@ def load_job(path: str, name: str = "job") -> Job:
 
 
 def _validate(args) -> int:
-    from .runner import plan, required_source_columns
+    from .plan import plan, required_source_columns
 
     job = load_job(args.job_file, args.job)
     print(job.describe())
@@ -84,8 +84,14 @@ def _run(args) -> int:
     backfill = tuple(args.backfill.split(":", 1)) if args.backfill else None
     if backfill is not None and len(backfill) != 2:
         raise ConfigError("--backfill", f"must be FIRST:LAST dates, got {args.backfill!r}")
-    summary = run(job, address=args.address, progress=not args.no_progress, fresh=args.fresh,
-                  run_date=args.run_date, backfill=backfill)
+    summary = run(
+        job,
+        address=args.address,
+        progress=not args.no_progress,
+        fresh=args.fresh,
+        run_date=args.run_date,
+        backfill=backfill,
+    )
     print(summary.render(), flush=True)
     return 0
 
@@ -137,9 +143,12 @@ def _eval(args) -> int:
     job, labels, gold = _labelled(args)
     frame, sources = _labelled_output(job, labels, args, gold)
     if not sources:
-        raise ConfigError("--labels", "no stage has gold answers: give --labels FILE with a column named after a "
-                                      "stage (or --gold STAGE=COLUMN), or --gold STAGE=COLUMN for labels carried in "
-                                      "the input")
+        raise ConfigError(
+            "--labels",
+            "no stage has gold answers: give --labels FILE with a column named after a "
+            "stage (or --gold STAGE=COLUMN), or --gold STAGE=COLUMN for labels carried in "
+            "the input",
+        )
     every = None
     if args.frontier_all:
         every = escalate_all(job, job.sink.path + "-frontier-all")
@@ -173,10 +182,12 @@ def _calibrate(args) -> int:
     routed = [s.name for s in job.stages if s.routed]
     for target in targets:
         if target.stage is not None and target.stage not in routed:
-            raise ConfigError("--target", f"{target.text!r}: job has no routed stage {target.stage!r} (routed: {routed})")
+            raise ConfigError(
+                "--target", f"{target.text!r}: job has no routed stage {target.stage!r} (routed: {routed})"
+            )
     per_stage = {t.stage: t for t in targets if t.stage is not None}
     default = next((t for t in targets if t.stage is None), None)
-    chosen = {name: per_stage.get(name, default) for name in routed if per_stage.get(name, default) is not None}
+    chosen = {name: t for name in routed if (t := per_stage.get(name, default)) is not None}
     sink = args.sink_all or job.sink.path + "-calibration"
     every = escalate_all(job, sink)
     frame, sources = _labelled_output(every, labels, args, gold, list(chosen))
@@ -184,8 +195,14 @@ def _calibrate(args) -> int:
     records = []
     for name, target in chosen.items():
         rows = stage_rows(every, frame, name, gold_from_frontier=name not in sources)
-        record = calibrate_stage(rows, target, bootstrap=args.bootstrap, conservative=args.conservative,
-                                 gold_source=sources.get(name, "frontier"), frontier_model=job.frontier.model)
+        record = calibrate_stage(
+            rows,
+            target,
+            bootstrap=args.bootstrap,
+            conservative=args.conservative,
+            gold_source=sources.get(name, "frontier"),
+            frontier_model=job.frontier.model,
+        )
         records.append(record)
         print(render_calibration(record))
         plot = out.with_name(f"{out.name.removesuffix('.json')}.{name}.png")
@@ -204,8 +221,9 @@ def _feedback(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slmbatch", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="slmbatch", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -213,60 +231,98 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("job_file", metavar="JOB.py", help="Python file defining a slmbatch.Job")
         p.add_argument("--job", default="job", metavar="NAME", help="variable holding the Job (default: job)")
 
-    p = sub.add_parser("run", help="run a job to completion and print its summary",
-                       description="Run a job: stream its Parquet input through its stages and write the sink. "
-                                   "Prints progress and a one-screen summary; writes the summary as JSON to "
-                                   "<sink>/_slmbatch/runs/.")
+    p = sub.add_parser(
+        "run",
+        help="run a job to completion and print its summary",
+        description="Run a job: stream its Parquet input through its stages and write the sink. "
+        "Prints progress and a one-screen summary; writes the summary as JSON to "
+        "<sink>/_slmbatch/runs/.",
+    )
     job_args(p)
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: RAY_ADDRESS if set, e.g. under `ray job submit`, "
-                        "else start a local Ray)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: RAY_ADDRESS if set, e.g. under `ray job submit`, else start a local Ray)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress log lines")
-    p.add_argument("--run-date", metavar="YYYY-MM-DD", default=None,
-                   help="date this run is for (default: today, UTC). Input files already processed by any "
-                        "earlier run are skipped, so nightly runs only process new files and a rerun of the "
-                        "same date resumes or does nothing. With ParquetSink(partition_by_run_date=True) "
-                        "outputs go to <sink>/run_date=<date>/")
-    p.add_argument("--backfill", metavar="FIRST:LAST", default=None,
-                   help="reprocess, on purpose, the input files that runs dated FIRST..LAST processed, "
-                        "into their original run_date partitions")
-    p.add_argument("--fresh", action="store_true",
-                   help="forget the work recorded in the sink by earlier runs and process everything again "
-                        "(needed after changing stages, models or thresholds of a job whose sink has output)")
+    p.add_argument(
+        "--run-date",
+        metavar="YYYY-MM-DD",
+        default=None,
+        help="date this run is for (default: today, UTC). Input files already processed by any "
+        "earlier run are skipped, so nightly runs only process new files and a rerun of the "
+        "same date resumes or does nothing. With ParquetSink(partition_by_run_date=True) "
+        "outputs go to <sink>/run_date=<date>/",
+    )
+    p.add_argument(
+        "--backfill",
+        metavar="FIRST:LAST",
+        default=None,
+        help="reprocess, on purpose, the input files that runs dated FIRST..LAST processed, "
+        "into their original run_date partitions",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="forget the work recorded in the sink by earlier runs and process everything again "
+        "(needed after changing stages, models or thresholds of a job whose sink has output)",
+    )
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("validate", help="check a job definition (and its input) without running it",
-                       description="Load the job file, print the job, check vLLM engine options (if vLLM is "
-                                   "installed) and read the input files' footers. Exit 2 on any problem, "
-                                   "with a message naming the field.")
+    p = sub.add_parser(
+        "validate",
+        help="check a job definition (and its input) without running it",
+        description="Load the job file, print the job, check vLLM engine options (if vLLM is "
+        "installed) and read the input files' footers. Exit 2 on any problem, "
+        "with a message naming the field.",
+    )
     job_args(p)
     p.add_argument("--skip-input", action="store_true", help="do not look at the input files")
     p.add_argument("--skip-engine", action="store_true", help="do not check engine options against vLLM")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("status", help="what ran when, which run dates are complete, what input is pending",
-                       description="Read the ledger a job keeps in OUTPUT_DIR/_slmbatch (local or s3://) and "
-                                   "print its runs, completed run dates and the input files not processed yet.")
+    p = sub.add_parser(
+        "status",
+        help="what ran when, which run dates are complete, what input is pending",
+        description="Read the ledger a job keeps in OUTPUT_DIR/_slmbatch (local or s3://) and "
+        "print its runs, completed run dates and the input files not processed yet.",
+    )
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the job's sink path")
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("report", help="re-render a run's HTML report and print its summary",
-                       description="Re-render OUTPUT_DIR/_slmbatch/runs/<run>.html from the run's JSON summary "
-                                   "(the latest run unless --run) and print the one-screen summary.")
+    p = sub.add_parser(
+        "report",
+        help="re-render a run's HTML report and print its summary",
+        description="Re-render OUTPUT_DIR/_slmbatch/runs/<run>.html from the run's JSON summary "
+        "(the latest run unless --run) and print the one-screen summary.",
+    )
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the job's sink path")
     p.add_argument("--run", default=None, metavar="RUN_ID", help="which run (default: the latest)")
     p.set_defaults(func=_report)
 
     def labelled_args(p):
         job_args(p)
-        p.add_argument("--labels", metavar="FILE", help="gold answers: Parquet (file or directory), CSV or JSON lines, "
-                                                       "a column per stage (named as the stage, or see --gold)")
-        p.add_argument("--key", metavar="COLUMN", help="column identifying a row in both the labels file and the "
-                                                       "job's output (e.g. an id carried from the input)")
-        p.add_argument("--gold", action="append", default=[], metavar="STAGE=COLUMN",
-                       help="where a stage's gold is: a labels-file column, or without --labels an input column "
-                            "carried to the output (e.g. intent=label); COL1,COL2,... makes an extraction "
-                            "record of those columns (e.g. booking=people,date,time); repeatable")
+        p.add_argument(
+            "--labels",
+            metavar="FILE",
+            help="gold answers: Parquet (file or directory), CSV or JSON lines, "
+            "a column per stage (named as the stage, or see --gold)",
+        )
+        p.add_argument(
+            "--key",
+            metavar="COLUMN",
+            help="column identifying a row in both the labels file and the "
+            "job's output (e.g. an id carried from the input)",
+        )
+        p.add_argument(
+            "--gold",
+            action="append",
+            default=[],
+            metavar="STAGE=COLUMN",
+            help="where a stage's gold is: a labels-file column, or without --labels an input column "
+            "carried to the output (e.g. intent=label); COL1,COL2,... makes an extraction "
+            "record of those columns (e.g. booking=people,date,time); repeatable",
+        )
         p.add_argument("--source", metavar="PATH", help="run the job on this input instead (e.g. a labelled split)")
         p.add_argument("--sink", metavar="PATH", help="... and write its output here instead")
         p.add_argument("--no-run", action="store_true", help="read the output as it is; do not run or resume the job")
@@ -274,43 +330,66 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar or progress log lines")
 
-    p = sub.add_parser("eval", help="quality of the small model, the frontier and the cascade against labels",
-                       description="Run (or resume) the job, then score its output against gold answers, per stage: "
-                                   "classify accuracy and macro-F1; extract exact match and field precision/recall/F1; "
-                                   "summarize ROUGE-L - for the small model, the frontier on the escalated rows, the "
-                                   "cascade and (--frontier-all) the frontier on every row, with escalation rate and "
-                                   "$ per 1k rows.")
+    p = sub.add_parser(
+        "eval",
+        help="quality of the small model, the frontier and the cascade against labels",
+        description="Run (or resume) the job, then score its output against gold answers, per stage: "
+        "classify accuracy and macro-F1; extract exact match and field precision/recall/F1; "
+        "summarize ROUGE-L - for the small model, the frontier on the escalated rows, the "
+        "cascade and (--frontier-all) the frontier on every row, with escalation rate and "
+        "$ per 1k rows.",
+    )
     labelled_args(p)
-    p.add_argument("--frontier-all", action="store_true",
-                   help="also run the job with every row escalated (into <sink>-frontier-all) to measure the "
-                        "frontier alone on everything")
+    p.add_argument(
+        "--frontier-all",
+        action="store_true",
+        help="also run the job with every row escalated (into <sink>-frontier-all) to measure the "
+        "frontier alone on everything",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("calibrate", help="choose thresholds that meet a quality (or cost) target",
-                       description="Run the job on labelled validation rows with every routed stage escalating "
-                                   "every row (into <sink>-calibration), then pick per stage the threshold that meets "
-                                   "the target at the lowest escalation, with a bootstrap interval. Prints the "
-                                   "cost-quality curve, writes it as a plot and the thresholds file "
-                                   "(slmbatch.load_thresholds reads it). Exit 1 if a target cannot be met.")
+    p = sub.add_parser(
+        "calibrate",
+        help="choose thresholds that meet a quality (or cost) target",
+        description="Run the job on labelled validation rows with every routed stage escalating "
+        "every row (into <sink>-calibration), then pick per stage the threshold that meets "
+        "the target at the lowest escalation, with a bootstrap interval. Prints the "
+        "cost-quality curve, writes it as a plot and the thresholds file "
+        "(slmbatch.load_thresholds reads it). Exit 1 if a target cannot be met.",
+    )
     labelled_args(p)
-    p.add_argument("--target", action="append", required=True, metavar="TARGET",
-                   help="'accuracy>=0.95' (the stage's metric: accuracy, exact_match, rouge_l, or quality), "
-                        "'frontier_gap<=1pt', 'usd_per_1m<=5'; 'STAGE:...' for one stage; repeatable")
+    p.add_argument(
+        "--target",
+        action="append",
+        required=True,
+        metavar="TARGET",
+        help="'accuracy>=0.95' (the stage's metric: accuracy, exact_match, rouge_l, or quality), "
+        "'frontier_gap<=1pt', 'usd_per_1m<=5'; 'STAGE:...' for one stage; repeatable",
+    )
     p.add_argument("--out", metavar="FILE", help="thresholds file (default: JOB.thresholds.json next to the job file)")
-    p.add_argument("--sink-all", metavar="PATH", help="where the all-escalated validation run writes "
-                                                      "(default: <sink>-calibration)")
-    p.add_argument("--conservative", action="store_true",
-                   help="choose where the 95%% interval's lower end meets the target, not the point estimate")
+    p.add_argument(
+        "--sink-all", metavar="PATH", help="where the all-escalated validation run writes (default: <sink>-calibration)"
+    )
+    p.add_argument(
+        "--conservative",
+        action="store_true",
+        help="choose where the 95%% interval's lower end meets the target, not the point estimate",
+    )
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
     p.set_defaults(func=_calibrate)
 
-    p = sub.add_parser("feedback", help="escalated rows -> chat JSONL fine-tuning data for the small model",
-                       description="Read the job's output and write, per routed stage, the rows the frontier "
-                                   "answered as chat conversations (the small model's prompt + the frontier's "
-                                   "answer), deduplicated, with a held-out split: OUT/<stage>/{train,heldout}.jsonl.")
+    p = sub.add_parser(
+        "feedback",
+        help="escalated rows -> chat JSONL fine-tuning data for the small model",
+        description="Read the job's output and write, per routed stage, the rows the frontier "
+        "answered as chat conversations (the small model's prompt + the frontier's "
+        "answer), deduplicated, with a held-out split: OUT/<stage>/{train,heldout}.jsonl.",
+    )
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the job's sink path")
-    p.add_argument("--out", default="slmbatch-feedback", metavar="DIR", help="where to write (default: slmbatch-feedback)")
+    p.add_argument(
+        "--out", default="slmbatch-feedback", metavar="DIR", help="where to write (default: slmbatch-feedback)"
+    )
     p.add_argument("--holdout", type=float, default=0.1, help="held-out fraction, chosen by prompt hash (default 0.1)")
     p.add_argument("--stage", action="append", default=None, metavar="NAME", help="only this stage (repeatable)")
     p.set_defaults(func=_feedback)
@@ -319,8 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         return args.func(args)
     except ConfigError as exc:

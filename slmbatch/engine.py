@@ -20,11 +20,11 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .config import Model
 from .errors import ConfigError, EngineError
-from .job import Model
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,28 @@ def check_engine_options(model: Model, field: str) -> None:
             raise ConfigError(f"{field}.engine.{key}", f"vllm.LLM has no option {key!r}")
 
 
+def sampling_params(
+    *,
+    max_tokens: int,
+    min_tokens: int = 0,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+    json_schema: Mapping[str, Any] | None = None,
+) -> Any:
+    """vLLM ``SamplingParams`` for greedy decoding, constrained to ``json_schema`` when given."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return SamplingParams(
+        temperature=0.0,
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        structured_outputs=None if json_schema is None else StructuredOutputsParams(json=dict(json_schema)),
+    )
+
+
 class Replica:
     """One vLLM engine for one :class:`~slmbatch.Model`, living in the calling process.
 
@@ -165,17 +187,31 @@ class Replica:
 
     # -- inference --------------------------------------------------------------------
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], params) -> list[Any]:
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        max_tokens: int,
+        min_tokens: int = 0,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        json_schema: Mapping[str, Any] | None = None,
+    ) -> list[Any]:
+        """Greedy completions of ``prompt_ids`` (vLLM ``RequestOutput`` objects), decoding
+        constrained to ``json_schema`` when given (structured outputs, xgrammar)."""
+        params = sampling_params(
+            max_tokens=max_tokens,
+            min_tokens=min_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            json_schema=json_schema,
+        )
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
         return self.llm.generate(prompts, params, use_tqdm=False)
 
     def classify(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[float]]:
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
         return [out.outputs.probs for out in self.llm.classify(prompts, use_tqdm=False)]
-
-    @staticmethod
-    def is_dead(exc: BaseException) -> bool:
-        return type(exc).__name__ == "EngineDeadError"
 
     def shutdown(self) -> None:
         """Free the engine now rather than at interpreter exit."""

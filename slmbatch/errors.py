@@ -4,7 +4,9 @@ The hierarchy::
 
     SlmbatchError
     ├── ConfigError          a job definition is invalid (raised when it is defined,
-    │                        names the field and the value)
+    │   │                    names the field and the value)
+    │   ├── JobChangedError      the job differs from the one that wrote its sink
+    │   └── ConcurrentRunError   another run of the job is active on the same sink
     ├── InputError           the input cannot be read as the job says (no files,
     │                        a file without the job's columns); names the file
     ├── EngineError          a model replica failed for a whole batch
@@ -32,6 +34,14 @@ class ConfigError(SlmbatchError, ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"{field}: {message}")
+
+
+class JobChangedError(ConfigError):
+    """The job now differs from the one that produced the outputs in its sink."""
+
+
+class ConcurrentRunError(ConfigError):
+    """Another run of the job is active on the same sink."""
 
 
 class InputError(SlmbatchError):

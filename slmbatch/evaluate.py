@@ -24,134 +24,16 @@ A row with no answer scores 0.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import polars as pl
 
+from .columns import FRONTIER
 from .errors import ConfigError, InputError
 from .job import Job
-
-HEADLINE = {"classify": "accuracy", "extract": "exact_match", "summarize": "rouge_l"}
-
-
-# -- metrics -------------------------------------------------------------------------
-
-
-def accuracy(predictions: Sequence[Any], golds: Sequence[Any]) -> float:
-    return sum(p is not None and p == g for p, g in zip(predictions, golds)) / len(golds) if golds else math.nan
-
-
-def macro_f1(predictions: Sequence[Any], golds: Sequence[Any]) -> float:
-    labels = {g for g in golds} | {p for p in predictions if p is not None}
-    if not labels:
-        return math.nan
-    scores = []
-    for label in labels:
-        tp = sum(p == label and g == label for p, g in zip(predictions, golds))
-        fp = sum(p == label and g != label for p, g in zip(predictions, golds))
-        fn = sum(p != label and g == label for p, g in zip(predictions, golds))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return sum(scores) / len(scores)
-
-
-def _norm(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.strip().casefold()
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, Mapping):
-        return {k: _norm(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_norm(v) for v in value]
-    return value
-
-
-def as_record(value: Any) -> dict[str, Any] | None:
-    """An extraction answer or gold as a dict (JSON strings are parsed); None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise InputError(f"extraction gold/answer is not JSON: {value[:80]!r}") from None
-    if not isinstance(value, Mapping):
-        raise InputError(f"extraction gold/answer must be an object, got {value!r}")
-    return dict(value)
-
-
-def field_counts(prediction: Mapping | None, gold: Mapping | None) -> tuple[int, int, int]:
-    """``(tp, fp, fn)`` over the fields of one row (nulls are absent fields)."""
-    p = _norm(dict(prediction or {}))
-    g = _norm(dict(gold or {}))
-    tp = fp = fn = 0
-    for name in set(p) | set(g):
-        if name in p and name in g and p[name] == g[name]:
-            tp += 1
-            continue
-        fp += name in p
-        fn += name in g
-    return tp, fp, fn
-
-
-def exact_match(prediction: Mapping | None, gold: Mapping | None) -> bool:
-    return prediction is not None and _norm(dict(prediction)) == _norm(dict(gold or {}))
-
-
-def field_prf(predictions: Sequence[Mapping | None], golds: Sequence[Mapping | None]) -> dict[str, float]:
-    tp = fp = fn = 0
-    for p, g in zip(predictions, golds):
-        a, b, c = field_counts(p, g)
-        tp, fp, fn = tp + a, fp + b, fn + c
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"field_precision": precision, "field_recall": recall, "field_f1": f1}
-
-
-_ROUGE = None
-
-
-def rouge_l(prediction: str | None, reference: str) -> float:
-    global _ROUGE
-    if not prediction:
-        return 0.0
-    if _ROUGE is None:
-        from rouge_score import rouge_scorer
-
-        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return _ROUGE.score(reference, prediction)["rougeL"].fmeasure
-
-
-def row_score(kind: str, prediction: Any, gold: Any) -> float:
-    """One row's headline score in [0, 1] (what calibration averages)."""
-    if kind == "classify":
-        return float(prediction is not None and prediction == gold)
-    if kind == "extract":
-        return float(exact_match(as_record(prediction), as_record(gold)))
-    if kind == "summarize":
-        return rouge_l(prediction, gold)
-    raise ValueError(f"no metric for stage kind {kind!r}")
-
-
-def metrics(kind: str, predictions: Sequence[Any], golds: Sequence[Any]) -> dict[str, float]:
-    """Every metric of a family over aligned predictions and golds."""
-    n = len(golds)
-    if n == 0:
-        return {HEADLINE[kind]: math.nan}
-    if kind == "classify":
-        return {"accuracy": accuracy(predictions, golds), "macro_f1": macro_f1(predictions, golds)}
-    if kind == "extract":
-        preds = [as_record(p) for p in predictions]
-        gold = [as_record(g) for g in golds]
-        return {"exact_match": sum(exact_match(p, g) for p, g in zip(preds, gold)) / n, **field_prf(preds, gold)}
-    return {"rouge_l": sum(rouge_l(p, g) for p, g in zip(predictions, golds)) / n}
-
+from .stages import family
 
 # -- reading a run's output with its gold -----------------------------------------------
 
@@ -165,7 +47,7 @@ def read_output(job: Job, columns: Sequence[str] | None = None) -> pl.DataFrame:
 
     fs, _, files = list_parquet(job.sink.path, job.sink.storage_options)
     tables = [pq.read_table(f, filesystem=fs, columns=list(columns) if columns else None) for f in files]
-    return pl.from_arrow(pa.concat_tables(tables, promote_options="default"))
+    return pl.DataFrame(pa.concat_tables(tables, promote_options="default"))
 
 
 def read_labels(path: str) -> pl.DataFrame:
@@ -178,7 +60,7 @@ def read_labels(path: str) -> pl.DataFrame:
             return pl.read_ndjson(path)
         import pyarrow.parquet as pq
 
-        return pl.from_arrow(pq.read_table(path))
+        return pl.DataFrame(pq.read_table(path))
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise InputError(f"cannot read labels file {path!r}: {exc}") from exc
 
@@ -197,8 +79,14 @@ def parse_gold(specs: Sequence[str]) -> dict[str, str]:
 GOLD_PREFIX = "_gold_"
 
 
-def with_gold(job: Job, output: pl.DataFrame, labels: pl.DataFrame | None, key: str | None,
-              gold: Mapping[str, str], stages: Sequence[str] | None = None) -> tuple[pl.DataFrame, dict[str, str]]:
+def with_gold(
+    job: Job,
+    output: pl.DataFrame,
+    labels: pl.DataFrame | None,
+    key: str | None,
+    gold: Mapping[str, str],
+    stages: Sequence[str] | None = None,
+) -> tuple[pl.DataFrame, dict[str, str]]:
     """The output with a ``_gold_<stage>`` column per stage that has labels.
 
     A stage's gold is the column ``gold[stage]`` (default: a column named as
@@ -230,9 +118,12 @@ def with_gold(job: Job, output: pl.DataFrame, labels: pl.DataFrame | None, key: 
     if labels is None:
         return output.with_columns(picked), found
     if key is None:
-        raise ConfigError("--key", "a labels file needs --key COLUMN: the column that identifies a row "
-                                   "in both the labels file and the job's output (e.g. an id column; "
-                                   "_row_id works for labels keyed by slmbatch's row ids)")
+        raise ConfigError(
+            "--key",
+            "a labels file needs --key COLUMN: the column that identifies a row "
+            "in both the labels file and the job's output (e.g. an id column; "
+            "_row_id works for labels keyed by slmbatch's row ids)",
+        )
     for name, frame in (("labels file", labels), ("job output", output)):
         if key not in frame.columns:
             raise ConfigError("--key", f"column {key!r} is not in the {name} (columns: {frame.columns})")
@@ -270,31 +161,32 @@ def stage_rows(job: Job, frame: pl.DataFrame, name: str, *, gold_from_frontier: 
     ``gold_from_frontier``, a frontier answer used as the gold)."""
     stage = next(s for s in job.stages if s.name == name)
     n = stage.name
-    frame = frame.filter(pl.col(f"{n}_model").is_not_null())
+    c = stage.columns
+    frame = frame.filter(pl.col(c.model).is_not_null())
     routed = stage.routed
     if gold_from_frontier:
         if not routed:
             raise ConfigError(f"stage {n}", "has no threshold, so no frontier answers to use as gold")
-        frame = frame.with_columns(pl.col(f"{n}_frontier").alias(GOLD_PREFIX + n))
+        frame = frame.with_columns(pl.col(c.frontier).alias(GOLD_PREFIX + n))
     frame = frame.filter(pl.col(GOLD_PREFIX + n).is_not_null())
     empty = [None] * frame.height
-    small = frame[f"{n}_small"].to_list() if routed else frame[n].to_list()
-    errors = frame[f"{n}_error"].to_list()
-    escalation = frame[f"{n}_escalation"].to_list() if routed else empty
-    tokens = zip(frame[f"{n}_tokens_in"].fill_null(0).to_list(), frame[f"{n}_tokens_out"].fill_null(0).to_list())
+    small = frame[c.small].to_list() if routed else frame[n].to_list()
+    errors = frame[c.error].to_list()
+    escalation = frame[c.escalation].to_list() if routed else empty
+    tokens = zip(frame[c.tokens_in].fill_null(0).to_list(), frame[c.tokens_out].fill_null(0).to_list())
     return StageRows(
         name=n,
         kind=stage.kind,
         gold=frame[GOLD_PREFIX + n].to_list(),
         small=small,
-        confidence=frame[f"{n}_confidence"].to_list(),
+        confidence=frame[c.confidence].to_list(),
         cascade=frame[n].to_list(),
-        frontier=frame[f"{n}_frontier"].to_list() if routed else empty,
-        escalated=[r == "frontier" for r in frame[f"{n}_routed_to"].to_list()] if routed else [False] * frame.height,
+        frontier=frame[c.frontier].to_list() if routed else empty,
+        escalated=[r == FRONTIER for r in frame[c.routed_to].to_list()] if routed else [False] * frame.height,
         # An errored row with an escalation reason is one the cascade sends up.
         escalatable=[e is None or w is not None for e, w in zip(errors, escalation)],
         small_cost=[stage.model.cost_usd(a, b) for a, b in tokens],
-        frontier_cost=frame[f"{n}_frontier_cost_usd"].fill_null(0.0).to_list() if routed else [0.0] * frame.height,
+        frontier_cost=frame[c.frontier_cost_usd].fill_null(0.0).to_list() if routed else [0.0] * frame.height,
         routed=routed,
     )
 
@@ -305,44 +197,89 @@ def evaluate_stage(rows: StageRows, frontier_all: StageRows | None = None) -> di
     up = [i for i in range(n) if rows.escalated[i]]
 
     def system(name, predictions, golds, escalated, usd):
-        return {"system": name, "rows": len(golds), **metrics(rows.kind, predictions, golds),
-                "escalation_rate": escalated, "usd_per_1k_rows": usd}
+        return {
+            "system": name,
+            "rows": len(golds),
+            **family(rows.kind).metrics(predictions, golds),
+            "escalation_rate": escalated,
+            "usd_per_1k_rows": usd,
+        }
 
     small_usd = sum(rows.small_cost) / n * 1000 if n else math.nan
     frontier_usd = sum(rows.frontier_cost[i] for i in up) / len(up) * 1000 if up else math.nan
     table = [
         system("small model", rows.small, rows.gold, 0.0, small_usd),
-        system("cascade", rows.cascade, rows.gold, len(up) / n if n else math.nan,
-               (sum(rows.small_cost) + sum(rows.frontier_cost)) / n * 1000 if n else math.nan),
-        system("frontier, escalated rows", [rows.frontier[i] for i in up], [rows.gold[i] for i in up], 1.0, frontier_usd),
-        system("small model, escalated rows", [rows.small[i] for i in up], [rows.gold[i] for i in up], 0.0,
-               sum(rows.small_cost[i] for i in up) / len(up) * 1000 if up else math.nan),
+        system(
+            "cascade",
+            rows.cascade,
+            rows.gold,
+            len(up) / n if n else math.nan,
+            (sum(rows.small_cost) + sum(rows.frontier_cost)) / n * 1000 if n else math.nan,
+        ),
+        system(
+            "frontier, escalated rows", [rows.frontier[i] for i in up], [rows.gold[i] for i in up], 1.0, frontier_usd
+        ),
+        system(
+            "small model, escalated rows",
+            [rows.small[i] for i in up],
+            [rows.gold[i] for i in up],
+            0.0,
+            sum(rows.small_cost[i] for i in up) / len(up) * 1000 if up else math.nan,
+        ),
     ]
     if not rows.routed:
         del table[1:]  # no threshold: the small model is the whole answer
     elif frontier_all is not None:
         m = len(frontier_all)
-        table.append(system("frontier, all rows", frontier_all.frontier, frontier_all.gold, 1.0,
-                            sum(frontier_all.frontier_cost) / m * 1000 if m else math.nan))
+        table.append(
+            system(
+                "frontier, all rows",
+                frontier_all.frontier,
+                frontier_all.gold,
+                1.0,
+                sum(frontier_all.frontier_cost) / m * 1000 if m else math.nan,
+            )
+        )
     else:
-        table.append({"system": "frontier, all rows ($ estimated)", "rows": n,
-                      "escalation_rate": 1.0, "usd_per_1k_rows": frontier_usd})
-    return {"stage": rows.name, "kind": rows.kind, "metric": HEADLINE[rows.kind], "rows": n, "systems": table}
+        table.append(
+            {
+                "system": "frontier, all rows ($ estimated)",
+                "rows": n,
+                "escalation_rate": 1.0,
+                "usd_per_1k_rows": frontier_usd,
+            }
+        )
+    return {
+        "stage": rows.name,
+        "kind": rows.kind,
+        "metric": family(rows.kind).headline_metric,
+        "rows": n,
+        "systems": table,
+    }
 
 
 def render_eval(results: Sequence[Mapping[str, Any]], sources: Mapping[str, str]) -> str:
     lines = []
     for result in results:
-        metric_names = [k for k in result["systems"][0] if k not in ("system", "rows", "escalation_rate", "usd_per_1k_rows")]
-        lines.append(f"stage {result['stage']} ({result['kind']}): {result['rows']:,} labelled rows, gold from "
-                     f"{sources.get(result['stage'], '?')}; headline metric {result['metric']}")
-        header = f"  {'system':<34} {'rows':>6} " + " ".join(f"{m:>15}" for m in metric_names) + \
-                 f" {'escalated':>9} {'$ / 1k rows':>12}"
+        metric_names = [
+            k for k in result["systems"][0] if k not in ("system", "rows", "escalation_rate", "usd_per_1k_rows")
+        ]
+        lines.append(
+            f"stage {result['stage']} ({result['kind']}): {result['rows']:,} labelled rows, gold from "
+            f"{sources.get(result['stage'], '?')}; headline metric {result['metric']}"
+        )
+        header = (
+            f"  {'system':<34} {'rows':>6} "
+            + " ".join(f"{m:>15}" for m in metric_names)
+            + f" {'escalated':>9} {'$ / 1k rows':>12}"
+        )
         lines.append(header)
         for s in result["systems"]:
             cells = " ".join(f"{_fmt(s.get(m)):>15}" for m in metric_names)
-            lines.append(f"  {s['system']:<34} {s['rows']:>6,} {cells} {_pct(s['escalation_rate']):>9} "
-                         f"{_fmt(s['usd_per_1k_rows'], 5):>12}")
+            lines.append(
+                f"  {s['system']:<34} {s['rows']:>6,} {cells} {_pct(s['escalation_rate']):>9} "
+                f"{_fmt(s['usd_per_1k_rows'], 5):>12}"
+            )
     return "\n".join(lines)
 
 
@@ -363,8 +300,10 @@ def escalate_all(job: Job, sink: str) -> Job:
         raise ConfigError("Job.frontier", "calibration and --frontier-all need a frontier to ask")
     stages = [dataclasses.replace(s, threshold=1.0) if s.routed else s for s in job.stages]
     if not any(s.routed for s in stages):
-        raise ConfigError("Job.stages", "no stage has a threshold, so none is routed; give the stages to "
-                                        "calibrate a threshold (any value)")
+        raise ConfigError(
+            "Job.stages",
+            "no stage has a threshold, so none is routed; give the stages to calibrate a threshold (any value)",
+        )
     # The egress policy still holds: rows it keeps home have no frontier answer
     # and count as kept on the small model at every threshold.
     return dataclasses.replace(job, stages=stages, sink=dataclasses.replace(job.sink, path=sink))

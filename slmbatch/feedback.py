@@ -32,10 +32,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from .columns import FRONTIER, ROW_ID, StageColumns, routed_stage_names
 from .errors import InputError
 from .io import list_parquet
-
-SUFFIX = "_frontier_messages"
 
 
 def answer_text(value: Any) -> str:
@@ -45,69 +44,92 @@ def answer_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def routed_stages(schema_names: Sequence[str]) -> list[str]:
-    return [name[: -len(SUFFIX)] for name in schema_names if name.endswith(SUFFIX)]
-
-
 def in_holdout(key: str, fraction: float) -> bool:
     return int(key[:8], 16) / 0x100000000 < fraction
 
 
-def export_feedback(sink: str, out_dir: str, *, holdout: float = 0.1, stages: Sequence[str] | None = None,
-                    storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def export_feedback(
+    sink: str,
+    out_dir: str,
+    *,
+    holdout: float = 0.1,
+    stages: Sequence[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write ``<out_dir>/<stage>/{train,heldout}.jsonl`` and ``manifest.json``; return the manifest."""
     if not 0 <= holdout < 1:
         raise InputError(f"--holdout must be in [0, 1), got {holdout}")
     fs, _, files = list_parquet(sink, storage_options)
-    found = routed_stages(pq.read_schema(files[0], filesystem=fs).names)
+    found = routed_stage_names(pq.read_schema(files[0], filesystem=fs).names)
     if stages:
         missing = sorted(set(stages) - set(found))
         if missing:
             raise InputError(f"{sink} has no escalation records for stage(s) {missing}; routed stages: {found}")
         found = [s for s in found if s in stages]
     if not found:
-        raise InputError(f"{sink} holds no routed stage (no *{SUFFIX} column): nothing was ever escalated")
-    manifest: dict[str, Any] = {"sink": sink, "format": "chat JSONL: {'messages': [...], 'metadata': {...}}",
-                                "holdout": holdout, "stages": {}}
+        raise InputError(f"{sink} holds no routed stage (no *_routed_to column): nothing was ever escalated")
+    manifest: dict[str, Any] = {
+        "sink": sink,
+        "format": "chat JSONL: {'messages': [...], 'metadata': {...}}",
+        "holdout": holdout,
+        "stages": {},
+    }
     for stage in found:
         answers: dict[str, collections.Counter] = {}
         first: dict[str, dict[str, Any]] = {}
         escalated = 0
-        columns = ["_row_id", f"{stage}_routed_to", f"{stage}{SUFFIX}", f"{stage}_frontier", f"{stage}_small",
-                   f"{stage}_confidence"]
+        c = StageColumns(stage)
+        columns = [ROW_ID, c.routed_to, c.frontier_messages, c.frontier, c.small, c.confidence]
         for path in files:
             table = pq.read_table(path, filesystem=fs, columns=columns)
             for row in table.to_pylist():
-                if row[f"{stage}_routed_to"] != "frontier" or row[f"{stage}{SUFFIX}"] is None:
+                if row[c.routed_to] != FRONTIER or row[c.frontier_messages] is None:
                     continue
                 escalated += 1
-                asked = json.loads(row[f"{stage}{SUFFIX}"])
+                asked = json.loads(row[c.frontier_messages])
                 key = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
-                answer = answer_text(row[f"{stage}_frontier"])
+                answer = answer_text(row[c.frontier])
                 answers.setdefault(key, collections.Counter())[answer] += 1
-                first.setdefault(key, {"asked": asked, "row_id": row["_row_id"],
-                                       "small_answer": None if row[f"{stage}_small"] is None
-                                       else answer_text(row[f"{stage}_small"]),
-                                       "small_confidence": row[f"{stage}_confidence"]})
+                first.setdefault(
+                    key,
+                    {
+                        "asked": asked,
+                        "row_id": row[ROW_ID],
+                        "small_answer": None if row[c.small] is None else answer_text(row[c.small]),
+                        "small_confidence": row[c.confidence],
+                    },
+                )
         target = os.path.join(out_dir, stage)
         os.makedirs(target, exist_ok=True)
         counts = {"train": 0, "heldout": 0}
-        with open(os.path.join(target, "train.jsonl.tmp"), "w") as train, \
-                open(os.path.join(target, "heldout.jsonl.tmp"), "w") as held:
+        with (
+            open(os.path.join(target, "train.jsonl.tmp"), "w") as train,
+            open(os.path.join(target, "heldout.jsonl.tmp"), "w") as held,
+        ):
             for key, votes in answers.items():
                 answer = votes.most_common(1)[0][0]
                 info = first[key]
-                record = {"messages": [*info["asked"], {"role": "assistant", "content": answer}],
-                          "metadata": {"stage": stage, "row_id": info["row_id"], "small_answer": info["small_answer"],
-                                       "small_confidence": info["small_confidence"], "times_seen": sum(votes.values())}}
+                record = {
+                    "messages": [*info["asked"], {"role": "assistant", "content": answer}],
+                    "metadata": {
+                        "stage": stage,
+                        "row_id": info["row_id"],
+                        "small_answer": info["small_answer"],
+                        "small_confidence": info["small_confidence"],
+                        "times_seen": sum(votes.values()),
+                    },
+                }
                 split = "heldout" if in_holdout(key, holdout) else "train"
                 (held if split == "heldout" else train).write(json.dumps(record, ensure_ascii=False) + "\n")
                 counts[split] += 1
         for split in ("train", "heldout"):
             os.replace(os.path.join(target, f"{split}.jsonl.tmp"), os.path.join(target, f"{split}.jsonl"))
         manifest["stages"][stage] = {
-            "escalated_rows": escalated, "examples": len(answers), "duplicates_removed": escalated - len(answers),
-            "prompts_with_conflicting_answers": sum(len(v) > 1 for v in answers.values()), **counts,
+            "escalated_rows": escalated,
+            "examples": len(answers),
+            "duplicates_removed": escalated - len(answers),
+            "prompts_with_conflicting_answers": sum(len(v) > 1 for v in answers.values()),
+            **counts,
             "files": {split: os.path.join(target, f"{split}.jsonl") for split in ("train", "heldout")},
         }
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
@@ -118,8 +140,10 @@ def export_feedback(sink: str, out_dir: str, *, holdout: float = 0.1, stages: Se
 def render_manifest(manifest: Mapping[str, Any]) -> str:
     lines = [f"feedback from {manifest['sink']} (held out: {manifest['holdout']:.0%} by prompt hash)"]
     for stage, m in manifest["stages"].items():
-        lines.append(f"  {stage}: {m['escalated_rows']:,} escalated rows -> {m['examples']:,} examples "
-                     f"({m['duplicates_removed']:,} duplicates removed, {m['prompts_with_conflicting_answers']:,} "
-                     f"prompts with conflicting answers): train {m['train']:,} -> {m['files']['train']}, "
-                     f"held out {m['heldout']:,} -> {m['files']['heldout']}")
+        lines.append(
+            f"  {stage}: {m['escalated_rows']:,} escalated rows -> {m['examples']:,} examples "
+            f"({m['duplicates_removed']:,} duplicates removed, {m['prompts_with_conflicting_answers']:,} "
+            f"prompts with conflicting answers): train {m['train']:,} -> {m['files']['train']}, "
+            f"held out {m['heldout']:,} -> {m['files']['heldout']}"
+        )
     return "\n".join(lines)

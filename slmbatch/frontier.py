@@ -1,10 +1,9 @@
 """The frontier model: an OpenAI-compatible chat-completions endpoint, called politely.
 
-Three pieces, each usable alone:
+Two pieces, each usable alone, for the driver-side spec
+:class:`~slmbatch.config.Frontier` (where, which model, how hard to push it,
+what it costs):
 
-* :class:`Frontier` — the driver-side spec (where, which model, how hard to
-  push it, what it costs). Plain validated data: importing this module and
-  building one imports neither Ray nor httpx.
 * :class:`FrontierClient` — an async client (``httpx.AsyncClient``) that never
   raises for one request's failure: every call comes back as a
   :class:`FrontierReply`, answered or with a reason. It retries a named set of
@@ -34,22 +33,21 @@ import os
 import random
 import re
 import time
-import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .config import Frontier
 from .errors import FrontierError
-from .spec import check_non_negative, check_positive_int, require, set_field, spec
+from .spec import check_optional_rate
 
 if TYPE_CHECKING:
     import httpx
 
 __all__ = [
-    "Frontier",
     "FrontierClient",
     "FrontierReply",
     "FrontierRequest",
-    "RateLimiter",
+    "RateLimiter",  # noqa: F822 - built on first access by the module __getattr__
     "shared_rate_limiter",
 ]
 
@@ -68,141 +66,6 @@ MAX_RETRY_AFTER_S = 900.0
 
 #: Characters of a response body kept in a reason string.
 EXCERPT_CHARS = 200
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-
-
-def _check_optional_rate(value: Any, field: str) -> None:
-    require(
-        value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value)),
-        field,
-        f"must be a positive number or None (no limit), got {value!r}",
-    )
-
-
-def _check_positive(value: Any, field: str) -> None:
-    require(
-        isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value),
-        field,
-        f"must be a positive number, got {value!r}",
-    )
-
-
-@spec
-class Frontier:
-    """A frontier model behind an OpenAI-compatible ``/chat/completions`` endpoint.
-
-    Args:
-        base_url: the API root, up to and including the version segment
-            (``https://api.openai.com/v1``, ``http://127.0.0.1:8000/v1`` for a
-            vLLM server); requests go to ``{base_url}/chat/completions``. Must
-            not carry credentials.
-        model: the model name sent in every request.
-        api_key_env: the NAME of the environment variable holding the API key
-            (not the key). Read by the client at call time, in whichever
-            process calls; on a cluster the variable must be set where the
-            frontier actors run. None sends no ``Authorization`` header (a
-            local server). If the variable is unset, no header is sent either
-            and the server's 401 says so.
-        actors: frontier actors per job (each runs one :class:`FrontierClient`).
-        concurrency: requests in flight per actor; the job's total is
-            ``actors * concurrency``.
-        requests_per_minute: requests per minute for the whole job, shared by
-            all actors through one :class:`RateLimiter`; retries count. None:
-            no limit.
-        tokens_per_minute: estimated tokens per minute for the whole job
-            (prompt characters / 4 + ``max_tokens`` per attempt, as providers
-            count a request's ``max_tokens`` against the limit up front). None:
-            no limit.
-        timeout_s: seconds for one attempt, from sending to the last byte of
-            the response (connect, write, read and pool each also bounded by it).
-        max_attempts: attempts per request, the first included.
-        backoff_s: base of the exponential backoff, seconds; attempt ``n``'s
-            retry waits a random time in ``[0, min(max_backoff_s, backoff_s * 2**(n-1))]``
-            ("full jitter"), or at least the server's ``Retry-After``.
-        max_backoff_s: cap of the backoff before jitter, seconds.
-        price_in_per_mtok: USD per 1M prompt tokens.
-        price_out_per_mtok: USD per 1M completion tokens. The defaults are a
-            typical frontier model's list price (2.5 / 10 USD) so that cost
-            reports are never zero by accident; set both to your model's
-            actual price.
-    """
-
-    base_url: str
-    model: str
-    api_key_env: str | None = "OPENAI_API_KEY"
-    actors: int = 2
-    concurrency: int = 8
-    requests_per_minute: float | None = None
-    tokens_per_minute: float | None = None
-    timeout_s: float = 60.0
-    max_attempts: int = 5
-    backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
-    price_in_per_mtok: float = 2.5
-    price_out_per_mtok: float = 10.0
-
-    def __post_init__(self):
-        require(isinstance(self.base_url, str), "Frontier.base_url", f"must be an http(s) URL, got {self.base_url!r}")
-        parts = urllib.parse.urlsplit(self.base_url.strip())
-        # Checked before anything echoes the URL: it may hold a password.
-        require(parts.username is None and parts.password is None, "Frontier.base_url",
-                "must not contain credentials (user:password@); put the key in the environment "
-                "variable named by Frontier.api_key_env")
-        require(parts.scheme in ("http", "https") and bool(parts.hostname), "Frontier.base_url",
-                f"must be an http:// or https:// URL with a host, got {self.base_url!r}")
-        require(not parts.query and not parts.fragment, "Frontier.base_url",
-                f"must not have a query or fragment, got {self.base_url!r}")
-        try:
-            port_ok = parts.port is None or parts.port > 0
-        except ValueError:
-            port_ok = False
-        require(port_ok, "Frontier.base_url", f"has an invalid port, got {self.base_url!r}")
-        set_field(self, "base_url", self.base_url.strip().rstrip("/"))
-        require(isinstance(self.model, str) and self.model.strip() != "", "Frontier.model",
-                f"must be a model name, got {self.model!r}")
-        if self.api_key_env is not None:
-            # Never echo the value: a key pasted here by mistake must not reach a log.
-            require(isinstance(self.api_key_env, str) and _ENV_NAME.match(self.api_key_env) is not None,
-                    "Frontier.api_key_env",
-                    "must be the NAME of an environment variable (letters, digits, _; e.g. "
-                    f"'OPENAI_API_KEY'), not the key itself; got a {type(self.api_key_env).__name__}"
-                    + (f" of {len(self.api_key_env)} characters" if isinstance(self.api_key_env, str) else ""))
-        check_positive_int(self.actors, "Frontier.actors")
-        check_positive_int(self.concurrency, "Frontier.concurrency")
-        _check_optional_rate(self.requests_per_minute, "Frontier.requests_per_minute")
-        _check_optional_rate(self.tokens_per_minute, "Frontier.tokens_per_minute")
-        _check_positive(self.timeout_s, "Frontier.timeout_s")
-        check_positive_int(self.max_attempts, "Frontier.max_attempts")
-        check_non_negative(self.backoff_s, "Frontier.backoff_s")
-        check_non_negative(self.max_backoff_s, "Frontier.max_backoff_s")
-        require(self.max_backoff_s >= self.backoff_s, "Frontier.max_backoff_s",
-                f"must be >= Frontier.backoff_s ({self.backoff_s!r}), got {self.max_backoff_s!r}")
-        check_non_negative(self.price_in_per_mtok, "Frontier.price_in_per_mtok")
-        check_non_negative(self.price_out_per_mtok, "Frontier.price_out_per_mtok")
-        for name in ("requests_per_minute", "tokens_per_minute", "timeout_s", "backoff_s", "max_backoff_s",
-                     "price_in_per_mtok", "price_out_per_mtok"):
-            value = getattr(self, name)
-            if value is not None:
-                set_field(self, name, float(value))
-
-    @property
-    def chat_url(self) -> str:
-        return f"{self.base_url}/chat/completions"
-
-    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
-        """USD for one answered request at this spec's prices."""
-        return (prompt_tokens * self.price_in_per_mtok + completion_tokens * self.price_out_per_mtok) / 1e6
-
-    def describe(self) -> str:
-        limits = ", ".join(
-            f"{v:g} {unit}" for v, unit in ((self.requests_per_minute, "req/min"), (self.tokens_per_minute, "tok/min"))
-            if v is not None
-        ) or "no rate limit"
-        key = f"key from ${self.api_key_env}" if self.api_key_env else "no key"
-        return (f"{self.model} at {self.base_url} ({self.actors} actor(s) x {self.concurrency} in flight, {limits}, "
-                f"{key}, timeout {self.timeout_s:g} s, {self.max_attempts} attempt(s), "
-                f"${self.price_in_per_mtok:g}/${self.price_out_per_mtok:g} per 1M tokens in/out)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,8 +315,9 @@ class FrontierClient:
             if not outcome.retryable or attempt == f.max_attempts:
                 break
             delay = self._backoff(attempt, outcome.retry_after_s)
-            log.debug("frontier attempt %d/%d failed (%s); retrying in %.2f s",
-                      attempt, f.max_attempts, outcome.reason, delay)
+            log.debug(
+                "frontier attempt %d/%d failed (%s); retrying in %.2f s", attempt, f.max_attempts, outcome.reason, delay
+            )
             await asyncio.sleep(delay)
         if outcome.retryable:
             error = f"{outcome.reason} (gave up after {attempt} attempt(s))"
@@ -469,13 +333,20 @@ class FrontierClient:
             if isinstance(request, FrontierRequest):
                 request = dataclasses.asdict(request)
             if not isinstance(request, Mapping) or "messages" not in request or "max_tokens" not in request:
-                raise TypeError(f"requests[{i}] must be a FrontierRequest or a mapping with "
-                                f"'messages' and 'max_tokens', got {type(request).__name__}")
+                raise TypeError(
+                    f"requests[{i}] must be a FrontierRequest or a mapping with "
+                    f"'messages' and 'max_tokens', got {type(request).__name__}"
+                )
             unknown = set(request) - {"messages", "max_tokens", "response_format"}
             if unknown:
                 raise TypeError(f"requests[{i}] has unknown key(s) {sorted(unknown)}")
-            calls.append(self.complete(request["messages"], max_tokens=request["max_tokens"],
-                                       response_format=request.get("response_format")))
+            calls.append(
+                self.complete(
+                    request["messages"],
+                    max_tokens=request["max_tokens"],
+                    response_format=request.get("response_format"),
+                )
+            )
         return list(await asyncio.gather(*calls))
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
@@ -496,8 +367,9 @@ class FrontierClient:
         except Exception as e:  # the actor died or was never reachable: a job-level failure
             raise FrontierError(f"the shared frontier rate limiter is unavailable: {type(e).__name__}") from e
 
-    async def _attempt(self, http: httpx.AsyncClient, body: dict[str, Any],
-                       messages: Sequence[Mapping[str, Any]]) -> _Outcome:
+    async def _attempt(
+        self, http: httpx.AsyncClient, body: dict[str, Any], messages: Sequence[Mapping[str, Any]]
+    ) -> _Outcome:
         import httpx
 
         f = self.frontier
@@ -506,11 +378,13 @@ class FrontierClient:
         try:
             response = await asyncio.wait_for(http.post(f.chat_url, json=body, headers=headers), f.timeout_s)
         except (TimeoutError, httpx.TimeoutException) as e:
-            return _Outcome(reason=f"timeout: no complete response within {f.timeout_s:g} s ({type(e).__name__})",
-                            retryable=True)
+            return _Outcome(
+                reason=f"timeout: no complete response within {f.timeout_s:g} s ({type(e).__name__})", retryable=True
+            )
         except (httpx.NetworkError, httpx.RemoteProtocolError) as e:
-            return _Outcome(reason=f"connection error: {type(e).__name__}: {_scrub(str(e), key) or 'no detail'}",
-                            retryable=True)
+            return _Outcome(
+                reason=f"connection error: {type(e).__name__}: {_scrub(str(e), key) or 'no detail'}", retryable=True
+            )
         except httpx.HTTPError as e:
             return _Outcome(reason=f"request failed: {type(e).__name__}: {_scrub(str(e), key) or 'no detail'}")
 
@@ -522,8 +396,11 @@ class FrontierClient:
                 ms = parse_retry_after(retry_after_ms)
                 if ms is not None:  # finer than Retry-After's whole seconds: use it, as OpenAI's SDK does
                     retry_after = ms / 1000
-            return _Outcome(reason=f"HTTP {status}: {_error_excerpt(response.content, key)}",
-                            retryable=True, retry_after_s=retry_after)
+            return _Outcome(
+                reason=f"HTTP {status}: {_error_excerpt(response.content, key)}",
+                retryable=True,
+                retry_after_s=retry_after,
+            )
         if not 200 <= status < 300:
             hint = ""
             if status == 401 and f.api_key_env and not key:
@@ -533,9 +410,11 @@ class FrontierClient:
         try:
             data = json.loads(response.content)
         except ValueError:
-            return _Outcome(reason=f"malformed response: HTTP {status} body is not valid JSON: "
-                                   f"{_scrub(response.content.decode('utf-8', 'replace'), key) or '(empty body)'}",
-                            retryable=True)
+            return _Outcome(
+                reason=f"malformed response: HTTP {status} body is not valid JSON: "
+                f"{_scrub(response.content.decode('utf-8', 'replace'), key) or '(empty body)'}",
+                retryable=True,
+            )
         message, finish_reason = _first_message(data)
         content = message.get("content") if message is not None else None
         if not isinstance(content, str):
@@ -552,15 +431,17 @@ class FrontierClient:
             prompt_tokens = math.ceil(_content_chars(messages) / 4)
         if completion_tokens is None:
             completion_tokens = math.ceil(len(content) / 4)
-        return _Outcome(reply=FrontierReply(
-            text=content,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            attempts=0,
-            cost_usd=f.cost_usd(prompt_tokens, completion_tokens),
-            finish_reason=finish_reason,
-            usage_estimated=estimated,
-        ))
+        return _Outcome(
+            reply=FrontierReply(
+                text=content,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                attempts=0,
+                cost_usd=f.cost_usd(prompt_tokens, completion_tokens),
+                finish_reason=finish_reason,
+                usage_estimated=estimated,
+            )
+        )
 
 
 def _first_message(data: Any) -> tuple[Mapping[str, Any] | None, str | None]:
@@ -669,8 +550,7 @@ class _RateLimiter:
 
     def capacity(self) -> tuple[float | None, float | None]:
         """Bucket capacities (requests, tokens): the most that may go in a burst."""
-        return (self._requests.capacity if self._requests else None,
-                self._tokens.capacity if self._tokens else None)
+        return (self._requests.capacity if self._requests else None, self._tokens.capacity if self._tokens else None)
 
     def stats(self) -> dict[str, float]:
         return {"granted": self._granted, "granted_tokens": self._granted_tokens, "waited_s": self._waited_s}
@@ -724,8 +604,8 @@ def shared_rate_limiter(
         return None
     import ray
 
-    _check_optional_rate(requests_per_minute, "Frontier.requests_per_minute")
-    _check_optional_rate(tokens_per_minute, "Frontier.tokens_per_minute")
+    check_optional_rate(requests_per_minute, "Frontier.requests_per_minute")
+    check_optional_rate(tokens_per_minute, "Frontier.tokens_per_minute")
     options: dict[str, Any] = {"name": name, "get_if_exists": True}
     if namespace is not None:
         options["namespace"] = namespace
@@ -733,6 +613,7 @@ def shared_rate_limiter(
     want = (requests_per_minute, tokens_per_minute, burst_s)
     have = tuple(ray.get(handle.limits.remote()))
     if have != want:
-        raise FrontierError(f"rate limiter {name!r} already exists with limits {have} "
-                            f"(requests/min, tokens/min, burst s), not {want}")
+        raise FrontierError(
+            f"rate limiter {name!r} already exists with limits {have} (requests/min, tokens/min, burst s), not {want}"
+        )
     return handle

@@ -9,9 +9,11 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from typing import Any
 
-from .report import BINS
+from .io import output_path, write_text
+from .report import BINS, RunSummary
 
 
 def _png(fig) -> str:
@@ -76,23 +78,41 @@ def cost_quality_figure(calibration: dict[str, Any], observed_escalation: float 
     points = calibration["curve"]
     chosen = calibration["chosen"]
     metric = calibration["metric"]
-    for ax, key, scale, label in ((left, "usd_per_1m_rows", 1.0, "$ per 1M rows"),
-                                  (right, "escalation_rate", 100.0, "escalated rows (%)")):
+    for ax, key, scale, label in (
+        (left, "usd_per_1m_rows", 1.0, "$ per 1M rows"),
+        (right, "escalation_rate", 100.0, "escalated rows (%)"),
+    ):
         x = [p[key] * scale for p in points]
-        ax.fill_between(x, [p["quality_lo"] for p in points], [p["quality_hi"] for p in points], color="#4c78a8",
-                        alpha=0.2, linewidth=0, label="95% interval")
+        ax.fill_between(
+            x,
+            [p["quality_lo"] for p in points],
+            [p["quality_hi"] for p in points],
+            color="#4c78a8",
+            alpha=0.2,
+            linewidth=0,
+            label="95% interval",
+        )
         ax.plot(x, [p["quality"] for p in points], color="#4c78a8", label="cascade")
         ax.axhline(calibration["frontier_quality"], color="#f58518", linestyle=":", label="frontier alone")
         ax.axhline(calibration["small_quality"], color="#54a24b", linestyle=":", label="small model alone")
-        ax.plot([chosen[key] * scale], [chosen["quality"]], marker="o", color="#e45756", linestyle="none",
-                label=f"chosen: threshold {chosen['threshold']:.3f}")
+        ax.plot(
+            [chosen[key] * scale],
+            [chosen["quality"]],
+            marker="o",
+            color="#e45756",
+            linestyle="none",
+            label=f"chosen: threshold {chosen['threshold']:.3f}",
+        )
         ax.set_xlabel(label)
         ax.set_ylabel(metric)
     if observed_escalation is not None:
         right.axvline(observed_escalation * 100, color="#9d755d", linestyle="--", label="this run")
     right.legend(loc="lower right", fontsize=7)
-    fig.suptitle(f"{calibration['stage']}: cost-quality curve ({calibration['rows']:,} validation rows, "
-                 f"target {calibration['target']})", fontsize=10)
+    fig.suptitle(
+        f"{calibration['stage']}: cost-quality curve ({calibration['rows']:,} validation rows, "
+        f"target {calibration['target']})",
+        fontsize=10,
+    )
     return fig
 
 
@@ -119,26 +139,81 @@ def render_html(data: dict[str, Any]) -> str:
         f"<p>job <b>{html.escape(data['job'])}</b>, run date {html.escape(data.get('run_date') or '-')}, "
         f"started {html.escape(data['started'])}, {data['wall_s']:.1f} s; output <code>{html.escape(data['sink'])}</code></p>",
         "<h2>Rows</h2>",
-        _table(["rows in", "rows written", "done by earlier runs", "in files set aside", "rows/s"],
-               [[data["rows_in"], data["rows_out"], data["rows_done_before"], data["rows_in_failed_files"],
-                 f"{data['rows_per_s']:.1f}"]]),
-        _table(["stage", "kind", "ran", "answered", "errored", "skipped", "below threshold", "escalated",
-                "frontier failed", "not sent", "mean confidence", "rows/s per replica"],
-               [[s["name"], s["kind"], s["ran"], s["answered"], s["errored"], s["skipped"], s["escalation_wanted"],
-                 s["escalated"], s["frontier_failed"], s["not_sent"],
-                 f"{s['mean_confidence']:.3f}" if s["mean_confidence"] is not None else "-",
-                 f"{s['rows_per_busy_s']:.0f}" if s.get("rows_per_busy_s") else "-"] for s in stages]),
+        _table(
+            ["rows in", "rows written", "done by earlier runs", "in files set aside", "rows/s"],
+            [
+                [
+                    data["rows_in"],
+                    data["rows_out"],
+                    data["rows_done_before"],
+                    data["rows_in_failed_files"],
+                    f"{data['rows_per_s']:.1f}",
+                ]
+            ],
+        ),
+        _table(
+            [
+                "stage",
+                "kind",
+                "ran",
+                "answered",
+                "errored",
+                "skipped",
+                "below threshold",
+                "escalated",
+                "frontier failed",
+                "not sent",
+                "mean confidence",
+                "rows/s per replica",
+            ],
+            [
+                [
+                    s["name"],
+                    s["kind"],
+                    s["ran"],
+                    s["answered"],
+                    s["errored"],
+                    s["skipped"],
+                    s["escalation_wanted"],
+                    s["escalated"],
+                    s["frontier_failed"],
+                    s["not_sent"],
+                    f"{s['mean_confidence']:.3f}" if s["mean_confidence"] is not None else "-",
+                    f"{s['rows_per_busy_s']:.0f}" if s.get("rows_per_busy_s") else "-",
+                ]
+                for s in stages
+            ],
+        ),
         "<h2>Confidence</h2><div class='plots'>",
-        *(f"<img alt='confidence histogram of {html.escape(s['name'])}' src='{confidence_plot(s, s.get('threshold'))}'>"
-          for s in stages if s["answered"]),
+        *(
+            f"<img alt='confidence histogram of {html.escape(s['name'])}' src='{confidence_plot(s, s.get('threshold'))}'>"
+            for s in stages
+            if s["answered"]
+        ),
         "</div><h2>Escalation, tokens and cost</h2>",
-        _table(["stage", "escalation rate", "small tokens in/out", "frontier tokens in/out", "small $", "frontier $",
-                "all-frontier $ (est.)"],
-               [[s["name"], f"{s['escalated'] / s['ran']:.1%}" if s["ran"] else "-",
-                 f"{s['tokens_in']:,}/{s['tokens_out']:,}", f"{s['frontier_tokens_in']:,}/{s['frontier_tokens_out']:,}",
-                 f"{s['small_cost_usd']:.4f}", f"{s['frontier_cost_usd']:.4f}",
-                 f"{s['all_frontier_cost_usd']:.4f}" if s.get("all_frontier_cost_usd") is not None else "-"]
-                for s in stages]),
+        _table(
+            [
+                "stage",
+                "escalation rate",
+                "small tokens in/out",
+                "frontier tokens in/out",
+                "small $",
+                "frontier $",
+                "all-frontier $ (est.)",
+            ],
+            [
+                [
+                    s["name"],
+                    f"{s['escalated'] / s['ran']:.1%}" if s["ran"] else "-",
+                    f"{s['tokens_in']:,}/{s['tokens_out']:,}",
+                    f"{s['frontier_tokens_in']:,}/{s['frontier_tokens_out']:,}",
+                    f"{s['small_cost_usd']:.4f}",
+                    f"{s['frontier_cost_usd']:.4f}",
+                    f"{s['all_frontier_cost_usd']:.4f}" if s.get("all_frontier_cost_usd") is not None else "-",
+                ]
+                for s in stages
+            ],
+        ),
         f"<p>This run: ${small + frontier:.4f}; saving against all-frontier: {saving}</p>",
         f"<div class='plots'><img alt='cost' src='{cost_plot(small, frontier, baseline)}'>",
     ]
@@ -147,22 +222,39 @@ def render_html(data: dict[str, Any]) -> str:
         parts.append("</div><h2>Cost-quality curves (thresholds from calibration)</h2><div class='plots'>")
         for s in calibrated:
             observed = s["escalation_wanted"] / s["ran"] if s["ran"] else None
-            parts.append(f"<img alt='cost-quality curve of {html.escape(s['name'])}' "
-                         f"src='{cost_quality_plot(s['calibration'], observed)}'>")
+            parts.append(
+                f"<img alt='cost-quality curve of {html.escape(s['name'])}' "
+                f"src='{cost_quality_plot(s['calibration'], observed)}'>"
+            )
     if len(data.get("timeline") or []) > 1:
         parts.append(f"<img alt='throughput over time' src='{throughput_plot(data['timeline'])}'>")
     parts.append("</div>")
     slow = sorted(data.get("shard_seconds") or [], key=lambda r: -r[1])[:10]
     if slow:
         parts += ["<h2>Slowest shards</h2>", _table(["shard", "seconds (first row to written)", "rows"], slow)]
-    errors = [[s["name"], count, reason, s.get("error_examples", {}).get(reason, "")]
-              for s in stages for reason, count in sorted(s["errors"].items(), key=lambda kv: -kv[1])]
+    errors = [
+        [s["name"], count, reason, s.get("error_examples", {}).get(reason, "")]
+        for s in stages
+        for reason, count in sorted(s["errors"].items(), key=lambda kv: -kv[1])
+    ]
     if errors:
         parts += ["<h2>Errors by reason</h2>", _table(["stage", "rows", "reason", "example row"], errors)]
     if data.get("skipped_files"):
         parts += ["<h2>Files set aside</h2>", _table(["file", "reason"], data["skipped_files"])]
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}"
-             ".plots img{margin:4px;border:1px solid #eee}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>slmbatch {html.escape(data['run_id'])}</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}"
+        ".plots img{margin:4px;border:1px solid #eee}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>slmbatch {html.escape(data['run_id'])}</title>"
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    )
+
+
+def write_run_report(job, summary: RunSummary) -> None:
+    """``<sink>/_slmbatch/runs/<run_id>.json`` (machine) and ``.html`` (people)."""
+    base = output_path(job.sink.path, f"_slmbatch/runs/{summary.run_id}")
+    text = summary.to_json()
+    write_text(base + ".json", text, job.sink.storage_options)
+    write_text(base + ".html", render_html(json.loads(text)), job.sink.storage_options)

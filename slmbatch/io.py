@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError
-from .faults import fault_point
+from .hooks import checkpoint
 
 _GLOB_CHARS = set("*?[")
 
@@ -127,7 +127,9 @@ def plan_shards(
 
     with ThreadPoolExecutor(max_workers=min(threads, len(files))) as pool:
         footers = list(pool.map(footer, files))
-    shards, skipped, schema, reference, skipped_rows = [], [], None, "", 0
+    shards: list[Shard] = []
+    skipped: list[tuple[str, str]] = []
+    schema, reference, skipped_rows = None, "", 0
     for f, (meta, file_schema, error) in zip(files, footers):
         if error is None:
             missing = [c for c in required if c not in file_schema.names]
@@ -141,25 +143,31 @@ def plan_shards(
             continue
         if schema is None and meta.num_rows:
             schema, reference = file_schema, protocol + f
-        shards.append(Shard(
-            index=len(shards),
-            path=protocol + f,
-            key=posixpath.relpath(f, root),
-            num_rows=meta.num_rows,
-            row_groups=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
-        ))
+        shards.append(
+            Shard(
+                index=len(shards),
+                path=protocol + f,
+                key=posixpath.relpath(f, root),
+                num_rows=meta.num_rows,
+                row_groups=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
+            )
+        )
     if schema is None:  # only empty files: any of their schemas will do
         schema = next((s for _, s, e in footers if e is None), None)
     return Plan(shards=shards, skipped=skipped, schema=schema, skipped_rows=skipped_rows)
 
 
-def _schema_difference(reference: pa.Schema, schema: pa.Schema, columns: Sequence[str] | None, where: str) -> str | None:
+def _schema_difference(
+    reference: pa.Schema, schema: pa.Schema, columns: Sequence[str] | None, where: str
+) -> str | None:
     for name in columns or reference.names:
         if name not in schema.names:
             return f"schema differs from {where}: no column {name!r}"
         if schema.field(name).type != reference.field(name).type:
-            return (f"schema differs from {where}: column {name!r} is {schema.field(name).type}, "
-                    f"not {reference.field(name).type}")
+            return (
+                f"schema differs from {where}: column {name!r} is {schema.field(name).type}, "
+                f"not {reference.field(name).type}"
+            )
     return None
 
 
@@ -175,7 +183,9 @@ def output_path(sink_root: str, key: str) -> str:
     return posixpath.join(sink_root.rstrip("/"), key)
 
 
-def write_parquet_atomic(table: pa.Table, url: str, storage_options: Mapping[str, Any] | None, compression: str) -> None:
+def write_parquet_atomic(
+    table: pa.Table, url: str, storage_options: Mapping[str, Any] | None, compression: str
+) -> None:
     """Write ``table`` so that readers see either no file or the whole file.
 
     Local disk: write a hidden temporary file in the same directory, then
@@ -192,7 +202,7 @@ def write_parquet_atomic(table: pa.Table, url: str, storage_options: Mapping[str
             pq.write_table(table, tmp, compression=codec)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-            fault_point("writing")
+            checkpoint("writing")
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -39,13 +39,16 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import posixpath
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .errors import ConfigError
-from .io import filesystem, output_path, remove_stale_temporaries, write_text
-from .job import Job, Model
+from .config import Model
+from .errors import ConcurrentRunError, JobChangedError
+from .io import Plan, Shard, filesystem, output_path, remove_stale_temporaries, write_text
+from .job import Job
 
 log = logging.getLogger("slmbatch")
 
@@ -54,20 +57,16 @@ META = "_slmbatch"
 _RUNTIME_ONLY = {"replicas", "num_cpus", "num_gpus", "threads", "batch_size", "price_in_per_mtok", "price_out_per_mtok"}
 
 
-class JobChangedError(ConfigError):
-    """The job now differs from the one that produced the outputs in its sink."""
-
-
-class ConcurrentRunError(ConfigError):
-    """Another run of the job is active on the same sink."""
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, Model):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name not in _RUNTIME_ONLY}
+        return {
+            f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name not in _RUNTIME_ONLY
+        }
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {"kind": type(value).__name__,
-                **{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "_"}}
+        return {
+            "kind": type(value).__name__,
+            **{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "_"},
+        }
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -101,15 +100,69 @@ def _differences(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [f"{path}: {json.dumps(old, default=str)[:60]} -> {json.dumps(new, default=str)[:60]}"]
 
 
+@dataclasses.dataclass
+class Todo:
+    """What a run processes: the shards, and where each one's output goes."""
+
+    shards: list[Shard]
+    out_keys: dict[int, tuple[str, str]]  # shard index -> (output key under the sink, run date)
+    rows_done_before: int = 0
+    files_done_before: int = 0
+
+
+def partitioned(job: Job, key: str, day: dt.date) -> str:
+    """Output key of a shard: under ``run_date=<day>/`` when the sink partitions by run date."""
+    return f"run_date={day.isoformat()}/{key}" if job.sink.partition_by_run_date else key
+
+
 class Ledger:
-    """Completed shards of one sink (see module docstring)."""
+    """Completed shards of one sink (see module docstring).
+
+    ``Ledger(job)`` for a run of that job; :meth:`open` to read a sink without
+    its job (``slmbatch status``, reports).
+    """
 
     def __init__(self, job: Job):
-        self.job = job
+        self.job: Job | None = job
         self.sink = job.sink.path
-        self.options = job.sink.storage_options
+        self.options: Mapping[str, Any] = job.sink.storage_options
         self.config = job_config(job)
         self.fingerprint = fingerprint(self.config)
+
+    @classmethod
+    def open(cls, sink: str, storage_options: Mapping[str, Any] | None = None) -> Ledger:
+        """The ledger of ``sink`` as its runs left it, for reading (no job needed)."""
+        self = cls.__new__(cls)
+        self.job = None
+        self.sink = sink
+        self.options = storage_options or {}
+        recorded = self.recorded_job() or {}
+        self.config = recorded.get("config", {})
+        self.fingerprint = recorded.get("fingerprint", "")
+        return self
+
+    def recorded_job(self) -> dict | None:
+        """``_slmbatch/job.json``: the job that wrote this sink, or None if nothing did."""
+        return self._read_json(self._url("job.json"))
+
+    def active_run(self) -> dict | None:
+        """The lock of the run now active on this sink (``_slmbatch/active.json``), if any."""
+        return self._read_json(self._url("active.json"))
+
+    def runs(self) -> dict[str, dict]:
+        """Run id -> its summary, for every run that finished."""
+        return self._read_all("runs")
+
+    def _read_all(self, prefix: str) -> dict[str, dict]:
+        fs, root = filesystem(self._url(prefix), self.options)
+        if not fs.exists(root):
+            return {}
+        out = {}
+        for path in sorted(fs.find(root)):
+            if path.endswith(".json"):
+                with fs.open(path, "r") as f:
+                    out[posixpath.relpath(path, root)[: -len(".json")]] = json.load(f)
+        return out
 
     def _url(self, *parts: str) -> str:
         return output_path(self.sink, posixpath.join(META, *parts))
@@ -121,9 +174,15 @@ class Ledger:
         with fs.open(path, "r") as f:
             return json.load(f)
 
+    def _job(self) -> Job:
+        if self.job is None:
+            raise TypeError("a Ledger opened from a sink path is read-only; build Ledger(job) to run")
+        return self.job
+
     def check_job(self, *, fresh: bool = False) -> None:
         """Refuse to mix outputs of a changed job, unless ``fresh`` (then forget
         all completed work and start over). Records the job on first use."""
+        job = self._job()
         url = self._url("job.json")
         removed = remove_stale_temporaries(self.sink)
         if removed:
@@ -131,10 +190,10 @@ class Ledger:
         if fresh:
             self.forget()
         recorded = self._read_json(url)
-        if recorded is not None and recorded.get("source", self.job.source.path) != self.job.source.path:
+        if recorded is not None and recorded.get("source", job.source.path) != job.source.path:
             raise JobChangedError(
                 "Job.source.path",
-                f"{self.sink} holds output of source {recorded['source']!r}, not {self.job.source.path!r}: shards are "
+                f"{self.sink} holds output of source {recorded['source']!r}, not {job.source.path!r}: shards are "
                 "recorded by their path relative to the source, so files of two sources would be mistaken for "
                 "each other. Use one source path per sink (e.g. a sink per input date), or --fresh.",
             )
@@ -146,27 +205,74 @@ class Ledger:
                 "mixing their outputs would be wrong. Use a new sink, or rerun with --fresh to discard that output.",
             )
         if recorded is None:
-            write_text(url, json.dumps({"job": self.job.name, "fingerprint": self.fingerprint, "config": self.config,
-                                        "source": self.job.source.path, "recorded_at": _now()},
-                                       indent=2, default=str), self.options)
+            write_text(
+                url,
+                json.dumps(
+                    {
+                        "job": job.name,
+                        "fingerprint": self.fingerprint,
+                        "config": self.config,
+                        "source": job.source.path,
+                        "recorded_at": _now(),
+                    },
+                    indent=2,
+                    default=str,
+                ),
+                self.options,
+            )
 
     def completed(self) -> dict[str, dict]:
         """Shard key -> its marker, for every completed shard."""
-        fs, root = filesystem(self._url("done"), self.options)
-        if not fs.exists(root):
-            return {}
-        done = {}
-        for path in fs.find(root):
-            if not path.endswith(".json"):
+        return self._read_all("done")
+
+    def todo(self, plan: Plan, day: dt.date, window: tuple[dt.date, dt.date] | None = None) -> Todo:
+        """The shards of ``plan`` this run processes, and where each one's output goes.
+
+        Without ``window``: every shard with no marker, or whose row count
+        changed since it was processed (logged), into run date ``day``. With a
+        backfill ``window`` (first, last): exactly the shards that runs of those
+        dates processed, back into their original partitions.
+        """
+        job = self._job()
+        done = self.completed()
+        todo = Todo(shards=[], out_keys={})
+        for shard in plan.shards:
+            record = done.get(shard.key)
+            if window is not None:
+                recorded = dt.date.fromisoformat(record["run_date"]) if record and record.get("run_date") else None
+                if recorded is None or not window[0] <= recorded <= window[1]:
+                    todo.rows_done_before += shard.num_rows
+                    todo.files_done_before += 1
+                    continue
+                todo.out_keys[shard.index] = (partitioned(job, shard.key, recorded), recorded.isoformat())
+                todo.shards.append(shard)
                 continue
-            key = posixpath.relpath(path, root)[: -len(".json")]
-            with fs.open(path, "r") as f:
-                done[key] = json.load(f)
-        return done
+            if record is not None and record["rows"] == shard.num_rows:
+                todo.rows_done_before += shard.num_rows
+                todo.files_done_before += 1
+                continue
+            if record is not None:
+                log.warning(
+                    "input %s changed since it was processed (%d -> %d rows): processing it again",
+                    shard.path,
+                    record["rows"],
+                    shard.num_rows,
+                )
+            todo.out_keys[shard.index] = (partitioned(job, shard.key, day), day.isoformat())
+            todo.shards.append(shard)
+        return todo
 
     def mark_done(self, key: str, *, source: str, rows: int, output: str, run_id: str, **extra: Any) -> None:
-        record = {"key": key, "source": source, "rows": rows, "output": output, "run_id": run_id,
-                  "fingerprint": self.fingerprint, "completed_at": _now(), **extra}
+        record = {
+            "key": key,
+            "source": source,
+            "rows": rows,
+            "output": output,
+            "run_id": run_id,
+            "fingerprint": self.fingerprint,
+            "completed_at": _now(),
+            **extra,
+        }
         write_text(self._url("done", key + ".json"), json.dumps(record, indent=2), self.options)
 
     @contextlib.contextmanager
@@ -181,16 +287,17 @@ class Ledger:
         Read-then-write, not atomic on S3: it guards against scheduling
         mistakes, not against a race within milliseconds.
         """
-        import os
-        import socket
-
         url = self._url("active.json")
         holder = self._read_json(url)
         if holder is not None:
             same_host = holder.get("host") == socket.gethostname()
             if same_host and not _pid_alive(holder.get("pid", -1)):
-                log.warning("taking over the lock of run %s (run date %s): its process %s is gone",
-                            holder.get("run_id"), holder.get("run_date"), holder.get("pid"))
+                log.warning(
+                    "taking over the lock of run %s (run date %s): its process %s is gone",
+                    holder.get("run_id"),
+                    holder.get("run_date"),
+                    holder.get("pid"),
+                )
             else:
                 raise ConcurrentRunError(
                     "Job.sink.path",
@@ -198,8 +305,19 @@ class Ledger:
                     f"pid {holder.get('pid')}, started {holder.get('started')}) is still active on {self.sink}; "
                     f"refusing to start a second one. If it died, delete {url}.",
                 )
-        write_text(url, json.dumps({"run_id": run_id, "run_date": run_date.isoformat(), "host": socket.gethostname(),
-                                    "pid": os.getpid(), "started": _now()}), self.options)
+        write_text(
+            url,
+            json.dumps(
+                {
+                    "run_id": run_id,
+                    "run_date": run_date.isoformat(),
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "started": _now(),
+                }
+            ),
+            self.options,
+        )
         try:
             yield
         finally:
@@ -220,8 +338,6 @@ class Ledger:
 
 
 def _pid_alive(pid: int) -> bool:
-    import os
-
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -12,6 +12,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .columns import FRONTIER
+
 _TAGS = ("job", "stage", "model")
 
 
@@ -40,31 +42,40 @@ class StageMetrics:
             return
         from ray.util.metrics import Gauge
 
-        gauge = Gauge("slmbatch_engine_threads", description="intra-op threads of a CPU replica's engine",
-                      tag_keys=_TAGS)
+        gauge = Gauge(
+            "slmbatch_engine_threads", description="intra-op threads of a CPU replica's engine", tag_keys=_TAGS
+        )
         for stage in stages:
             gauge.set(threads, tags={"job": self.job, "stage": stage.name, "model": model})
 
     def record_small(self, table: pa.Table, stage, model: str) -> None:
-        n = stage.name
-        tags = {"job": self.job, "stage": n, "model": model}
-        ran = table.num_rows - table[f"{n}_model"].null_count
-        errored = table.num_rows - table[f"{n}_error"].null_count
+        c = stage.columns
+        tags = {"job": self.job, "stage": stage.name, "model": model}
+        ran = table.num_rows - table[c.model].null_count
+        errored = table.num_rows - table[c.error].null_count
         self._inc("slmbatch_rows_processed", "rows a stage's small model ran on", ran, tags)
         self._inc("slmbatch_rows_errored", "rows a stage could not answer (error column set)", errored, tags)
-        self._inc("slmbatch_tokens_in", "prompt tokens processed", pc.sum(table[f"{n}_tokens_in"]).as_py() or 0, tags)
-        self._inc("slmbatch_tokens_out", "tokens generated", pc.sum(table[f"{n}_tokens_out"]).as_py() or 0, tags)
+        self._inc("slmbatch_tokens_in", "prompt tokens processed", pc.sum(table[c.tokens_in]).as_py() or 0, tags)
+        self._inc("slmbatch_tokens_out", "tokens generated", pc.sum(table[c.tokens_out]).as_py() or 0, tags)
 
     def record_frontier(self, table: pa.Table, stage, model: str) -> None:
-        n = stage.name
-        tags = {"job": self.job, "stage": n, "model": model}
-        escalated = pc.sum(pc.equal(table[f"{n}_routed_to"], "frontier")).as_py() or 0
+        c = stage.columns
+        tags = {"job": self.job, "stage": stage.name, "model": model}
+        escalated = pc.sum(pc.equal(table[c.routed_to], FRONTIER)).as_py() or 0
         self._inc("slmbatch_rows_escalated", "rows answered by the frontier", escalated, tags)
-        self._inc("slmbatch_frontier_failures", "escalated rows without a usable frontier answer",
-                  table.num_rows - table[f"{n}_frontier_error"].null_count, tags)
-        self._inc("slmbatch_tokens_in", "prompt tokens processed",
-                  pc.sum(table[f"{n}_frontier_tokens_in"]).as_py() or 0, tags)
-        self._inc("slmbatch_tokens_out", "tokens generated",
-                  pc.sum(table[f"{n}_frontier_tokens_out"]).as_py() or 0, tags)
-        self._inc("slmbatch_frontier_cost_usd", "USD spent on the frontier",
-                  pc.sum(table[f"{n}_frontier_cost_usd"]).as_py() or 0.0, tags)
+        self._inc(
+            "slmbatch_frontier_failures",
+            "escalated rows without a usable frontier answer",
+            table.num_rows - table[c.frontier_error].null_count,
+            tags,
+        )
+        self._inc(
+            "slmbatch_tokens_in", "prompt tokens processed", pc.sum(table[c.frontier_tokens_in]).as_py() or 0, tags
+        )
+        self._inc("slmbatch_tokens_out", "tokens generated", pc.sum(table[c.frontier_tokens_out]).as_py() or 0, tags)
+        self._inc(
+            "slmbatch_frontier_cost_usd",
+            "USD spent on the frontier",
+            pc.sum(table[c.frontier_cost_usd]).as_py() or 0.0,
+            tags,
+        )

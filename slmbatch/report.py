@@ -10,6 +10,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .columns import FRONTIER, ROW_ID
+
 BINS = 10  # confidence histogram bins over [0, 1]
 
 
@@ -47,42 +49,43 @@ class StageStats:
         return self.rows - self.ran
 
     def add(self, table: pa.Table, stage, frontier=None) -> None:
-        n = self.name
+        c = stage.columns
         self.rows += table.num_rows
-        self.ran += table.num_rows - table[f"{n}_model"].null_count
-        errors = table[f"{n}_error"]
+        self.ran += table.num_rows - table[c.model].null_count
+        errors = table[c.error]
         self.errored += table.num_rows - errors.null_count
-        for row_id, reason in zip(table["_row_id"].to_pylist(), errors.to_pylist()):
+        for row_id, reason in zip(table[ROW_ID].to_pylist(), errors.to_pylist()):
             if reason is None:
                 continue
             key = reason[:80]
             self.errors[key] = self.errors.get(key, 0) + 1
             self.error_examples.setdefault(key, row_id)
-        conf = table[f"{n}_confidence"].drop_null()
+        conf = table[c.confidence].drop_null()
         self.answered += len(conf)
         if len(conf):
             self.confidence_sum += pc.sum(conf).as_py()
             bins = pc.min_element_wise(pc.cast(pc.floor(pc.multiply(conf, BINS)), pa.int64()), BINS - 1)
             for b, count in zip(*_value_counts(bins)):
                 self.histogram[b] += count
-        tokens_in = pc.sum(table[f"{n}_tokens_in"]).as_py() or 0
-        tokens_out = pc.sum(table[f"{n}_tokens_out"]).as_py() or 0
+        tokens_in = pc.sum(table[c.tokens_in]).as_py() or 0
+        tokens_out = pc.sum(table[c.tokens_out]).as_py() or 0
         self.tokens_in += tokens_in
         self.tokens_out += tokens_out
         self.small_cost_usd += stage.model.cost_usd(tokens_in, tokens_out)
         if frontier is not None:
-            self.small_tokens_at_frontier_price = ((self.small_tokens_at_frontier_price or 0.0)
-                                                   + frontier.cost_usd(tokens_in, tokens_out))
+            self.small_tokens_at_frontier_price = (self.small_tokens_at_frontier_price or 0.0) + frontier.cost_usd(
+                tokens_in, tokens_out
+            )
         if not stage.routed:
             return
-        wanted = table[f"{n}_escalation"].drop_null()
+        wanted = table[c.escalation].drop_null()
         self.escalation_wanted += len(wanted)
         self.not_sent += sum(1 for w in wanted.to_pylist() if "; not sent: " in w)
-        self.escalated += pc.sum(pc.equal(table[f"{n}_routed_to"], "frontier")).as_py() or 0
-        self.frontier_failed += len(table) - table[f"{n}_frontier_error"].null_count
-        self.frontier_tokens_in += pc.sum(table[f"{n}_frontier_tokens_in"]).as_py() or 0
-        self.frontier_tokens_out += pc.sum(table[f"{n}_frontier_tokens_out"]).as_py() or 0
-        self.frontier_cost_usd += pc.sum(table[f"{n}_frontier_cost_usd"]).as_py() or 0.0
+        self.escalated += pc.sum(pc.equal(table[c.routed_to], FRONTIER)).as_py() or 0
+        self.frontier_failed += len(table) - table[c.frontier_error].null_count
+        self.frontier_tokens_in += pc.sum(table[c.frontier_tokens_in]).as_py() or 0
+        self.frontier_tokens_out += pc.sum(table[c.frontier_tokens_out]).as_py() or 0
+        self.frontier_cost_usd += pc.sum(table[c.frontier_cost_usd]).as_py() or 0.0
 
     @property
     def mean_confidence(self) -> float | None:
@@ -137,7 +140,9 @@ class RunSummary:
     run_date: str = ""
     backfill: list[str] | None = None
     files_out: list[str] = dataclasses.field(default_factory=list)
-    shard_seconds: list[tuple[str, float, int]] = dataclasses.field(default_factory=list)  # key, first row -> written, rows
+    shard_seconds: list[tuple[str, float, int]] = dataclasses.field(
+        default_factory=list
+    )  # key, first row -> written, rows
     timeline: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # seconds, rows done
     skipped_files: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     stages: list[StageStats] = dataclasses.field(default_factory=list)
@@ -175,8 +180,10 @@ class RunSummary:
             f"({len(self.files_out)} files) at {self.rows_per_s:,.1f} rows/s",
         ]
         if self.files_done_before:
-            lines.append(f"  already done by earlier runs: {self.rows_done_before:,} rows ({self.files_done_before} files), "
-                         "skipped")
+            lines.append(
+                f"  already done by earlier runs: {self.rows_done_before:,} rows ({self.files_done_before} files), "
+                "skipped"
+            )
         if self.skipped_files:
             failed = f", holding {self.rows_in_failed_files:,} of the rows in" if self.rows_in_failed_files else ""
             lines.append(f"  files set aside: {len(self.skipped_files)}{failed}")
@@ -193,20 +200,23 @@ class RunSummary:
                 lines.append(f"    confidence {_sparkline(s.histogram)}  (0 -> 1, {BINS} bins: {s.histogram})")
             if s.calibration and s.ran:
                 c = s.calibration["chosen"]
-                lines.append(f"    calibrated for {s.calibration['target']} on {s.calibration['rows']:,} rows: predicted "
-                             f"escalation {c['escalation_rate']:.1%} [{c['escalation_interval'][0]:.1%}, "
-                             f"{c['escalation_interval'][1]:.1%}], {s.calibration['metric']} {c['quality']:.3f}; "
-                             f"this run wanted {s.escalation_wanted / s.ran:.1%}")
+                lines.append(
+                    f"    calibrated for {s.calibration['target']} on {s.calibration['rows']:,} rows: predicted "
+                    f"escalation {c['escalation_rate']:.1%} [{c['escalation_interval'][0]:.1%}, "
+                    f"{c['escalation_interval'][1]:.1%}], {s.calibration['metric']} {c['quality']:.3f}; "
+                    f"this run wanted {s.escalation_wanted / s.ran:.1%}"
+                )
             if s.escalation_wanted:
-                lines.append(f"    routing: {s.escalation_wanted:,} rows below the bar -> {s.escalated:,} answered by "
-                             f"the frontier, {s.frontier_failed:,} frontier failures, {s.not_sent:,} not sent; "
-                             f"frontier tokens in/out {s.frontier_tokens_in:,}/{s.frontier_tokens_out:,}")
+                lines.append(
+                    f"    routing: {s.escalation_wanted:,} rows below the bar -> {s.escalated:,} answered by "
+                    f"the frontier, {s.frontier_failed:,} frontier failures, {s.not_sent:,} not sent; "
+                    f"frontier tokens in/out {s.frontier_tokens_in:,}/{s.frontier_tokens_out:,}"
+                )
             for reason, count in sorted(s.errors.items(), key=lambda kv: -kv[1])[:3]:
                 lines.append(f"    error x{count}: {reason}")
         lines += self.render_cost()
         lines.append(f"  output: {self.sink}")
         return "\n".join(lines)
-
 
     def render_cost(self) -> list[str]:
         small = sum(s.small_cost_usd for s in self.stages)
@@ -215,8 +225,9 @@ class RunSummary:
         baselines = [s.all_frontier_cost_usd for s in self.stages if s.all_frontier_cost_usd is not None]
         if baselines and sum(baselines) > 0:
             baseline = sum(baselines)
-            lines[0] += (f"; all-frontier estimate ${baseline:.4f} -> saving "
-                         f"{100 * (1 - (small + frontier) / baseline):.1f}%")
+            lines[0] += (
+                f"; all-frontier estimate ${baseline:.4f} -> saving {100 * (1 - (small + frontier) / baseline):.1f}%"
+            )
         return lines
 
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from typing_extensions import dataclass_transform
 
 from .errors import ConfigError
 
 
+@dataclass_transform(frozen_default=True)
 def spec(cls):
     """Decorate a class into a strict frozen dataclass (see module docstring)."""
     cls = dataclasses.dataclass(frozen=True, eq=True)(cls)
@@ -51,7 +55,7 @@ class _FrozenDict(dict):
     def _refuse(self, *args, **kwargs):
         raise TypeError("job specs are immutable; build a new one with dataclasses.replace()")
 
-    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse
 
     def __hash__(self):  # type: ignore[override]
         return hash(tuple(sorted((k, repr(v)) for k, v in self.items())))
@@ -116,3 +120,20 @@ def check_strings(values: Any, field: str, *, allow_empty: bool = False) -> tupl
         require(v not in seen, field, f"duplicate value {v!r}")
         seen.add(v)
     return tuple(values)
+
+
+def check_positive_number(value: Any, field: str) -> None:
+    require(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value),
+        field,
+        f"must be a positive number, got {value!r}",
+    )
+
+
+def check_optional_rate(value: Any, field: str) -> None:
+    require(
+        value is None
+        or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value)),
+        field,
+        f"must be a positive number or None (no limit), got {value!r}",
+    )

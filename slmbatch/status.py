@@ -2,48 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import posixpath
 from collections.abc import Mapping
 from typing import Any
 
-from .io import filesystem, list_parquet, output_path, write_text
-from .ledger import META
+from .io import list_parquet, output_path, write_text
+from .ledger import META, Ledger
 from .report import RunSummary
-
-
-def _read_all(sink: str, prefix: str, options: Mapping[str, Any] | None) -> dict[str, dict]:
-    fs, root = filesystem(output_path(sink, posixpath.join(META, prefix)), options)
-    if not fs.exists(root):
-        return {}
-    out = {}
-    for path in sorted(fs.find(root)):
-        if path.endswith(".json"):
-            with fs.open(path, "r") as f:
-                out[posixpath.relpath(path, root)[: -len(".json")]] = json.load(f)
-    return out
-
-
-def _read_one(sink: str, name: str, options: Mapping[str, Any] | None) -> dict | None:
-    fs, path = filesystem(output_path(sink, posixpath.join(META, name)), options)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        return json.load(f)
 
 
 def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
     """What ran when, which run dates are complete, what input is pending."""
-    job = _read_one(sink, "job.json", options)
+    ledger = Ledger.open(sink, options)
+    job = ledger.recorded_job()
     if job is None:
         return f"{sink}: no slmbatch output here (no {META}/job.json)"
-    done = _read_all(sink, "done", options)
-    runs = _read_all(sink, "runs", options)
-    active = _read_one(sink, "active.json", options)
+    done = ledger.completed()
+    runs = ledger.runs()
+    active = ledger.active_run()
     lines = [f"job {job['job']} -> {sink} (fingerprint {job['fingerprint']}, first run {job['recorded_at']})"]
     if active:
-        lines.append(f"  ACTIVE: run {active['run_id']} for {active['run_date']} on {active['host']} "
-                     f"(pid {active['pid']}) since {active['started']}")
+        lines.append(
+            f"  ACTIVE: run {active['run_id']} for {active['run_date']} on {active['host']} "
+            f"(pid {active['pid']}) since {active['started']}"
+        )
     by_date: dict[str, list[dict]] = {}
     for record in done.values():
         by_date.setdefault(record.get("run_date") or "-", []).append(record)
@@ -51,31 +33,40 @@ def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
     lines.append("  run dates:")
     for day in sorted(by_date):
         records = by_date[day]
-        state = "complete" if day in finished and not (active and active.get("run_date") == day) else \
-            "incomplete (a run crashed: rerun this date to resume)"
+        state = (
+            "complete"
+            if day in finished and not (active and active.get("run_date") == day)
+            else "incomplete (a run crashed: rerun this date to resume)"
+        )
         lines.append(f"    {day}: {len(records)} files, {sum(r['rows'] for r in records):,} rows - {state}")
     lines.append("  runs:")
     for run_id, r in sorted(runs.items()):
         aside = f", {len(r['skipped_files'])} files set aside" if r.get("skipped_files") else ""
-        lines.append(f"    {run_id} (run date {r.get('run_date')}): {r['rows_out']:,} rows written, "
-                     f"{r['rows_done_before']:,} done before, {r['wall_s']:.1f} s{aside}")
+        lines.append(
+            f"    {run_id} (run date {r.get('run_date')}): {r['rows_out']:,} rows written, "
+            f"{r['rows_done_before']:,} done before, {r['wall_s']:.1f} s{aside}"
+        )
     source = job.get("source")
     if source:
         try:
             _, root, files = list_parquet(source, options)
             pending = [posixpath.relpath(f, root) for f in files if posixpath.relpath(f, root) not in done]
-            lines.append(f"  pending: {len(pending)} of {len(files)} input files in {source} not processed yet"
-                         + (f" ({', '.join(pending[:5])}{', ...' if len(pending) > 5 else ''})" if pending else ""))
+            lines.append(
+                f"  pending: {len(pending)} of {len(files)} input files in {source} not processed yet"
+                + (f" ({', '.join(pending[:5])}{', ...' if len(pending) > 5 else ''})" if pending else "")
+            )
         except Exception as exc:  # noqa: BLE001 - status must still print the rest
             lines.append(f"  pending: unknown ({type(exc).__name__}: {exc})")
     return "\n".join(lines)
 
 
-def rerender_report(sink: str, run_id: str | None = None, options: Mapping[str, Any] | None = None) -> tuple[RunSummary, str]:
+def rerender_report(
+    sink: str, run_id: str | None = None, options: Mapping[str, Any] | None = None
+) -> tuple[RunSummary, str]:
     """Re-render a run's HTML report from its JSON (the latest run by default)."""
     from .html_report import render_html
 
-    runs = _read_all(sink, "runs", options)
+    runs = Ledger.open(sink, options).runs()
     if not runs:
         raise FileNotFoundError(f"no run summaries under {output_path(sink, META + '/runs')}")
     run_id = run_id or max(runs)

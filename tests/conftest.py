@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from slmbatch.toymodels import build_tiny_causal_lm, build_tiny_classifier
+from devkit.toymodels import build_tiny_causal_lm, build_tiny_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "build" / "test-models"
@@ -41,17 +41,24 @@ def ray_local():
     """One local Ray for the whole session (2 CPUs, like the CI machine)."""
     import ray
 
-    from slmbatch.localserver import free_port
+    from devkit.localserver import free_port
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.metrics_port = free_port()  # Prometheus export of this node's metrics agent (tests read it)
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             _metrics_export_port=ray.metrics_port)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+        _metrics_export_port=ray.metrics_port,
+    )
     yield ray
     ray.shutdown()
 
 
-def write_shards(directory: Path, texts: list, *, shards: int, row_group_size: int = 16, extra: dict | None = None) -> list[Path]:
+def write_shards(
+    directory: Path, texts: list, *, shards: int, row_group_size: int = 16, extra: dict | None = None
+) -> list[Path]:
     """Split ``texts`` (plus ``extra`` columns) into ``shards`` Parquet files with small row groups."""
     directory.mkdir(parents=True, exist_ok=True)
     columns = {"text": pa.array(texts, pa.string()), "n": pa.array(range(len(texts)), pa.int64())}
@@ -93,8 +100,30 @@ FRONTIER_KEY = "sk-slmbatch-test-4f1c9e"  # the local server requires it; no out
 @pytest.fixture(scope="session")
 def frontier_server(tiny_lm):
     """vLLM's own OpenAI-compatible server on 127.0.0.1 as a real frontier (requires an API key)."""
-    from slmbatch.localserver import local_openai_server
+    from devkit.localserver import local_openai_server
 
-    with local_openai_server(tiny_lm, api_key=FRONTIER_KEY, max_model_len=1024,
-                             extra_args=("--dtype", "float32")) as base_url:
+    with local_openai_server(
+        tiny_lm, api_key=FRONTIER_KEY, max_model_len=1024, extra_args=("--dtype", "float32")
+    ) as base_url:
         yield base_url
+
+
+#: Fixtures whose use makes a test a Ray / vLLM / S3 / slow test (markers declared in pyproject.toml).
+#: A job on ``ray_local`` or a ``ray start`` head runs real vLLM replicas, so those are both; such a
+#: job takes 15-130 s on 2 cores (replica start-up), so those tests are also ``slow``.
+_MARKERS_BY_FIXTURE = {
+    "ray_local": ("ray", "vllm", "slow"),
+    "ray_head": ("ray", "vllm", "slow"),
+    "nightly_run": ("ray", "vllm", "slow"),
+    "lm_replica": ("vllm",),
+    "clf_replica": ("vllm",),
+    "frontier_server": ("vllm",),
+    "s3_server": ("s3",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            for marker in _MARKERS_BY_FIXTURE.get(fixture, ()):
+                item.add_marker(marker)

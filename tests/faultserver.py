@@ -123,8 +123,9 @@ class FaultServer:
             fault_server = server
 
         self._httpd = _Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="faultserver", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="faultserver", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -192,9 +193,14 @@ class FaultServer:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
         }
         if usage:
-            prompt = sum(len(m.get("content") or "") for m in body.get("messages", []) if isinstance(m.get("content"), str))
-            out["usage"] = {"prompt_tokens": 7 + prompt // 4, "completion_tokens": 1 + len(text) // 4,
-                            "total_tokens": 8 + prompt // 4 + len(text) // 4}
+            prompt = sum(
+                len(m.get("content") or "") for m in body.get("messages", []) if isinstance(m.get("content"), str)
+            )
+            out["usage"] = {
+                "prompt_tokens": 7 + prompt // 4,
+                "completion_tokens": 1 + len(text) // 4,
+                "total_tokens": 8 + prompt // 4 + len(text) // 4,
+            }
         return out
 
 
@@ -251,16 +257,34 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, server.completion(body, usage=outcome == "ok"))
         elif outcome == "429":
             headers = {"Retry-After": server.retry_after} if server.retry_after is not None else {}
-            self._send(429, {"error": {"message": "Rate limit reached for requests", "type": "requests",
-                                       "code": "rate_limit_exceeded"}}, headers)
+            self._send(
+                429,
+                {
+                    "error": {
+                        "message": "Rate limit reached for requests",
+                        "type": "requests",
+                        "code": "rate_limit_exceeded",
+                    }
+                },
+                headers,
+            )
         elif outcome == "500":
-            self._send(500, {"error": {"message": "The server had an error while processing your request.",
-                                       "type": "server_error"}})
+            self._send(
+                500,
+                {
+                    "error": {
+                        "message": "The server had an error while processing your request.",
+                        "type": "server_error",
+                    }
+                },
+            )
         elif outcome == "500-auth":
             self._send(500, {"error": {"message": f"upstream rejected header {self.headers.get('Authorization')}"}})
         elif outcome == "400":
-            self._send(400, {"error": {"message": "Invalid value for 'max_tokens': too large.",
-                                       "type": "invalid_request_error"}})
+            self._send(
+                400,
+                {"error": {"message": "Invalid value for 'max_tokens': too large.", "type": "invalid_request_error"}},
+            )
         elif outcome == "malformed":
             self._send(200, b'{"id": "chatcmpl-test", "choices": [{"message": {"content": "trunc')
         elif outcome == "nocontent":

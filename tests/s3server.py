@@ -186,7 +186,9 @@ class S3Server:
             return f"(no log: {exc})"
 
     @classmethod
-    def start(cls, directory: Path, *, bucket: str = "slmbatch-test", timeout: float = 30.0, attempts: int = 3) -> S3Server:
+    def start(
+        cls, directory: Path, *, bucket: str = "slmbatch-test", timeout: float = 30.0, attempts: int = 3
+    ) -> S3Server:
         """Start ``weed mini`` under ``directory``, wait until it answers S3 calls
         (up to ``timeout`` seconds), create ``bucket``.
 
@@ -198,11 +200,19 @@ class S3Server:
         key = "slmbatch-test-" + secrets.token_hex(4)
         secret = secrets.token_urlsafe(24)
         config = directory / "s3.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "slmbatch-test",
-            "credentials": [{"accessKey": key, "secretKey": secret}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}))
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "slmbatch-test",
+                            "credentials": [{"accessKey": key, "secretKey": secret}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         config.chmod(0o600)
         for attempt in range(1, attempts + 1):
             data = directory / f"data-{attempt}"
@@ -210,18 +220,30 @@ class S3Server:
             sockets = Path(tempfile.mkdtemp(prefix="weed-"))
             s3, s3_grpc, master, master_grpc, volume, volume_grpc, filer, filer_grpc, admin = free_port_pairs(9)
             command = [
-                find_weed(), "mini",
+                find_weed(),
+                "mini",
                 f"-dir={data}",
-                "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                "-master.telemetry=false", "-master.telemetry.url=http://127.0.0.1:9/",
-                "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={config}",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-master.telemetry=false",
+                "-master.telemetry.url=http://127.0.0.1:9/",
+                "-webdav=false",
+                "-admin.ui=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                f"-s3.port={s3}",
+                f"-s3.port.grpc={s3_grpc}",
+                f"-s3.config={config}",
                 f"-s3.localSocket={sockets / 's3.sock'}",
-                f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-                f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-                f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+                f"-master.port={master}",
+                f"-master.port.grpc={master_grpc}",
+                f"-volume.port={volume}",
+                f"-volume.port.grpc={volume_grpc}",
+                f"-filer.port={filer}",
+                f"-filer.port.grpc={filer_grpc}",
                 f"-filer.localSocket={sockets / 'filer.sock'}",
-                f"-admin.port={admin}", f"-admin.port.grpc={admin + GRPC_OFFSET}",
+                f"-admin.port={admin}",
+                f"-admin.port.grpc={admin + GRPC_OFFSET}",
                 "-volume.preStopSeconds=0",  # stop in ~2 s instead of ~3
             ]
             grpc_ports = (s3_grpc, master_grpc, volume_grpc, filer_grpc, admin + GRPC_OFFSET)
@@ -241,20 +263,43 @@ class S3Server:
         raise AssertionError("unreachable")
 
     @classmethod
-    def _spawn(cls, command: list[str], directory: Path, sockets: Path, grpc_ports: tuple[int, ...], key: str,
-               secret: str, bucket: str, endpoint: str) -> S3Server:
+    def _spawn(
+        cls,
+        command: list[str],
+        directory: Path,
+        sockets: Path,
+        grpc_ports: tuple[int, ...],
+        key: str,
+        secret: str,
+        bucket: str,
+        endpoint: str,
+    ) -> S3Server:
         log = open(directory / "weed.log", "ab")
         log.write(f"$ {' '.join(command)}\n".encode())
         log.flush()
         started = time.monotonic()
         with log:
             process = subprocess.Popen(
-                command, cwd=directory, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "TMPDIR": str(sockets)}, preexec_fn=_die_with_parent(),
+                command,
+                cwd=directory,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "TMPDIR": str(sockets)},
+                preexec_fn=_die_with_parent(),
             )
-        server = cls(endpoint_url=endpoint, key=key, secret=secret, bucket=bucket, process=process,
-                     directory=directory, socket_dir=sockets, grpc_ports=grpc_ports, command=command,
-                     spawned_at=started)
+        server = cls(
+            endpoint_url=endpoint,
+            key=key,
+            secret=secret,
+            bucket=bucket,
+            process=process,
+            directory=directory,
+            socket_dir=sockets,
+            grpc_ports=grpc_ports,
+            command=command,
+            spawned_at=started,
+        )
         atexit.register(server.stop)  # a safety net if the fixture's teardown never runs
         return server
 
@@ -266,8 +311,10 @@ class S3Server:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise _EarlyExit(f"weed mini exited with status {self.process.returncode} while starting; "
-                                 f"log {self.log_path}:\n{self.log_tail()}")
+                raise _EarlyExit(
+                    f"weed mini exited with status {self.process.returncode} while starting; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
             try:
                 client.list_buckets()
             except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
@@ -276,8 +323,10 @@ class S3Server:
                 continue
             self.ready_s = round(time.monotonic() - self.spawned_at, 3)
             return
-        raise RuntimeError(f"weed mini did not answer S3 calls at {self.endpoint_url} within {timeout:g} s "
-                           f"(last error: {last!r}); log {self.log_path}:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"weed mini did not answer S3 calls at {self.endpoint_url} within {timeout:g} s "
+            f"(last error: {last!r}); log {self.log_path}:\n{self.log_tail()}"
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (weed shuts its components down in ~2 s), SIGKILL if it lingers."""

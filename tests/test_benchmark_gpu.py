@@ -18,7 +18,7 @@ from benchmarks.gpu import (
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from slmbatch.toymodels import train_bpe_tokenizer
+    from devkit.toymodels import train_bpe_tokenizer
 
     from .conftest import banking_texts
 
@@ -43,8 +43,9 @@ def test_model_built_from_the_config_has_qwen25_05b_parameter_count(tokenizer):
 
     with torch.device("meta"):  # shapes only: nothing is allocated
         lm = Qwen2ForCausalLM(qwen25_05b_config(tokenizer))
-        clf = Qwen2ForSequenceClassification(qwen25_05b_config(tokenizer, num_labels=77,
-                                                               id2label={i: f"l{i}" for i in range(77)}))
+        clf = Qwen2ForSequenceClassification(
+            qwen25_05b_config(tokenizer, num_labels=77, id2label={i: f"l{i}" for i in range(77)})
+        )
     assert sum(p.numel() for p in lm.parameters()) == QWEN25_05B_PARAMS == param_counts(QWEN25_05B)["total"]
     assert sum(p.numel() for p in clf.parameters()) == param_counts(QWEN25_05B, num_labels=77)["total"]
 

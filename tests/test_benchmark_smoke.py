@@ -10,14 +10,38 @@ from __future__ import annotations
 
 import json
 
+import pytest
 
+
+@pytest.mark.slow  # ~75 s: every arm in its own process
 def test_engine_benchmark_runs_every_arm_and_writes_its_table(tmp_path, tiny_lm, tiny_classifier, capsys):
     from benchmarks.run import main
 
     out = tmp_path / "engine.json"
-    code = main(["--rows", "16", "--gen-rows", "8", "--rounds", "1", "--stages", "extract",
-                 "--no-peer", "--no-memory", "--no-scaling", "--no-threads-check", "--threads", "1",
-                 "--classifier", tiny_classifier, "--lm", tiny_lm, "--out", str(out)])
+    code = main(
+        [
+            "--rows",
+            "16",
+            "--gen-rows",
+            "8",
+            "--rounds",
+            "1",
+            "--stages",
+            "extract",
+            "--no-peer",
+            "--no-memory",
+            "--no-scaling",
+            "--no-threads-check",
+            "--threads",
+            "1",
+            "--classifier",
+            tiny_classifier,
+            "--lm",
+            tiny_lm,
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     doc = json.loads(out.read_text())
     failed = {r["name"]: r.get("error") for r in doc["runs"] if not r.get("ok")}

@@ -40,8 +40,15 @@ job = Job(name="cli-test", source=ParquetSource({src!r}, columns={columns}),
 
 
 def render(tmp_path, data_dir, model, **over):
-    values = dict(model=model, src=str(data_dir), columns=["text", "n"], input="text",
-                  labels=["ham", "spam"], extra="", out=str(tmp_path / "out"))
+    values = dict(
+        model=model,
+        src=str(data_dir),
+        columns=["text", "n"],
+        input="text",
+        labels=["ham", "spam"],
+        extra="",
+        out=str(tmp_path / "out"),
+    )
     values.update(over)
     return job_file(tmp_path, GOOD.format(**values))
 
@@ -59,12 +66,15 @@ def test_validate_accepts_a_good_job_and_reads_the_input(tmp_path, data_dir, tin
     assert "ok: job is valid" in out.stdout and "2 files, 40 rows" in out.stdout
 
 
-@pytest.mark.parametrize("override, field, value", [
-    (dict(extra=", treshold=0.5"), "Classify.treshold", "treshold"),
-    (dict(labels=["ham", "spam", "ham"]), "Classify.labels", "'ham'"),
-    (dict(input="body"), "Job.stages[0]", "'body'"),
-    (dict(extra=", threshold=2"), "Classify.threshold", "2"),
-])
+@pytest.mark.parametrize(
+    "override, field, value",
+    [
+        (dict(extra=", treshold=0.5"), "Classify.treshold", "treshold"),
+        (dict(labels=["ham", "spam", "ham"]), "Classify.labels", "'ham'"),
+        (dict(input="body"), "Job.stages[0]", "'body'"),
+        (dict(extra=", threshold=2"), "Classify.threshold", "2"),
+    ],
+)
 def test_validate_rejects_a_bad_job_naming_the_field(tmp_path, data_dir, tiny_classifier, override, field, value):
     out = slmbatch_cmd("validate", str(render(tmp_path, data_dir, tiny_classifier, **override)))
     assert out.returncode == 2
@@ -79,9 +89,18 @@ def test_validate_rejects_a_stage_column_the_input_files_lack(tmp_path, data_dir
 
 
 def test_validate_rejects_unknown_engine_options(tmp_path, data_dir, tiny_classifier):
-    path = job_file(tmp_path, GOOD.format(model=tiny_classifier, src=str(data_dir), columns=None, input="text",
-                                          labels=["ham", "spam"], extra="", out=str(tmp_path / "out"))
-                    .replace('"dtype": "float32"', '"max_num_seq": 4'))
+    path = job_file(
+        tmp_path,
+        GOOD.format(
+            model=tiny_classifier,
+            src=str(data_dir),
+            columns=None,
+            input="text",
+            labels=["ham", "spam"],
+            extra="",
+            out=str(tmp_path / "out"),
+        ).replace('"dtype": "float32"', '"max_num_seq": 4'),
+    )
     out = slmbatch_cmd("validate", "--skip-input", str(path))
     assert out.returncode == 2
     assert "Job.stages[0].model.engine.max_num_seq" in out.stderr

@@ -121,8 +121,9 @@ def break_min_workers(c):
     c["available_node_types"]["ray.worker.gpu"]["min_workers"] = c["max_workers"] + 1  # over the cap (validator)
 
 
-@pytest.mark.parametrize("breakage", [break_typo, break_fractional_gpu, break_head_type, break_min_workers],
-                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "breakage", [break_typo, break_fractional_gpu, break_head_type, break_min_workers], ids=lambda f: f.__name__
+)
 def test_a_broken_copy_of_the_launcher_config_fails_rays_validation(breakage):
     import jsonschema
 
@@ -145,8 +146,11 @@ def check_ray_cluster_spec(cluster: dict) -> None:
             assert field in group, f"worker group lacks {field}"
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         assert group["template"]["spec"]["containers"]
-    gpus = [c["resources"]["limits"].get("nvidia.com/gpu", 0)
-            for g in cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
+    gpus = [
+        c["resources"]["limits"].get("nvidia.com/gpu", 0)
+        for g in cluster["workerGroupSpecs"]
+        for c in g["template"]["spec"]["containers"]
+    ]
     assert any(g >= 1 for g in gpus), "no GPU worker group"
 
 
@@ -240,7 +244,9 @@ def test_cronjob_submits_with_a_deterministic_id_and_waits():
 def test_cronjob_submits_to_the_head_service_of_the_raycluster():
     address = {v["name"]: v.get("value") for v in cronjob_container()["env"]}["RAY_ADDRESS"]
     cluster = load(RAYCLUSTER)["metadata"]
-    assert re.fullmatch(rf"http://{cluster['name']}-head-svc\.{cluster['namespace']}\.svc\.cluster\.local:8265", address)
+    assert re.fullmatch(
+        rf"http://{cluster['name']}-head-svc\.{cluster['namespace']}\.svc\.cluster\.local:8265", address
+    )
 
 
 # -- single machine --------------------------------------------------------------------
@@ -294,8 +300,11 @@ def test_systemd_exec_start_is_a_shell_command_that_parses():
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_systemd_units_pass_systemd_analyze_verify():
     out = subprocess.run(["systemd-analyze", "verify", str(TIMER), str(SERVICE)], capture_output=True, text=True)
-    problems = [line for line in (out.stdout + out.stderr).splitlines()
-                if str(CLUSTER) in line or "Unknown" in line or "Failed" in line]
+    problems = [
+        line
+        for line in (out.stdout + out.stderr).splitlines()
+        if str(CLUSTER) in line or "Unknown" in line or "Failed" in line
+    ]
     assert out.returncode == 0 and not problems, out.stdout + out.stderr
     calendar = dict(unit_file(TIMER)["Timer"])["OnCalendar"]
     subprocess.run(["systemd-analyze", "calendar", calendar], check=True, capture_output=True)
@@ -331,8 +340,11 @@ def test_the_slmbatch_console_script_and_its_run_subcommand_exist():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["slmbatch"] == "slmbatch.cli:main"
-    installed = {e.name: e.value for e in importlib.metadata.distribution("slmbatch").entry_points
-                 if e.group == "console_scripts"}
+    installed = {
+        e.name: e.value
+        for e in importlib.metadata.distribution("slmbatch").entry_points
+        if e.group == "console_scripts"
+    }
     assert installed.get("slmbatch") == "slmbatch.cli:main", "reinstall: the installed console script differs"
     subparsers = next(a for a in build_parser()._actions if a.dest == "command")
     assert "run" in subparsers.choices
@@ -350,8 +362,11 @@ def test_every_named_job_file_exists_and_loads_with_the_arguments_given(where, a
 
 def config_envs() -> list[tuple[str, dict[str, str]]]:
     rayjob = yaml.safe_load(load(RAYJOB)["spec"]["runtimeEnvYAML"])["env_vars"]
-    cron = {v["name"]: v["value"].replace("{date}", "2026-11-28")
-            for v in cronjob_container()["env"] if v["name"].startswith("SLMBATCH_")}
+    cron = {
+        v["name"]: v["value"].replace("{date}", "2026-11-28")
+        for v in cronjob_container()["env"]
+        if v["name"].startswith("SLMBATCH_")
+    }
     return [("rayjob", rayjob), ("cronjob", cron)]
 
 

@@ -12,8 +12,12 @@ M = Model("some/model")
 
 
 def make_job(*stages, columns=("text", "label")):
-    return Job(name="t", source=ParquetSource("in/", columns=list(columns) if columns else None),
-               stages=list(stages), sink=ParquetSink("out/"))
+    return Job(
+        name="t",
+        source=ParquetSource("in/", columns=list(columns) if columns else None),
+        stages=list(stages),
+        sink=ParquetSink("out/"),
+    )
 
 
 def test_public_api_all_is_sorted_and_complete():
@@ -53,8 +57,9 @@ def test_missing_input_column_names_stage_and_column():
 
 def test_stage_may_read_an_earlier_stage_output_but_not_a_later_one():
     intent = Classify("intent", model=M, input="text", labels=["complaint", "other"])
-    summary = Summarize("summary", model=M, input="text", when={"intent": "complaint"},
-                        prompt="Intent {intent}: {input}")
+    summary = Summarize(
+        "summary", model=M, input="text", when={"intent": "complaint"}, prompt="Intent {intent}: {input}"
+    )
     job = make_job(intent, summary)
     assert [s.name for s in job.stages] == ["intent", "summary"]
     with pytest.raises(ConfigError, match="'intent'"):
@@ -146,12 +151,21 @@ def test_consecutive_stages_on_one_model_share_a_replica_pool():
         Summarize("c", model=other, input="text"),
     )
     assert [(m.name, [s.name for s in stages]) for m, stages in job.model_groups()] == [
-        ("some/model", ["a", "b"]), ("other/model", ["c"])]
+        ("some/model", ["a", "b"]),
+        ("other/model", ["c"]),
+    ]
 
 
 def test_secrets_in_storage_options_are_not_printed():
-    job = Job(name="t", source=ParquetSource("s3://b/in", columns=["text"],
-                                             storage_options={"key": "AKIA123", "secret": "shh", "endpoint_url": "http://127.0.0.1:1"}),
-              stages=[Summarize("s", model=M, input="text")], sink=ParquetSink("s3://b/out"))
+    job = Job(
+        name="t",
+        source=ParquetSource(
+            "s3://b/in",
+            columns=["text"],
+            storage_options={"key": "AKIA123", "secret": "shh", "endpoint_url": "http://127.0.0.1:1"},
+        ),
+        stages=[Summarize("s", model=M, input="text")],
+        sink=ParquetSink("s3://b/out"),
+    )
     text = str(job)
     assert "AKIA123" not in text and "shh" not in text and "127.0.0.1" in text

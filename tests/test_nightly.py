@@ -14,7 +14,7 @@ import pytest
 
 import slmbatch
 from slmbatch import Classify, Job, Model, ParquetSink, ParquetSource
-from slmbatch.ledger import ConcurrentRunError
+from slmbatch.errors import ConcurrentRunError
 from slmbatch.status import status_text
 
 from .conftest import banking_texts, write_shards
@@ -22,9 +22,12 @@ from .conftest import banking_texts, write_shards
 
 def nightly_job(base: Path, tiny_classifier: str) -> Job:
     clf = Model(tiny_classifier, num_cpus=0.5, batch_size=16, engine={"max_model_len": 256, "dtype": "float32"})
-    return Job(name="nightly", source=ParquetSource(str(base / "in")),
-               stages=[Classify("spam", model=clf, input="text", labels=["ham", "spam"], threshold=0.5)],
-               sink=ParquetSink(str(base / "out"), partition_by_run_date=True))
+    return Job(
+        name="nightly",
+        source=ParquetSource(str(base / "in")),
+        stages=[Classify("spam", model=clf, input="text", labels=["ham", "spam"], threshold=0.5)],
+        sink=ParquetSink(str(base / "out"), partition_by_run_date=True),
+    )
 
 
 def read_all(out: Path) -> pl.DataFrame:
@@ -48,7 +51,9 @@ def test_same_date_twice_writes_nothing_twice(nights):
     base, _, first, again, _ = nights
     assert (first.rows_out, again.rows_out, again.rows_done_before) == (40, 0, 40)
     assert sorted(p.name for p in (base / "out" / "run_date=2026-11-27").glob("*.parquet")) == [
-        "part-00.parquet", "part-01.parquet"]
+        "part-00.parquet",
+        "part-01.parquet",
+    ]
 
 
 def test_a_late_file_is_processed_exactly_once_by_the_next_date(nights):
@@ -80,8 +85,9 @@ def test_status_shows_dates_runs_and_pending_input(nights):
     write_shards(base / "later", banking_texts(5), shards=1)
     shutil.move(base / "later" / "part-00.parquet", base / "in" / "part-03-later.parquet")
     assert "pending: 1 of 4 input files" in status_text(str(base / "out"))
-    cli = subprocess.run([sys.executable, "-m", "slmbatch.cli", "status", str(base / "out")],
-                         capture_output=True, text=True, timeout=120)
+    cli = subprocess.run(
+        [sys.executable, "-m", "slmbatch.cli", "status", str(base / "out")], capture_output=True, text=True, timeout=120
+    )
     assert cli.returncode == 0 and "part-03-later.parquet" in cli.stdout
 
 
@@ -90,22 +96,41 @@ def test_a_second_concurrent_run_is_refused_and_a_dead_ones_lock_is_taken_over(t
     job = nightly_job(tmp_path, tiny_classifier)
     lock = tmp_path / "out" / "_slmbatch" / "active.json"
     lock.parent.mkdir(parents=True)
-    lock.write_text(json.dumps({"run_id": "other", "run_date": "2026-11-28", "host": "another-host", "pid": 1,
-                                "started": "2026-11-28T01:00:00+00:00"}))
+    lock.write_text(
+        json.dumps(
+            {
+                "run_id": "other",
+                "run_date": "2026-11-28",
+                "host": "another-host",
+                "pid": 1,
+                "started": "2026-11-28T01:00:00+00:00",
+            }
+        )
+    )
     with pytest.raises(ConcurrentRunError, match="run other .* is still active"):
         slmbatch.run(job, run_date="2026-11-28", progress=False)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lock.write_text(json.dumps({"run_id": "crashed", "run_date": "2026-11-28", "host": socket.gethostname(),
-                                "pid": dead.pid, "started": "2026-11-28T01:00:00+00:00"}))
+    lock.write_text(
+        json.dumps(
+            {
+                "run_id": "crashed",
+                "run_date": "2026-11-28",
+                "host": socket.gethostname(),
+                "pid": dead.pid,
+                "started": "2026-11-28T01:00:00+00:00",
+            }
+        )
+    )
     assert slmbatch.run(job, run_date="2026-11-28", progress=False).rows_out == 10
     assert not lock.exists()
 
 
 def test_html_report_renders_in_headless_chromium_with_its_plots(nights, tmp_path):
     base, *_ = nights
-    cli = subprocess.run([sys.executable, "-m", "slmbatch.cli", "report", str(base / "out")],
-                         capture_output=True, text=True, timeout=120)
+    cli = subprocess.run(
+        [sys.executable, "-m", "slmbatch.cli", "report", str(base / "out")], capture_output=True, text=True, timeout=120
+    )
     assert cli.returncode == 0, cli.stderr
     assert "stage spam (classify)" in cli.stdout and "report: " in cli.stdout
     page = Path(cli.stdout.rsplit("report: ", 1)[1].strip())
@@ -113,14 +138,34 @@ def test_html_report_renders_in_headless_chromium_with_its_plots(nights, tmp_pat
     if chromium is None:
         pytest.fail("headless Chromium is needed to check the report (Debian package `chromium`; .ci/run installs it)")
     probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text().replace("</body>", (
-        "<script>window.onload=()=>{const imgs=[...document.images];"
-        "document.title='loaded '+imgs.filter(i=>i.complete&&i.naturalWidth>0).length+' of '+imgs.length;}"
-        "</script></body>")))
-    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                          "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                          "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    probe.write_text(
+        page.read_text().replace(
+            "</body>",
+            (
+                "<script>window.onload=()=>{const imgs=[...document.images];"
+                "document.title='loaded '+imgs.filter(i=>i.complete&&i.naturalWidth>0).length+' of '+imgs.length;}"
+                "</script></body>"
+            ),
+        )
+    )
+    dom = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     title = dom.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
     loaded, total = int(title.split()[1]), int(title.split()[3])
     assert total >= 3 and loaded == total, title  # confidence histogram, cost, throughput

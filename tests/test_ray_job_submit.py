@@ -64,9 +64,11 @@ def head_processes(head: Head) -> list[psutil.Process]:
         if proc.pid in ours:
             continue
         try:
-            if (os.getsid(proc.pid) == head.session_id
-                    or any(str(head.temp_dir) in arg for arg in proc.info["cmdline"] or ())
-                    or proc.environ().get("RAY_ADDRESS", "").endswith(f":{head.gcs_port}")):
+            if (
+                os.getsid(proc.pid) == head.session_id
+                or any(str(head.temp_dir) in arg for arg in proc.info["cmdline"] or ())
+                or proc.environ().get("RAY_ADDRESS", "").endswith(f":{head.gcs_port}")
+            ):
                 roots.append(proc)
         except (psutil.Error, OSError):
             continue
@@ -106,15 +108,41 @@ def ray_head():
     gcs, dashboard, client, agent, agent_grpc, runtime_env_agent, metrics, node_manager, object_manager = free_ports(9)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SLMBATCH_"))}
     env.update(RAY_AUTH_MODE="disabled", PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
-    command = [str(ray), "start", "--head", "--port", str(gcs), "--num-cpus", "2",
-               "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--dashboard-port", str(dashboard),
-               "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-               "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env_agent),
-               "--metrics-export-port", str(metrics), "--node-manager-port", str(node_manager),
-               "--object-manager-port", str(object_manager), "--object-store-memory", str(300 * 2**20),
-               "--temp-dir", str(temp_dir), "--disable-usage-stats"]
-    starter = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    command = [
+        str(ray),
+        "start",
+        "--head",
+        "--port",
+        str(gcs),
+        "--num-cpus",
+        "2",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--ray-client-server-port",
+        str(client),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--runtime-env-agent-port",
+        str(runtime_env_agent),
+        "--metrics-export-port",
+        str(metrics),
+        "--node-manager-port",
+        str(node_manager),
+        "--object-manager-port",
+        str(object_manager),
+        "--object-store-memory",
+        str(300 * 2**20),
+        "--temp-dir",
+        str(temp_dir),
+        "--disable-usage-stats",
+    ]
+    starter = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     head = Head(f"http://127.0.0.1:{dashboard}", gcs, temp_dir, starter.pid, env)
     try:
         out, _ = starter.communicate(timeout=180)
@@ -169,8 +197,9 @@ class Nightly:
 
     def trigger(self) -> subprocess.CompletedProcess:
         """One CronJob pod: the container's script with the container's environment."""
-        return subprocess.run(["bash", "-c", cronjob_script()], env=self.env, capture_output=True, text=True,
-                              timeout=400, cwd=self.base)
+        return subprocess.run(
+            ["bash", "-c", cronjob_script()], env=self.env, capture_output=True, text=True, timeout=400, cwd=self.base
+        )
 
     @property
     def sink(self) -> Path:
@@ -188,10 +217,18 @@ def nightly(head: Head, base: Path, tiny_classifier: str, day: str, input_exists
     labels.write_text('["' + '", "'.join(SPAM_LABELS) + '"]')
     if input_exists:
         write_shards(base / "messages" / day, banking_texts(ROWS), shards=2)
-    env = {**head.env, "RAY_ADDRESS": head.address, "JOB_WORKDIR": str(workdir), "RUN_DATE": day,
-           "SLMBATCH_INPUT": f"{base}/messages/{{date}}/", "SLMBATCH_OUTPUT": f"{base}/intents/{{date}}/",
-           "SLMBATCH_CLASSIFIER": tiny_classifier, "SLMBATCH_LABELS": str(labels),
-           "SLMBATCH_REPLICAS": "1", "SLMBATCH_NUM_GPUS": "0"}
+    env = {
+        **head.env,
+        "RAY_ADDRESS": head.address,
+        "JOB_WORKDIR": str(workdir),
+        "RUN_DATE": day,
+        "SLMBATCH_INPUT": f"{base}/messages/{{date}}/",
+        "SLMBATCH_OUTPUT": f"{base}/intents/{{date}}/",
+        "SLMBATCH_CLASSIFIER": tiny_classifier,
+        "SLMBATCH_LABELS": str(labels),
+        "SLMBATCH_REPLICAS": "1",
+        "SLMBATCH_NUM_GPUS": "0",
+    }
     return Nightly(env, day, base)
 
 
@@ -224,9 +261,23 @@ def test_a_second_trigger_the_same_day_follows_the_first_submission_and_does_not
 
 def test_ray_refuses_a_cli_submission_that_reuses_a_submission_id(nightly_run, ray_head):
     run, _ = nightly_run
-    out = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.address,
-                          "--submission-id", run.submission_id, "--", "true"],
-                         env=ray_head.env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            str(VENV_BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            ray_head.address,
+            "--submission-id",
+            run.submission_id,
+            "--",
+            "true",
+        ],
+        env=ray_head.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0
     assert "already exists" in out.stdout + out.stderr
 
@@ -263,12 +314,19 @@ def test_sdk_submission_succeeds_logs_the_summary_and_a_reused_id_is_refused(ray
     write_shards(tmp_path / "in", banking_texts(ROWS), shards=2)
     workdir = tmp_path / "workdir"  # only the job file travels: the upload stays tiny
     (workdir / "jobs").mkdir(parents=True)
-    (workdir / "jobs" / "tiny.py").write_text(textwrap.dedent(TINY_JOB.format(
-        model=tiny_classifier, src=str(tmp_path / "in"), labels=SPAM_LABELS, out=str(tmp_path / "out"))))
+    (workdir / "jobs" / "tiny.py").write_text(
+        textwrap.dedent(
+            TINY_JOB.format(
+                model=tiny_classifier, src=str(tmp_path / "in"), labels=SPAM_LABELS, out=str(tmp_path / "out")
+            )
+        )
+    )
     client = JobSubmissionClient(ray_head.address)
-    submission_id = client.submit_job(entrypoint="slmbatch run jobs/tiny.py --no-progress",
-                                      submission_id="slmbatch-sdk-tiny-2026-11-28",
-                                      runtime_env={"working_dir": str(workdir)})
+    submission_id = client.submit_job(
+        entrypoint="slmbatch run jobs/tiny.py --no-progress",
+        submission_id="slmbatch-sdk-tiny-2026-11-28",
+        runtime_env={"working_dir": str(workdir)},
+    )
     deadline = time.monotonic() + 400
     while (status := client.get_job_status(submission_id)) not in TERMINAL:
         assert time.monotonic() < deadline, f"job still {status}"

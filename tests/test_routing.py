@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import polars as pl
@@ -16,9 +15,14 @@ from .conftest import FRONTIER_KEY, banking_texts, write_shards
 
 ROWS = 60
 THRESHOLD = 0.55
-SCHEMA = {"type": "object", "properties": {"people": {"type": "integer", "minimum": 1, "maximum": 9},
-                                           "name": {"type": "string", "maxLength": 5}},
-          "required": ["people", "name"]}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "people": {"type": "integer", "minimum": 1, "maximum": 9},
+        "name": {"type": "string", "maxLength": 5},
+    },
+    "required": ["people", "name"],
+}
 
 
 def routed_job(base: Path, tiny_classifier: str, tiny_lm: str, frontier_url: str, egress: Egress | None = None) -> Job:
@@ -30,12 +34,26 @@ def routed_job(base: Path, tiny_classifier: str, tiny_lm: str, frontier_url: str
         stages=[
             Classify("spam", model=clf, input="text", labels=["ham", "spam"], threshold=THRESHOLD),
             # threshold 1: every answered row is escalated (confidences of a random model are < 1)
-            Extract("booking", model=lm, input="text", schema=SCHEMA, max_output_tokens=32, threshold=1.0,
-                    when={"spam": "spam"}),
+            Extract(
+                "booking",
+                model=lm,
+                input="text",
+                schema=SCHEMA,
+                max_output_tokens=32,
+                threshold=1.0,
+                when={"spam": "spam"},
+            ),
         ],
         sink=ParquetSink(str(base / "out")),
-        frontier=Frontier(base_url=frontier_url, model="local-frontier", api_key_env="SLMBATCH_TEST_FRONTIER_KEY",
-                          actors=2, concurrency=4, requests_per_minute=6000, timeout_s=60),
+        frontier=Frontier(
+            base_url=frontier_url,
+            model="local-frontier",
+            api_key_env="SLMBATCH_TEST_FRONTIER_KEY",
+            actors=2,
+            concurrency=4,
+            requests_per_minute=6000,
+            timeout_s=60,
+        ),
         egress=egress or Egress(),
     )
 
@@ -46,10 +64,14 @@ def routed_run(tmp_path_factory, ray_local, tiny_classifier, tiny_lm, frontier_s
 
     os.environ["SLMBATCH_TEST_FRONTIER_KEY"] = FRONTIER_KEY  # before Ray starts workers: inherited by actors
     base = tmp_path_factory.mktemp("routing")
-    write_shards(base / "in", banking_texts(ROWS), shards=2, row_group_size=16,
-                 extra={"sensitive": [i % 5 == 0 for i in range(ROWS)]})
-    job = routed_job(base, tiny_classifier, tiny_lm, frontier_server,
-                     Egress(exclude_when={"sensitive": [True]}))
+    write_shards(
+        base / "in",
+        banking_texts(ROWS),
+        shards=2,
+        row_group_size=16,
+        extra={"sensitive": [i % 5 == 0 for i in range(ROWS)]},
+    )
+    job = routed_job(base, tiny_classifier, tiny_lm, frontier_server, Egress(exclude_when={"sensitive": [True]}))
     summary = slmbatch.run(job, progress=False)
     return base, summary, pl.read_parquet(base / "out" / "*.parquet").sort("n")
 
@@ -80,8 +102,12 @@ def test_frontier_extraction_is_held_to_the_same_schema(routed_run):
     assert ran.height > 0
     answered = ran.filter(pl.col("booking_routed_to") == "frontier")
     failed = ran.filter(pl.col("booking_frontier_error").is_not_null())
-    assert answered.height + failed.height == ran.filter(pl.col("booking_escalation").is_not_null()
-                                                         & ~pl.col("booking_escalation").str.contains("not sent")).height
+    assert (
+        answered.height + failed.height
+        == ran.filter(
+            pl.col("booking_escalation").is_not_null() & ~pl.col("booking_escalation").str.contains("not sent")
+        ).height
+    )
     for value in answered["booking"].to_list():
         assert set(value) == {"people", "name"} and 1 <= value["people"] <= 9 and len(value["name"]) <= 5
 
@@ -117,7 +143,9 @@ def test_the_api_key_appears_nowhere_the_run_wrote(routed_run):
 def test_router_decisions():
     frontier = Frontier(base_url="http://127.0.0.1:9/v1", model="m")
     assert Router(None).route({}, "confidence 0.1 < threshold 0.5") == (
-        "small", "confidence 0.1 < threshold 0.5; not sent: no frontier configured")
+        "small",
+        "confidence 0.1 < threshold 0.5; not sent: no frontier configured",
+    )
     assert Router(frontier, Egress(allow=False)).route({}, "r")[0] == "small"
     assert Router(frontier, Egress(exclude_when={"pii": True})).route({"pii": True}, "r")[0] == "small"
     assert Router(frontier, Egress(exclude_when={"pii": True})).route({"pii": False}, "r") == ("pending", "r")
@@ -126,10 +154,14 @@ def test_router_decisions():
 def test_egress_endpoints_are_checked_when_the_job_is_defined(tmp_path):
     m = Model("m")
     with pytest.raises(ConfigError, match=r"Job\.frontier\.base_url: host 'api\.example\.com' is not in"):
-        Job(name="j", source=ParquetSource("in"), sink=ParquetSink("out"),
+        Job(
+            name="j",
+            source=ParquetSource("in"),
+            sink=ParquetSink("out"),
             stages=[Classify("c", model=m, input="text", labels=["a", "b"], threshold=0.5)],
             frontier=Frontier(base_url="https://api.example.com/v1", model="x"),
-            egress=Egress(endpoints=["api.openai.com"]))
+            egress=Egress(endpoints=["api.openai.com"]),
+        )
     with pytest.raises(ConfigError, match=r"Classify\.escalate_labels"):
         Classify("c", model=m, input="text", labels=["a", "b"], escalate_labels=["z"], threshold=0.5)
 
@@ -142,12 +174,26 @@ def test_frontier_faults_end_every_row_answered_or_failed_with_its_reason(tmp_pa
     write_shards(tmp_path / "in", banking_texts(40), shards=2, row_group_size=10)
     lm = Model(tiny_lm, num_cpus=0.5, batch_size=20, engine={"max_model_len": 1024, "dtype": "float32"})
     # Up to 2 faults per row against 2 attempts: some rows get through on the retry, some never do.
-    with FaultServer(rate=0.5, faults=("429", "500", "hang", "malformed"), max_faults_per_key=2, seed=3,
-                     hang_s=4.0) as server:
-        job = Job(name="faults", source=ParquetSource(str(tmp_path / "in")), sink=ParquetSink(str(tmp_path / "out")),
-                  stages=[Summarize("gist", model=lm, input="text", max_output_tokens=4, threshold=1.0)],
-                  frontier=Frontier(base_url=server.base_url, model="m", api_key_env=None, actors=2, concurrency=4,
-                                    timeout_s=1.5, max_attempts=2, backoff_s=0.05, max_backoff_s=0.2))
+    with FaultServer(
+        rate=0.5, faults=("429", "500", "hang", "malformed"), max_faults_per_key=2, seed=3, hang_s=4.0
+    ) as server:
+        job = Job(
+            name="faults",
+            source=ParquetSource(str(tmp_path / "in")),
+            sink=ParquetSink(str(tmp_path / "out")),
+            stages=[Summarize("gist", model=lm, input="text", max_output_tokens=4, threshold=1.0)],
+            frontier=Frontier(
+                base_url=server.base_url,
+                model="m",
+                api_key_env=None,
+                actors=2,
+                concurrency=4,
+                timeout_s=1.5,
+                max_attempts=2,
+                backoff_s=0.05,
+                max_backoff_s=0.2,
+            ),
+        )
         summary = slmbatch.run(job, progress=False)
         seen = server.seen
     df = pl.read_parquet(tmp_path / "out" / "*.parquet")
@@ -193,9 +239,13 @@ def test_a_frontier_actor_killed_mid_run_loses_no_row(tmp_path, ray_local, tiny_
             time.sleep(0.05)
 
     with FaultServer(reply=lambda body: '{"label": "spam"}', delay_s=0.1) as server:
-        job = Job(name="frontier-kill", source=ParquetSource(str(tmp_path / "in")), sink=ParquetSink(str(tmp_path / "out")),
-                  stages=[Classify("spam", model=clf, input="text", labels=["ham", "spam"], threshold=1.0)],
-                  frontier=Frontier(base_url=server.base_url, model="m", api_key_env=None, actors=2, concurrency=2))
+        job = Job(
+            name="frontier-kill",
+            source=ParquetSource(str(tmp_path / "in")),
+            sink=ParquetSink(str(tmp_path / "out")),
+            stages=[Classify("spam", model=clf, input="text", labels=["ham", "spam"], threshold=1.0)],
+            frontier=Frontier(base_url=server.base_url, model="m", api_key_env=None, actors=2, concurrency=2),
+        )
         watcher = threading.Thread(target=kill_one_frontier_actor, args=(server,), daemon=True)
         watcher.start()
         summary = slmbatch.run(job, progress=False)

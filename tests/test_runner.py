@@ -27,8 +27,15 @@ def two_stage_job(source: Path, sink: Path, tiny_lm: str, tiny_classifier: str) 
         source=ParquetSource(str(source)),
         stages=[
             Classify("spam", model=clf, input="text", labels=["ham", "spam"], threshold=0.5),
-            Summarize("gist", model=lm, input="text", when={"spam": "spam"}, prompt="({spam}) {input}",
-                      max_input_tokens=32, max_output_tokens=4),
+            Summarize(
+                "gist",
+                model=lm,
+                input="text",
+                when={"spam": "spam"},
+                prompt="({spam}) {input}",
+                max_input_tokens=32,
+                max_output_tokens=4,
+            ),
         ],
         sink=ParquetSink(str(sink)),
     )
@@ -121,8 +128,11 @@ def test_unreadable_files_are_reported_and_the_rest_is_processed(first_run, tiny
 
     # Same files, same row ids and answers as in the first run: ids are stable across runs.
     again = read_output(base / "out2").select("_row_id", "spam", "spam_confidence")
-    before = read_output(base / "out").select("_row_id", "spam", "spam_confidence").filter(
-        read_output(base / "out")["_row_id"].is_in(again["_row_id"].implode()))
+    before = (
+        read_output(base / "out")
+        .select("_row_id", "spam", "spam_confidence")
+        .filter(read_output(base / "out")["_row_id"].is_in(again["_row_id"].implode()))
+    )
     assert again.sort("_row_id").equals(before.sort("_row_id"))
 
 

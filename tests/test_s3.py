@@ -39,7 +39,9 @@ def upload(fs: s3fs.S3FileSystem, local: Path, url: str) -> None:
 
 
 def sample_table(n: int, start: int = 0) -> pa.Table:
-    return pa.table({"text": [f"row {i}" for i in range(start, start + n)], "n": pa.array(range(start, start + n), pa.int64())})
+    return pa.table(
+        {"text": [f"row {i}" for i in range(start, start + n)], "n": pa.array(range(start, start + n), pa.int64())}
+    )
 
 
 # -- the server itself ---------------------------------------------------------------
@@ -116,25 +118,35 @@ def test_a_prefix_that_does_not_exist_is_an_input_error(s3_server, s3_prefix):
 
 
 def test_a_written_table_reads_back_identically_with_pyarrow_and_polars(s3_server, s3_prefix):
-    table = pa.table({
-        "text": ["a", None, "ünïcode"],
-        "n": pa.array([1, 2, 3], pa.int64()),
-        "p": pa.array([0.25, None, 1.0], pa.float64()),
-        "tags": pa.array([["x"], [], None], pa.list_(pa.string())),
-    })
+    table = pa.table(
+        {
+            "text": ["a", None, "ünïcode"],
+            "n": pa.array([1, 2, 3], pa.int64()),
+            "p": pa.array([0.25, None, 1.0], pa.float64()),
+            "tags": pa.array([["x"], [], None], pa.list_(pa.string())),
+        }
+    )
     url = f"{s3_prefix}/out/part-00.parquet"
     write_parquet_atomic(table, url, s3_server.storage_options, "zstd")
 
     assert s3(s3_server).find(bare(s3_prefix)) == [bare(url)]  # no temporary objects left behind
-    native = pyarrow.fs.S3FileSystem(access_key=s3_server.key, secret_key=s3_server.secret,
-                                     endpoint_override=s3_server.endpoint_url, region="us-east-1")
+    native = pyarrow.fs.S3FileSystem(
+        access_key=s3_server.key,
+        secret_key=s3_server.secret,
+        endpoint_override=s3_server.endpoint_url,
+        region="us-east-1",
+    )
     assert pq.read_table(bare(url), filesystem=native).equals(table)
     assert pq.read_table(bare(url), filesystem=s3(s3_server)).equals(table)
     assert pq.ParquetFile(s3(s3_server).open(bare(url))).metadata.row_group(0).column(0).compression == "ZSTD"
     # Polars' native reader takes object_store option names, not s3fs's.
     expected = pl.from_arrow(table)
     assert pl.read_parquet(url, storage_options=s3_server.polars_storage_options).equals(expected)
-    assert pl.scan_parquet(f"{s3_prefix}/out/*.parquet", storage_options=s3_server.polars_storage_options).collect().equals(expected)
+    assert (
+        pl.scan_parquet(f"{s3_prefix}/out/*.parquet", storage_options=s3_server.polars_storage_options)
+        .collect()
+        .equals(expected)
+    )
 
 
 def test_a_table_larger_than_the_block_size_is_uploaded_in_parts_and_reads_back_whole(s3_server, s3_prefix):
@@ -150,8 +162,9 @@ def test_a_table_larger_than_the_block_size_is_uploaded_in_parts_and_reads_back_
 
 
 def test_a_write_that_fails_leaves_no_object_behind(s3_server, s3_prefix):
-    unwritable = pa.table({"u": pa.UnionArray.from_sparse(pa.array([0, 1], pa.int8()),
-                                                          [pa.array([1, 2]), pa.array(["a", "b"])])})
+    unwritable = pa.table(
+        {"u": pa.UnionArray.from_sparse(pa.array([0, 1], pa.int8()), [pa.array([1, 2]), pa.array(["a", "b"])])}
+    )
     url = f"{s3_prefix}/part-00.parquet"
     with pytest.raises(pa.ArrowNotImplementedError):
         write_parquet_atomic(unwritable, url, s3_server.storage_options, "zstd")
@@ -219,7 +232,14 @@ def test_a_job_writes_one_object_per_input_shard_and_its_run_summary(s3_server, 
 
 def test_credentials_never_appear_in_the_job_text_or_in_what_the_run_writes(s3_server, s3_run):
     job, sink, summary = s3_run
-    for text in (str(job), job.describe(), job.source.describe(), job.sink.describe(), summary.to_json(), summary.render()):
+    for text in (
+        str(job),
+        job.describe(),
+        job.source.describe(),
+        job.sink.describe(),
+        summary.to_json(),
+        summary.render(),
+    ):
         assert s3_server.secret not in text and s3_server.key not in text
     assert s3_server.endpoint_url in job.describe()  # the endpoint is no secret and helps debugging
     fs = s3(s3_server)
@@ -234,9 +254,14 @@ def test_credentials_never_appear_in_the_job_repr(s3_server, s3_run):
 
 
 def test_credentials_nested_in_client_kwargs_are_not_printed(s3_server, s3_prefix, tiny_classifier):
-    options = {"endpoint_url": s3_server.endpoint_url,
-               "client_kwargs": {"region_name": "us-east-1", "aws_access_key_id": s3_server.key,
-                                 "aws_secret_access_key": s3_server.secret}}
+    options = {
+        "endpoint_url": s3_server.endpoint_url,
+        "client_kwargs": {
+            "region_name": "us-east-1",
+            "aws_access_key_id": s3_server.key,
+            "aws_secret_access_key": s3_server.secret,
+        },
+    }
     put_table(s3(s3_server), f"{s3_prefix}/in/a.parquet", sample_table(3))
     assert len(list_parquet(f"{s3_prefix}/in", options)[2]) == 1  # the options do work
     job = s3_job(s3_server, f"{s3_prefix}/in", f"{s3_prefix}/out", tiny_classifier, storage_options=options)

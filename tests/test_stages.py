@@ -9,6 +9,7 @@ import pytest
 
 from slmbatch import Classify, ConfigError, Extract, Model, Summarize
 from slmbatch.stages.summarize import TRUNCATION_MARK
+from slmbatch.worker import apply_stage, warm_up
 
 from .conftest import banking_texts
 
@@ -57,7 +58,7 @@ def test_generative_classify_answers_a_label_with_probability_normalised_over_al
 
     stage = Classify("topic", model=lm_model, input="text", labels=LABELS)
     texts = banking_texts(40)
-    out = stage.apply(batch(texts), lm_replica)
+    out = apply_stage(stage, batch(texts), lm_replica)
     answers, confidences = out["topic"].to_pylist(), out["topic_confidence"].to_pylist()
     assert set(answers) <= set(LABELS)
     assert all(0.0 <= c <= 1.0 for c in confidences)
@@ -90,7 +91,7 @@ def test_pooling_classifier_confidence_is_the_head_softmax(tiny_classifier, clf_
 
     stage = Classify("spam", model=Model(tiny_classifier), input="text", labels=["ham", "spam"])
     texts = banking_texts(30)
-    out = stage.apply(batch(texts), clf_replica)
+    out = apply_stage(stage, batch(texts), clf_replica)
     assert set(out["spam"].to_pylist()) <= {"ham", "spam"}
     hf = AutoModelForSequenceClassification.from_pretrained(tiny_classifier, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_classifier)
@@ -106,14 +107,15 @@ def test_pooling_classifier_confidence_is_the_head_softmax(tiny_classifier, clf_
 def test_pooling_classifier_without_a_stage_label_fails_the_job_not_the_row(tiny_classifier, clf_replica):
     stage = Classify("spam", model=Model("elsewhere/clf"), input="text", labels=["ham", "junk"])
     with pytest.raises(ConfigError, match="'junk'"):
-        stage.apply(batch(["hello"]), clf_replica)
+        apply_stage(stage, batch(["hello"]), clf_replica)
 
 
 def test_extract_output_always_follows_the_schema_and_is_typed(lm_model, lm_replica):
     stage = Extract("booking", model=lm_model, input="text", schema=BOUNDED, max_output_tokens=40)
-    out = stage.apply(batch(banking_texts(30)), lm_replica)
+    out = apply_stage(stage, batch(banking_texts(30)), lm_replica)
     assert out.schema.field("booking").type == pa.struct(
-        [("people", pa.int64()), ("urgent", pa.bool_()), ("name", pa.string())])
+        [("people", pa.int64()), ("urgent", pa.bool_()), ("name", pa.string())]
+    )
     assert out["booking_error"].null_count == 30, out["booking_error"].drop_null().to_pylist()[:3]
     for value in out["booking"].to_pylist():
         assert 1 <= value["people"] <= 9 and isinstance(value["urgent"], bool) and len(value["name"]) <= 5
@@ -123,7 +125,7 @@ def test_extract_output_always_follows_the_schema_and_is_typed(lm_model, lm_repl
 def test_extract_row_that_cannot_finish_the_object_is_errored_not_dropped(lm_model, lm_replica):
     unbounded = {"type": "object", "properties": {"note": {"type": "string"}}, "required": ["note"]}
     stage = Extract("x", model=lm_model, input="text", schema=unbounded, max_output_tokens=4)
-    out = stage.apply(batch(banking_texts(5)), lm_replica)
+    out = apply_stage(stage, batch(banking_texts(5)), lm_replica)
     assert out.num_rows == 5
     for value, error in zip(out["x"].to_pylist(), out["x_error"].to_pylist()):
         assert value is None
@@ -133,7 +135,7 @@ def test_extract_row_that_cannot_finish_the_object_is_errored_not_dropped(lm_mod
 def test_summarize_marks_truncated_input_and_respects_output_budget(lm_model, lm_replica):
     stage = Summarize("gist", model=lm_model, input="text", max_input_tokens=8, max_output_tokens=6)
     long_text, short_text = " ".join(banking_texts(6)), "card"
-    out = stage.apply(batch([long_text, short_text]), lm_replica)
+    out = apply_stage(stage, batch([long_text, short_text]), lm_replica)
     assert out["gist_input_truncated"].to_pylist() == [True, False]
     assert all(0 < n <= 6 for n in out["gist_tokens_out"].to_pylist())
     assert all(0.0 < c <= 1.0 for c in out["gist_confidence"].to_pylist())
@@ -144,7 +146,7 @@ def test_summarize_marks_truncated_input_and_respects_output_budget(lm_model, lm
 
 def test_summarize_overflow_error_mode_errors_the_row(lm_model, lm_replica):
     stage = Summarize("gist", model=lm_model, input="text", max_input_tokens=8, overflow="error")
-    out = stage.apply(batch([" ".join(banking_texts(6))]), lm_replica)
+    out = apply_stage(stage, batch([" ".join(banking_texts(6))]), lm_replica)
     assert out["gist"].to_pylist() == [None]
     assert out["gist_error"][0].as_py().startswith("input is ") and "max_input_tokens=8" in out["gist_error"][0].as_py()
 
@@ -152,30 +154,30 @@ def test_summarize_overflow_error_mode_errors_the_row(lm_model, lm_replica):
 def test_bad_rows_get_a_reason_and_the_batch_goes_on(lm_model, lm_replica):
     stage = Summarize("gist", model=lm_model, input="text", max_input_tokens=10_000, max_output_tokens=4)
     texts = [None, "", "   \n", "a fine row", "word " * 1200]
-    out = stage.apply(batch(texts), lm_replica)
+    out = apply_stage(stage, batch(texts), lm_replica)
     errors = out["gist_error"].to_pylist()
     assert errors[0] == "input column 'text' is null"
     assert errors[1] == errors[2] == "input column 'text' is empty"
     assert errors[3] is None and out["gist"][3].as_py() is not None
     assert errors[4].startswith("prompt is ") and "accepts" in errors[4]
-    numbers = stage.apply(pa.table({"text": [1, 2]}), lm_replica)["gist_error"].to_pylist()
+    numbers = apply_stage(stage, pa.table({"text": [1, 2]}), lm_replica)["gist_error"].to_pylist()
     assert numbers == ["input column 'text' is int, not text"] * 2
 
 
 def test_when_skips_rows_with_all_null_outputs(lm_model, lm_replica):
     stage = Summarize("gist", model=lm_model, input="text", max_output_tokens=4, when={"kind": ["complaint"]})
     table = pa.table({"text": ["a", "b", "c"], "kind": ["complaint", "praise", None]})
-    out = stage.apply(table, lm_replica)
+    out = apply_stage(stage, table, lm_replica)
     assert out["gist_model"].to_pylist() == [lm_model.name, None, None]
     assert out["gist"][1].as_py() is None and out["gist_error"][1].as_py() is None
 
 
 def test_replica_warm_up_sends_each_stage_one_request_and_only_logs_failures(lm_model, lm_replica, monkeypatch, caplog):
-    from slmbatch.runner import warm_up
-
     calls = []
     generate = lm_replica.generate
-    monkeypatch.setattr(lm_replica, "generate", lambda ids, params: calls.append(len(ids)) or generate(ids, params))
+    monkeypatch.setattr(
+        lm_replica, "generate", lambda ids, **options: calls.append(len(ids)) or generate(ids, **options)
+    )
     fits = Summarize("gist", model=lm_model, input="text", prompt="{topic}: {input}", max_output_tokens=4)
     too_long = Summarize("long", model=lm_model, input="text", prompt="{input} " + "card " * 2000, max_output_tokens=4)
     with caplog.at_level("WARNING", logger="slmbatch"):

@@ -1,40 +1,23 @@
 """The one stage contract that classify, extract and summarize share.
 
-A stage is a frozen spec (driver side: validated, printable, picklable). On a
-replica actor, :meth:`Stage.apply` turns a batch of rows into the same rows
-plus the stage's output columns::
+A stage is a frozen spec (driver side: validated, printable, picklable) that
+also knows how to do its task. A family (one module) implements:
 
-    <name>             the answer (type depends on the family)
-    <name>_confidence  float in [0, 1]; how the family computes it is documented there
-    <name>_model       model that produced the answer
-    <name>_error       null, or why this row has no answer (the row is still written)
-    <name>_tokens_in   prompt tokens the model processed for this row
-    <name>_tokens_out  tokens the model produced for this row
+- **prepare** - how a row becomes a request: :meth:`Stage.fit_input` (an input
+  budget), the default prompt and :meth:`Stage.template_values`;
+- **infer** - :meth:`Stage.infer`: requests -> :class:`Answer` (value and
+  confidence) on a live replica, through the :class:`ReplicaProtocol` only;
+- **the frontier** - :meth:`Stage.frontier_request` (same instructions, label
+  set, schema and limits as the small model) and :meth:`Stage.parse_frontier`
+  (its answer checked exactly like the small model's);
+- **scoring** - :meth:`Stage.score` and :meth:`Stage.metrics` against gold,
+  with :attr:`Stage.headline_metric`, which evaluation and calibration use.
 
-A family implements three things: :meth:`Stage.answer_type`, the default
-prompt, and :meth:`Stage.infer` (requests -> answers on a live replica) - plus,
-to be escalated, how the frontier is asked (:meth:`Stage.frontier_request`) and
-how its answer is checked (:meth:`Stage.parse_frontier`), with the same
-instructions, label set, schema and limits as the small model.
+Its output columns are :class:`~slmbatch.columns.StageColumns`. The batch
+loop that applies a stage to a batch, the routing step after it and the Ray
+actors live in :mod:`slmbatch.worker`. Adding a family is one module
+(subclass :class:`Stage`, give it a ``kind``) plus its export.
 Rows the stage does not apply to (``when``) get nulls in every column.
-
-A *routed* stage (one with a ``threshold``) also writes, per row, what the
-cascade did - one row format shared by escalation, evaluation and the
-fine-tuning feedback that is learnt from it::
-
-    <name>_routed_to            "small" or "frontier": who produced <name>
-    <name>_escalation           why the row was escalated, or why it could not be
-                                (no frontier, egress policy); null if confident
-    <name>_small                the small model's answer (always kept)
-    <name>_frontier             the frontier's answer (escalated rows)
-    <name>_frontier_error       why the frontier gave no usable answer
-    <name>_frontier_messages    the chat messages sent to the frontier (JSON), which
-                                are also the small model's prompt: with
-                                <name>_frontier they make a fine-tuning example
-    <name>_frontier_tokens_in / _out, <name>_frontier_cost_usd
-
-``<name>_confidence`` is always the small model's: it is what the threshold
-and calibration are about.
 """
 
 from __future__ import annotations
@@ -44,16 +27,51 @@ import math
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import pyarrow as pa
 
-from ..errors import EngineError, RowError
-from ..job import ROW_ID, Model
+from ..columns import StageColumns
+from ..config import Model
+from ..errors import ConfigError, RowError
 from ..spec import check_identifier, check_unit_interval, freeze, require, set_field
 
-if TYPE_CHECKING:
-    from ..engine import Replica
+
+class ReplicaProtocol(Protocol):
+    """What a stage may use of a model replica (:class:`slmbatch.engine.Replica` implements it)."""
+
+    model_name: str
+    runner: str  # "generate" or "pooling"
+    max_model_len: int
+    eos_token_id: int
+    id2label: dict[int, str]
+
+    def encode_chat(self, system: str, user: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        max_tokens: int,
+        min_tokens: int = 0,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        json_schema: Mapping[str, Any] | None = None,
+    ) -> list[Any]: ...
+    def classify(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[float]]: ...
+
+
+#: Stage families by ``kind`` (each subclass of :class:`Stage` registers itself).
+FAMILIES: dict[str, type[Stage]] = {}
+
+
+def family(kind: str) -> type[Stage]:
+    """The stage class of a family, by its ``kind`` (e.g. ``"classify"``)."""
+    try:
+        return FAMILIES[kind]
+    except KeyError:
+        raise ValueError(f"no stage family {kind!r}; known: {', '.join(sorted(FAMILIES))}") from None
 
 
 @dataclasses.dataclass
@@ -120,6 +138,7 @@ class Stage:
     """
 
     kind: ClassVar[str] = "stage"
+    headline_metric: ClassVar[str] = ""
     default_system: ClassVar[str] = ""
     default_prompt: ClassVar[str] = "{input}"
     template_extras: ClassVar[tuple[str, ...]] = ()
@@ -134,23 +153,38 @@ class Stage:
     threshold: float | None = None
     escalate_on_error: bool = True
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("kind"):
+            FAMILIES[cls.kind] = cls
+
     def __post_init__(self):
         cls = type(self).__name__
         check_identifier(self.name, f"{cls}.name")
         require(not self.name.startswith("_"), f"{cls}.name", f"must not start with '_', got {self.name!r}")
         require(isinstance(self.model, Model), f"{cls}.model", f"must be a slmbatch.Model, got {self.model!r}")
-        require(isinstance(self.input, str) and self.input != "", f"{cls}.input", f"must be a column name, got {self.input!r}")
+        require(
+            isinstance(self.input, str) and self.input != "",
+            f"{cls}.input",
+            f"must be a column name, got {self.input!r}",
+        )
         for field_name in ("prompt", "system"):
             value = getattr(self, field_name)
             require(value is None or isinstance(value, str), f"{cls}.{field_name}", f"must be a string, got {value!r}")
         if self.prompt is not None:
             self._placeholders(self.prompt, f"{cls}.prompt")
         check_unit_interval(self.threshold, f"{cls}.threshold")
-        require(isinstance(self.escalate_on_error, bool), f"{cls}.escalate_on_error",
-                f"must be True or False, got {self.escalate_on_error!r}")
+        require(
+            isinstance(self.escalate_on_error, bool),
+            f"{cls}.escalate_on_error",
+            f"must be True or False, got {self.escalate_on_error!r}",
+        )
         if self.when is not None:
-            require(isinstance(self.when, Mapping) and len(self.when) > 0, f"{cls}.when",
-                    f"must be a non-empty dict of column -> allowed value(s), got {self.when!r}")
+            require(
+                isinstance(self.when, Mapping) and len(self.when) > 0,
+                f"{cls}.when",
+                f"must be a non-empty dict of column -> allowed value(s), got {self.when!r}",
+            )
             normalised = {}
             for column, allowed in self.when.items():
                 require(isinstance(column, str), f"{cls}.when", f"keys must be column names, got {column!r}")
@@ -170,8 +204,11 @@ class Stage:
         for _, name, _, _ in parsed:
             if name is None:
                 continue
-            require(name != "" and name.isidentifier(), field,
-                    f"placeholder {{{name}}} must be a column name (or {{input}}), not positional or an expression")
+            require(
+                name != "" and name.isidentifier(),
+                field,
+                f"placeholder {{{name}}} must be a column name (or {{input}}), not positional or an expression",
+            )
             names.add(name)
         return names
 
@@ -191,9 +228,12 @@ class Stage:
         if available is None:
             return
         for column in sorted(self.required_columns()):
-            require(column in available, field,
-                    f"stage {self.name!r} reads column {column!r}, which is neither a source column "
-                    f"nor an earlier stage's output (available: {', '.join(sorted(available))})")
+            require(
+                column in available,
+                field,
+                f"stage {self.name!r} reads column {column!r}, which is neither a source column "
+                f"nor an earlier stage's output (available: {', '.join(sorted(available))})",
+            )
 
     def output_columns(self) -> list[str]:
         return [f.name for f in self.output_schema()]
@@ -209,32 +249,13 @@ class Stage:
         """Whether rows of this stage can be escalated (and carry the routing columns)."""
         return self.threshold is not None
 
-    def output_schema(self) -> list[pa.Field]:
-        n = self.name
-        return [
-            pa.field(n, self.answer_type()),
-            pa.field(f"{n}_confidence", pa.float64()),
-            pa.field(f"{n}_model", pa.string()),
-            pa.field(f"{n}_error", pa.string()),
-            pa.field(f"{n}_tokens_in", pa.int64()),
-            pa.field(f"{n}_tokens_out", pa.int64()),
-            *self.extra_fields(),
-            *(self.routing_schema() if self.routed else []),
-        ]
+    @property
+    def columns(self) -> StageColumns:
+        """Names of this stage's output columns."""
+        return StageColumns(self.name)
 
-    def routing_schema(self) -> list[pa.Field]:
-        n = self.name
-        return [
-            pa.field(f"{n}_routed_to", pa.string()),
-            pa.field(f"{n}_escalation", pa.string()),
-            pa.field(f"{n}_small", self.answer_type()),
-            pa.field(f"{n}_frontier", self.answer_type()),
-            pa.field(f"{n}_frontier_error", pa.string()),
-            pa.field(f"{n}_frontier_messages", pa.string()),
-            pa.field(f"{n}_frontier_tokens_in", pa.int64()),
-            pa.field(f"{n}_frontier_tokens_out", pa.int64()),
-            pa.field(f"{n}_frontier_cost_usd", pa.float64()),
-        ]
+    def output_schema(self) -> list[pa.Field]:
+        return self.columns.schema(self.answer_type(), self.extra_fields(), self.routed)
 
     def escalation_reason(self, answer: Answer) -> str | None:
         """Why this answer should go to the frontier, or None to keep it."""
@@ -257,8 +278,11 @@ class Stage:
 
     def frontier_request(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """Keyword arguments for one frontier request (messages, max_tokens, response_format)."""
-        return {"messages": self.frontier_messages(row, self.input_text(row)), "max_tokens": self.reserved_output_tokens(),
-                "response_format": None}
+        return {
+            "messages": self.frontier_messages(row, self.input_text(row)),
+            "max_tokens": self.reserved_output_tokens(),
+            "response_format": None,
+        }
 
     def parse_frontier(self, text: str) -> Any:
         """Check and convert the frontier's answer exactly as the small model's (RowError if unusable)."""
@@ -276,8 +300,9 @@ class Stage:
         if self.when:
             parts.append(f"when={dict(self.when)}")
         if self.threshold is not None:
-            parts.append(f"threshold={self.threshold} (escalates below it"
-                         f"{' and on errors' if self.escalate_on_error else ''})")
+            parts.append(
+                f"threshold={self.threshold} (escalates below it{' and on errors' if self.escalate_on_error else ''})"
+            )
         if self.prompt is not None:
             parts.append(f"prompt={self.prompt!r}")
         return ", ".join(parts)
@@ -308,14 +333,14 @@ class Stage:
     def template_values(self, row: Mapping[str, Any], text: str) -> dict[str, Any]:
         return {**row, "input": text}
 
-    def render_user(self, row: Mapping[str, Any], text: str, replica: Replica) -> str:
+    def render_user(self, row: Mapping[str, Any], text: str, replica: ReplicaProtocol) -> str:
         template = self.prompt_template(replica.runner)
         try:
             return template.format(**self.template_values(row, text))
         except KeyError as exc:
             raise RowError(f"prompt placeholder {exc} has no value in this row") from None
 
-    def prepare(self, index: int, row: dict[str, Any], replica: Replica, text: str | None = None) -> Request:
+    def prepare(self, index: int, row: dict[str, Any], replica: ReplicaProtocol, text: str | None = None) -> Request:
         """Build the request for one row (validates input, renders, tokenizes)."""
         request = Request(index=index, row=row, text=self.input_text(row) if text is None else text)
         self.fit_input(request, replica)
@@ -330,128 +355,44 @@ class Stage:
             )
         return request
 
-    def fit_input(self, request: Request, replica: Replica) -> None:
+    def fit_input(self, request: Request, replica: ReplicaProtocol) -> None:
         """Hook: enforce a family's input budget on ``request.text`` (may set extras)."""
 
-    def check_replica(self, replica: Replica) -> None:
+    def check_replica(self, replica: ReplicaProtocol) -> None:
         """Hook: fail the job (ConfigError) if this replica cannot serve the stage."""
 
     def reserved_output_tokens(self) -> int:
         return 1
 
-    def infer(self, requests: list[Request], replica: Replica) -> list[Answer]:
+    def infer(self, requests: list[Request], replica: ReplicaProtocol) -> list[Answer]:
         raise NotImplementedError
 
-    def _infer_isolating_failures(self, requests: list[Request], replica: Replica) -> list[Answer]:
-        """Run the batch; if it fails as a whole, retry row by row so one bad row
-        costs only itself. A dead engine is not a row problem: it raises."""
-        try:
-            return self.infer(requests, replica)
-        except Exception as exc:  # noqa: BLE001 - isolate per row below
-            if replica.is_dead(exc):
-                raise EngineError(f"replica of {replica.model_name} died in stage {self.name!r}: {exc}") from exc
-        answers = []
-        for request in requests:
-            try:
-                answers.extend(self.infer([request], replica))
-            except Exception as exc:  # noqa: BLE001
-                if replica.is_dead(exc):
-                    raise EngineError(f"replica of {replica.model_name} died in stage {self.name!r}: {exc}") from exc
-                answers.append(Answer(error=f"engine error: {type(exc).__name__}: {exc}"))
-        return answers
+    # -- scoring against gold (evaluation and calibration ask the family) ------------
 
-    def apply(self, table: pa.Table, replica: Replica, router=None) -> pa.Table:
-        """Add this stage's output columns to ``table`` (one batch, on a replica).
+    @classmethod
+    def score(cls, prediction: Any, gold: Any) -> float:
+        """One row's headline score in [0, 1] (what calibration averages)."""
+        raise NotImplementedError
 
-        ``router`` (a :class:`~slmbatch.routing.Router`) decides where
-        escalation-worthy rows of a routed stage go; None means nowhere."""
-        if router is None:
-            from ..routing import Router
-
-            router = Router(None)
-        self.check_replica(replica)
-        rows = rows_of(table)
-        answers: list[Answer | None] = [None] * len(rows)
-        requests: list[Request] = []
-        for i, row in enumerate(rows):
-            if not self.applies_to(row):
-                continue
-            try:
-                text = self.input_text(row)
-            except RowError as exc:
-                answers[i] = Answer(error=str(exc), escalatable=False)
-                continue
-            try:
-                requests.append(self.prepare(i, row, replica, text))
-            except RowError as exc:
-                answers[i] = Answer(error=str(exc))
-        for request, answer in zip(requests, self._infer_isolating_failures(requests, replica)):
-            answers[request.index] = answer
-        table = self._append_columns(table, answers, replica.model_name)
-        if self.routed:
-            table = self._append_routing(table, rows, answers, router)
-        return table
-
-    def _append_routing(self, table: pa.Table, rows: list[dict], answers: list[Answer | None], router) -> pa.Table:
-        """Decide each row's route now; the frontier step later answers the "pending" ones."""
-        routed_to, reasons = [], []
-        for row, answer in zip(rows, answers):
-            if answer is None:
-                routed_to.append(None)
-                reasons.append(None)
-                continue
-            reason = self.escalation_reason(answer)
-            route, why = ("small", None) if reason is None else router.route(row, reason)
-            routed_to.append(route)
-            reasons.append(why)
-        n = len(rows)
-        values = dict(zip(
-            [f.name for f in self.routing_schema()],
-            [routed_to, reasons, table[self.name], *([[None] * n] * 6)],
-        ))
-        for f in self.routing_schema():
-            table = table.append_column(f, values[f.name] if isinstance(values[f.name], pa.ChunkedArray)
-                                        else pa.array(values[f.name], type=f.type))
-        return table
-
-    def _append_columns(self, table: pa.Table, answers: list[Answer | None], model_name: str) -> pa.Table:
-        schema = self.output_schema()[: 6 + len(self.extra_fields())]  # routing columns come after
-        ran = [a is not None for a in answers]
-        ok = [a is not None and a.error is None for a in answers]
-        columns = {
-            schema[0].name: [a.value if good else None for a, good in zip(answers, ok)],
-            schema[1].name: [a.confidence if good else None for a, good in zip(answers, ok)],
-            schema[2].name: [model_name if r else None for r in ran],
-            schema[3].name: [a.error if a is not None else None for a in answers],
-            schema[4].name: [a.tokens_in if a is not None else None for a in answers],
-            schema[5].name: [a.tokens_out if a is not None else None for a in answers],
-        }
-        for f in schema[6:]:
-            columns[f.name] = [a.extras.get(f.name) if a is not None else None for a in answers]
-        for f in schema:
-            table = table.append_column(f, pa.array(columns[f.name], type=f.type))
-        return table
-
-
-def rows_of(table: pa.Table) -> list[dict[str, Any]]:
-    """Rows as dicts; string columns holding invalid UTF-8 come back as bytes
-    (so :meth:`Stage.input_text` can error that row) instead of failing the batch."""
-    try:
-        return table.to_pylist()
-    except UnicodeDecodeError:
-        for i, field in enumerate(table.schema):
-            if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
-                try:
-                    table.column(i).validate(full=True)
-                except pa.ArrowInvalid:
-                    table = table.set_column(i, field.name, table.column(i).cast(pa.binary()))
-        return table.to_pylist()
+    @classmethod
+    def metrics(cls, predictions: Sequence[Any], golds: Sequence[Any]) -> dict[str, float]:
+        """Every metric of the family over aligned predictions and golds (headline first)."""
+        if not golds:
+            return {cls.headline_metric: math.nan}
+        return {cls.headline_metric: sum(cls.score(p, g) for p, g in zip(predictions, golds)) / len(golds)}
 
 
 def raise_config(field: str, message: str):
-    from ..errors import ConfigError
-
     raise ConfigError(field, message)
 
 
-__all__ = ["Answer", "Request", "Stage", "ROW_ID", "mean_logprob_confidence", "sampled_logprobs"]
+__all__ = [
+    "FAMILIES",
+    "Answer",
+    "ReplicaProtocol",
+    "Request",
+    "Stage",
+    "family",
+    "mean_logprob_confidence",
+    "sampled_logprobs",
+]

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import KW_ONLY
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ..errors import ConfigError, RowError
+from ..scoring import accuracy, macro_f1
 from ..spec import check_strings, require, set_field, spec
-from .base import Answer, Request, Stage
-
-if TYPE_CHECKING:
-    from ..engine import Replica
+from .base import Answer, ReplicaProtocol, Request, Stage
 
 
 @spec
@@ -49,6 +48,7 @@ class Classify(Stage):
     """
 
     kind = "classify"
+    headline_metric = "accuracy"
     default_system = "You are a precise text classifier. Answer with exactly one of the allowed labels."
     default_prompt = "Allowed labels: {labels}\n\nText: {input}\n\nLabel:"
     template_extras = ("labels",)
@@ -60,16 +60,23 @@ class Classify(Stage):
     def __post_init__(self):
         super().__post_init__()
         set_field(self, "labels", check_strings(self.labels, "Classify.labels"))
-        set_field(self, "escalate_labels", check_strings(self.escalate_labels, "Classify.escalate_labels", allow_empty=True))
+        set_field(
+            self, "escalate_labels", check_strings(self.escalate_labels, "Classify.escalate_labels", allow_empty=True)
+        )
         for label in self.escalate_labels:
             require(label in self.labels, "Classify.escalate_labels", f"{label!r} is not one of Classify.labels")
-        require(not self.escalate_labels or self.threshold is not None, "Classify.escalate_labels",
-                "needs a threshold: routing is on only for stages with one (threshold=0 escalates nothing else)")
+        require(
+            not self.escalate_labels or self.threshold is not None,
+            "Classify.escalate_labels",
+            "needs a threshold: routing is on only for stages with one (threshold=0 escalates nothing else)",
+        )
         config = self.model.local_config()
         if config and config.get("id2label") and _is_sequence_classifier(config):
             missing = [label for label in self.labels if label not in set(config["id2label"].values())]
             if missing:
-                raise ConfigError("Classify.labels", f"label {missing[0]!r} is not in model {self.model.name}'s id2label")
+                raise ConfigError(
+                    "Classify.labels", f"label {missing[0]!r} is not in model {self.model.name}'s id2label"
+                )
 
     def describe_options(self) -> list[str]:
         shown = ", ".join(self.labels[:8]) + (f", ... ({len(self.labels)} labels)" if len(self.labels) > 8 else "")
@@ -82,18 +89,22 @@ class Classify(Stage):
         return super().escalation_reason(answer)
 
     def frontier_request(self, row) -> dict:
-        schema = {"type": "object", "properties": {"label": {"type": "string", "enum": list(self.labels)}},
-                  "required": ["label"], "additionalProperties": False}
+        schema = {
+            "type": "object",
+            "properties": {"label": {"type": "string", "enum": list(self.labels)}},
+            "required": ["label"],
+            "additionalProperties": False,
+        }
         return {
             "messages": self.frontier_messages(row, self.input_text(row)),
             "max_tokens": 64,
-            "response_format": {"type": "json_schema",
-                                "json_schema": {"name": f"{self.name}_label", "schema": schema, "strict": True}},
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": f"{self.name}_label", "schema": schema, "strict": True},
+            },
         }
 
     def parse_frontier(self, text: str) -> str:
-        import json
-
         try:
             label = json.loads(text)["label"]
         except (json.JSONDecodeError, KeyError, TypeError):
@@ -110,7 +121,7 @@ class Classify(Stage):
     def template_values(self, row, text):
         return {**row, "input": text, "labels": ", ".join(self.labels)}
 
-    def check_replica(self, replica: Replica) -> None:
+    def check_replica(self, replica: ReplicaProtocol) -> None:
         if replica.runner != "pooling":
             return
         known = set(replica.id2label.values())
@@ -124,14 +135,14 @@ class Classify(Stage):
     def reserved_output_tokens(self) -> int:
         return 8  # label tokens are appended to the prompt when scoring
 
-    def infer(self, requests: list[Request], replica: Replica) -> list[Answer]:
+    def infer(self, requests: list[Request], replica: ReplicaProtocol) -> list[Answer]:
         if not requests:
             return []
         if replica.runner == "pooling":
             return self._infer_pooling(requests, replica)
         return self._infer_scoring(requests, replica)
 
-    def _infer_pooling(self, requests: list[Request], replica: Replica) -> list[Answer]:
+    def _infer_pooling(self, requests: list[Request], replica: ReplicaProtocol) -> list[Answer]:
         index = {label: i for i, label in replica.id2label.items()}
         wanted = [index[label] for label in self.labels]
         answers = []
@@ -143,13 +154,10 @@ class Classify(Stage):
             answers.append(Answer(self.labels[best], sub[best] / total, len(request.prompt_ids), 0))
         return answers
 
-    def _infer_scoring(self, requests: list[Request], replica: Replica) -> list[Answer]:
-        from vllm import SamplingParams
-
+    def _infer_scoring(self, requests: list[Request], replica: ReplicaProtocol) -> list[Answer]:
         endings = [replica.encode(label) + [replica.eos_token_id] for label in self.labels]
         sequences = [r.prompt_ids + ending for r in requests for ending in endings]
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        outputs = replica.generate(sequences, params)
+        outputs = replica.generate(sequences, max_tokens=1, prompt_logprobs=0)
         answers = []
         n = len(self.labels)
         for k, request in enumerate(requests):
@@ -163,6 +171,14 @@ class Classify(Stage):
             best = max(range(n), key=scores.__getitem__)
             answers.append(Answer(self.labels[best], weights[best] / sum(weights), start, len(endings[best])))
         return answers
+
+    @classmethod
+    def score(cls, prediction: Any, gold: Any) -> float:
+        return float(prediction is not None and prediction == gold)
+
+    @classmethod
+    def metrics(cls, predictions: Sequence[Any], golds: Sequence[Any]) -> dict[str, float]:
+        return {"accuracy": accuracy(predictions, golds), "macro_f1": macro_f1(predictions, golds)}
 
 
 def _is_sequence_classifier(config: dict) -> bool:

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
 from ..errors import ConfigError, RowError
+from ..scoring import as_record, exact_match, field_prf
 from ..spec import check_positive_int, freeze, set_field, spec
-from .base import Answer, Request, Stage, sampled_logprobs
-
-if TYPE_CHECKING:
-    from ..engine import Replica
+from .base import Answer, ReplicaProtocol, Request, Stage, sampled_logprobs
 
 
 @spec
@@ -43,6 +41,7 @@ class Extract(Stage):
     """
 
     kind = "extract"
+    headline_metric = "exact_match"
     default_system = "You extract structured data. Reply with a single JSON object and nothing else."
     default_prompt = "Extract these fields as JSON following this schema:\n{schema}\n\nText: {input}"
     template_extras = ("schema",)
@@ -59,7 +58,11 @@ class Extract(Stage):
         if not isinstance(schema, Mapping):
             raise ConfigError("Extract.schema", f"must be a pydantic model class or a JSON-schema dict, got {schema!r}")
         schema = json.loads(json.dumps(schema))  # plain, picklable, and proves it is JSON
-        if schema.get("type") != "object" or not isinstance(schema.get("properties"), Mapping) or not schema["properties"]:
+        if (
+            schema.get("type") != "object"
+            or not isinstance(schema.get("properties"), Mapping)
+            or not schema["properties"]
+        ):
             raise ConfigError("Extract.schema", "must describe an object with at least one property")
         try:
             import jsonschema
@@ -89,33 +92,31 @@ class Extract(Stage):
 
     def frontier_request(self, row) -> dict:
         request = super().frontier_request(row)
-        request["response_format"] = {"type": "json_schema",
-                                      "json_schema": {"name": self.name, "schema": self.plain_schema(), "strict": True}}
+        request["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": self.name, "schema": self.plain_schema(), "strict": True},
+        }
         return request
 
     def parse_frontier(self, text: str) -> dict:
         return parse_and_validate(text, self.plain_schema())
 
-    def infer(self, requests: list[Request], replica: Replica) -> list[Answer]:
+    def infer(self, requests: list[Request], replica: ReplicaProtocol) -> list[Answer]:
         if not requests:
             return []
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
         schema = self.plain_schema()
-        params = SamplingParams(
-            temperature=0.0,
-            max_tokens=self.max_output_tokens,
-            logprobs=0,
-            structured_outputs=StructuredOutputsParams(json=schema),
+        outputs = replica.generate(
+            [r.prompt_ids for r in requests], max_tokens=self.max_output_tokens, logprobs=0, json_schema=schema
         )
         answers = []
-        for request, out in zip(requests, replica.generate([r.prompt_ids for r in requests], params)):
+        for request, out in zip(requests, outputs):
             completion = out.outputs[0]
             tokens_in, tokens_out = len(request.prompt_ids), len(completion.token_ids)
             try:
                 if completion.finish_reason == "length":
-                    raise RowError(f"output hit max_output_tokens={self.max_output_tokens} before the JSON object closed")
+                    raise RowError(
+                        f"output hit max_output_tokens={self.max_output_tokens} before the JSON object closed"
+                    )
                 value = parse_and_validate(completion.text, schema)
             except RowError as exc:
                 answers.append(Answer(error=str(exc), tokens_in=tokens_in, tokens_out=tokens_out))
@@ -124,6 +125,21 @@ class Extract(Stage):
             confidence = min((math.exp(lp) for lp in logprobs), default=0.0)
             answers.append(Answer(value, confidence, tokens_in, tokens_out))
         return answers
+
+    @classmethod
+    def score(cls, prediction: Any, gold: Any) -> float:
+        return float(exact_match(as_record(prediction), as_record(gold)))
+
+    @classmethod
+    def metrics(cls, predictions: Sequence[Any], golds: Sequence[Any]) -> dict[str, float]:
+        if not golds:
+            return super().metrics(predictions, golds)
+        preds = [as_record(p) for p in predictions]
+        gold = [as_record(g) for g in golds]
+        return {
+            "exact_match": sum(exact_match(p, g) for p, g in zip(preds, gold)) / len(gold),
+            **field_prf(preds, gold),
+        }
 
 
 def parse_and_validate(text: str, schema: dict) -> dict:
@@ -182,7 +198,9 @@ def arrow_type(node: Mapping, root: Mapping, field: str) -> pa.DataType:
     if kind == "array" and isinstance(node.get("items"), Mapping):
         return pa.list_(arrow_type(node["items"], root, f"{field}[]"))
     if kind == "object" and isinstance(node.get("properties"), Mapping) and node["properties"]:
-        return pa.struct([pa.field(name, arrow_type(sub, root, f"{field}.{name}")) for name, sub in node["properties"].items()])
+        return pa.struct(
+            [pa.field(name, arrow_type(sub, root, f"{field}.{name}")) for name, sub in node["properties"].items()]
+        )
     raise ConfigError(field, f"cannot be stored as a typed column (schema {dict(node)!r}); give it a type")
 
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import KW_ONLY
-from typing import TYPE_CHECKING
+from typing import Any
 
 import pyarrow as pa
 
 from ..errors import RowError
+from ..scoring import rouge_l
 from ..spec import check_positive_int, require, spec
-from .base import Answer, Request, Stage, mean_logprob_confidence, sampled_logprobs
-
-if TYPE_CHECKING:
-    from ..engine import Replica
+from .base import Answer, ReplicaProtocol, Request, Stage, mean_logprob_confidence, sampled_logprobs
 
 #: Appended to an input cut to its budget, so the model (and a reader of the
 #: prompt) can see that the text does not end there.
@@ -40,6 +38,7 @@ class Summarize(Stage):
     """
 
     kind = "summarize"
+    headline_metric = "rouge_l"
     default_system = "You write short, faithful summaries."
     default_prompt = "Summarize the following text in a few sentences.\n\n{input}"
 
@@ -52,22 +51,28 @@ class Summarize(Stage):
         super().__post_init__()
         check_positive_int(self.max_input_tokens, "Summarize.max_input_tokens")
         check_positive_int(self.max_output_tokens, "Summarize.max_output_tokens")
-        require(self.overflow in ("truncate", "error"), "Summarize.overflow",
-                f"must be 'truncate' or 'error', got {self.overflow!r}")
+        require(
+            self.overflow in ("truncate", "error"),
+            "Summarize.overflow",
+            f"must be 'truncate' or 'error', got {self.overflow!r}",
+        )
 
     def describe_options(self) -> list[str]:
-        return [f"max_input_tokens={self.max_input_tokens}", f"max_output_tokens={self.max_output_tokens}",
-                f"overflow={self.overflow}"]
+        return [
+            f"max_input_tokens={self.max_input_tokens}",
+            f"max_output_tokens={self.max_output_tokens}",
+            f"overflow={self.overflow}",
+        ]
 
     def extra_fields(self) -> list[pa.Field]:
-        return [pa.field(f"{self.name}_input_truncated", pa.bool_())]
+        return [pa.field(self.columns.extra("input_truncated"), pa.bool_())]
 
     def reserved_output_tokens(self) -> int:
         return self.max_output_tokens
 
-    def fit_input(self, request: Request, replica: Replica) -> None:
+    def fit_input(self, request: Request, replica: ReplicaProtocol) -> None:
         ids = replica.encode(request.text)
-        flag = f"{self.name}_input_truncated"
+        flag = self.columns.extra("input_truncated")
         if len(ids) <= self.max_input_tokens:
             request.extras[flag] = False
             return
@@ -76,20 +81,26 @@ class Summarize(Stage):
         request.text = replica.decode(ids[: self.max_input_tokens]) + TRUNCATION_MARK
         request.extras[flag] = True
 
-    def infer(self, requests: list[Request], replica: Replica) -> list[Answer]:
+    def infer(self, requests: list[Request], replica: ReplicaProtocol) -> list[Answer]:
         if not requests:
             return []
-        from vllm import SamplingParams
-
-        params = SamplingParams(temperature=0.0, max_tokens=self.max_output_tokens, min_tokens=1, logprobs=0)
+        outputs = replica.generate(
+            [r.prompt_ids for r in requests], max_tokens=self.max_output_tokens, min_tokens=1, logprobs=0
+        )
         answers = []
-        for request, out in zip(requests, replica.generate([r.prompt_ids for r in requests], params)):
+        for request, out in zip(requests, outputs):
             completion = out.outputs[0]
-            answers.append(Answer(
-                completion.text.strip(),
-                mean_logprob_confidence(sampled_logprobs(completion)),
-                len(request.prompt_ids),
-                len(completion.token_ids),
-                extras=dict(request.extras),
-            ))
+            answers.append(
+                Answer(
+                    completion.text.strip(),
+                    mean_logprob_confidence(sampled_logprobs(completion)),
+                    len(request.prompt_ids),
+                    len(completion.token_ids),
+                    extras=dict(request.extras),
+                )
+            )
         return answers
+
+    @classmethod
+    def score(cls, prediction: Any, gold: Any) -> float:
+        return rouge_l(prediction, gold)

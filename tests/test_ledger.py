@@ -1,4 +1,6 @@
-"""Resume after a crash: the driver is SIGKILLed at exact points, then rerun.
+"""The ledger: what a run processes, and resume after a crash.
+
+The crash tests SIGKILL the driver at exact checkpoints (``tests/support/crash.py``), then rerun.
 
 After the rerun the output holds every input row exactly once (row-id set
 equality with the input), whatever point the crash hit.
@@ -6,6 +8,7 @@ equality with the input), whatever point the crash hit.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import subprocess
@@ -19,8 +22,11 @@ import psutil
 import pytest
 
 import slmbatch
+from slmbatch import Classify, Job, Model, ParquetSink, ParquetSource
 from slmbatch.cli import load_job
-from slmbatch.ledger import JobChangedError
+from slmbatch.errors import JobChangedError
+from slmbatch.io import Plan, Shard
+from slmbatch.ledger import Ledger
 
 from .conftest import banking_texts, write_shards
 
@@ -36,8 +42,9 @@ job = Job(name="resume-test", source=ParquetSource({src!r}),
 
 def write_job(base: Path, model: str, threshold: float = 0.5) -> Path:
     path = base / f"job-{threshold}.py"
-    path.write_text(textwrap.dedent(JOB.format(model=model, src=str(base / "in"), out=str(base / "out"),
-                                               threshold=threshold)))
+    path.write_text(
+        textwrap.dedent(JOB.format(model=model, src=str(base / "in"), out=str(base / "out"), threshold=threshold))
+    )
     return path
 
 
@@ -63,9 +70,16 @@ def run_driver(job_file: Path, address: str, fault: str | None = None) -> subpro
     """`slmbatch run` as its own process (own session, so a crash can be cleaned up whole)."""
     env = {**os.environ, "RAY_ADDRESS": address}
     if fault:
-        env["SLMBATCH_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "slmbatch.cli", "run", "--no-progress", str(job_file)],
-                          env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+        env["SLMBATCH_OBSERVERS"] = "tests.support.crash:install"
+        env["SLMBATCH_CRASH_AT"] = fault
+    return subprocess.run(
+        [sys.executable, "-m", "slmbatch.cli", "run", "--no-progress", str(job_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=True,
+    )
 
 
 @pytest.mark.parametrize("fault", ["batch:2", "writing:1", "written:1", "marked:2"])
@@ -127,16 +141,25 @@ def test_replica_killed_mid_run_is_replaced_and_the_job_completes(tmp_path, tiny
     rows = 1600
     write_shards(tmp_path / "in", (banking_texts() * 3)[:rows], shards=8, row_group_size=50)
     job_file = tmp_path / "job.py"
-    job_file.write_text(textwrap.dedent(SLOW_JOB.format(model=tiny_lm, src=str(tmp_path / "in"), out=str(tmp_path / "out"))))
+    job_file.write_text(
+        textwrap.dedent(SLOW_JOB.format(model=tiny_lm, src=str(tmp_path / "in"), out=str(tmp_path / "out")))
+    )
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    driver = subprocess.Popen([sys.executable, "-m", "slmbatch.cli", "run", "--no-progress", str(job_file)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "slmbatch.cli", "run", "--no-progress", str(job_file)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     killed = None
     deadline = time.monotonic() + 300
     while killed is None and driver.poll() is None and time.monotonic() < deadline:
         if list((tmp_path / "out").glob("*.parquet")):  # the replica is mid-run: some shards done, most not
-            replicas = [p for p in psutil.process_iter(["cmdline"]) if "StageActor" in " ".join(p.info["cmdline"] or [])]
+            replicas = [
+                p for p in psutil.process_iter(["cmdline"]) if "StageActor" in " ".join(p.info["cmdline"] or [])
+            ]
             if replicas:
                 replicas[0].kill()
                 killed = replicas[0].pid
@@ -163,8 +186,9 @@ job = Job(name="resume-s3", source=ParquetSource({src!r}, storage_options=storag
 
 
 @pytest.mark.parametrize("fault", ["batch:2", "written:1"])  # mid-stream, and between object and marker
-def test_driver_killed_mid_run_on_s3_then_rerun_writes_every_row_once(tmp_path, s3_server, s3_prefix,
-                                                                     tiny_classifier, ray_local, fault, monkeypatch):
+def test_driver_killed_mid_run_on_s3_then_rerun_writes_every_row_once(
+    tmp_path, s3_server, s3_prefix, tiny_classifier, ray_local, fault, monkeypatch
+):
     import s3fs
 
     write_shards(tmp_path / "in", banking_texts(ROWS), shards=SHARDS, row_group_size=10)
@@ -172,7 +196,9 @@ def test_driver_killed_mid_run_on_s3_then_rerun_writes_every_row_once(tmp_path, 
     for path in sorted((tmp_path / "in").glob("*.parquet")):
         fs.put_file(str(path), f"{s3_prefix}/in/{path.name}".removeprefix("s3://"))
     job_file = tmp_path / "job.py"
-    job_file.write_text(textwrap.dedent(S3_JOB.format(model=tiny_classifier, src=f"{s3_prefix}/in", out=f"{s3_prefix}/out")))
+    job_file.write_text(
+        textwrap.dedent(S3_JOB.format(model=tiny_classifier, src=f"{s3_prefix}/in", out=f"{s3_prefix}/out"))
+    )
     monkeypatch.setenv("TEST_S3_ENDPOINT", s3_server.storage_options["endpoint_url"])
     monkeypatch.setenv("TEST_S3_KEY", s3_server.storage_options["key"])
     monkeypatch.setenv("TEST_S3_SECRET", s3_server.storage_options["secret"])
@@ -188,3 +214,59 @@ def test_driver_killed_mid_run_on_s3_then_rerun_writes_every_row_once(tmp_path, 
     assert [p.rsplit("/", 1)[1] for p in objects] == [f"part-{i:02d}.parquet" for i in range(SHARDS)]
     df = pl.concat([pl.read_parquet(fs.cat_file(p)) for p in objects])
     assert df.height == ROWS and set(df["_row_id"]) == expected_ids()
+
+
+# -- the ledger alone, no Ray: what a run processes, and reading a sink without its job ------------
+
+
+def _plan(*shards: tuple[str, int]) -> Plan:
+    return Plan(
+        shards=[Shard(i, f"/in/{key}", key, rows, (rows,)) for i, (key, rows) in enumerate(shards)],
+        skipped=[],
+        schema=None,
+    )
+
+
+def _ledger(tmp_path, **sink) -> Ledger:
+    job = Job(
+        name="l",
+        source=ParquetSource(str(tmp_path / "in"), columns=["text"]),
+        sink=ParquetSink(str(tmp_path / "out"), **sink),
+        stages=[Classify("c", model=Model("some/model"), input="text", labels=["a", "b"])],
+    )
+    ledger = Ledger(job)
+    ledger.check_job()
+    return ledger
+
+
+def test_todo_skips_recorded_shards_and_redoes_a_shard_whose_row_count_changed(tmp_path):
+    ledger = _ledger(tmp_path, partition_by_run_date=True)
+    night = dt.date(2026, 11, 28)
+    ledger.mark_done("a.parquet", source="/in/a.parquet", rows=10, output="x", run_id="r1", run_date="2026-11-27")
+    ledger.mark_done("b.parquet", source="/in/b.parquet", rows=5, output="y", run_id="r1", run_date="2026-11-27")
+    todo = ledger.todo(_plan(("a.parquet", 10), ("b.parquet", 6), ("c.parquet", 3)), night)
+    assert [s.key for s in todo.shards] == ["b.parquet", "c.parquet"]
+    assert (todo.files_done_before, todo.rows_done_before) == (1, 10)
+    assert todo.out_keys[2] == ("run_date=2026-11-28/c.parquet", "2026-11-28")
+
+
+def test_todo_in_a_backfill_takes_exactly_the_shards_of_those_dates_back_into_their_partitions(tmp_path):
+    ledger = _ledger(tmp_path, partition_by_run_date=True)
+    for key, day in (("a.parquet", "2026-11-01"), ("b.parquet", "2026-11-05"), ("c.parquet", "2026-11-09")):
+        ledger.mark_done(key, source=f"/in/{key}", rows=4, output=key, run_id="r", run_date=day)
+    plan = _plan(("a.parquet", 4), ("b.parquet", 4), ("c.parquet", 4), ("new.parquet", 4))
+    todo = ledger.todo(plan, dt.date(2026, 12, 1), (dt.date(2026, 11, 2), dt.date(2026, 11, 9)))
+    assert [s.key for s in todo.shards] == ["b.parquet", "c.parquet"]
+    assert todo.out_keys[1] == ("run_date=2026-11-05/b.parquet", "2026-11-05")
+    assert todo.files_done_before == 2  # a (outside the dates) and new (never processed) are left alone
+
+
+def test_a_ledger_opened_from_the_sink_path_reads_what_runs_left_and_refuses_to_run(tmp_path):
+    ledger = _ledger(tmp_path)
+    ledger.mark_done("a.parquet", source="/in/a.parquet", rows=3, output="x", run_id="r1", run_date="2026-11-28")
+    opened = Ledger.open(str(tmp_path / "out"))
+    assert opened.fingerprint == ledger.fingerprint and opened.recorded_job()["job"] == "l"
+    assert set(opened.completed()) == {"a.parquet"} and opened.runs() == {} and opened.active_run() is None
+    with pytest.raises(TypeError, match="read-only"):
+        opened.todo(_plan(("a.parquet", 3)), dt.date(2026, 11, 29))
+    assert Ledger.open(str(tmp_path / "nothing-here")).recorded_job() is None

@@ -88,7 +88,7 @@ def _default_corpus() -> list[str]:
         "the a card payment refund account transfer balance my is was not why how can i "
         "when where what top up cash withdrawal fee charged twice pending declined exchange "
         "rate country pin blocked lost stolen name date time people table book tonight for "
-        "summary person said asked agreed meeting { } [ ] : , \" true false null 0 1 2 3 4 5 6 7 8 9"
+        'summary person said asked agreed meeting { } [ ] : , " true false null 0 1 2 3 4 5 6 7 8 9'
     ).split()
     return [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 4
 
@@ -139,7 +139,9 @@ def build_tiny_causal_lm(
         # random model often "writes" only pad/<|im_start|> or newline tokens,
         # which read as an empty answer.
         silent = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>")]
-        silent += [i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip() == "" and i != tokenizer.eos_token_id]
+        silent += [
+            i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip() == "" and i != tokenizer.eos_token_id
+        ]
         model.get_input_embeddings().weight[silent] = 0.0
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
     model.save_pretrained(tmp)
@@ -166,8 +168,14 @@ def build_tiny_classifier(
     tmp = _tmp_dir(path)
     tokenizer = train_bpe_tokenizer(texts if texts is not None else _default_corpus(), vocab_size)
     torch.manual_seed(seed)
-    config = _tiny_qwen2_config(tokenizer, hidden_size, 2, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                                label2id={label: i for i, label in enumerate(labels)})
+    config = _tiny_qwen2_config(
+        tokenizer,
+        hidden_size,
+        2,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
     model = Qwen2ForSequenceClassification(config)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -252,8 +260,14 @@ def build_minilm_intent_classifier(
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "slmbatch_training.json").write_text(
-        json.dumps({"base": "sentence-transformers/all-MiniLM-L6-v2", "train_rows": len(texts),
-                    "train_accuracy": round(train_acc, 4)}, indent=2)
+        json.dumps(
+            {
+                "base": "sentence-transformers/all-MiniLM-L6-v2",
+                "train_rows": len(texts),
+                "train_accuracy": round(train_acc, 4),
+            },
+            indent=2,
+        )
     )
     return _publish(tmp, path, "minilm-intent-classifier")
 
@@ -333,7 +347,9 @@ def build_minilm_finetuned_classifier(
         del probe
     decay = [p for n, p in model.named_parameters() if not n.endswith("bias") and "LayerNorm" not in n]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
-    optim = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    optim = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
     steps_per_epoch = -(-len(texts) // batch_size)
     total = steps_per_epoch * epochs
     warmup = max(1, round(0.06 * total))
@@ -341,8 +357,10 @@ def build_minilm_finetuned_classifier(
         optim, lambda step: step / warmup if step < warmup else max(0.0, (total - step) / (total - warmup))
     )
     if log:
-        log(f"  fine-tuning all-MiniLM-L6-v2 on {len(texts):,} texts: {epochs} epoch(s) x {steps_per_epoch} "
-            f"steps of {batch_size}, lr {lr:g}, {torch.get_num_threads()} torch thread(s)")
+        log(
+            f"  fine-tuning all-MiniLM-L6-v2 on {len(texts):,} texts: {epochs} epoch(s) x {steps_per_epoch} "
+            f"steps of {batch_size}, lr {lr:g}, {torch.get_num_threads()} torch thread(s)"
+        )
     model.train()
     step = 0
     for epoch in range(1, epochs + 1):
@@ -367,8 +385,10 @@ def build_minilm_finetuned_classifier(
             loss_sum += out.loss.item() * len(batch)
             if log and (k % max(1, len(batches) // 5) == 0 or k == len(batches)):
                 elapsed = time.monotonic() - epoch_started
-                log(f"  epoch {epoch}/{epochs}: {seen:,}/{len(texts):,} texts, loss {loss_sum / seen:.3f}, "
-                    f"accuracy {correct / seen:.3f}, {seen / elapsed:.0f} texts/s")
+                log(
+                    f"  epoch {epoch}/{epochs}: {seen:,}/{len(texts):,} texts, loss {loss_sum / seen:.3f}, "
+                    f"accuracy {correct / seen:.3f}, {seen / elapsed:.0f} texts/s"
+                )
     model.eval()
     seconds = time.monotonic() - started
     train_acc = correct / seen
@@ -376,11 +396,25 @@ def build_minilm_finetuned_classifier(
         log(f"  fine-tuned in {seconds:.0f} s: last-epoch train accuracy {train_acc:.3f}, loss {loss_sum / seen:.3f}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "slmbatch_training.json").write_text(json.dumps({
-        "base": "sentence-transformers/all-MiniLM-L6-v2", "method": "full fine-tuning",
-        "train_rows": len(texts), "epochs": epochs, "batch_size": batch_size, "lr": lr, "max_length": max_length,
-        "seed": seed, "init_head": str(init_head) if init_head is not None else None, "torch_threads": torch.get_num_threads(), "seconds": round(seconds, 1),
-        "train_accuracy": round(train_acc, 4), "train_accuracy_measured": "last epoch, on the fly, dropout on",
-        "train_loss": round(loss_sum / seen, 4),
-    }, indent=2))
+    (tmp / "slmbatch_training.json").write_text(
+        json.dumps(
+            {
+                "base": "sentence-transformers/all-MiniLM-L6-v2",
+                "method": "full fine-tuning",
+                "train_rows": len(texts),
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "lr": lr,
+                "max_length": max_length,
+                "seed": seed,
+                "init_head": str(init_head) if init_head is not None else None,
+                "torch_threads": torch.get_num_threads(),
+                "seconds": round(seconds, 1),
+                "train_accuracy": round(train_acc, 4),
+                "train_accuracy_measured": "last epoch, on the fly, dropout on",
+                "train_loss": round(loss_sum / seen, 4),
+            },
+            indent=2,
+        )
+    )
     return _publish(tmp, path, "minilm-finetuned-classifier")

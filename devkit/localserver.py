@@ -44,24 +44,43 @@ def local_openai_server(
     The server is stopped (SIGTERM, then SIGKILL) when the block exits.
     """
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"), "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if api_key:
         env["VLLM_API_KEY"] = api_key
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
-               "--max-model-len", str(max_model_len), "--enforce-eager",
-               # Compact JSON: small models otherwise emit runaway whitespace.
-               "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
-               *extra_args]
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--served-model-name",
+        served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(max_model_len),
+        "--enforce-eager",
+        # Compact JSON: small models otherwise emit runaway whitespace.
+        "--structured-outputs-config",
+        '{"backend": "xgrammar", "disable_any_whitespace": true}',
+        *extra_args,
+    ]
     with serve_subprocess(command, env, port, timeout_s=timeout_s, name="frontier") as base_url:
         log.info("local frontier %s serving %s at %s", served_name, model, base_url)
         yield base_url
 
 
 @contextlib.contextmanager
-def serve_subprocess(command: list[str], env: dict[str, str], port: int, *, timeout_s: float,
-                     name: str) -> Iterator[str]:
+def serve_subprocess(
+    command: list[str], env: dict[str, str], port: int, *, timeout_s: float, name: str
+) -> Iterator[str]:
     """Run an HTTP server ``command`` listening on 127.0.0.1:``port``; yield its
     ``/v1`` base URL once ``/health`` answers. Output goes to a temporary log
     (its tail is in the error if the server dies or never gets ready); the

@@ -1,4 +1,4 @@
-"""The stand-in frontier (slmbatch.classifier_server) answers Classify's escalations
+"""The stand-in frontier (devkit.classifier_server) answers Classify's escalations
 as an OpenAI-compatible server would, from a real local classifier."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import json
 import httpx
 import pytest
 
+from devkit.classifier_server import CLASSIFY_PROMPT, local_classifier_server, prompt_regex
 from slmbatch import Classify, Model
-from slmbatch.classifier_server import CLASSIFY_PROMPT, local_classifier_server, prompt_regex
-from slmbatch.frontier import Frontier, FrontierClient
+from slmbatch.config import Frontier
+from slmbatch.frontier import FrontierClient
 
 from .conftest import SPAM_LABELS
 
@@ -50,8 +51,9 @@ def test_classify_escalation_gets_the_models_own_argmax_as_json(classifier_serve
     request = stage.frontier_request({"text": TEXT})
 
     async def ask():
-        async with FrontierClient(Frontier(classifier_server, "clf-frontier", api_key_env="CLASSIFIER_TEST_KEY",
-                                           max_attempts=1)) as client:
+        async with FrontierClient(
+            Frontier(classifier_server, "clf-frontier", api_key_env="CLASSIFIER_TEST_KEY", max_attempts=1)
+        ) as client:
             return await client.complete(**request)
 
     reply = asyncio.run(ask())
@@ -64,8 +66,11 @@ def test_classify_escalation_gets_the_models_own_argmax_as_json(classifier_serve
 def test_answers_only_the_allowed_labels_and_bare_without_response_format(classifier_server):
     headers = {"Authorization": f"Bearer {KEY}"}
     for label in SPAM_LABELS:
-        body = {"model": "clf-frontier", "max_tokens": 8,
-                "messages": [{"role": "user", "content": CLASSIFY_PROMPT.format(labels=label, input=TEXT)}]}
+        body = {
+            "model": "clf-frontier",
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": CLASSIFY_PROMPT.format(labels=label, input=TEXT)}],
+        }
         response = httpx.post(f"{classifier_server}/chat/completions", json=body, headers=headers, timeout=30)
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["message"]["content"] == label
@@ -74,8 +79,9 @@ def test_answers_only_the_allowed_labels_and_bare_without_response_format(classi
 
 def test_wrong_api_key_gets_401_and_health_needs_none(classifier_server):
     body = {"model": "clf-frontier", "messages": [{"role": "user", "content": TEXT}], "max_tokens": 8}
-    wrong = httpx.post(f"{classifier_server}/chat/completions", json=body,
-                       headers={"Authorization": "Bearer sk-wrong"}, timeout=30)
+    wrong = httpx.post(
+        f"{classifier_server}/chat/completions", json=body, headers={"Authorization": "Bearer sk-wrong"}, timeout=30
+    )
     assert wrong.status_code == 401
     assert KEY not in wrong.text
     assert httpx.post(f"{classifier_server}/chat/completions", json=body, timeout=30).status_code == 401

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from slmbatch import Frontier
 from slmbatch.errors import ConfigError
 from slmbatch.frontier import (
     MAX_RETRY_AFTER_S,
-    Frontier,
     FrontierClient,
     FrontierReply,
     FrontierRequest,
@@ -35,8 +35,16 @@ def frontier(server: FaultServer, **overrides) -> Frontier:
 
 
 def prompts(n: int, prefix: str = "row") -> list[dict]:
-    return [{"messages": [{"role": "system", "content": "Label the text."},
-                          {"role": "user", "content": f"{prefix} {i}"}], "max_tokens": 8} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "Label the text."},
+                {"role": "user", "content": f"{prefix} {i}"},
+            ],
+            "max_tokens": 8,
+        }
+        for i in range(n)
+    ]
 
 
 def run_many(f: Frontier, requests: list, **client_kwargs) -> list[FrontierReply]:
@@ -50,24 +58,27 @@ def run_many(f: Frontier, requests: list, **client_kwargs) -> list[FrontierReply
 # ---------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize(("option", "value", "field"), [
-    ("base_url", "ftp://example.com/v1", "Frontier.base_url"),
-    ("base_url", "api.openai.com/v1", "Frontier.base_url"),
-    ("base_url", "https://api.example.com/v1?key=1", "Frontier.base_url"),
-    ("base_url", "http://host:notaport/v1", "Frontier.base_url"),
-    ("model", "", "Frontier.model"),
-    ("api_key_env", "MY-KEY", "Frontier.api_key_env"),
-    ("actors", 0, "Frontier.actors"),
-    ("concurrency", 2.5, "Frontier.concurrency"),
-    ("requests_per_minute", 0, "Frontier.requests_per_minute"),
-    ("tokens_per_minute", -5, "Frontier.tokens_per_minute"),
-    ("timeout_s", 0, "Frontier.timeout_s"),
-    ("max_attempts", 0, "Frontier.max_attempts"),
-    ("backoff_s", -1, "Frontier.backoff_s"),
-    ("max_backoff_s", 0.1, "Frontier.max_backoff_s"),
-    ("price_out_per_mtok", -1, "Frontier.price_out_per_mtok"),
-    ("retries", 3, "Frontier.retries"),
-])
+@pytest.mark.parametrize(
+    ("option", "value", "field"),
+    [
+        ("base_url", "ftp://example.com/v1", "Frontier.base_url"),
+        ("base_url", "api.openai.com/v1", "Frontier.base_url"),
+        ("base_url", "https://api.example.com/v1?key=1", "Frontier.base_url"),
+        ("base_url", "http://host:notaport/v1", "Frontier.base_url"),
+        ("model", "", "Frontier.model"),
+        ("api_key_env", "MY-KEY", "Frontier.api_key_env"),
+        ("actors", 0, "Frontier.actors"),
+        ("concurrency", 2.5, "Frontier.concurrency"),
+        ("requests_per_minute", 0, "Frontier.requests_per_minute"),
+        ("tokens_per_minute", -5, "Frontier.tokens_per_minute"),
+        ("timeout_s", 0, "Frontier.timeout_s"),
+        ("max_attempts", 0, "Frontier.max_attempts"),
+        ("backoff_s", -1, "Frontier.backoff_s"),
+        ("max_backoff_s", 0.1, "Frontier.max_backoff_s"),
+        ("price_out_per_mtok", -1, "Frontier.price_out_per_mtok"),
+        ("retries", 3, "Frontier.retries"),
+    ],
+)
 def test_invalid_frontier_option_is_rejected_naming_the_field(option, value, field):
     with pytest.raises(ConfigError) as err:
         Frontier(**{"base_url": "https://api.example.com/v1", "model": "m", option: value})
@@ -107,8 +118,7 @@ def test_retry_after_parses_seconds_and_http_dates():
 def test_answer_carries_text_usage_and_cost():
     with FaultServer() as server:
         f = frontier(server, price_in_per_mtok=1.0, price_out_per_mtok=4.0)
-        schema = {"type": "json_schema", "json_schema": {"name": "label", "strict": True,
-                                                         "schema": {"type": "object"}}}
+        schema = {"type": "json_schema", "json_schema": {"name": "label", "strict": True, "schema": {"type": "object"}}}
         [reply] = run_many(f, [{**prompts(1)[0], "response_format": schema}])
         [seen] = server.seen
     assert reply.ok and reply.text == "answer to: row 0" and reply.attempts == 1
@@ -149,8 +159,14 @@ def test_with_one_attempt_each_failure_names_what_happened():
     with FaultServer(rate=0.3, faults=("429", "500", "hang", "malformed", "nocontent", "drop"), seed=2) as server:
         replies = run_many(frontier(server, timeout_s=2.0, max_attempts=1), prompts(40))
         outcome = {s.key: s.outcome for s in server.seen}
-    expected = {"429": "HTTP 429", "500": "HTTP 500", "hang": "timeout", "malformed": "not valid JSON",
-                "nocontent": "malformed response", "drop": "connection error"}
+    expected = {
+        "429": "HTTP 429",
+        "500": "HTTP 500",
+        "hang": "timeout",
+        "malformed": "not valid JSON",
+        "nocontent": "malformed response",
+        "drop": "connection error",
+    }
     assert set(outcome.values()) == {"ok", *expected}
     for i, reply in enumerate(replies):
         happened = outcome[f"row {i}"]
@@ -213,9 +229,18 @@ def test_api_key_reaches_the_server_and_nothing_else(monkeypatch, caplog):
     assert auth == [f"Bearer {secret}"] * 5
     assert replies[0].ok and replies[0].attempts == 2
     assert "HTTP 500" in replies[1].error and "HTTP 400" in replies[2].error
-    exposed = [repr(f), str(f), f.describe(), repr(client), str(client),
-               *(repr(r) for r in replies), *(str(r) for r in replies), *(r.error or "" for r in replies),
-               *(rec.getMessage() for rec in caplog.records), caplog.text]
+    exposed = [
+        repr(f),
+        str(f),
+        f.describe(),
+        repr(client),
+        str(client),
+        *(repr(r) for r in replies),
+        *(str(r) for r in replies),
+        *(r.error or "" for r in replies),
+        *(rec.getMessage() for rec in caplog.records),
+        caplog.text,
+    ]
     assert caplog.records, "expected retry/failure log records to check"
     assert not [text for text in exposed if secret in text]
 
@@ -307,6 +332,7 @@ def test_reusing_a_limiter_name_with_other_limits_is_an_error(ray_local):
 
 def test_frontier_request_objects_are_accepted_by_complete_many():
     with FaultServer() as server:
-        replies = run_many(frontier(server), [FrontierRequest(messages=[{"role": "user", "content": "hi"}],
-                                                              max_tokens=4)])
+        replies = run_many(
+            frontier(server), [FrontierRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=4)]
+        )
     assert replies[0].text == "answer to: hi"

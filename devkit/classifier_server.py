@@ -29,7 +29,7 @@ thread), so concurrent requests queue rather than oversubscribe the CPU.
 The API key, if any, is read from the environment variable
 ``SLMBATCH_CLASSIFIER_API_KEY`` so that it never appears in ``ps``.
 
-Run: ``python -m slmbatch.classifier_server --model DIR --port N [--served-name NAME]``,
+Run: ``python -m devkit.classifier_server --model DIR --port N [--served-name NAME]``,
 or :func:`local_classifier_server` for a subprocess on a free port.
 """
 
@@ -130,8 +130,12 @@ class ClassifierApp:
             raise ValueError("the input regex needs a named group 'input'")
 
     def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.served_name, "object": "model", "created": 0,
-                                            "owned_by": "slmbatch-classifier-server"}]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": self.served_name, "object": "model", "created": 0, "owned_by": "slmbatch-classifier-server"}
+            ],
+        }
 
     def chat(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
@@ -164,10 +168,19 @@ class ClassifierApp:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.served_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "logprobs": None, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         }
 
     def _allowed_labels(self, user: str, match: re.Match | None, response_format: Any) -> list[str]:
@@ -183,8 +196,10 @@ class ClassifierApp:
         if enum is not None:
             allowed = [label for label in allowed if label in enum]
         if not allowed:
-            raise RequestError(400, f"none of the requested labels is known to the model "
-                                    f"(it knows {sorted(self.model.label2id)[:10]}...)")
+            raise RequestError(
+                400,
+                f"none of the requested labels is known to the model (it knows {sorted(self.model.label2id)[:10]}...)",
+            )
         return allowed
 
 
@@ -291,8 +306,19 @@ def local_classifier_server(
     env.pop(API_KEY_ENV, None)
     if api_key:
         env[API_KEY_ENV] = api_key
-    command = [sys.executable, "-m", "slmbatch.classifier_server", "--model", str(model_dir),
-               "--host", "127.0.0.1", "--port", str(port), "--served-name", served_name]
+    command = [
+        sys.executable,
+        "-m",
+        "devkit.classifier_server",
+        "--model",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-name",
+        served_name,
+    ]
     if input_regex is not None:
         command += ["--input-regex", input_regex]
     with serve_subprocess(command, env, port, timeout_s=timeout_s, name="classifier-server") as base_url:
@@ -302,25 +328,35 @@ def local_classifier_server(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m slmbatch.classifier_server",
+        prog="python -m devkit.classifier_server",
         description="Stand-in frontier for offline experiments: an OpenAI-compatible chat-completions "
-                    "server answering from a local sequence classifier. API key, if any, from $"
-                    + API_KEY_ENV + ".")
+        "server answering from a local sequence classifier. API key, if any, from $" + API_KEY_ENV + ".",
+    )
     parser.add_argument("--model", required=True, help="a local ...ForSequenceClassification model folder")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--served-name", default=None, help="model name in requests and responses "
-                                                              "(default: the folder's name)")
-    parser.add_argument("--input-regex", default=None,
-                        help="regex with a named group 'input' (and optionally 'labels') applied to the last "
-                             "user message (default: matches Classify's default prompt)")
+    parser.add_argument(
+        "--served-name", default=None, help="model name in requests and responses (default: the folder's name)"
+    )
+    parser.add_argument(
+        "--input-regex",
+        default=None,
+        help="regex with a named group 'input' (and optionally 'labels') applied to the last "
+        "user message (default: matches Classify's default prompt)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     served_name = args.served_name or Path(args.model).resolve().name
     app = ClassifierApp(ClassifierModel(args.model), served_name, args.input_regex)
     server = make_server(app, args.host, args.port, os.environ.get(API_KEY_ENV) or None)
-    log.info("classifier server: %s (%s, %d labels) at http://%s:%d/v1", served_name, args.model,
-             len(app.model.label2id), args.host, args.port)
+    log.info(
+        "classifier server: %s (%s, %d labels) at http://%s:%d/v1",
+        served_name,
+        args.model,
+        len(app.model.label2id),
+        args.host,
+        args.port,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

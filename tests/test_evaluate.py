@@ -7,11 +7,12 @@ import pickle
 
 import pytest
 
-from slmbatch import Classify, ConfigError, Job, Model, ParquetSink, ParquetSource, load_thresholds
+from slmbatch import Classify, ConfigError, Extract, Job, Model, ParquetSink, ParquetSource, load_thresholds
 from slmbatch.calibrate import build_curve, calibrate_stage, calibration_file, choose, parse_target, rows_needed
-from slmbatch.evaluate import StageRows, accuracy, evaluate_stage, exact_match, field_prf, macro_f1, metrics, rouge_l
+from slmbatch.evaluate import StageRows, evaluate_stage
 from slmbatch.html_report import render_html
 from slmbatch.report import RunSummary, StageStats
+from slmbatch.scoring import accuracy, exact_match, field_prf, macro_f1, rouge_l
 
 
 def test_classification_metrics_match_hand_computed_values():
@@ -26,11 +27,12 @@ def test_extraction_metrics_match_hand_computed_values():
     gold = [{"people": 2, "time": "7pm", "name": None}, {"people": 4, "time": "8pm", "name": "Ana"}]
     pred = [{"people": 2.0, "time": " 7PM ", "name": None}, {"people": 3, "time": "8pm", "name": None}]
     # row 1: people, time match (2 == 2.0; case/space-insensitive) -> tp 2; row 2: time tp, people fp+fn, name fn
-    assert field_prf(pred, gold) == pytest.approx({"field_precision": 3 / 4, "field_recall": 3 / 5,
-                                                   "field_f1": 2 * 0.75 * 0.6 / 1.35})
+    assert field_prf(pred, gold) == pytest.approx(
+        {"field_precision": 3 / 4, "field_recall": 3 / 5, "field_f1": 2 * 0.75 * 0.6 / 1.35}
+    )
     assert exact_match(pred[0], gold[0]) and not exact_match(pred[1], gold[1]) and not exact_match(None, gold[0])
     # JSON strings (a labels file written as text) are read as objects
-    assert metrics("extract", pred, [json.dumps(g) for g in gold])["exact_match"] == 0.5
+    assert Extract.metrics(pred, [json.dumps(g) for g in gold])["exact_match"] == 0.5
 
 
 def test_rouge_l_matches_hand_computed_lcs():
@@ -61,14 +63,26 @@ def test_calibration_picks_the_threshold_that_meets_the_target_where_the_answer_
     assert curve.escalated[j] == 280
     # conservative: the interval's lower end must clear the target, so it escalates more
     assert curve.escalated[choose(curve, parse_target("accuracy>=0.95"), conservative=True)] > 250
-    assert choose(build_curve(*synthetic(frontier_wrong=range(100)), bootstrap=50), parse_target("accuracy>=0.95")) is None
+    assert (
+        choose(build_curve(*synthetic(frontier_wrong=range(100)), bootstrap=50), parse_target("accuracy>=0.95")) is None
+    )
 
 
 def stage_rows_from(small, frontier, confidence, small_usd, frontier_usd) -> StageRows:
     n = len(small)
-    return StageRows(name="intent", kind="classify", gold=["x"] * n, small=["x" if s else "y" for s in small],
-                     confidence=confidence, cascade=["x"] * n, frontier=["x" if f else "y" for f in frontier],
-                     escalated=[True] * n, escalatable=[True] * n, small_cost=small_usd, frontier_cost=frontier_usd)
+    return StageRows(
+        name="intent",
+        kind="classify",
+        gold=["x"] * n,
+        small=["x" if s else "y" for s in small],
+        confidence=confidence,
+        cascade=["x"] * n,
+        frontier=["x" if f else "y" for f in frontier],
+        escalated=[True] * n,
+        escalatable=[True] * n,
+        small_cost=small_usd,
+        frontier_cost=frontier_usd,
+    )
 
 
 def test_calibration_says_how_sure_it_is_and_when_the_validation_set_is_too_small():
@@ -79,16 +93,19 @@ def test_calibration_says_how_sure_it_is_and_when_the_validation_set_is_too_smal
     assert 0.2 < big["chosen"]["probability_target_met"] < 0.8
     sure = next(w for w in big["warnings"] if "at the 95% level (--conservative) escalate" in w)
     assert "escalate 2" in sure  # being sure costs a few more points of escalation, stated
-    few = calibrate_stage(stage_rows_from(*synthetic(n=60, wrong_below=18)), parse_target("accuracy>=0.95"),
-                          bootstrap=300)
+    few = calibrate_stage(
+        stage_rows_from(*synthetic(n=60, wrong_below=18)), parse_target("accuracy>=0.95"), bootstrap=300
+    )
     assert "only 60 labelled rows" in " ".join(few["warnings"])
     # the frontier alone is exactly at the target: nothing clears it at the 95% level
-    edge = calibrate_stage(stage_rows_from(*synthetic(frontier_wrong=range(50))), parse_target("accuracy>=0.95"),
-                           bootstrap=300)
+    edge = calibrate_stage(
+        stage_rows_from(*synthetic(frontier_wrong=range(50))), parse_target("accuracy>=0.95"), bootstrap=300
+    )
     assert edge["met"] and "too small for this target" in " ".join(edge["warnings"])
     assert rows_needed(100, 0.96, 0.92, 0.95) == 1600  # half-width 0.04 must shrink to the 0.01 margin
-    missed = calibrate_stage(stage_rows_from(*synthetic(frontier_wrong=range(100))), parse_target("accuracy>=0.95"),
-                             bootstrap=50)
+    missed = calibrate_stage(
+        stage_rows_from(*synthetic(frontier_wrong=range(100))), parse_target("accuracy>=0.95"), bootstrap=50
+    )
     assert not missed["met"] and "not reachable" in missed["warnings"][0]
 
 
@@ -101,21 +118,37 @@ def test_targets_are_checked_and_name_the_option():
 
 
 def test_thresholds_file_round_trips_into_a_job_and_its_run_report(tmp_path, tiny_classifier):
-    record = calibrate_stage(stage_rows_from(*synthetic()), parse_target("accuracy>=0.95"), bootstrap=100,
-                             gold_source="labels", frontier_model="big")
+    record = calibrate_stage(
+        stage_rows_from(*synthetic()),
+        parse_target("accuracy>=0.95"),
+        bootstrap=100,
+        gold_source="labels",
+        frontier_model="big",
+    )
     path = tmp_path / "job.thresholds.json"
     path.write_text(json.dumps(calibration_file("j", [record], {"source": "val"})))
     thresholds = load_thresholds(str(path))
     assert thresholds == {"intent": pytest.approx(0.25)}
     model = Model(tiny_classifier)
-    job = Job(name="j", source=ParquetSource(str(tmp_path)), sink=ParquetSink(str(tmp_path / "out")),
-              stages=[Classify("intent", model=model, input="text", labels=["ham", "spam"],
-                               threshold=thresholds["intent"])])
+    job = Job(
+        name="j",
+        source=ParquetSource(str(tmp_path)),
+        sink=ParquetSink(str(tmp_path / "out")),
+        stages=[Classify("intent", model=model, input="text", labels=["ham", "spam"], threshold=thresholds["intent"])],
+    )
     stage = pickle.loads(pickle.dumps(job)).stages[0]  # as Ray ships it to the actors
     assert stage.threshold == thresholds["intent"] and stage.threshold.calibration["target"] == "accuracy>=0.95"
     assert "threshold=0.25" in job.describe()
-    stats = StageStats("intent", "classify", threshold=0.25, rows=100, ran=100, answered=100, escalation_wanted=27,
-                       calibration=stage.threshold.calibration)
+    stats = StageStats(
+        "intent",
+        "classify",
+        threshold=0.25,
+        rows=100,
+        ran=100,
+        answered=100,
+        escalation_wanted=27,
+        calibration=stage.threshold.calibration,
+    )
     summary = RunSummary(job="j", run_id="r", sink="s", started="t", stages=[stats])
     assert "calibrated for accuracy>=0.95 on 1,000 rows: predicted escalation 25.0%" in summary.render()
     again = RunSummary.from_dict(json.loads(summary.to_json()))
@@ -129,10 +162,19 @@ def test_thresholds_file_round_trips_into_a_job_and_its_run_report(tmp_path, tin
 
 
 def test_eval_table_counts_the_cascade_from_the_row_format():
-    rows = StageRows(name="intent", kind="classify", gold=["a", "b", "c", "a"], small=["a", "a", "a", "a"],
-                     confidence=[0.9, 0.2, 0.3, 0.8], cascade=["a", "b", "a", "a"], frontier=[None, "b", None, None],
-                     escalated=[False, True, False, False], escalatable=[True] * 4, small_cost=[1e-6] * 4,
-                     frontier_cost=[0.0, 1e-4, 0.0, 0.0])
+    rows = StageRows(
+        name="intent",
+        kind="classify",
+        gold=["a", "b", "c", "a"],
+        small=["a", "a", "a", "a"],
+        confidence=[0.9, 0.2, 0.3, 0.8],
+        cascade=["a", "b", "a", "a"],
+        frontier=[None, "b", None, None],
+        escalated=[False, True, False, False],
+        escalatable=[True] * 4,
+        small_cost=[1e-6] * 4,
+        frontier_cost=[0.0, 1e-4, 0.0, 0.0],
+    )
     table = {s["system"]: s for s in evaluate_stage(rows)["systems"]}
     assert table["small model"]["accuracy"] == 0.5 and table["cascade"]["accuracy"] == 0.75
     assert table["cascade"]["escalation_rate"] == 0.25
@@ -147,12 +189,23 @@ def test_gold_comes_from_a_labels_file_or_the_output_and_may_be_a_record_of_colu
     from slmbatch.evaluate import with_gold
 
     model = Model("some/model")
-    job = Job(name="j", source=ParquetSource("in"), sink=ParquetSink("out"), stages=[
-        Classify("intent", model=model, input="text", labels=["a", "b"]),
-        Extract("booking", model=model, input="text", schema={"type": "object", "properties": {
-            "people": {"type": "string"}, "time": {"type": "string"}}})])
-    output = pl.DataFrame({"id": [1, 2], "text": ["x", "y"], "label": ["a", "b"], "people": ["2", None],
-                           "time": ["7pm", "8pm"]})
+    job = Job(
+        name="j",
+        source=ParquetSource("in"),
+        sink=ParquetSink("out"),
+        stages=[
+            Classify("intent", model=model, input="text", labels=["a", "b"]),
+            Extract(
+                "booking",
+                model=model,
+                input="text",
+                schema={"type": "object", "properties": {"people": {"type": "string"}, "time": {"type": "string"}}},
+            ),
+        ],
+    )
+    output = pl.DataFrame(
+        {"id": [1, 2], "text": ["x", "y"], "label": ["a", "b"], "people": ["2", None], "time": ["7pm", "8pm"]}
+    )
     frame, found = with_gold(job, output, None, None, {"intent": "label", "booking": "people,time"})
     assert frame["_gold_intent"].to_list() == ["a", "b"]
     assert frame["_gold_booking"].to_list() == [{"people": "2", "time": "7pm"}, {"people": None, "time": "8pm"}]

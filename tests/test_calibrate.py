@@ -26,7 +26,7 @@ def frontier_reply(body: dict) -> str:
     return json.dumps({"label": rule(user.split("Text: ", 1)[1].rsplit("\n\nLabel:", 1)[0])})
 
 
-JOB = '''
+JOB = """
 from slmbatch import Classify, Frontier, Job, Model, ParquetSink, ParquetSource, load_thresholds
 clf = Model({model!r}, num_cpus=0.5, batch_size=20, engine={{"max_model_len": 256, "dtype": "float32"}},
             price_in_per_mtok=0.01, price_out_per_mtok=0.01)
@@ -34,21 +34,34 @@ job = Job(name="calibrated", source=ParquetSource({source!r}), sink=ParquetSink(
           stages=[Classify("spam", model=clf, input="text", labels=["ham", "spam"], threshold=0.5)],
           frontier=Frontier(base_url={url!r}, model="rule-frontier", api_key_env=None, actors=1, concurrency=4,
                             price_in_per_mtok=1.0, price_out_per_mtok=4.0))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory, ray_local, tiny_classifier):
     base = tmp_path_factory.mktemp("calibrate")
     texts = banking_texts(ROWS)
-    write_shards(base / "validation", texts, shards=2, row_group_size=20,
-                 extra={"gold": [rule(t) for t in texts]})
+    write_shards(base / "validation", texts, shards=2, row_group_size=20, extra={"gold": [rule(t) for t in texts]})
     with FaultServer(reply=frontier_reply) as server:
         job_file = base / "job.py"
-        job_file.write_text(JOB.format(model=tiny_classifier, source=str(base / "in"), sink=str(base / "out"),
-                                       url=server.base_url))
-        code = main(["calibrate", str(job_file), "--source", str(base / "validation"), "--gold", "spam=gold",
-                     "--target", "accuracy>=0.9", "--bootstrap", "200", "--no-progress"])
+        job_file.write_text(
+            JOB.format(model=tiny_classifier, source=str(base / "in"), sink=str(base / "out"), url=server.base_url)
+        )
+        code = main(
+            [
+                "calibrate",
+                str(job_file),
+                "--source",
+                str(base / "validation"),
+                "--gold",
+                "spam=gold",
+                "--target",
+                "accuracy>=0.9",
+                "--bootstrap",
+                "200",
+                "--no-progress",
+            ]
+        )
     return base, job_file, code
 
 
@@ -61,13 +74,19 @@ def test_calibrate_writes_thresholds_that_meet_the_target_on_its_validation_rows
     assert df.height == ROWS and (df["spam_routed_to"] == "frontier").all()  # every row has both answers
     # recompute the chosen point from the rows themselves
     t = out["thresholds"]["spam"]
-    cascade = df.select(pl.when(pl.col("spam_confidence") < t).then(pl.col("spam_frontier"))
-                        .otherwise(pl.col("spam_small")).alias("answer"), "gold")
+    cascade = df.select(
+        pl.when(pl.col("spam_confidence") < t)
+        .then(pl.col("spam_frontier"))
+        .otherwise(pl.col("spam_small"))
+        .alias("answer"),
+        "gold",
+    )
     accuracy = (cascade["answer"] == cascade["gold"]).mean()
     assert accuracy == pytest.approx(record["chosen"]["quality"]) and accuracy >= 0.9
     assert record["chosen"]["escalation_rate"] == pytest.approx((df["spam_confidence"] < t).mean())
     assert record["frontier_quality"] == 1.0 and record["small_quality"] == pytest.approx(
-        (df["spam_small"] == df["gold"]).mean())
+        (df["spam_small"] == df["gold"]).mean()
+    )
     assert (base / "job.thresholds.spam.png").stat().st_size > 0
     assert "only 80 labelled rows" in " ".join(record["warnings"])
     # the job reads it back
@@ -77,8 +96,22 @@ def test_calibrate_writes_thresholds_that_meet_the_target_on_its_validation_rows
 def test_eval_scores_the_output_against_gold(calibrated, capsys, tmp_path):
     base, job_file, _ = calibrated
     report = tmp_path / "eval.json"
-    assert main(["eval", str(job_file), "--sink", str(base / "out-calibration"), "--no-run", "--gold", "spam=gold",
-                 "--json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(job_file),
+                "--sink",
+                str(base / "out-calibration"),
+                "--no-run",
+                "--gold",
+                "spam=gold",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     assert "cascade" in capsys.readouterr().out
     systems = {s["system"]: s for s in json.loads(report.read_text())["stages"][0]["systems"]}
     df = pl.read_parquet(base / "out-calibration" / "*.parquet")
@@ -87,8 +120,24 @@ def test_eval_scores_the_output_against_gold(calibrated, capsys, tmp_path):
     # the same gold from a labels file joined on a key
     labels = tmp_path / "labels.csv"
     df.select("n", pl.col("gold").alias("spam")).write_csv(labels)
-    assert main(["eval", str(job_file), "--sink", str(base / "out-calibration"), "--no-run", "--labels", str(labels),
-                 "--key", "n", "--json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(job_file),
+                "--sink",
+                str(base / "out-calibration"),
+                "--no-run",
+                "--labels",
+                str(labels),
+                "--key",
+                "n",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     assert {s["system"]: s for s in json.loads(report.read_text())["stages"][0]["systems"]} == systems
 
 
@@ -98,10 +147,14 @@ def test_feedback_exports_escalated_rows_as_chat_jsonl_that_chat_templates_accep
     base, job_file, _ = calibrated
     out = tmp_path / "feedback"
     assert main(["feedback", str(base / "out-calibration"), "--out", str(out), "--holdout", "0.25"]) == 0
-    lines = [json.loads(line) for split in ("train", "heldout") for line in (out / "spam" / f"{split}.jsonl").open()]
+    lines = [
+        json.loads(line)
+        for split in ("train", "heldout")
+        for line in (out / "spam" / f"{split}.jsonl").read_text().splitlines()
+    ]
     df = pl.read_parquet(base / "out-calibration" / "*.parquet")
     assert len(lines) == df["text"].n_unique()  # one example per distinct prompt
-    held = sum(1 for _ in (out / "spam" / "heldout.jsonl").open())
+    held = len((out / "spam" / "heldout.jsonl").read_text().splitlines())
     assert 0 < held < len(lines)
     stage = load_job(str(job_file)).stages[0]
     tokenizer = AutoTokenizer.from_pretrained(stage.model.name)
@@ -119,8 +172,24 @@ def test_feedback_exports_escalated_rows_as_chat_jsonl_that_chat_templates_accep
 def test_without_labels_calibration_measures_agreement_with_the_frontier(calibrated, tmp_path):
     base, job_file, _ = calibrated
     out = tmp_path / "agreement.json"
-    assert main(["calibrate", str(job_file), "--sink-all", str(base / "out-calibration"), "--no-run",
-                 "--target", "accuracy>=0.9", "--bootstrap", "100", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                str(job_file),
+                "--sink-all",
+                str(base / "out-calibration"),
+                "--no-run",
+                "--target",
+                "accuracy>=0.9",
+                "--bootstrap",
+                "100",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())["stages"]["spam"]
     assert record["gold"] == "frontier" and record["frontier_quality"] == 1.0
     assert "quality is agreement with the frontier" in " ".join(record["warnings"])

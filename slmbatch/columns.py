@@ -1,0 +1,183 @@
+"""The row format, defined once: every column slmbatch adds to a row, with its Arrow type.
+
+Each output row keeps its input columns, :data:`ROW_ID`, and per stage the
+columns of :class:`StageColumns`::
+
+    <name>             the answer (type depends on the family)
+    <name>_confidence  float in [0, 1]: the small model's confidence
+    <name>_model       model that produced the small answer
+    <name>_error       null, or why this row has no answer (the row is still written)
+    <name>_tokens_in   prompt tokens the model processed for this row
+    <name>_tokens_out  tokens the model produced for this row
+    <name>_<extra>     family-specific columns (e.g. summarize's ``_input_truncated``)
+
+A *routed* stage (one with a ``threshold``) also records what the cascade
+did - one row format shared by escalation, evaluation, calibration and the
+fine-tuning feedback learnt from it::
+
+    <name>_routed_to            "small", "frontier", or "pending" between the two steps
+    <name>_escalation           why the row was escalated, or why it could not be
+    <name>_small                the small model's answer (always kept)
+    <name>_frontier             the frontier's answer (escalated rows)
+    <name>_frontier_error       why the frontier gave no usable answer
+    <name>_frontier_messages    the chat messages sent (JSON): the small model's own prompt
+    <name>_frontier_tokens_in / _out, <name>_frontier_cost_usd
+
+Columns that start with :data:`INTERNAL` travel with rows between the read
+task, the replicas and the writer, and are never written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+#: Stable row identity, ``<shard key>:<row index in the file>``, from read to write.
+ROW_ID = "_row_id"
+
+#: Prefix of columns that travel with rows but are never written.
+INTERNAL = "__slmbatch_"
+#: Which planned shard a row belongs to (int64).
+SHARD = INTERNAL + "shard"
+#: The row's index in its input file (int64).
+ROW = INTERNAL + "row"
+#: Why the row group a row came from could not be read (string, null if it could).
+READ_ERROR = INTERNAL + "read_error"
+
+
+def busy_column(stage: str) -> str:
+    """Replica-busy seconds of ``stage``, spread over a batch's rows (float64, internal)."""
+    return f"{INTERNAL}busy_{stage}"
+
+
+#: Routing values of ``<name>_routed_to``.
+SMALL, FRONTIER, PENDING = "small", "frontier", "pending"
+
+
+@dataclasses.dataclass(frozen=True)
+class StageColumns:
+    """The names (and, with :meth:`schema`, the types) of one stage's output columns."""
+
+    name: str
+
+    @property
+    def answer(self) -> str:
+        return self.name
+
+    def _(self, suffix: str) -> str:
+        return f"{self.name}_{suffix}"
+
+    @property
+    def confidence(self) -> str:
+        return self._("confidence")
+
+    @property
+    def model(self) -> str:
+        return self._("model")
+
+    @property
+    def error(self) -> str:
+        return self._("error")
+
+    @property
+    def tokens_in(self) -> str:
+        return self._("tokens_in")
+
+    @property
+    def tokens_out(self) -> str:
+        return self._("tokens_out")
+
+    @property
+    def routed_to(self) -> str:
+        return self._("routed_to")
+
+    @property
+    def escalation(self) -> str:
+        return self._("escalation")
+
+    @property
+    def small(self) -> str:
+        return self._("small")
+
+    @property
+    def frontier(self) -> str:
+        return self._("frontier")
+
+    @property
+    def frontier_error(self) -> str:
+        return self._("frontier_error")
+
+    @property
+    def frontier_messages(self) -> str:
+        return self._("frontier_messages")
+
+    @property
+    def frontier_tokens_in(self) -> str:
+        return self._("frontier_tokens_in")
+
+    @property
+    def frontier_tokens_out(self) -> str:
+        return self._("frontier_tokens_out")
+
+    @property
+    def frontier_cost_usd(self) -> str:
+        return self._("frontier_cost_usd")
+
+    def extra(self, suffix: str) -> str:
+        """A family-specific column, ``<name>_<suffix>``."""
+        return self._(suffix)
+
+    def answer_fields(self, answer_type: pa.DataType) -> list[pa.Field]:
+        """The columns every stage writes, in order."""
+        return [
+            pa.field(self.answer, answer_type),
+            pa.field(self.confidence, pa.float64()),
+            pa.field(self.model, pa.string()),
+            pa.field(self.error, pa.string()),
+            pa.field(self.tokens_in, pa.int64()),
+            pa.field(self.tokens_out, pa.int64()),
+        ]
+
+    def routing_fields(self, answer_type: pa.DataType) -> list[pa.Field]:
+        """The columns a routed stage adds, in order."""
+        return [
+            pa.field(self.routed_to, pa.string()),
+            pa.field(self.escalation, pa.string()),
+            pa.field(self.small, answer_type),
+            pa.field(self.frontier, answer_type),
+            pa.field(self.frontier_error, pa.string()),
+            pa.field(self.frontier_messages, pa.string()),
+            pa.field(self.frontier_tokens_in, pa.int64()),
+            pa.field(self.frontier_tokens_out, pa.int64()),
+            pa.field(self.frontier_cost_usd, pa.float64()),
+        ]
+
+    def schema(self, answer_type: pa.DataType, extras: Sequence[pa.Field] = (), routed: bool = False) -> list[pa.Field]:
+        """Every output column of the stage, in the order they are written."""
+        return [*self.answer_fields(answer_type), *extras, *(self.routing_fields(answer_type) if routed else [])]
+
+    @property
+    def frontier_reply(self) -> tuple[str, ...]:
+        """The columns the frontier step writes for a row it answers."""
+        return (
+            self.answer,
+            self.routed_to,
+            self.frontier,
+            self.frontier_error,
+            self.frontier_messages,
+            self.frontier_tokens_in,
+            self.frontier_tokens_out,
+            self.frontier_cost_usd,
+        )
+
+
+def routed_stage_names(column_names: Sequence[str]) -> list[str]:
+    """Names of the routed stages in an output table, from its column names."""
+    names = set(column_names)
+    return [
+        c.removesuffix("_routed_to")
+        for c in column_names
+        if c.endswith("_routed_to") and StageColumns(c.removesuffix("_routed_to")).frontier in names
+    ]

@@ -1,0 +1,325 @@
+"""The actor side: a stage's batch loop, the routing step after it, and the Ray actors that run them.
+
+Per batch, on a replica (:class:`StageActor`), for each stage of its model:
+
+1. :func:`answer_batch` - which rows the stage applies to, their requests
+   (the family's ``prepare``) and the answers (the family's ``infer``; a batch
+   that fails as a whole is retried row by row, so one bad row costs only
+   itself);
+2. :func:`append_answers` - the answers as the stage's columns
+   (:class:`~slmbatch.columns.StageColumns`);
+3. for a routed stage, :meth:`Router.decide <slmbatch.routing.Router.decide>`
+   and :func:`append_routing` - where each row goes, written next to it.
+
+Then a :class:`FrontierActor` pool answers the rows routed ``"pending"`` and
+:func:`merge_frontier_answers` merges them into the same rows.
+
+Only :class:`StageActor` touches the engine (:mod:`slmbatch.engine`, imported
+in the actor); only :class:`FrontierActor` touches HTTP (:mod:`slmbatch.frontier`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .columns import FRONTIER, PENDING, SMALL, busy_column
+from .config import Frontier, Model
+from .errors import EngineError, RowError
+from .metrics import StageMetrics
+from .routing import Router
+from .stages.base import Answer, ReplicaProtocol, Request, Stage
+
+log = logging.getLogger("slmbatch")
+
+
+def rows_of(table: pa.Table) -> list[dict[str, Any]]:
+    """Rows as dicts; string columns holding invalid UTF-8 come back as bytes
+    (so :meth:`Stage.input_text` can error that row) instead of failing the batch."""
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:
+        for i, field in enumerate(table.schema):
+            if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+                try:
+                    table.column(i).validate(full=True)
+                except pa.ArrowInvalid:
+                    table = table.set_column(i, field.name, table.column(i).cast(pa.binary()))
+        return table.to_pylist()
+
+
+def _is_dead(exc: BaseException) -> bool:
+    return type(exc).__name__ == "EngineDeadError"
+
+
+def infer_isolating_failures(stage: Stage, requests: list[Request], replica: ReplicaProtocol) -> list[Answer]:
+    """Run the batch; if it fails as a whole, retry row by row so one bad row
+    costs only itself. A dead engine is not a row problem: it raises."""
+    try:
+        return stage.infer(requests, replica)
+    except Exception as exc:  # noqa: BLE001 - isolate per row below
+        if _is_dead(exc):
+            raise EngineError(f"replica of {replica.model_name} died in stage {stage.name!r}: {exc}") from exc
+    answers = []
+    for request in requests:
+        try:
+            answers.extend(stage.infer([request], replica))
+        except Exception as exc:  # noqa: BLE001
+            if _is_dead(exc):
+                raise EngineError(f"replica of {replica.model_name} died in stage {stage.name!r}: {exc}") from exc
+            answers.append(Answer(error=f"engine error: {type(exc).__name__}: {exc}"))
+    return answers
+
+
+def answer_batch(stage: Stage, rows: list[dict[str, Any]], replica: ReplicaProtocol) -> list[Answer | None]:
+    """Per row, the stage's answer, or None where the stage does not apply (``when``)."""
+    stage.check_replica(replica)
+    answers: list[Answer | None] = [None] * len(rows)
+    requests: list[Request] = []
+    for i, row in enumerate(rows):
+        if not stage.applies_to(row):
+            continue
+        try:
+            text = stage.input_text(row)
+        except RowError as exc:
+            answers[i] = Answer(error=str(exc), escalatable=False)
+            continue
+        try:
+            requests.append(stage.prepare(i, row, replica, text))
+        except RowError as exc:
+            answers[i] = Answer(error=str(exc))
+    for request, answer in zip(requests, infer_isolating_failures(stage, requests, replica)):
+        answers[request.index] = answer
+    return answers
+
+
+def append_answers(table: pa.Table, stage: Stage, answers: Sequence[Answer | None], model_name: str) -> pa.Table:
+    """The stage's answer columns (and the family's extra columns) for ``answers``."""
+    c = stage.columns
+    answered = [a if a is not None and a.error is None else None for a in answers]
+    values: dict[str, list[Any]] = {
+        c.answer: [a.value if a is not None else None for a in answered],
+        c.confidence: [a.confidence if a is not None else None for a in answered],
+        c.model: [model_name if a is not None else None for a in answers],
+        c.error: [a.error if a is not None else None for a in answers],
+        c.tokens_in: [a.tokens_in if a is not None else None for a in answers],
+        c.tokens_out: [a.tokens_out if a is not None else None for a in answers],
+    }
+    for f in stage.extra_fields():
+        values[f.name] = [a.extras.get(f.name) if a is not None else None for a in answers]
+    for f in [*c.answer_fields(stage.answer_type()), *stage.extra_fields()]:
+        table = table.append_column(f, pa.array(values[f.name], type=f.type))
+    return table
+
+
+def append_routing(
+    table: pa.Table, stage: Stage, routed_to: Sequence[str | None], reasons: Sequence[str | None]
+) -> pa.Table:
+    """The routing columns of a routed stage: the decision, the small answer kept, frontier columns empty."""
+    c = stage.columns
+    for f in c.routing_fields(stage.answer_type()):
+        if f.name == c.routed_to:
+            column: Any = pa.array(routed_to, type=f.type)
+        elif f.name == c.escalation:
+            column = pa.array(reasons, type=f.type)
+        elif f.name == c.small:
+            column = table[c.answer]
+        else:
+            column = pa.nulls(table.num_rows, f.type)
+        table = table.append_column(f, column)
+    return table
+
+
+def apply_stage(stage: Stage, table: pa.Table, replica: ReplicaProtocol, router: Router | None = None) -> pa.Table:
+    """``table`` plus the stage's output columns (one batch, on a replica).
+
+    ``router`` decides where escalation-worthy rows of a routed stage go;
+    None means nowhere (they keep the small answer, with the reason)."""
+    rows = rows_of(table)
+    answers = answer_batch(stage, rows, replica)
+    table = append_answers(table, stage, answers, replica.model_name)
+    if stage.routed:
+        routed_to, reasons = (router or Router(None)).decide(stage, rows, answers)
+        table = append_routing(table, stage, routed_to, reasons)
+    return table
+
+
+#: Input text of the one-row request each stage sends when its replica starts.
+WARM_UP_TEXT = "Hello, I would like to check the status of my card payment."
+
+
+def warm_up(stages: Sequence[Stage], replica: ReplicaProtocol) -> float:
+    """Send each stage one one-row request; return the seconds it took.
+
+    A stage's first call on a fresh engine pays one-off costs: xgrammar
+    compiling an extraction schema, first use of each kernel. Measured on the
+    benchmark's tiny LM (``benchmarks/ENGINE.md``), a fresh replica's first
+    200-row extract batch took 3.2 s against 1.2 s warm. Paid here, at replica
+    start, they are start-up, not the first batch's busy time. Best effort: a
+    failure is logged, and the first real batch meets it again and reports it
+    per row or fails the job, as it would without a warm-up.
+    """
+    started = time.perf_counter()
+    for stage in stages:
+        row = {column: WARM_UP_TEXT for column in stage.required_columns()}
+        try:
+            stage.infer([stage.prepare(0, row, replica, WARM_UP_TEXT)], replica)
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            log.warning("warm-up request of stage %r failed: %s: %s", stage.name, type(exc).__name__, exc)
+    return time.perf_counter() - started
+
+
+class StageActor:
+    """Ray Data callable class: one vLLM replica running a run of stages.
+
+    Every engine call - start, warm-up, each batch - runs on one thread of its
+    own. Ray Data calls ``__call__`` on another thread than ``__init__``, and
+    OpenMP keeps a team of worker threads per calling thread: two teams of two
+    on a 2-core machine are more OpenMP threads than cores, so libgomp stops
+    spin-waiting between parallel regions and every region pays a futex
+    wake-up. Measured on the benchmark's jobs with ``threads=2``
+    (``benchmarks/ENGINE.md``): the replica ran at ~1.2-1.4 cores, against
+    ~1.8 for the same stage loop in a plain process.
+    """
+
+    def __init__(self, model: Model, stages: Sequence[Stage], router: Router, job_name: str = ""):
+        from .engine import Replica
+
+        self.engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmbatch-engine")
+        self.replica = self.engine_thread.submit(Replica, model).result()
+        self.stages = list(stages)
+        self.router = router
+        self.metrics = StageMetrics(job_name)
+        seconds = self.engine_thread.submit(warm_up, self.stages, self.replica).result()
+        self.metrics.record_replica(self.stages, self.replica.model_name, self.replica.threads)
+        log.info(
+            "replica of %s ready (%s engine threads, warm-up %.2f s)",
+            model.name,
+            self.replica.threads or "GPU",
+            seconds,
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.engine_thread.submit(self._apply, batch).result()
+
+    def _apply(self, batch: pa.Table) -> pa.Table:
+        for stage in self.stages:
+            started = time.perf_counter()
+            batch = apply_stage(stage, batch, self.replica, self.router)
+            # Replica-busy seconds, spread over the batch's rows: the driver sums
+            # them into the stage's rows/s (excludes start-up and queueing).
+            share = (time.perf_counter() - started) / max(batch.num_rows, 1)
+            batch = batch.append_column(busy_column(stage.name), pa.array(np.full(batch.num_rows, share)))
+            self.metrics.record_small(batch, stage, self.replica.model_name)
+        return batch
+
+    def __del__(self):
+        replica = getattr(self, "replica", None)
+        if replica is not None:
+            replica.shutdown()
+        engine_thread = getattr(self, "engine_thread", None)
+        if engine_thread is not None:
+            engine_thread.shutdown(wait=False)
+
+
+class FrontierActor:
+    """Ray Data callable class: answers a batch's pending rows with the frontier.
+
+    One per actor: a :class:`~slmbatch.frontier.FrontierClient` on a private
+    event loop (so its connection pool lives across batches), at most
+    ``Frontier.concurrency`` requests in flight, and the job's one
+    :func:`~slmbatch.frontier.shared_rate_limiter` (created by the driver,
+    its handle passed to every actor).
+    """
+
+    def __init__(
+        self,
+        frontier: Frontier,
+        stages: Sequence[Stage],
+        limiter: Any = None,
+        api_key: Sequence[Any] = (),
+        job_name: str = "",
+    ):
+        from .frontier import FrontierClient
+
+        self.metrics = StageMetrics(job_name)
+        if api_key and frontier.api_key_env and not os.environ.get(frontier.api_key_env):
+            # The driver's key, handed over through the object store (a nested
+            # ref, so Ray does not inline it into the actor's arguments).
+            import ray
+
+            os.environ[frontier.api_key_env] = ray.get(api_key[0])
+        self.frontier = frontier
+        self.stages = list(stages)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="slmbatch-frontier", daemon=True)
+        self.thread.start()
+        self.client = FrontierClient(frontier, limiter=limiter)
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from .frontier import FrontierRequest
+
+        for stage in self.stages:
+            routed = batch[stage.columns.routed_to].to_pylist()
+            pending = [i for i, r in enumerate(routed) if r == PENDING]
+            if not pending:
+                continue
+            rows = rows_of(batch.take(pending))
+            requests = [FrontierRequest(**stage.frontier_request(row)) for row in rows]
+            replies = self._run(self.client.complete_many(requests))
+            batch = merge_frontier_answers(batch, stage, pending, replies, [r.messages for r in requests])
+            self.metrics.record_frontier(batch.take(pending), stage, self.frontier.model)
+        return batch
+
+    def __del__(self):
+        loop = getattr(self, "loop", None)
+        if loop is not None and loop.is_running():
+            try:
+                self._run(self.client.aclose())
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+            loop.call_soon_threadsafe(loop.stop)
+
+
+def merge_frontier_answers(
+    batch: pa.Table, stage: Stage, indices: list[int], replies: list, messages: list
+) -> pa.Table:
+    """Write frontier replies (and the messages that asked) for rows ``indices`` into the stage's columns."""
+    c = stage.columns
+    columns = {name: batch[name].to_pylist() for name in c.frontier_reply}
+    for i, reply, asked in zip(indices, replies, messages):
+        columns[c.frontier_messages][i] = json.dumps(list(asked), ensure_ascii=False)
+        columns[c.frontier_tokens_in][i] = reply.prompt_tokens
+        columns[c.frontier_tokens_out][i] = reply.completion_tokens
+        columns[c.frontier_cost_usd][i] = reply.cost_usd
+        error = reply.error
+        if error is None:
+            try:
+                value = stage.parse_frontier(reply.text or "")
+            except RowError as exc:
+                error = str(exc)
+        if error is None:
+            columns[c.answer][i] = value
+            columns[c.frontier][i] = value
+            columns[c.routed_to][i] = FRONTIER
+        else:
+            columns[c.frontier_error][i] = error
+            columns[c.routed_to][i] = SMALL  # keeps the small answer (if any)
+    for name, values in columns.items():
+        index = batch.schema.get_field_index(name)
+        field = batch.schema.field(index)
+        batch = batch.set_column(index, field, pa.array(values, type=field.type))
+    return batch

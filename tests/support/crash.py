@@ -1,0 +1,33 @@
+"""SIGKILL the process at an exact checkpoint of a run (:mod:`slmbatch.hooks`).
+
+A test starts ``slmbatch run`` with::
+
+    SLMBATCH_OBSERVERS=tests.support.crash:install  SLMBATCH_CRASH_AT=<point>:<n>
+
+and the driver kills itself, with a real signal, the n-th time it passes
+``point`` (``batch``, ``writing``, ``written``, ``marked``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from slmbatch.hooks import add_observer
+
+
+def install() -> None:
+    point, _, nth = os.environ.get("SLMBATCH_CRASH_AT", "").partition(":")
+    if not point:
+        return
+    seen = 0
+
+    def crash(name: str) -> None:
+        nonlocal seen
+        if name != point:
+            return
+        seen += 1
+        if seen == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    add_observer(crash)
