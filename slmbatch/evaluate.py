@@ -1,7 +1,7 @@
 """Quality against labels: the small model, the frontier and the cascade, per stage.
 
 Everything is computed from the routing row format a run writes (see
-:mod:`slmbatch.stages.base`): ``<s>_small`` is the small model's answer,
+:mod:`slmbatch.columns`): ``<s>_small`` is the small model's answer,
 ``<s>_frontier`` the frontier's (escalated rows), ``<s>`` the cascade's, and
 ``<s>_confidence`` what the threshold compares. Calibration
 (:mod:`slmbatch.calibrate`) learns from exactly these rows.
