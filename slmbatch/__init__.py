@@ -8,7 +8,15 @@ and runs with ``slmbatch run job.py`` (or :func:`run`).
 """
 
 from .config import Egress, Frontier, Model, ParquetSink, ParquetSource, load_thresholds
-from .errors import ConfigError, EngineError, FrontierError, InputError, RowAccountingError, SlmbatchError
+from .errors import (
+    ConfigError,
+    EngineError,
+    FailureBudgetError,
+    FrontierError,
+    InputError,
+    RowAccountingError,
+    SlmbatchError,
+)
 from .job import Job
 from .report import RunSummary
 from .runner import run
@@ -20,6 +28,7 @@ __all__ = [
     "Egress",
     "EngineError",
     "Extract",
+    "FailureBudgetError",
     "Frontier",
     "FrontierError",
     "InputError",

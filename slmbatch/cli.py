@@ -7,13 +7,24 @@ convention in a variable named ``job``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import logging
 import runpy
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, SlmbatchError
+from .errors import (
+    EXIT_BUSY,
+    EXIT_CODES,
+    EXIT_CONFIG,
+    EXIT_CRASH,
+    EXIT_OVER_BUDGET,
+    ConcurrentRunError,
+    ConfigError,
+    FailureBudgetError,
+    SlmbatchError,
+)
 from .job import Job
 
 DESCRIPTION = """\
@@ -37,6 +48,8 @@ sink) and assigns it to a variable named `job`. Examples: jobs/, examples/.
 On a cluster, submit the same command unchanged:
   ray job submit --working-dir . -- slmbatch run jobs/tickets.py
 """
+
+EXIT_STATUS = "exit status:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items())
 
 
 def load_job(path: str, name: str = "job") -> Job:
@@ -72,6 +85,8 @@ def _validate(args) -> int:
                 if f"missing column {column!r}" in reason:
                     raise ConfigError(field, f"reads column {column!r}, which input file {path} lacks: {reason}")
             print(f"  will skip {path}: {reason}")
+        if not the_plan.shards:
+            print("warning: no input file is usable: a run would fail its failure budget (exit 3)")
     print("ok: job is valid")
     return 0
 
@@ -80,6 +95,9 @@ def _run(args) -> int:
     from .runner import run
 
     job = load_job(args.job_file, args.job)
+    if args.max_failed_fraction is not None:
+        source = dataclasses.replace(job.source, max_failed_fraction=args.max_failed_fraction)
+        job = dataclasses.replace(job, source=source)
     print(job.describe(), flush=True)
     backfill = tuple(args.backfill.split(":", 1)) if args.backfill else None
     if backfill is not None and len(backfill) != 2:
@@ -222,7 +240,10 @@ def _feedback(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="slmbatch", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="slmbatch",
+        description=DESCRIPTION,
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -237,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a job: stream its Parquet input through its stages and write the sink. "
         "Prints progress and a one-screen summary; writes the summary as JSON to "
         "<sink>/_slmbatch/runs/.",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     job_args(p)
     p.add_argument(
@@ -266,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="forget the work recorded in the sink by earlier runs and process everything again "
         "(needed after changing stages, models or thresholds of a job whose sink has output)",
+    )
+    p.add_argument(
+        "--max-failed-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="failure budget for this run, overriding ParquetSource.max_failed_fraction: the share "
+        "of rows that may fail (files set aside, rows with a stage error) before the run exits 3",
     )
     p.set_defaults(func=_run)
 
@@ -405,12 +436,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
+    except FailureBudgetError as exc:
+        print(exc.summary.render(), flush=True)
+        print(f"slmbatch: run failed: {exc}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
+    except ConcurrentRunError as exc:
+        print(f"slmbatch: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     except ConfigError as exc:
         print(f"slmbatch: invalid job: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except SlmbatchError as exc:
         print(f"slmbatch: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_CRASH
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ The hierarchy::
     │                        rate limiter is gone or was made with other limits, a
     │                        client used after close); one request's failure is
     │                        never raised, it comes back as FrontierReply.error
-    └── RowAccountingError   rows in != rows out for a shard: the job stops rather
-                             than write a short or duplicated output
+    ├── RowAccountingError   rows in != rows out for a shard: the job stops rather
+    │                        than write a short or duplicated output
+    └── FailureBudgetError   the run finished, but more of its rows failed than
+                             ParquetSource.max_failed_fraction allows
+
+``slmbatch`` exits with one of :data:`EXIT_CODES` (the README lists them).
 
 Per-row failures never raise: they become a reason string in the stage's
 ``<stage>_error`` column (see :class:`RowError`) and the row is still written.
@@ -61,6 +65,33 @@ class FrontierError(SlmbatchError):
 
 class RowAccountingError(SlmbatchError):
     """The rows written for a shard are not exactly the rows read from it."""
+
+
+class FailureBudgetError(SlmbatchError):
+    """The run finished - everything that could be written is written and
+    recorded, so a rerun resumes - but the share of rows that failed (in files
+    set aside, or with a stage error) is over ``ParquetSource.max_failed_fraction``.
+    ``summary`` is the run's :class:`~slmbatch.report.RunSummary`."""
+
+    def __init__(self, summary, message: str):
+        self.summary = summary
+        super().__init__(message)
+
+
+#: What ``slmbatch`` exits with; schedulers (CronJob, systemd, ``ray job
+#: submit``) alert on anything but 0.
+EXIT_OK = 0  # finished; failed rows, if any, within the failure budget
+EXIT_CRASH = 1  # could not finish (engine, frontier, storage, any unexpected error); a rerun resumes
+EXIT_CONFIG = 2  # the job or the command line is invalid; nothing was processed
+EXIT_OVER_BUDGET = 3  # finished, but more rows failed than ParquetSource.max_failed_fraction allows
+EXIT_BUSY = 4  # another run of the job holds the sink; nothing was done - try again later
+EXIT_CODES = {
+    EXIT_OK: "finished; failed rows, if any, within the failure budget",
+    EXIT_CRASH: "could not finish (engine, frontier, storage or an unexpected error); a rerun resumes",
+    EXIT_CONFIG: "the job or the command line is invalid; nothing was processed",
+    EXIT_OVER_BUDGET: "finished, but more rows failed than the failure budget allows; a rerun resumes",
+    EXIT_BUSY: "another run of the job is active on the same sink; nothing was done",
+}
 
 
 class RowError(Exception):

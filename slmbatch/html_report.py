@@ -126,6 +126,18 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _budget_banner(data: dict[str, Any]) -> list[str]:
+    """A red line when the run failed its failure budget, a plain one when rows failed within it."""
+    if data.get("failed_fraction") is None or not data["failed_fraction"]:
+        return []
+    budget = f"{data['failed_fraction']:.2%} of this run's rows failed (budget {data['max_failed_fraction']:.2%})"
+    if data.get("over_budget"):
+        return [
+            f'<p class="bad"><b>Run FAILED: {budget}.</b> Everything that could be written is; a rerun resumes.</p>'
+        ]
+    return [f"<p>{budget}: within the failure budget.</p>"]
+
+
 def render_html(data: dict[str, Any]) -> str:
     """The report page for one run's JSON summary (``RunSummary.to_json``)."""
     stages = data["stages"]
@@ -138,15 +150,17 @@ def render_html(data: dict[str, Any]) -> str:
         f"<h1>slmbatch run {html.escape(data['run_id'])}</h1>",
         f"<p>job <b>{html.escape(data['job'])}</b>, run date {html.escape(data.get('run_date') or '-')}, "
         f"started {html.escape(data['started'])}, {data['wall_s']:.1f} s; output <code>{html.escape(data['sink'])}</code></p>",
+        *_budget_banner(data),
         "<h2>Rows</h2>",
         _table(
-            ["rows in", "rows written", "done by earlier runs", "in files set aside", "rows/s"],
+            ["rows in", "rows written", "done by earlier runs", "in files set aside", "with a stage error", "rows/s"],
             [
                 [
                     data["rows_in"],
                     data["rows_out"],
                     data["rows_done_before"],
                     data["rows_in_failed_files"],
+                    data.get("rows_errored", "-"),
                     f"{data['rows_per_s']:.1f}",
                 ]
             ],
@@ -244,7 +258,7 @@ def render_html(data: dict[str, Any]) -> str:
     style = (
         "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}"
         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}"
-        ".plots img{margin:4px;border:1px solid #eee}"
+        ".plots img{margin:4px;border:1px solid #eee}.bad{color:#a00;border:2px solid #a00;padding:6px}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>slmbatch {html.escape(data['run_id'])}</title>"

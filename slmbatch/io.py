@@ -11,7 +11,7 @@ import dataclasses
 import os
 import posixpath
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from .errors import InputError
 from .hooks import checkpoint
+from .schemas import Footer, unify_schemas
 
 _GLOB_CHARS = set("*?[")
 
@@ -57,6 +58,7 @@ class Plan:
     skipped: list[tuple[str, str]]  # (path, reason)
     schema: pa.Schema | None
     skipped_rows: int = 0  # rows in skipped files whose footer could be read
+    uncounted: int = 0  # skipped files whose footer could not be read (rows unknown)
 
     @property
     def num_rows(self) -> int:
@@ -107,12 +109,14 @@ def plan_shards(
     required_columns: Iterable[str],
     columns: Sequence[str] | None = None,
     *,
+    text_columns: Collection[str] = (),
     threads: int = 16,
 ) -> Plan:
     """Read every shard's footer (in parallel threads: S3 round trips dominate)
     and set aside files that cannot be read, lack a required column, or whose
-    ``columns`` (all columns if None) have other types than in the first
-    usable file."""
+    ``columns`` (all columns if None) cannot be read into the one schema
+    :func:`~slmbatch.schemas.unify_schemas` chooses (``text_columns``: those
+    read as text)."""
     fs, root, files = list_parquet(path, storage_options)
     protocol = path.split("://", 1)[0] + "://" if is_remote(path) else ""
     required = sorted(set(required_columns))
@@ -127,22 +131,29 @@ def plan_shards(
 
     with ThreadPoolExecutor(max_workers=min(threads, len(files))) as pool:
         footers = list(pool.map(footer, files))
-    shards: list[Shard] = []
-    skipped: list[tuple[str, str]] = []
-    schema, reference, skipped_rows = None, "", 0
-    for f, (meta, file_schema, error) in zip(files, footers):
+    errors: dict[str, str] = {}
+    for f, (_, file_schema, error) in zip(files, footers):
         if error is None:
             missing = [c for c in required if c not in file_schema.names]
             if missing:
                 error = f"missing column {missing[0]!r} (has: {', '.join(file_schema.names)})"
-            elif schema is not None and meta.num_rows:  # an empty file's types cannot clash with anything
-                error = _schema_difference(schema, file_schema, columns, reference)
         if error is not None:
-            skipped.append((protocol + f, error))
+            errors[f] = error
+    unified = unify_schemas(
+        [Footer(f, s, meta.num_rows) for f, (meta, s, _) in zip(files, footers) if f not in errors],
+        columns,
+        text_columns,
+    )
+    errors.update(unified.conflicts)
+    shards: list[Shard] = []
+    skipped: list[tuple[str, str]] = []
+    skipped_rows = uncounted = 0
+    for f, (meta, _, _) in zip(files, footers):
+        if f in errors:
+            skipped.append((protocol + f, errors[f]))
             skipped_rows += meta.num_rows if meta is not None else 0
+            uncounted += meta is None
             continue
-        if schema is None and meta.num_rows:
-            schema, reference = file_schema, protocol + f
         shards.append(
             Shard(
                 index=len(shards),
@@ -152,23 +163,7 @@ def plan_shards(
                 row_groups=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
             )
         )
-    if schema is None:  # only empty files: any of their schemas will do
-        schema = next((s for _, s, e in footers if e is None), None)
-    return Plan(shards=shards, skipped=skipped, schema=schema, skipped_rows=skipped_rows)
-
-
-def _schema_difference(
-    reference: pa.Schema, schema: pa.Schema, columns: Sequence[str] | None, where: str
-) -> str | None:
-    for name in columns or reference.names:
-        if name not in schema.names:
-            return f"schema differs from {where}: no column {name!r}"
-        if schema.field(name).type != reference.field(name).type:
-            return (
-                f"schema differs from {where}: column {name!r} is {schema.field(name).type}, "
-                f"not {reference.field(name).type}"
-            )
-    return None
+    return Plan(shards, skipped, unified.schema, skipped_rows, uncounted)
 
 
 def read_row_group(

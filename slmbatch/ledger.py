@@ -57,16 +57,31 @@ META = "_slmbatch"
 _RUNTIME_ONLY = {"replicas", "num_cpus", "num_gpus", "threads", "batch_size", "price_in_per_mtok", "price_out_per_mtok"}
 
 
+class _Spec(dict):
+    """A spec as plain data (what is recorded and hashed), knowing each field's default:
+    a field missing from a recorded config (added by a later slmbatch) that is
+    at its default is no change."""
+
+    defaults: dict[str, Any]
+
+
+def _spec(value: Any, skip: set[str], head: dict[str, Any]) -> _Spec:
+    fields = [f for f in dataclasses.fields(value) if f.name not in skip]
+    out = _Spec(head, **{f.name: _plain(getattr(value, f.name)) for f in fields})
+    out.defaults = {}
+    for f in fields:
+        if f.default is not dataclasses.MISSING:
+            out.defaults[f.name] = _plain(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out.defaults[f.name] = _plain(f.default_factory())
+    return out
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Model):
-        return {
-            f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name not in _RUNTIME_ONLY
-        }
+        return _spec(value, _RUNTIME_ONLY, {})
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            "kind": type(value).__name__,
-            **{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "_"},
-        }
+        return _spec(value, {"_"}, {"kind": type(value).__name__})
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -92,7 +107,10 @@ def fingerprint(config: dict[str, Any]) -> str:
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
+        defaults = getattr(new, "defaults", {})
         for key in sorted(set(old) | set(new), key=str):
+            if key not in old and key in defaults and _differences(defaults[key], new[key]) == []:
+                continue  # an option the recorded job's slmbatch did not have, at its default
             out += _differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
         return out
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
@@ -197,11 +215,11 @@ class Ledger:
                 "recorded by their path relative to the source, so files of two sources would be mistaken for "
                 "each other. Use one source path per sink (e.g. a sink per input date), or --fresh.",
             )
-        if recorded is not None and recorded["fingerprint"] != self.fingerprint:
-            changes = _differences(recorded["config"], self.config)
+        changes = [] if recorded is None else _differences(recorded["config"], self.config)
+        if recorded is not None and recorded["fingerprint"] != self.fingerprint and changes:
             raise JobChangedError(
                 "Job.stages",
-                f"the job differs from the one that wrote {self.sink} ({'; '.join(changes[:4]) or 'config changed'}); "
+                f"the job differs from the one that wrote {self.sink} ({'; '.join(changes[:4])}); "
                 "mixing their outputs would be wrong. Use a new sink, or rerun with --fresh to discard that output.",
             )
         if recorded is None:

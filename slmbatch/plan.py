@@ -19,6 +19,7 @@ from .columns import READ_ERROR, ROW, ROW_ID, SHARD
 from .errors import ConfigError, InputError
 from .io import Plan, Shard, plan_shards, read_row_group
 from .job import Job
+from .schemas import conform
 
 
 def required_source_columns(job: Job) -> dict[str, str]:
@@ -32,9 +33,31 @@ def required_source_columns(job: Job) -> dict[str, str]:
     return needed
 
 
+def text_source_columns(job: Job) -> set[str]:
+    """Source columns a stage reads as its input text (binary there is read as text)."""
+    produced: set[str] = set()
+    text = set()
+    for stage in job.stages:
+        if stage.input not in produced:
+            text.add(stage.input)
+        produced |= set(stage.output_columns())
+    return text
+
+
 def plan(job: Job) -> Plan:
-    """List the job's shards; raise InputError if none is usable."""
-    result = plan_shards(job.source.path, job.source.storage_options, required_source_columns(job), job.source.columns)
+    """List the job's shards and the files set aside.
+
+    Raises ConfigError if a column the job reads is in no input file,
+    InputError for a strict source with files set aside. A plan with no
+    usable file is not an error here: the run fails its failure budget
+    (every row failed) and says why, file by file."""
+    result = plan_shards(
+        job.source.path,
+        job.source.storage_options,
+        required_source_columns(job),
+        job.source.columns,
+        text_columns=text_source_columns(job),
+    )
     if job.source.strict and result.skipped:
         raise InputError(
             "strict source: input files that cannot be used: " + "; ".join(f"{p}: {r}" for p, r in result.skipped)
@@ -45,12 +68,11 @@ def plan(job: Job) -> Plan:
         for column, field in readers.items():
             if any(f"missing column {column!r}" in r for _, r in result.skipped):
                 raise ConfigError(field, f"reads column {column!r}, which no input file has: {reasons}")
-        raise InputError(f"no usable input under {job.source.path!r}: {reasons}")
     return result
 
 
 def read_schema(job: Job, schema: pa.Schema) -> pa.Schema:
-    """Schema of the rows read from every shard (the first usable file's, for the job's columns)."""
+    """Schema of the rows read from every shard (the plan's unified schema, for the job's columns)."""
     return pa.schema([schema.field(c) for c in (job.source.columns or schema.names)])
 
 
@@ -87,7 +109,7 @@ def read_unit(batch: pa.Table, *, schema: pa.Schema, storage_options: Mapping[st
         error = None
         try:
             table = read_row_group(unit["path"], unit["row_group"], schema.names, storage_options)
-            table = table.select(schema.names).cast(schema)
+            table = conform(table, schema)
         except Exception as exc:
             if not _is_corrupt_data(exc):
                 raise  # access or network trouble is not the file's fault: fail loudly, not per file

@@ -135,6 +135,9 @@ class RunSummary:
     rows_out: int = 0  # written by this run
     rows_done_before: int = 0  # in shards an earlier run of the job completed
     rows_in_failed_files: int = 0  # in files set aside whose footer could be read
+    rows_errored: int = 0  # written by this run with a stage error and no answer from that stage
+    files_uncounted: int = 0  # files set aside whose footer could not be read: rows unknown
+    max_failed_fraction: float = 1.0  # the failure budget (ParquetSource.max_failed_fraction)
     files_done_before: int = 0
     ledger_s: float = 0.0  # time spent recording completed shards
     run_date: str = ""
@@ -158,12 +161,48 @@ class RunSummary:
         return cls(**values)
 
     @property
+    def failed_fraction(self) -> float:
+        """Share of this run's input rows that failed: in files set aside or with a stage error.
+
+        A file whose footer cannot be read holds rows nobody can count; each
+        counts as an average file of the run (all of the run, if no file could be read).
+        """
+        files = self.files_in - self.files_done_before
+        rows = self.rows_in - self.rows_done_before
+        counted = files - self.files_uncounted
+        if self.files_uncounted and not counted:
+            return 1.0
+        guess = self.files_uncounted * (rows / counted if counted else 0.0)
+        total = rows + guess
+        return (self.rows_in_failed_files + self.rows_errored + guess) / total if total else 0.0
+
+    @property
+    def over_budget(self) -> bool:
+        return self.failed_fraction > self.max_failed_fraction
+
+    def render_budget(self) -> str:
+        """One line: how many rows failed against the budget, and what that means for the run."""
+        failed = self.rows_in_failed_files + self.rows_errored
+        where = f"{self.rows_in_failed_files:,} in files set aside + {self.rows_errored:,} with a stage error"
+        if self.files_uncounted:
+            where += f" + {self.files_uncounted} unreadable file(s)"
+        verdict = (
+            f"OVER the failure budget of {self.max_failed_fraction:.2%}: the run FAILED (exit 3); "
+            "what could be written is, and a rerun resumes"
+            if self.over_budget
+            else f"within the failure budget of {self.max_failed_fraction:.2%}"
+        )
+        return f"  failed rows: {failed:,} ({where}) = {self.failed_fraction:.2%} of this run's rows, {verdict}"
+
+    @property
     def rows_per_s(self) -> float:
         return self.rows_out / self.wall_s if self.wall_s else 0.0
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data["rows_per_s"] = round(self.rows_per_s, 2)
+        data["failed_fraction"] = self.failed_fraction
+        data["over_budget"] = self.over_budget
         for stage, stats in zip(data["stages"], self.stages):
             stage["skipped"] = stats.skipped
             stage["mean_confidence"] = stats.mean_confidence
@@ -189,6 +228,8 @@ class RunSummary:
             lines.append(f"  files set aside: {len(self.skipped_files)}{failed}")
             for path, reason in self.skipped_files[:10]:
                 lines.append(f"    {path}: {reason}")
+        if self.over_budget or self.rows_in_failed_files or self.rows_errored or self.files_uncounted:
+            lines.append(self.render_budget())
         for s in self.stages:
             mean = f"{s.mean_confidence:.3f}" if s.mean_confidence is not None else "-"
             speed = f"{s.rows_per_busy_s:,.0f} rows/s per replica" if s.rows_per_busy_s else "-"

@@ -38,7 +38,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .errors import ConfigError, RowAccountingError
+from .errors import ConfigError, FailureBudgetError, RowAccountingError
 from .hooks import checkpoint, load_observers
 from .html_report import write_run_report
 from .io import Plan, Shard
@@ -177,6 +177,11 @@ def run(
     reprocesses, on purpose, the shards that runs of those dates processed,
     into their original partitions. A changed job is refused
     (:class:`~slmbatch.errors.JobChangedError`) unless ``fresh``.
+
+    A run whose failed rows (in files set aside, or with a stage error) are
+    over ``job.source.max_failed_fraction`` writes everything it can and its
+    report, then raises :class:`~slmbatch.errors.FailureBudgetError`, whose
+    ``summary`` is the summary it would have returned.
     """
     load_observers()
     started = time.monotonic()
@@ -209,6 +214,8 @@ def run(
     summary.files_in = len(the_plan.shards) + len(the_plan.skipped)
     summary.rows_in = the_plan.num_rows + the_plan.skipped_rows
     summary.rows_in_failed_files = the_plan.skipped_rows
+    summary.files_uncounted = the_plan.uncounted
+    summary.max_failed_fraction = job.source.max_failed_fraction
     summary.skipped_files = list(the_plan.skipped)
     for path, reason in the_plan.skipped:
         log.warning("not reading %s: %s", path, reason)
@@ -242,6 +249,8 @@ def run(
             f"+ rows in files set aside {summary.rows_in_failed_files}"
         )
     write_run_report(job, summary)
+    if summary.over_budget:
+        raise FailureBudgetError(summary, summary.render_budget().strip())
     return summary
 
 

@@ -42,6 +42,8 @@ def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
     lines.append("  runs:")
     for run_id, r in sorted(runs.items()):
         aside = f", {len(r['skipped_files'])} files set aside" if r.get("skipped_files") else ""
+        if r.get("over_budget"):
+            aside += f", FAILED its failure budget ({r['failed_fraction']:.2%} of rows failed)"
         lines.append(
             f"    {run_id} (run date {r.get('run_date')}): {r['rows_out']:,} rows written, "
             f"{r['rows_done_before']:,} done before, {r['wall_s']:.1f} s{aside}"

@@ -101,6 +101,11 @@ class ShardWriter:
         shard = self.shards[shard_index]
         table = pa.concat_tables(self.parts.pop(shard_index), promote_options="permissive")
         table = table.sort_by(ROW)
+        failed = np.zeros(table.num_rows, dtype=bool)  # a stage's error and no answer (the frontier may have one)
+        for stage in self.job.stages:
+            c = stage.columns
+            failed |= pc.and_(table[c.error].is_valid(), table[c.answer].is_null()).to_numpy(zero_copy_only=False)
+        self.summary.rows_errored += int(failed.sum())
         for stats, stage in zip(self.stats, self.job.stages):
             stats.add(table, stage, self.job.frontier)
             if busy_column(stage.name) in table.column_names:

@@ -121,13 +121,14 @@ def test_defining_and_printing_a_job_loads_no_engine_cluster_or_http_library():
     assert "job j" in out
 
 
-def test_the_public_api_stays_what_it_was():
+def test_the_public_api_is_what_it_was_plus_deliberate_additions():
     assert set(slmbatch.__all__) == {
         "Classify",
         "ConfigError",
         "Egress",
         "EngineError",
         "Extract",
+        "FailureBudgetError",
         "Frontier",
         "FrontierError",
         "InputError",

@@ -116,3 +116,23 @@ def test_run_writes_every_row_and_prints_the_summary(tmp_path, data_dir, tiny_cl
 
     df = pl.read_parquet(tmp_path / "out" / "*.parquet")
     assert df.height == 40 and df["_row_id"].n_unique() == 40
+
+    # A file that cannot be read arrives: this run processed none of its input -> exit 3, loudly.
+    (data_dir / "zz-truncated.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+    failed = slmbatch_cmd("run", "--address", address, str(render(tmp_path, data_dir, tiny_classifier)))
+    assert failed.returncode == 3, failed.stderr[-3000:]
+    assert "OVER the failure budget of 1.00%: the run FAILED (exit 3)" in failed.stdout
+    assert "zz-truncated.parquet: unreadable Parquet" in failed.stdout
+    assert "slmbatch: run failed: " in failed.stderr
+    # The budget is the job's (ParquetSource.max_failed_fraction) unless the command line says otherwise.
+    tolerated = slmbatch_cmd(
+        "run", "--address", address, "--max-failed-fraction", "1", str(render(tmp_path, data_dir, tiny_classifier))
+    )
+    assert tolerated.returncode == 0, tolerated.stderr[-3000:]
+    assert "within the failure budget of 100.00%" in tolerated.stdout
+
+
+def test_run_help_documents_the_exit_codes():
+    text = slmbatch_cmd("run", "--help").stdout
+    for line in ("0  finished", "1  could not finish", "2  the job or the command line is invalid", "3  finished, but"):
+        assert line in text

@@ -9,6 +9,7 @@ equality with the input), whatever point the crash hit.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 import subprocess
@@ -270,3 +271,22 @@ def test_a_ledger_opened_from_the_sink_path_reads_what_runs_left_and_refuses_to_
     with pytest.raises(TypeError, match="read-only"):
         opened.todo(_plan(("a.parquet", 3)), dt.date(2026, 11, 29))
     assert Ledger.open(str(tmp_path / "nothing-here")).recorded_job() is None
+
+
+def test_an_option_added_by_a_later_slmbatch_at_its_default_is_no_change_but_a_real_change_is(tmp_path):
+    ledger = _ledger(tmp_path)
+    url = tmp_path / "out" / "_slmbatch" / "job.json"
+    recorded = json.loads(url.read_text())
+    # As written by a slmbatch that had no Classify.overflow (its default is "error").
+    del recorded["config"]["stages"][0]["overflow"]
+    recorded["fingerprint"] = "written-by-an-older-version"
+    url.write_text(json.dumps(recorded))
+    ledger.check_job()  # same job: nothing to refuse
+    changed = Job(
+        name="l",
+        source=ParquetSource(str(tmp_path / "in"), columns=["text"]),
+        sink=ParquetSink(str(tmp_path / "out")),
+        stages=[Classify("c", model=Model("some/model"), input="text", labels=["a", "b"], overflow="truncate")],
+    )
+    with pytest.raises(JobChangedError, match=r"stages\[0\]\.overflow: null -> \"truncate\""):
+        Ledger(changed).check_job()

@@ -286,15 +286,15 @@ def test_nightly_cronjob_script_exits_non_zero_when_the_job_fails_also_on_a_retr
     # The day's export never arrived: `slmbatch run` fails (source path does not exist).
     run = nightly(ray_head, tmp_path, tiny_classifier, "2026-11-27", input_exists=False)
     first = run.trigger()
-    assert first.returncode != 0, first.stdout[-3000:]
+    assert first.returncode == 1, first.stdout[-3000:]  # slmbatch's own status: it could not run
     assert "does not exist" in first.stdout
     # A retry (CronJob backoffLimit) reads the failed submission's status; `ray job status`
     # itself exits 0 for it, the script must not.
     retry = run.trigger()
-    assert retry.returncode != 0, retry.stdout[-3000:]
+    assert retry.returncode == 1, retry.stdout[-3000:]
     assert f"{run.submission_id} was submitted before" in retry.stdout
     assert f"Job '{run.submission_id}' failed" in retry.stdout
-    assert f"{run.submission_id} did not succeed" in retry.stderr
+    assert f"{run.submission_id} did not succeed (exit 1)" in retry.stderr
 
 
 # -- the Python SDK ----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import slmbatch
-from slmbatch import Classify, InputError, Job, Model, ParquetSink, ParquetSource, Summarize
+from slmbatch import Classify, FailureBudgetError, InputError, Job, Model, ParquetSink, ParquetSource, Summarize
 
 from .conftest import banking_texts, write_shards
 
@@ -119,7 +120,13 @@ def test_unreadable_files_are_reported_and_the_rest_is_processed(first_run, tiny
         (source / name).write_bytes((base / "in" / name).read_bytes())
     (source / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
     pq.write_table(pq.read_table(base / "in" / "part-02.parquet").drop_columns(["text"]), source / "no-text.parquet")
-    summary = slmbatch.run(two_stage_job(source, base / "out2", tiny_lm, tiny_classifier), progress=False)
+    job = two_stage_job(source, base / "out2", tiny_lm, tiny_classifier)
+    # 50 of 150 rows in a file set aside, the null row of part-00 errored, and an unreadable file
+    # counted as an average one (50 rows): (50 + 1 + 50) / 200 failed, within a budget of 0.6.
+    job = dataclasses.replace(job, source=dataclasses.replace(job.source, max_failed_fraction=0.6))
+    summary = slmbatch.run(job, progress=False)
+    assert summary.failed_fraction == pytest.approx(0.505) and not summary.over_budget
+    assert "within the failure budget of 60.00%" in summary.render()
     reasons = dict((Path(p).name, r) for p, r in summary.skipped_files)
     assert set(reasons) == {"corrupt.parquet", "no-text.parquet"}
     assert reasons["corrupt.parquet"].startswith("unreadable Parquet")
@@ -136,11 +143,14 @@ def test_unreadable_files_are_reported_and_the_rest_is_processed(first_run, tiny
     assert again.sort("_row_id").equals(before.sort("_row_id"))
 
 
-def test_a_source_without_usable_files_fails_before_starting_ray(tmp_path, tiny_lm, tiny_classifier):
+def test_a_source_without_usable_files_fails_its_budget_without_starting_a_replica(tmp_path, tiny_lm, tiny_classifier):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "bad.parquet").write_bytes(b"nope")
-    with pytest.raises(InputError, match="no usable input"):
+    with pytest.raises(FailureBudgetError, match="100.00% of this run's rows") as failed:
         slmbatch.run(two_stage_job(tmp_path / "in", tmp_path / "out", tiny_lm, tiny_classifier))
+    summary = failed.value.summary
+    assert summary.rows_out == 0 and summary.failed_fraction == 1.0 and summary.files_uncounted == 1
+    assert [Path(p).name for p, _ in summary.skipped_files] == ["bad.parquet"]
     with pytest.raises(InputError, match="does not exist"):
         slmbatch.run(two_stage_job(tmp_path / "missing", tmp_path / "out", tiny_lm, tiny_classifier))
 

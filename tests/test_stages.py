@@ -104,6 +104,38 @@ def test_pooling_classifier_confidence_is_the_head_softmax(tiny_classifier, clf_
     assert len({round(c, 6) for c in out["spam_confidence"].to_pylist()}) > 1
 
 
+def test_pooling_classifier_keeps_no_context_for_an_answer_it_never_generates(tiny_classifier, clf_replica):
+    stage = Classify("spam", model=Model(tiny_classifier), input="text", labels=["ham", "spam"])
+    fits = " ".join(["card"] * 400)
+    ids = clf_replica.encode_chat("", fits)
+    fits = clf_replica.decode(clf_replica.encode(fits)[: len(clf_replica.encode(fits)) - (len(ids) - 256)])
+    assert len(clf_replica.encode_chat("", fits)) == clf_replica.max_model_len == 256
+    out = apply_stage(stage, batch([fits, fits + " card"]), clf_replica)
+    assert out["spam_error"][0].as_py() is None and out["spam"][0].as_py() in ("ham", "spam")
+    assert out["spam_error"][1].as_py() == (
+        f"prompt is 257 tokens; model {clf_replica.model_name} accepts 256 (max_model_len 256)"
+    )
+
+
+def test_classify_truncate_cuts_overlong_input_to_the_context_and_flags_the_row(tiny_classifier, clf_replica):
+    stage = Classify("spam", model=Model(tiny_classifier), input="text", labels=["ham", "spam"], overflow="truncate")
+    long, short = "my card payment failed again " * 200, "my card payment failed"
+    out = apply_stage(stage, batch([long, short]), clf_replica)
+    assert out["spam_error"].to_pylist() == [None, None]
+    assert out["spam_input_truncated"].to_pylist() == [True, False]
+    assert all(label in ("ham", "spam") for label in out["spam"].to_pylist())
+    # The truncated row is answered as the head of its input that fills the context would be.
+    request = stage.prepare(0, {"text": long}, clf_replica)
+    assert len(request.prompt_ids) == clf_replica.max_model_len and request.extras == {"spam_input_truncated": True}
+    head = request.text
+    assert long.startswith(head.rstrip()) and len(head) < len(long) / 2
+    alone = apply_stage(stage, batch([head]), clf_replica)
+    assert alone["spam_input_truncated"].to_pylist() == [False]
+    assert alone["spam_confidence"][0].as_py() == pytest.approx(out["spam_confidence"][0].as_py(), abs=1e-3)
+    with pytest.raises(ConfigError, match="Classify.overflow"):
+        Classify("spam", model=Model(tiny_classifier), input="text", labels=["ham", "spam"], overflow="cut")
+
+
 def test_pooling_classifier_without_a_stage_label_fails_the_job_not_the_row(tiny_classifier, clf_replica):
     stage = Classify("spam", model=Model("elsewhere/clf"), input="text", labels=["ham", "junk"])
     with pytest.raises(ConfigError, match="'junk'"):
@@ -153,13 +185,20 @@ def test_summarize_overflow_error_mode_errors_the_row(lm_model, lm_replica):
 
 def test_bad_rows_get_a_reason_and_the_batch_goes_on(lm_model, lm_replica):
     stage = Summarize("gist", model=lm_model, input="text", max_input_tokens=10_000, max_output_tokens=4)
-    texts = [None, "", "   \n", "a fine row", "word " * 1200]
+    invisible = ["\u200b\u200d", "\ufeff \u2060\u200c", "\u3164\u200e"]
+    texts = [None, "", "   \n", "a fine row", "word " * 1200, *invisible, "caf\u00e9\u200b"]
     out = apply_stage(stage, batch(texts), lm_replica)
     errors = out["gist_error"].to_pylist()
     assert errors[0] == "input column 'text' is null"
     assert errors[1] == errors[2] == "input column 'text' is empty"
     assert errors[3] is None and out["gist"][3].as_py() is not None
     assert errors[4].startswith("prompt is ") and "accepts" in errors[4]
+    # Zero-width and other format characters alone are no text: errored like whitespace, never answered.
+    assert errors[5] == "input column 'text' holds only invisible characters (U+200B, U+200D)"
+    assert errors[6] == "input column 'text' holds only invisible characters (U+200C, U+2060, U+FEFF)"
+    assert errors[7].startswith("input column 'text' holds only invisible characters")
+    assert out["gist"].to_pylist()[5:8] == [None] * 3
+    assert errors[8] is None  # visible text with a zero-width space in it is text
     numbers = apply_stage(stage, pa.table({"text": [1, 2]}), lm_replica)["gist_error"].to_pylist()
     assert numbers == ["input column 'text' is int, not text"] * 2
 

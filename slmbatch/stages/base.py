@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY
 from typing import Any, ClassVar, Protocol
@@ -96,6 +97,17 @@ class Answer:
     error: str | None = None
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
     escalatable: bool = True  # False for bad input: a bigger model cannot fix a null
+
+
+#: Characters that show nothing on their own: controls, format characters
+#: (zero-width space and joiners, BOM, bidi marks), separators, lone combining
+#: marks, and the blank "filler" letters.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp", "Mn", "Me"})
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def _visible(ch: str) -> bool:
+    return unicodedata.category(ch) not in _INVISIBLE_CATEGORIES and ch not in _BLANK_LETTERS
 
 
 def mean_logprob_confidence(logprobs: Sequence[float]) -> float:
@@ -328,6 +340,9 @@ class Stage:
             raise RowError(f"input column {self.input!r} is {type(value).__name__}, not text")
         if value.strip() == "":
             raise RowError(f"input column {self.input!r} is empty")
+        if not any(_visible(ch) for ch in value):
+            shown = ", ".join(sorted({f"U+{ord(ch):04X}" for ch in value if not ch.isspace()})[:4])
+            raise RowError(f"input column {self.input!r} holds only invisible characters ({shown})")
         return value
 
     def template_values(self, row: Mapping[str, Any], text: str) -> dict[str, Any]:
@@ -347,13 +362,33 @@ class Stage:
         user = self.render_user(row, request.text, replica)
         system = self.system if self.system is not None else self.default_system
         request.prompt_ids = replica.encode_chat(system, user)
-        budget = replica.max_model_len - self.reserved_output_tokens()
+        reserved = self.reserved_output_tokens(replica.runner)
+        budget = replica.max_model_len - reserved
+        if len(request.prompt_ids) > budget and self.truncates_to_context():
+            self._truncate_to(budget, request, replica, system)
         if len(request.prompt_ids) > budget:
+            answer = f" minus {reserved} for the answer" if reserved else ""
             raise RowError(
                 f"prompt is {len(request.prompt_ids)} tokens; model {replica.model_name} accepts "
-                f"{budget} (max_model_len {replica.max_model_len} minus {self.reserved_output_tokens()} for the answer)"
+                f"{budget} (max_model_len {replica.max_model_len}{answer})"
             )
         return request
+
+    def _truncate_to(self, budget: int, request: Request, replica: ReplicaProtocol, system: str) -> None:
+        """Cut the input text's tail until the prompt fits ``budget`` tokens; flag the row."""
+        ids = replica.encode(request.text)
+        for _ in range(4):  # decode/encode round trips can shift a token or two
+            excess = len(request.prompt_ids) - budget
+            if excess <= 0 or not ids:
+                break
+            ids = ids[: max(0, len(ids) - excess)]
+            request.text = replica.decode(ids)
+            request.prompt_ids = replica.encode_chat(system, self.render_user(request.row, request.text, replica))
+        request.extras[self.columns.extra("input_truncated")] = True
+
+    def truncates_to_context(self) -> bool:
+        """Hook: cut overlong input to the model's context (flagged per row) instead of erroring the row."""
+        return False
 
     def fit_input(self, request: Request, replica: ReplicaProtocol) -> None:
         """Hook: enforce a family's input budget on ``request.text`` (may set extras)."""
@@ -361,7 +396,8 @@ class Stage:
     def check_replica(self, replica: ReplicaProtocol) -> None:
         """Hook: fail the job (ConfigError) if this replica cannot serve the stage."""
 
-    def reserved_output_tokens(self) -> int:
+    def reserved_output_tokens(self, runner: str = "generate") -> int:
+        """Context tokens kept free for the answer (``runner``: the replica's, ``"pooling"`` generates nothing)."""
         return 1
 
     def infer(self, requests: list[Request], replica: ReplicaProtocol) -> list[Answer]:

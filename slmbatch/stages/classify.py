@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import KW_ONLY
 from typing import Any
 
+import pyarrow as pa
+
 from ..errors import ConfigError, RowError
 from ..scoring import accuracy, macro_f1
 from ..spec import check_strings, require, set_field, spec
@@ -42,6 +44,11 @@ class Classify(Stage):
         escalate_labels: labels whose rows always go to the frontier when the
             small model picks them, whatever its confidence (e.g. a costly
             class to get wrong). Needs a ``threshold`` (routing on).
+        overflow: a prompt over the model's context is a row error
+            (``"error"``, the default), or with ``"truncate"`` its input is cut
+            at the end to fit - how BERT-style classifiers are usually run -
+            and the row's ``<name>_input_truncated`` is true. Escalated rows
+            still send the frontier the whole input.
 
     Escalated rows ask the frontier the same question with the label set as a
     JSON-schema enum (``response_format``); an answer outside the set is an error.
@@ -56,12 +63,18 @@ class Classify(Stage):
     _: KW_ONLY
     labels: Sequence[str]
     escalate_labels: Sequence[str] = ()
+    overflow: str = "error"
 
     def __post_init__(self):
         super().__post_init__()
         set_field(self, "labels", check_strings(self.labels, "Classify.labels"))
         set_field(
             self, "escalate_labels", check_strings(self.escalate_labels, "Classify.escalate_labels", allow_empty=True)
+        )
+        require(
+            self.overflow in ("truncate", "error"),
+            "Classify.overflow",
+            f"must be 'error' or 'truncate', got {self.overflow!r}",
         )
         for label in self.escalate_labels:
             require(label in self.labels, "Classify.escalate_labels", f"{label!r} is not one of Classify.labels")
@@ -81,7 +94,23 @@ class Classify(Stage):
     def describe_options(self) -> list[str]:
         shown = ", ".join(self.labels[:8]) + (f", ... ({len(self.labels)} labels)" if len(self.labels) > 8 else "")
         extra = [f"escalate_labels={list(self.escalate_labels)}"] if self.escalate_labels else []
+        if self.overflow != "error":
+            extra.append(f"overflow={self.overflow}")
         return [f"labels=[{shown}]", *extra]
+
+    def extra_fields(self) -> list[pa.Field]:
+        if self.overflow != "truncate":
+            return []
+        return [pa.field(self.columns.extra("input_truncated"), pa.bool_())]
+
+    def truncates_to_context(self) -> bool:
+        return self.overflow == "truncate"
+
+    def _flags(self, request: Request) -> dict[str, Any]:
+        if self.overflow != "truncate":
+            return {}
+        flag = self.columns.extra("input_truncated")
+        return {flag: request.extras.get(flag, False)}
 
     def escalation_reason(self, answer: Answer) -> str | None:
         if answer.error is None and answer.value in self.escalate_labels:
@@ -132,8 +161,9 @@ class Classify(Stage):
                 f"label {missing[0]!r} is not among model {replica.model_name}'s labels (id2label: {sorted(known)[:10]}...)",
             )
 
-    def reserved_output_tokens(self) -> int:
-        return 8  # label tokens are appended to the prompt when scoring
+    def reserved_output_tokens(self, runner: str = "generate") -> int:
+        # Label tokens are appended to the prompt when scoring; a pooling head generates nothing.
+        return 0 if runner == "pooling" else 8
 
     def infer(self, requests: list[Request], replica: ReplicaProtocol) -> list[Answer]:
         if not requests:
@@ -151,7 +181,9 @@ class Classify(Stage):
             sub = [probs[i] for i in wanted]
             total = sum(sub)
             best = max(range(len(sub)), key=sub.__getitem__)
-            answers.append(Answer(self.labels[best], sub[best] / total, len(request.prompt_ids), 0))
+            answers.append(
+                Answer(self.labels[best], sub[best] / total, len(request.prompt_ids), 0, extras=self._flags(request))
+            )
         return answers
 
     def _infer_scoring(self, requests: list[Request], replica: ReplicaProtocol) -> list[Answer]:
@@ -169,7 +201,15 @@ class Classify(Stage):
             top = max(scores)
             weights = [math.exp(s - top) for s in scores]
             best = max(range(n), key=scores.__getitem__)
-            answers.append(Answer(self.labels[best], weights[best] / sum(weights), start, len(endings[best])))
+            answers.append(
+                Answer(
+                    self.labels[best],
+                    weights[best] / sum(weights),
+                    start,
+                    len(endings[best]),
+                    extras=self._flags(request),
+                )
+            )
         return answers
 
     @classmethod

@@ -87,7 +87,7 @@ class Extract(Stage):
     def template_values(self, row, text):
         return {**row, "input": text, "schema": json.dumps(self.plain_schema())}
 
-    def reserved_output_tokens(self) -> int:
+    def reserved_output_tokens(self, runner: str = "generate") -> int:
         return self.max_output_tokens
 
     def frontier_request(self, row) -> dict:

@@ -67,7 +67,7 @@ class Summarize(Stage):
     def extra_fields(self) -> list[pa.Field]:
         return [pa.field(self.columns.extra("input_truncated"), pa.bool_())]
 
-    def reserved_output_tokens(self) -> int:
+    def reserved_output_tokens(self, runner: str = "generate") -> int:
         return self.max_output_tokens
 
     def fit_input(self, request: Request, replica: ReplicaProtocol) -> None:
