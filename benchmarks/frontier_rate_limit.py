@@ -1,16 +1,23 @@
-"""Frontier pool throughput against a server that enforces a requests-per-minute limit.
+"""Frontier pool throughput against a server that enforces a requests-per-minute limit, and injects faults.
 
 A benchmark, not a test: it measures and reports, it asserts nothing.
 
-One run, two arms on the same load (``--actors`` Ray actors, each a
+One run, arms side by side on the same load (``--actors`` Ray actors, each a
 :class:`~slmbatch.worker.FrontierActor` driving its
 :class:`~slmbatch.frontier.FrontierClient` with ``--concurrency`` requests in
 flight, for ``--duration`` seconds):
 
-* ``shared limiter``: every actor asks ONE
+* ``shared limiter`` (``limited``): every actor asks ONE
   :func:`~slmbatch.frontier.shared_rate_limiter` created on the driver
   (``requests_per_minute=--rpm``), as a job does;
-* ``no limiter``: the same load with no limiter, for contrast.
+* ``limiter + faults`` (``faults``): the same, against a server that also
+  injects faults into ``--fault-rate`` of the requests within the limit: a
+  share ``--fault-429-share`` of them 429 with ``Retry-After:
+  --fault-retry-after``, the rest 500 or 503;
+* ``no limiter`` (``unlimited``): the same load with no limiter, for contrast;
+* ``limiter told more`` (``over``, not run by default): the limiter is told
+  ``--over`` x ``--rpm``, so only its reaction to 429s (pause, AIMD) keeps the
+  pool near the server's real limit.
 
 Each arm gets a fresh local OpenAI-compatible server (:class:`RpmServer`) that
 enforces the limit over a sliding window: it accepts a request only if fewer
@@ -18,7 +25,10 @@ than ``rpm * window_s / 60`` requests were accepted in the last ``window_s``
 seconds (default 60 s, i.e. the literal "``rpm`` per minute", at any instant);
 otherwise it answers 429 with ``Retry-After`` (and ``retry-after-ms``) saying
 when the oldest accepted request leaves the window, and counts a violation.
-Rejected requests do not count against the window.
+Rejected and faulted requests do not count against the window. Every 429
+(over the limit or injected) announces a window for the API key, from its
+arrival until its ``Retry-After``; the server counts the requests that
+arrive inside one.
 
 Reported per arm (table on stdout, JSON in ``benchmarks/results/``):
 
@@ -29,12 +39,17 @@ Reported per arm (table on stdout, JSON in ``benchmarks/results/``):
   "whole run" counts ``[start, start + duration)``. ``start`` is the instant
   all actors were told to begin (they wait for it, so actor start-up is not
   measured); requests that drain after the deadline are reported apart.
-* violations: 429s the server answered (all of them, drain included), and
-  when the first and last happened;
+* violations: 429s the server answered for being over the limit (all of
+  them, drain included), and when the first and last happened;
+* injected faults by status, Retry-After windows announced, and arrivals
+  inside an announced window, split by how long after the latest
+  announcement they came (under 10 ms is mostly requests already on their
+  way when the 429 was sent);
 * peak 1 s: the most requests accepted in any 1 s interval, over ``rpm / 60``
   (how bursty the pool is, whatever window the server enforces);
 * client side: requests sent, answered, failed, retries (attempts beyond the
-  first), requests cancelled at the end of the grace period.
+  first), requests cancelled at the end of the grace period; the limiter's
+  own stats (pauses, rate cuts).
 
 Run from the repository root: ``.venv/bin/python benchmarks/frontier_rate_limit.py``
 (``--help`` for the knobs). Nothing is left running: servers are stopped,
@@ -46,10 +61,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import json
 import math
 import os
 import platform
+import random
 import sys
 import threading
 import time
@@ -71,24 +88,70 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "frontier_rate_limit.json"
 # --------------------------------------------------------------------------- server
 
 
+@dataclasses.dataclass(frozen=True)
+class Arrival:
+    """One request as the server saw it, at arrival (``time.monotonic()``).
+
+    ``kind``: ``"ok"`` (accepted), ``"rate"`` (429: over the sliding window)
+    or ``"fault"`` (an injected 429, 500 or 503). ``in_window``: it arrived
+    inside a ``Retry-After`` window this server had announced for the same
+    API key, ``since_announced_s`` after the latest announcement.
+    """
+
+    t: float
+    status: int
+    kind: str
+    in_window: bool
+    since_announced_s: float | None
+
+
 class RpmServer:
     """An OpenAI-compatible chat-completions server that enforces ``rpm`` over a sliding window.
 
     ``with RpmServer(600, window_s=60) as server: server.base_url ...``. At
     most ``floor(rpm * window_s / 60)`` requests are accepted in any
-    ``window_s`` seconds; the rest get 429 at once. An accepted request is
-    answered after ``latency_s`` (a fixed, valid completion with ``usage``).
-    Every request is recorded as ``(time.monotonic(), status)`` at arrival.
+    ``window_s`` seconds; the rest get 429 at once, with ``Retry-After`` (and
+    ``retry-after-ms``) saying when a slot frees. Of the requests within the
+    limit, a share ``fault_rate`` (drawn from ``random.Random(seed)`` in
+    arrival order) gets an injected fault at once instead: a share
+    ``fault_429_share`` of those a 429 with ``Retry-After: fault_retry_after_s``,
+    the rest a 500 or a 503 (half each, no ``Retry-After``). Faulted requests
+    are not accepted, so they do not count against the window. An accepted
+    request is answered after ``latency_s`` (a fixed, valid completion with
+    ``usage``).
+
+    Every 429 announces a window, per API key (the ``Authorization`` header):
+    from its arrival until ``Retry-After`` later (the millisecond value when
+    both are sent, as clients use it). Every request is recorded as an
+    :class:`Arrival`, flagged if it arrived inside such a window: a request
+    the provider had asked the key not to send yet.
     """
 
-    def __init__(self, rpm: float, *, window_s: float = 60.0, latency_s: float = 0.1):
+    def __init__(
+        self,
+        rpm: float,
+        *,
+        window_s: float = 60.0,
+        latency_s: float = 0.1,
+        fault_rate: float = 0.0,
+        fault_429_share: float = 0.2,
+        fault_retry_after_s: int = 1,
+        seed: int = 0,
+    ):
         self.rpm = rpm
         self.window_s = window_s
         self.allowance = max(1, math.floor(rpm * window_s / 60.0 + 1e-9))
         self.latency_s = latency_s
+        self.fault_rate = fault_rate
+        self.fault_429_share = fault_429_share
+        self.fault_retry_after_s = fault_retry_after_s
+        self._random = random.Random(seed)
         self._accepted: collections.deque[float] = collections.deque()
+        self._window_end: dict[str, float] = {}
+        self._announced_at: dict[str, float] = {}
         self._lock = threading.Lock()
-        self.log: list[tuple[float, int]] = []
+        self.log: list[Arrival] = []
+        self.windows_announced = 0
         self._stop = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -119,18 +182,34 @@ class RpmServer:
         assert self._httpd is not None, "server not started"
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
-    def admit(self) -> float | None:
-        """Record one arrival; None if accepted, else the seconds until a slot frees."""
+    def admit(self, key: str) -> tuple[int, str, float | None]:
+        """Record one arrival for API key ``key``: ``(status, kind, retry_after_s)``."""
         with self._lock:
             now = time.monotonic()
+            in_window = now < self._window_end.get(key, -math.inf)
+            since = now - self._announced_at[key] if in_window else None
             while self._accepted and self._accepted[0] <= now - self.window_s:
                 self._accepted.popleft()
-            if len(self._accepted) < self.allowance:
+            retry_after: float | None = None
+            if len(self._accepted) >= self.allowance:
+                status, kind = 429, "rate"
+                # What retry-after-ms says (clients prefer it to the whole seconds of Retry-After).
+                retry_after = max(1, round((self._accepted[0] + self.window_s - now) * 1000)) / 1000
+            elif self.fault_rate > 0 and self._random.random() < self.fault_rate:
+                kind, draw = "fault", self._random.random()
+                if draw < self.fault_429_share:
+                    status, retry_after = 429, float(self.fault_retry_after_s)
+                else:
+                    status = 500 if draw < (1 + self.fault_429_share) / 2 else 503
+            else:
+                status, kind = 200, "ok"
                 self._accepted.append(now)
-                self.log.append((now, 200))
-                return None
-            self.log.append((now, 429))
-            return self._accepted[0] + self.window_s - now
+            if retry_after is not None:
+                self._window_end[key] = max(self._window_end.get(key, -math.inf), now + retry_after)
+                self._announced_at[key] = now
+                self.windows_announced += 1
+            self.log.append(Arrival(now, status, kind, in_window, since))
+            return status, kind, retry_after
 
 
 class _Server(ThreadingHTTPServer):
@@ -168,9 +247,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._send(400, {"error": {"message": "request body is not JSON"}})
             return
-        wait = server.admit()
+        status, kind, retry_after = server.admit(self.headers.get("Authorization") or "(no key)")
         try:
-            if wait is not None:
+            if kind == "rate":
+                assert retry_after is not None
                 # Both headers, as OpenAI sends them: whole seconds (rounded up) and milliseconds.
                 self._send(
                     429,
@@ -181,7 +261,16 @@ class _Handler(BaseHTTPRequestHandler):
                             "code": "rate_limit_exceeded",
                         }
                     },
-                    {"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(max(1, round(wait * 1000)))},
+                    {
+                        "Retry-After": str(max(1, math.ceil(retry_after))),
+                        "retry-after-ms": str(round(retry_after * 1000)),
+                    },
+                )
+                return
+            if kind == "fault":
+                headers = {"Retry-After": str(server.fault_retry_after_s)} if status == 429 else {}
+                self._send(
+                    status, {"error": {"message": f"injected fault ({status})", "type": "server_error"}}, headers
                 )
                 return
             server._stop.wait(server.latency_s)
@@ -273,19 +362,42 @@ def _peak(times: list[float], width: float) -> int:
     return best
 
 
-def run_arm(ray: Any, label: str, limited: bool, args: argparse.Namespace) -> dict[str, Any]:
+#: The arms: label, whether the actors share a limiter, whether the server injects faults.
+ARMS = {
+    "limited": ("shared limiter", True, False),
+    "faults": ("limiter + faults", True, True),
+    "unlimited": ("no limiter", False, False),
+    "over": ("limiter told more", True, False),
+}
+
+
+def limiter_rpm_of(arm: str, args: argparse.Namespace) -> float:
+    """What the shared limiter is told: ``--limiter-rpm`` (or ``--rpm``); in the ``over`` arm ``--over`` x ``--rpm``."""
+    return args.over * args.rpm if arm == "over" else (args.limiter_rpm or args.rpm)
+
+
+def run_arm(ray: Any, arm: str, args: argparse.Namespace) -> dict[str, Any]:
+    label, limited, faults = ARMS[arm]
     rpm, duration = args.rpm, args.duration
-    with RpmServer(rpm, window_s=args.window_s, latency_s=args.latency_s) as server:
+    server_options: dict[str, Any] = {"window_s": args.window_s, "latency_s": args.latency_s}
+    if faults:
+        server_options.update(
+            fault_rate=args.fault_rate,
+            fault_429_share=args.fault_429_share,
+            fault_retry_after_s=args.fault_retry_after,
+            seed=args.seed,
+        )
+    limiter_rpm = limiter_rpm_of(arm, args)
+    with RpmServer(rpm, **server_options) as server:
         frontier = Frontier(
             base_url=server.base_url,
             model="bench",
             api_key_env=None,
             actors=args.actors,
             concurrency=args.concurrency,
-            requests_per_minute=(args.limiter_rpm or rpm) if limited else None,
+            requests_per_minute=limiter_rpm if limited else None,
             timeout_s=10.0,
         )
-        limiter_rpm = args.limiter_rpm or rpm
         limiter = shared_rate_limiter(f"bench-frontier-rpm-{os.getpid()}", limiter_rpm, None) if limited else None
         remote = ray.remote(num_cpus=FRONTIER_ACTOR_CPUS)(LoadActor)
         actors = [remote.remote(frontier, limiter) for _ in range(args.actors)]
@@ -306,10 +418,14 @@ def run_arm(ray: Any, label: str, limited: bool, args: argparse.Namespace) -> di
                 ray.kill(a)
             if limiter is not None:
                 ray.kill(limiter)
-        log = sorted(server.log)
+        log = sorted(server.log, key=lambda a: a.t)
+        windows = server.windows_announced
 
-    ok = [t - start_mono for t, status in log if status == 200]
-    violations = [t - start_mono for t, status in log if status == 429]
+    ok = [a.t - start_mono for a in log if a.kind == "ok"]
+    violations = [a.t - start_mono for a in log if a.kind == "rate"]
+    injected = collections.Counter(str(a.status) for a in log if a.kind == "fault")
+    inside = [a for a in log if a.in_window]
+    since = [a.since_announced_s or 0.0 for a in inside]
     steady = _count(ok, BURST_S, duration) / (duration - BURST_S) * 60.0
     whole = _count(ok, 0.0, duration) / duration * 60.0
     total = {k: sum(c[k] for c in clients) for k in ("sent", "answered", "failed", "retries", "cancelled")}
@@ -318,7 +434,10 @@ def run_arm(ray: Any, label: str, limited: bool, args: argparse.Namespace) -> di
         reasons.update(c["failure_reasons"])
     return {
         "arm": label,
+        "key": arm,
         "limited": limited,
+        "limiter_rpm": limiter_rpm if limited else None,
+        "faults": faults,
         "server": {
             "requests": len(log),
             "accepted": len(ok),
@@ -328,12 +447,21 @@ def run_arm(ray: Any, label: str, limited: bool, args: argparse.Namespace) -> di
             "first_violation_s": round(violations[0], 3) if violations else None,
             "last_violation_s": round(violations[-1], 3) if violations else None,
             "peak_accepted_1s": _peak(ok, 1.0),
+            "injected_faults": dict(sorted(injected.items())),
+            "retry_after_windows_announced": windows,
+            "in_window_arrivals": len(inside),
+            "in_window_arrivals_by_delay": {
+                "under_10ms": sum(s < 0.01 for s in since),
+                "10ms_to_100ms": sum(0.01 <= s < 0.1 for s in since),
+                "100ms_or_more": sum(s >= 0.1 for s in since),
+            },
         },
         "achieved_rpm_steady": round(steady, 2),
         "achieved_rpm_whole": round(whole, 2),
         "achieved_over_limit_steady": round(steady / rpm, 4),
         "achieved_over_limit_whole": round(whole / rpm, 4),
         "peak_1s_over_limit": round(_peak(ok, 1.0) / (rpm / 60.0), 3),
+        "in_window_share": round(len(inside) / len(log), 4) if log else 0.0,
         "client": {
             **total,
             "failure_reasons": dict(reasons),
@@ -344,6 +472,13 @@ def run_arm(ray: Any, label: str, limited: bool, args: argparse.Namespace) -> di
     }
 
 
+def _limiter_cell(a: dict[str, Any], name: str, fmt: str = "{}") -> str:
+    stats = a["limiter"]
+    if stats is None or name not in stats:  # no limiter, or one from before the stat existed
+        return "-"
+    return fmt.format(stats[name])
+
+
 def print_table(args: argparse.Namespace, arms: list[dict[str, Any]]) -> None:
     allowance = max(1, math.floor(args.rpm * args.window_s / 60.0 + 1e-9))
     print(
@@ -352,11 +487,18 @@ def print_table(args: argparse.Namespace, arms: list[dict[str, Any]]) -> None:
         f"server latency {args.latency_s:g} s"
         + (f"; shared limiter set to {args.limiter_rpm:g} req/min" if args.limiter_rpm else "")
     )
+    if any(a["faults"] for a in arms):
+        print(
+            f"faults arm: {args.fault_rate:.0%} of requests within the limit get a fault, "
+            f"{args.fault_429_share:.0%} of them 429 with Retry-After: {args.fault_retry_after}, "
+            f"the rest 500 / 503 (seed {args.seed})"
+        )
     rows = [
+        ("limiter told, req/min", lambda a: "-" if a["limiter_rpm"] is None else f"{a['limiter_rpm']:g}"),
         ("achieved / limit, steady (1 s on)", lambda a: f"{a['achieved_over_limit_steady']:.3f}"),
         ("achieved / limit, whole run", lambda a: f"{a['achieved_over_limit_whole']:.3f}"),
         ("achieved req/min, steady", lambda a: f"{a['achieved_rpm_steady']:.1f}"),
-        ("violations (429) seen by server", lambda a: str(a["server"]["violations"])),
+        ("violations (429, over the limit)", lambda a: str(a["server"]["violations"])),
         (
             "  first .. last violation, s",
             lambda a: (
@@ -365,17 +507,38 @@ def print_table(args: argparse.Namespace, arms: list[dict[str, Any]]) -> None:
                 else f"{a['server']['first_violation_s']:.1f} .. {a['server']['last_violation_s']:.1f}"
             ),
         ),
+        (
+            "injected faults 429/500/503",
+            lambda a: "/".join(str(a["server"]["injected_faults"].get(k, 0)) for k in ("429", "500", "503")),
+        ),
+        ("Retry-After windows announced", lambda a: str(a["server"]["retry_after_windows_announced"])),
+        ("arrivals inside such a window", lambda a: str(a["server"]["in_window_arrivals"])),
+        (
+            "  of which <10 ms/<100 ms/later",
+            lambda a: "/".join(str(v) for v in a["server"]["in_window_arrivals_by_delay"].values()),
+        ),
         ("peak 1 s / (limit / 60)", lambda a: f"{a['peak_1s_over_limit']:.2f}"),
         ("client retries", lambda a: str(a["client"]["retries"])),
         ("requests sent / answered", lambda a: f"{a['client']['sent']} / {a['client']['answered']}"),
         ("requests failed / cancelled", lambda a: f"{a['client']['failed']} / {a['client']['cancelled']}"),
         ("accepted after the deadline", lambda a: str(a["server"]["accepted_after_deadline"])),
+        (
+            "limiter pauses / paused s",
+            lambda a: _limiter_cell(a, "pauses") + " / " + _limiter_cell(a, "paused_s", "{:.1f}"),
+        ),
+        (
+            "limiter rate cuts / min factor",
+            lambda a: _limiter_cell(a, "rate_cuts") + " / " + _limiter_cell(a, "min_rate_factor", "{:.2f}"),
+        ),
     ]
     width = max(len(name) for name, _ in rows) + 2
     print("".ljust(width) + "".join(a["arm"].rjust(18) for a in arms))
     for name, cell in rows:
         print(name.ljust(width) + "".join(cell(a).rjust(18) for a in arms))
-    print("targets (shared limiter): achieved / limit, steady >= 0.95; violations 0")
+    print(
+        "targets: shared limiter, achieved / limit steady >= 0.95 and violations 0; "
+        "limiter + faults, arrivals inside a Retry-After window 0"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -415,7 +578,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-requests", type=int, default=0, help="requests per arm, all actors together; 0: 4 x rpm x duration / 60"
     )
-    p.add_argument("--arms", default="limited,unlimited", help="which arms to run, comma-separated")
+    p.add_argument(
+        "--fault-rate", type=float, default=0.1, help="faults arm: share of requests within the limit given a fault"
+    )
+    p.add_argument(
+        "--fault-429-share",
+        type=float,
+        default=0.2,
+        help="faults arm: share of faults that are 429 with Retry-After (the rest: 500 and 503, half each)",
+    )
+    p.add_argument(
+        "--fault-retry-after", type=int, default=1, help="faults arm: the injected 429s' Retry-After, whole seconds"
+    )
+    p.add_argument("--seed", type=int, default=0, help="faults arm: seed of the fault draws (in arrival order)")
+    p.add_argument(
+        "--over",
+        type=float,
+        default=1.5,
+        help="'over' arm: the shared limiter is told --over x --rpm (AIMD finds the real one)",
+    )
+    p.add_argument(
+        "--arms",
+        default="limited,faults,unlimited",
+        help=f"which arms to run, comma-separated, of {', '.join(ARMS)}",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     args = p.parse_args(argv)
     if args.limiter_rpm < 0:
@@ -427,9 +613,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--duration must be longer than the {BURST_S:g} s burst left out of the steady rate")
     if args.actors < 1 or args.concurrency < 1 or args.backlog < 0 or args.latency_s < 0 or args.grace < 0:
         p.error("--actors and --concurrency must be >= 1; --backlog, --latency-s, --grace >= 0")
+    if not 0 <= args.fault_rate <= 1 or not 0 <= args.fault_429_share <= 1:
+        p.error("--fault-rate and --fault-429-share must be in [0, 1]")
+    if args.fault_retry_after < 1 or args.over <= 0:
+        p.error("--fault-retry-after must be >= 1 and --over positive")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if not arms or set(arms) - {"limited", "unlimited"}:
-        p.error(f"--arms must name 'limited' and/or 'unlimited', got {args.arms!r}")
+    if not arms or set(arms) - set(ARMS):
+        p.error(f"--arms must name some of {', '.join(ARMS)}, got {args.arms!r}")
     args.arms = arms
     args.max_requests = args.max_requests or max(args.actors, math.ceil(4 * args.rpm * args.duration / 60.0))
     return args
@@ -445,11 +635,10 @@ def main(argv: list[str] | None = None) -> int:
     # address="local": always a Ray of our own, never one someone else started on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        labels = {"limited": "shared limiter", "unlimited": "no limiter"}
         arms = []
         for arm in args.arms:
-            print(f"running arm '{labels[arm]}' ({args.duration:g} s) ...", flush=True)
-            arms.append(run_arm(ray, labels[arm], arm == "limited", args))
+            print(f"running arm '{ARMS[arm][0]}' ({args.duration:g} s) ...", flush=True)
+            arms.append(run_arm(ray, arm, args))
     finally:
         ray.shutdown()
     print_table(args, arms)
@@ -463,6 +652,14 @@ def main(argv: list[str] | None = None) -> int:
             "window_s": args.window_s,
             "allowance_per_window": max(1, math.floor(args.rpm * args.window_s / 60.0 + 1e-9)),
             "kind": "sliding window over accepted requests; rejected requests do not count",
+            "faults": {
+                "rate": args.fault_rate,
+                "share_429": args.fault_429_share,
+                "retry_after_s": args.fault_retry_after,
+                "others": "500 and 503, half each, no Retry-After",
+                "seed": args.seed,
+            },
+            "in_window": "arrival before the end of a Retry-After window announced earlier for the same API key",
         },
         "limiter_burst_s": BURST_S,
         "environment": {

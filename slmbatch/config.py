@@ -339,7 +339,9 @@ class Frontier:
             ``actors * concurrency``.
         requests_per_minute: requests per minute for the whole job, shared by
             all actors through one :class:`~slmbatch.frontier.RateLimiter`; retries count. None:
-            no limit.
+            no limit. A ceiling, not a target: a 429 or 503 with ``Retry-After`` pauses every
+            actor for that long, and 429s cut the allowed rate (x0.7 per congestion event,
+            back by 2% of this per second: AIMD), with or without a configured limit.
         tokens_per_minute: estimated tokens per minute for the whole job
             (prompt characters / 4 + ``max_tokens`` per attempt, as providers
             count a request's ``max_tokens`` against the limit up front). None:

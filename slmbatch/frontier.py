@@ -8,12 +8,25 @@ what it costs):
   raises for one request's failure: every call comes back as a
   :class:`FrontierReply`, answered or with a reason. It retries a named set of
   transient failures with exponential backoff and full jitter, honours
-  ``Retry-After``, bounds each attempt with a timeout and bounds in-flight
-  requests with a semaphore.
-* :class:`RateLimiter` — a Ray actor holding token buckets for requests and
-  tokens per minute, shared by every frontier actor of a job (see
-  :func:`shared_rate_limiter`). The client asks it before every attempt,
-  retries included.
+  ``Retry-After`` (and ``retry-after-ms``) before its own retry, bounds each
+  attempt with a timeout and bounds in-flight requests with a semaphore.
+* :class:`RateLimiter` — a Ray actor shared by every frontier actor of a job
+  (see :func:`shared_rate_limiter`). The client asks it before every attempt,
+  retries included, and tells it of every 429 and 503. It holds token buckets
+  for requests and tokens per minute (when configured) and two kinds of
+  back-pressure that are about the API key, not one request:
+
+  - *pause*: a 429 or 503 with ``Retry-After`` stops every grant, to every
+    actor, for that long (measured on the limiter's own clock from when it
+    hears of it, so clocks of different nodes never meet);
+  - *AIMD*: a 429 cuts the allowed rate to :data:`THROTTLE_DECREASE` of what it
+    was (one cut per congestion event: 429s of requests granted before the
+    last cut were already in flight and do not cut again), never below
+    :data:`THROTTLE_FLOOR` of the configured rate; it grows back by
+    :data:`THROTTLE_RECOVERY_PER_S` of the configured rate per second once the
+    pause is over. With no configured rate, the first cut is taken from the
+    grant rate observed over the last :data:`OBSERVE_S` seconds, and the
+    limit goes away again once fully recovered.
 
 The API key is read from the environment variable *named* by
 ``Frontier.api_key_env`` inside the client, at call time, for each attempt. It
@@ -24,6 +37,7 @@ excerpts are scrubbed of it in case a server echoes it back.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import email.utils
 import json
@@ -33,7 +47,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .config import Frontier
@@ -58,6 +72,10 @@ log = logging.getLogger(__name__)
 #: backend. Everything else (400, 401, 403, 404, 422, 501...) fails at once:
 #: repeating the same request cannot change the answer.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+#: Statuses the client reports to the shared limiter (:meth:`_RateLimiter.throttled`):
+#: with ``Retry-After`` either pauses every actor; a 429 also cuts the allowed rate.
+THROTTLE_STATUSES = frozenset({429, 503})
 
 #: A ``Retry-After`` longer than this is clamped, so that a bogus header
 #: (``Retry-After: 86400``) cannot park a job for a day. Shorter values are
@@ -123,6 +141,7 @@ class _Outcome:
     reason: str = ""
     retryable: bool = False
     retry_after_s: float | None = None
+    status: int | None = None
 
 
 def _content_chars(messages: Sequence[Mapping[str, Any]]) -> int:
@@ -213,8 +232,10 @@ class FrontierClient:
     Args:
         frontier: the spec.
         limiter: a :class:`RateLimiter` actor handle (see
-            :func:`shared_rate_limiter`), or anything whose ``acquire.remote(tokens)``
-            returns an awaitable; None: no rate limit.
+            :func:`shared_rate_limiter`), or anything with the same two remote
+            methods: ``acquire.remote(tokens)`` (an awaitable grant) and
+            ``throttled.remote(status, retry_after_s, grant)``. None: no rate
+            limit, and a ``Retry-After`` delays only the request that got it.
         transport: an ``httpx.AsyncBaseTransport`` for tests or custom
             networking; None: httpx's default.
 
@@ -222,8 +243,11 @@ class FrontierClient:
     whichever of ``complete``/``complete_many`` starts them; a slot is held
     from the rate-limiter grant to the end of the response (not during a
     backoff), so grants turn into requests at once and never pile up into a
-    burst. The underlying ``httpx.AsyncClient`` is created on first use in
-    the running event loop; close it with ``await client.aclose()`` or
+    burst. A 429 or 503 is reported to the limiter (its ``Retry-After`` too)
+    before the slot is let go, so the pause reaches every actor as early as
+    it can; the request itself then backs off as without a limiter. The
+    underlying ``httpx.AsyncClient`` is created on first use in the running
+    event loop; close it with ``await client.aclose()`` or
     ``async with FrontierClient(...)``.
     """
 
@@ -308,8 +332,12 @@ class FrontierClient:
         attempt = 0
         for attempt in range(1, f.max_attempts + 1):
             async with slots:
-                await self._acquire(estimate)
+                grant = await self._acquire(estimate)
                 outcome = await self._attempt(http, body, messages)
+                if outcome.status in THROTTLE_STATUSES:
+                    # Told before this request backs off (and on its last
+                    # attempt too): the pause is for every actor on the key.
+                    await self._throttled(outcome, grant)
             if outcome.reply is not None:
                 return dataclasses.replace(outcome.reply, attempts=attempt)
             if not outcome.retryable or attempt == f.max_attempts:
@@ -357,14 +385,24 @@ class FrontierClient:
             delay = max(delay, retry_after_s)
         return delay
 
-    async def _acquire(self, tokens: int) -> None:
+    async def _acquire(self, tokens: int) -> Any:
         if self.limiter is None:
-            return
+            return None
         try:
-            await self.limiter.acquire.remote(tokens)
+            return await self.limiter.acquire.remote(tokens)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the actor died or was never reachable: a job-level failure
+            raise FrontierError(f"the shared frontier rate limiter is unavailable: {type(e).__name__}") from e
+
+    async def _throttled(self, outcome: _Outcome, grant: Any) -> None:
+        if self.limiter is None:
+            return
+        try:
+            await self.limiter.throttled.remote(outcome.status, outcome.retry_after_s, grant)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
             raise FrontierError(f"the shared frontier rate limiter is unavailable: {type(e).__name__}") from e
 
     async def _attempt(
@@ -400,6 +438,7 @@ class FrontierClient:
                 reason=f"HTTP {status}: {_error_excerpt(response.content, key)}",
                 retryable=True,
                 retry_after_s=retry_after,
+                status=status,
             )
         if not 200 <= status < 300:
             hint = ""
@@ -476,28 +515,70 @@ def _plain(value: Any) -> Any:
 #: worth still lets every actor start without waiting in lockstep.
 BURST_S = 1.0
 
+#: AIMD, multiplicative decrease: a congestion event (a 429) multiplies the
+#: allowed rate by this. 0.7 (CUBIC's factor) rather than TCP Reno's 0.5: the
+#: ``Retry-After`` pause already takes the load off at once, so the cut only
+#: has to find a provider limit somewhat below the configured one, and a 429
+#: that had nothing to do with the rate (a provider hiccup) costs less.
+THROTTLE_DECREASE = 0.7
+
+#: The allowed rate never falls below this share of the configured (or
+#: observed) rate: a run of 429s slows a job down but cannot stall it.
+THROTTLE_FLOOR = 0.05
+
+#: AIMD, additive increase: once a cut's pause is over, the allowed rate grows
+#: back by this share of the configured rate per second; one 0.7 cut is undone
+#: in 15 s. Measured against a provider whose real limit is 2/3 of the
+#: configured one (``benchmarks/frontier_rate_limit.py --arms over --window-s 1``):
+#: 12 429s a minute at 0.85 of the real limit, where the limiter without AIMD
+#: drew 316; 0.05 per second gave the same throughput for 21.
+THROTTLE_RECOVERY_PER_S = 0.02
+
+#: Seconds of grants over which a limiter with no configured rate measures the
+#: rate it has been granting, which its first cut then starts from.
+OBSERVE_S = 10.0
+
 
 class _TokenBucket:
     """Continuous refill at ``rate`` per second up to ``capacity``; may go into debt.
 
     A cost above the capacity waits for a full bucket, then drives the level
     negative, so an oversized request is admitted (never deadlocks) and the
-    long-run rate still holds.
+    long-run rate still holds. ``stamp`` may lie in the future: the bucket
+    does not refill before it (a pause).
     """
 
-    def __init__(self, per_minute: float, burst_s: float, minimum: float):
-        self.capacity = max(per_minute / 60.0 * burst_s, minimum)
+    def __init__(self, per_minute: float, burst_s: float, minimum: float, now: float):
+        self.burst_s = burst_s
+        self.minimum = minimum
+        self._tune(per_minute)
+        self.level = self.capacity
+        self.stamp = now
+
+    def _tune(self, per_minute: float) -> None:
+        self.per_minute = per_minute
+        self.capacity = max(per_minute / 60.0 * self.burst_s, self.minimum)
         # Refill so that a full bucket plus one minute of refill is the limit:
         # no 60 s window ever sees more than ``per_minute`` (measured by
         # benchmarks/frontier_rate_limit.py: refilling at per_minute/60 let
         # the opening burst push a strict sliding window over by one bucket).
         self.rate = max((per_minute - self.capacity) / 60.0, per_minute / 120.0)
-        self.level = self.capacity
-        self.stamp = time.monotonic()
+
+    def retune(self, per_minute: float, now: float) -> None:
+        """Refill at the old rate up to ``now``, then at ``per_minute``; the level stays within the new capacity."""
+        if per_minute != self.per_minute:
+            self.refill(now)
+            self._tune(per_minute)
+            self.level = min(self.level, self.capacity)
 
     def refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
+        if now > self.stamp:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def hold(self, until: float) -> None:
+        """No refill before ``until`` (call :meth:`refill` first to bank what accrued so far)."""
+        self.stamp = max(self.stamp, until)
 
     def wait_s(self, cost: float) -> float:
         need = min(cost, self.capacity) - self.level
@@ -505,55 +586,208 @@ class _TokenBucket:
 
 
 class _RateLimiter:
-    """Token buckets for requests and tokens per minute; the body of :class:`RateLimiter`.
+    """The body of :class:`RateLimiter`: token buckets, a ``Retry-After`` pause and AIMD.
 
     ``acquire`` is served first-come first-served (one waiter at a time holds
     the lock while it sleeps), so a big request is not starved by small ones.
+    While a pause is on, it grants nothing; it looks again after every sleep,
+    so a pause that arrives while a waiter sleeps on a bucket still holds it.
+
+    ``throttled`` is how clients report a 429 or 503 (see the module docstring
+    for what it does). The allowed rate is the configured one times a factor
+    in ``[THROTTLE_FLOOR, 1]``, applied to every configured bucket; with no
+    configured rate, a request bucket at the observed grant rate times the
+    factor exists from the first cut until the factor is back at 1.
+
+    ``clock`` (seconds, monotonic) is for tests; the limiter measures every
+    pause and rate on it alone.
     """
 
-    def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None, burst_s: float = BURST_S):
+    def __init__(
+        self,
+        requests_per_minute: float | None,
+        tokens_per_minute: float | None,
+        burst_s: float = BURST_S,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._limits = (requests_per_minute, tokens_per_minute, burst_s)
-        self._requests = _TokenBucket(requests_per_minute, burst_s, 1.0) if requests_per_minute else None
-        self._tokens = _TokenBucket(tokens_per_minute, burst_s, 1.0) if tokens_per_minute else None
+        self._clock = clock
+        now = clock()
+        self._requests = _TokenBucket(requests_per_minute, burst_s, 1.0, now) if requests_per_minute else None
+        self._tokens = _TokenBucket(tokens_per_minute, burst_s, 1.0, now) if tokens_per_minute else None
+        self._observed: _TokenBucket | None = None  # with no configured rate: from the first cut to full recovery
+        self._observed_rpm = 0.0
         self._lock = asyncio.Lock()
+        self._recent: collections.deque[float] = collections.deque()  # grant times, the last OBSERVE_S seconds
+        self._first_grant: float | None = None
+        self._factor = 1.0
+        self._factor_stamp = now
+        self._paused_until = -math.inf
+        self._cut_after = 0  # grants up to this number were made before the last cut
         self._granted = 0
         self._granted_tokens = 0
         self._waited_s = 0.0
+        self._throttled = 0
+        self._pauses = 0
+        self._paused_s = 0.0
+        self._cuts = 0
+        self._min_factor = 1.0
 
-    async def acquire(self, tokens: int = 0) -> float:
-        """Wait until one request of ``tokens`` estimated tokens may go; return the seconds waited."""
-        start = time.monotonic()
+    def _costs(self, tokens: int) -> list[tuple[_TokenBucket, float]]:
+        requests = self._requests or self._observed
+        return [(b, c) for b, c in ((requests, 1.0), (self._tokens, float(tokens))) if b is not None]
+
+    async def acquire(self, tokens: int = 0) -> int:
+        """Wait until one request of ``tokens`` estimated tokens may go; return its grant number (1, 2, ...).
+
+        Hand the number back to :meth:`throttled` if the request is throttled.
+        """
+        start = self._clock()
         async with self._lock:
             while True:
-                now = time.monotonic()
-                wait = 0.0
-                for bucket, cost in ((self._requests, 1), (self._tokens, tokens)):
-                    if bucket is not None:
-                        bucket.refill(now)
-                        wait = max(wait, bucket.wait_s(cost))
+                now = self._clock()
+                if now < self._paused_until:
+                    await asyncio.sleep(self._paused_until - now)
+                    continue
+                self._recover(now)
+                wait = max((bucket.wait_s(cost) for bucket, cost in self._refilled(tokens, now)), default=0.0)
                 if wait <= 0:
                     break
                 await asyncio.sleep(wait)
-            if self._requests is not None:
-                self._requests.level -= 1
-            if self._tokens is not None:
-                self._tokens.level -= tokens
-        waited = time.monotonic() - start
-        self._granted += 1
+            for bucket, cost in self._costs(tokens):
+                bucket.level -= cost
+            self._granted += 1
+            grant = self._granted
+            if self._first_grant is None:
+                self._first_grant = now
+            self._recent.append(now)
+            while self._recent[0] < now - OBSERVE_S:
+                self._recent.popleft()
         self._granted_tokens += tokens
-        self._waited_s += waited
-        return waited
+        self._waited_s += self._clock() - start
+        return grant
+
+    def _refilled(self, tokens: int, now: float) -> list[tuple[_TokenBucket, float]]:
+        costs = self._costs(tokens)
+        for bucket, _ in costs:
+            bucket.refill(now)
+        return costs
+
+    async def throttled(self, status: int, retry_after_s: float | None = None, grant: int | None = None) -> None:
+        """Hear that a request was answered ``status`` (429 or 503), ``retry_after_s`` the server's ``Retry-After``.
+
+        A positive ``retry_after_s`` pauses every grant until that many seconds
+        from now, on this limiter's clock (a longer pause already on stays;
+        the buckets do not refill while paused, so no burst builds up during
+        it). A 429 also cuts the allowed rate,
+        unless ``grant`` (the number :meth:`acquire` returned for that
+        request) was given before the last cut: that request was already in
+        flight, so its 429 belongs to the congestion event already counted.
+        An unknown ``grant`` (None) always cuts.
+        """
+        now = self._clock()
+        self._throttled += 1
+        self._recover(now)
+        if retry_after_s is not None and retry_after_s > 0:
+            until = now + min(float(retry_after_s), MAX_RETRY_AFTER_S)
+            if until > self._paused_until:
+                self._paused_s += until - max(now, self._paused_until)
+                self._paused_until = until
+                self._pauses += 1
+        if status == 429 and not (isinstance(grant, int) and grant <= self._cut_after):
+            self._cut(now)
+        for bucket in (self._requests, self._tokens, self._observed):
+            if bucket is not None:
+                bucket.refill(now)
+                bucket.hold(self._paused_until)
+
+    def _cut(self, now: float) -> None:
+        self._cuts += 1
+        self._cut_after = self._granted
+        if self._requests is None and self._tokens is None and self._observed is None:
+            self._observed_rpm = self._observed_rate(now)
+            self._observed = _TokenBucket(self._observed_rpm, self._limits[2], 1.0, now)
+        self._factor = max(THROTTLE_FLOOR, self._factor * THROTTLE_DECREASE)
+        self._min_factor = min(self._min_factor, self._factor)
+        self._factor_stamp = max(now, self._paused_until)  # recovery starts when the pause ends
+        self._retune(now)
+
+    def _observed_rate(self, now: float) -> float:
+        """Requests per minute granted over the last :data:`OBSERVE_S` seconds (at least one request in them)."""
+        while self._recent and self._recent[0] < now - OBSERVE_S:
+            self._recent.popleft()
+        since = now - self._first_grant if self._first_grant is not None else 0.0
+        span = min(OBSERVE_S, max(since, BURST_S))
+        return max(len(self._recent), 1) / span * 60.0
+
+    def _factor_at(self, now: float) -> float:
+        if self._factor >= 1.0 or now <= self._factor_stamp:
+            return self._factor
+        return min(1.0, self._factor + THROTTLE_RECOVERY_PER_S * (now - self._factor_stamp))
+
+    def _recover(self, now: float) -> None:
+        if self._factor < 1.0 and now > self._factor_stamp:
+            self._factor = self._factor_at(now)
+            self._factor_stamp = now
+            self._retune(now)
+
+    def _retune(self, now: float) -> None:
+        requests_per_minute, tokens_per_minute, _ = self._limits
+        if self._requests is not None and requests_per_minute:
+            self._requests.retune(requests_per_minute * self._factor, now)
+        if self._tokens is not None and tokens_per_minute:
+            self._tokens.retune(tokens_per_minute * self._factor, now)
+        if self._observed is not None:
+            if self._factor >= 1.0:
+                self._observed = None  # fully recovered: unlimited again, as configured
+            else:
+                self._observed.retune(self._observed_rpm * self._factor, now)
 
     def limits(self) -> tuple[float | None, float | None, float]:
         """``(requests_per_minute, tokens_per_minute, burst_s)`` this limiter was made with."""
         return self._limits
 
     def capacity(self) -> tuple[float | None, float | None]:
-        """Bucket capacities (requests, tokens): the most that may go in a burst."""
-        return (self._requests.capacity if self._requests else None, self._tokens.capacity if self._tokens else None)
+        """Bucket capacities (requests, tokens): the most that may go in a burst at the allowed rate now."""
+        requests = self._requests or self._observed
+        return (requests.capacity if requests else None, self._tokens.capacity if self._tokens else None)
 
-    def stats(self) -> dict[str, float]:
-        return {"granted": self._granted, "granted_tokens": self._granted_tokens, "waited_s": self._waited_s}
+    def allowed(self) -> tuple[float | None, float | None]:
+        """``(requests_per_minute, tokens_per_minute)`` allowed now, after cuts and recovery; None: no limit."""
+        factor = self._factor_at(self._clock())
+        requests_per_minute, tokens_per_minute, _ = self._limits
+        if requests_per_minute:
+            requests: float | None = requests_per_minute * factor
+        elif self._observed is not None and factor < 1.0:
+            requests = self._observed_rpm * factor
+        else:
+            requests = None
+        return requests, (tokens_per_minute * factor if tokens_per_minute else None)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since the limiter was made.
+
+        ``granted``, ``granted_tokens``, ``waited_s`` (summed over grants);
+        ``throttled`` (429/503 reports), ``pauses`` (reports that started or
+        lengthened a pause), ``paused_s`` (seconds covered by pauses, overlaps
+        counted once), ``paused_for_s`` (left of the pause now on), ``rate_cuts``
+        (congestion events), ``rate_factor`` (allowed / configured rate now)
+        and ``min_rate_factor``.
+        """
+        now = self._clock()
+        return {
+            "granted": self._granted,
+            "granted_tokens": self._granted_tokens,
+            "waited_s": self._waited_s,
+            "throttled": self._throttled,
+            "pauses": self._pauses,
+            "paused_s": self._paused_s,
+            "paused_for_s": max(0.0, self._paused_until - now),
+            "rate_cuts": self._cuts,
+            "rate_factor": self._factor_at(now),
+            "min_rate_factor": self._min_factor,
+        }
 
 
 _ray_rate_limiter: Any = None
@@ -596,12 +830,12 @@ def shared_rate_limiter(
     never share a limiter by accident; give an explicit namespace to share
     one API key's limits between concurrently running jobs.
 
-    Returns None when both limits are None (no limiting needed). Raises
-    :class:`~slmbatch.errors.FrontierError` if a limiter of that name exists
-    with different limits.
+    Both limits None still makes a limiter: no buckets until a 429 arrives,
+    but a ``Retry-After`` pauses every actor and 429s cut the rate (from the
+    observed one; see the module docstring), so every job that escalates
+    should have one. Raises :class:`~slmbatch.errors.FrontierError` if a
+    limiter of that name exists with different limits.
     """
-    if requests_per_minute is None and tokens_per_minute is None:
-        return None
     import ray
 
     check_optional_rate(requests_per_minute, "Frontier.requests_per_minute")

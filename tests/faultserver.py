@@ -8,6 +8,7 @@ thread. ``POST /v1/chat/completions`` answers a valid completion (with
 ``ok``         200, a completion whose content is ``reply(request body)``
 ``ok-nousage`` 200, a completion without ``usage``
 ``429``        429 with ``Retry-After: <retry_after>``
+``503``        503 (overloaded) with ``Retry-After: <retry_after>``
 ``500``        500 with an OpenAI-style error body
 ``500-auth``   500 whose error message quotes the request's ``Authorization``
                header (as some misconfigured proxies do)
@@ -42,7 +43,7 @@ from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-OUTCOMES = ("ok", "ok-nousage", "429", "500", "500-auth", "400", "hang", "malformed", "nocontent", "drop")
+OUTCOMES = ("ok", "ok-nousage", "429", "503", "500", "500-auth", "400", "hang", "malformed", "nocontent", "drop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +268,11 @@ class _Handler(BaseHTTPRequestHandler):
                     }
                 },
                 headers,
+            )
+        elif outcome == "503":
+            headers = {"Retry-After": server.retry_after} if server.retry_after is not None else {}
+            self._send(
+                503, {"error": {"message": "The engine is currently overloaded.", "type": "server_error"}}, headers
             )
         elif outcome == "500":
             self._send(

@@ -11,10 +11,14 @@ import pytest
 from slmbatch import Frontier
 from slmbatch.errors import ConfigError
 from slmbatch.frontier import (
+    BURST_S,
     MAX_RETRY_AFTER_S,
+    THROTTLE_DECREASE,
+    THROTTLE_RECOVERY_PER_S,
     FrontierClient,
     FrontierReply,
     FrontierRequest,
+    _RateLimiter,
     parse_retry_after,
     shared_rate_limiter,
 )
@@ -277,6 +281,8 @@ def test_rate_limit_is_shared_by_clients_in_two_ray_actors(ray_local):
         f = frontier(server, concurrency=4)
         worker = ray.remote(num_cpus=0)(_FrontierWorker)
         actors = [worker.remote(f, limiter) for _ in range(2)]
+        # Started first: on a loaded 2-CPU machine actor start-up alone can take ~40 s.
+        ray.get([a.__ray_ready__.remote() for a in actors], timeout=120)
         refs = [a.run.remote(prompts(4, prefix=f"actor{i}")) for i, a in enumerate(actors)]
         replies = [r for batch in ray.get(refs, timeout=60) for r in batch]
         times = server.times()
@@ -326,8 +332,158 @@ def test_reusing_a_limiter_name_with_other_limits_is_an_error(ray_local):
     limiter = shared_rate_limiter("test-frontier-clash", 60.0, None)
     with pytest.raises(FrontierError, match="already exists"):
         shared_rate_limiter("test-frontier-clash", 120.0, None)
-    assert shared_rate_limiter("test-frontier-none", None, None) is None
-    ray_local.kill(limiter)
+    # No configured rate still makes a limiter: Retry-After pauses and AIMD need one.
+    unlimited = shared_rate_limiter("test-frontier-none", None, None)
+    assert tuple(ray_local.get(unlimited.limits.remote())) == (None, None, BURST_S)
+    for actor in (limiter, unlimited):
+        ray_local.kill(actor)
+
+
+def _wait_for(predicate, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize(("status", "rpm"), [("429", 6000.0), ("503", None)])
+def test_a_retry_after_pauses_every_client_that_shares_the_limiter(ray_local, status, rpm):
+    # 503 on a limiter with no configured rate: the pause needs no rate to apply.
+    ray = ray_local
+    limiter = shared_rate_limiter(f"test-frontier-pause-{status}", rpm, None)
+    with FaultServer(script=[status], retry_after="3") as server:
+        f = frontier(server, concurrency=4)
+        worker = ray.remote(num_cpus=0)(_FrontierWorker)
+        first, other = worker.remote(f, limiter), worker.remote(f, limiter)
+        ray.get([first.__ray_ready__.remote(), other.__ray_ready__.remote()], timeout=60)
+        throttled_ref = first.run.remote(prompts(1, prefix="first"))
+        _wait_for(lambda: ray.get(limiter.stats.remote())["throttled"] == 1)
+        other_started = time.monotonic()
+        other_ref = other.run.remote(prompts(8, prefix="other"))
+        replies = [r for batch in ray.get([throttled_ref, other_ref], timeout=60) for r in batch]
+        seen = server.seen
+    stats = ray.get(limiter.stats.remote())
+    for actor in (first, other, limiter):
+        ray.kill(actor)
+    assert all(r.ok for r in replies) and len(replies) == 9
+    [announced] = [s for s in seen if s.outcome == status]
+    window_end = announced.t + 3.0
+    assert other_started < window_end  # the other client asked inside the window ...
+    # ... yet none of its requests arrived there: the limiter's pause started when
+    # it heard of the Retry-After, after the server sent it, on the same machine's clock.
+    others = [s.t for s in seen if s.key.startswith("other")]
+    assert len(others) == 8 and min(others) >= window_end
+    assert [s.t >= window_end for s in seen if s.key == "first 0"] == [False, True]
+    assert stats["throttled"] == 1 and stats["pauses"] == 1 and stats["paused_s"] == pytest.approx(3.0)
+    assert stats["rate_cuts"] == (1 if status == "429" else 0)  # a 503 pauses; only a 429 says "slower"
+
+
+def test_429s_of_requests_in_flight_together_cut_the_rate_once(ray_local):
+    ray = ray_local
+    limiter = shared_rate_limiter("test-frontier-cut-once", 6000.0, None)
+    # Seven 429s: the first six answer the six first attempts, sent together; the
+    # seventh answers a retry, granted after the cut, which is a new congestion event.
+    with FaultServer(script=["429"] * 7, retry_after="1", delay_s=1.0) as server:
+        replies = run_many(frontier(server, concurrency=6), prompts(6), limiter=limiter)
+        in_flight = server.max_in_flight
+        seen = server.seen
+    stats = ray.get(limiter.stats.remote())
+    ray.kill(limiter)
+    assert all(r.ok for r in replies)
+    assert in_flight == 6  # all six first attempts were granted before any 429 came back
+    assert [s.outcome for s in seen].count("429") == 7
+    assert stats["throttled"] == 7 and stats["rate_cuts"] == 2
+    # Two cuts, with whatever recovery happened between them (it runs after the first pause).
+    assert THROTTLE_DECREASE**2 - 1e-9 <= stats["min_rate_factor"] < THROTTLE_DECREASE
+
+
+class _Clock:
+    """The monotonic clock plus a jump the test controls, so recovery over minutes takes no time."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def test_repeated_429s_lower_the_granted_rate_which_recovers_over_time():
+    clock = _Clock()
+    limiter = _RateLimiter(600.0, 60_000.0, clock=clock)
+
+    async def go():
+        assert limiter.allowed() == (600.0, 60_000.0) and limiter.capacity()[0] == 10.0
+        grant = await limiter.acquire(10)
+        await limiter.throttled(429, None, grant)
+        after_one = limiter.allowed()
+        await limiter.throttled(429, None, grant)  # the same request's congestion event again: no second cut
+        assert limiter.allowed()[0] == pytest.approx(after_one[0], rel=0.01)
+        await limiter.throttled(429, None, await limiter.acquire(10))  # granted after the cut: cuts again
+        after_two = limiter.allowed()
+        # The lower rate is what acquire grants: 16 grants from a bucket of
+        # 4.9 refilling at 4.8/s take (16 - 4.9) / 4.8 = 2.3 s; uncut (a bucket
+        # of 10 at 9.8/s), 0.6 s. Under 1.5 s only if the box stalled so long
+        # (over 7 s) that the rate had recovered to 0.64 of the limit.
+        capacity = limiter.capacity()[0]
+        start = time.monotonic()
+        for _ in range(16):
+            await limiter.acquire(10)
+        granting_16 = time.monotonic() - start
+        before_10s = limiter.allowed()
+        clock.offset += 10.0
+        gained_10s = limiter.allowed()[0] - before_10s[0]
+        clock.offset += 60.0
+        await limiter.acquire(10)
+        return after_one, after_two, capacity, granting_16, gained_10s, limiter.allowed(), limiter.stats()
+
+    after_one, after_two, capacity, granting_16, gained_10s, recovered, stats = asyncio.run(go())
+    assert after_one == pytest.approx((600.0 * THROTTLE_DECREASE, 60_000.0 * THROTTLE_DECREASE), rel=0.01)
+    assert after_two[0] == pytest.approx(600.0 * THROTTLE_DECREASE**2, rel=0.02)
+    assert capacity == pytest.approx(10.0 * THROTTLE_DECREASE**2, rel=0.02)
+    assert granting_16 >= 1.5
+    # Additive increase: 2% of the configured rate per second.
+    assert gained_10s == pytest.approx(600.0 * THROTTLE_RECOVERY_PER_S * 10.0, rel=0.01)
+    assert recovered == (600.0, 60_000.0)
+    assert stats["rate_cuts"] == 2 and stats["throttled"] == 3 and stats["pauses"] == 0
+    assert stats["rate_factor"] == 1.0
+
+
+def test_without_a_configured_rate_a_429_caps_the_observed_rate_until_recovered():
+    clock = _Clock()
+    limiter = _RateLimiter(None, None, clock=clock)
+
+    async def go():
+        for i in range(21):  # one every 0.5 s: the last 10 s saw 20 of them, 120 req/min
+            if i:
+                clock.offset += 0.5
+            await limiter.acquire()
+        assert limiter.allowed() == (None, None)
+        await limiter.throttled(429, None, None)
+        capped = limiter.allowed()
+        clock.offset += 1.0 / THROTTLE_RECOVERY_PER_S  # more than enough to recover
+        await limiter.acquire()
+        return capped, limiter.allowed(), limiter.capacity()
+
+    capped, recovered, capacity = asyncio.run(go())
+    # 20 grants in the last 10 s (19 if the box stalled for 0.5 s meanwhile: real time passes too).
+    assert capped[0] == pytest.approx(120.0 * THROTTLE_DECREASE, rel=0.06) and capped[1] is None
+    assert recovered == (None, None) and capacity == (None, None)
+
+
+def test_a_pause_holds_every_grant_even_one_already_waiting_on_a_bucket():
+    async def go():
+        limiter = _RateLimiter(60.0, None)  # 1 request/s, bucket of 1
+        await limiter.acquire()
+        waiting = asyncio.ensure_future(limiter.acquire())  # sleeps on the empty bucket
+        await asyncio.sleep(0.1)
+        start = time.monotonic()
+        await limiter.throttled(503, 1.5, None)
+        await waiting
+        return time.monotonic() - start, limiter.stats()
+
+    elapsed, stats = asyncio.run(go())
+    assert elapsed >= 1.5
+    assert stats["granted"] == 2 and stats["throttled"] == 1 and stats["pauses"] == 1 and stats["rate_cuts"] == 0
 
 
 def test_frontier_request_objects_are_accepted_by_complete_many():
