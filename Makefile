@@ -9,8 +9,8 @@ LINTED := slmbatch tests benchmarks examples devkit jobs
 install:
 	@bash scripts/install.sh $(VENV)
 
-# Build the demo's models locally (once), run the demo job (with a local frontier
-# server unless SLMBATCH_FRONTIER_URL is set), show its output.
+# Build the demo's models locally (once), run the demo job (against a local stand-in
+# frontier unless SLMBATCH_FRONTIER_URL is set), show what the cascade did.
 demo: install
 	@$(PY) examples/build_demo_models.py
 	@$(PY) examples/run_demo.py
@@ -23,10 +23,12 @@ lint: install
 	@$(VENV)/bin/mypy
 
 test: install
+	@bash scripts/install-test-tools.sh
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 # While working: everything but the tests marked slow.
 test-fast: install
+	@bash scripts/install-test-tools.sh
 	@$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:

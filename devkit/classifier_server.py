@@ -79,7 +79,13 @@ def prompt_regex(template: str = CLASSIFY_PROMPT) -> str:
 
 
 class ClassifierModel:
-    """One ``...ForSequenceClassification`` model and its tokenizer, used under one lock."""
+    """One ``...ForSequenceClassification`` model and its tokenizer, used under one lock.
+
+    A model folder with ``slmbatch_pooling.json`` saying ``{"pooling": "mean"}``
+    (:func:`devkit.toymodels.build_minilm_intent_classifier` with
+    ``pooling="mean"``) has a head that reads the attention-masked mean of the
+    encoder's last hidden states instead of the CLS pooler.
+    """
 
     def __init__(self, model_dir: str | Path):
         import torch
@@ -93,6 +99,8 @@ class ClassifierModel:
         self.id2label = {int(i): label for i, label in config.id2label.items()}
         self.label2id = {label: i for i, label in self.id2label.items()}
         self.max_length = min(self.tokenizer.model_max_length, getattr(config, "max_position_embeddings", 512))
+        pooling = Path(model_dir) / "slmbatch_pooling.json"
+        self.mean_pooling = pooling.exists() and json.loads(pooling.read_text()).get("pooling") == "mean"
         self._lock = threading.Lock()
 
     def classify(self, text: str, allowed: Sequence[str]) -> tuple[str, float]:
@@ -100,7 +108,12 @@ class ClassifierModel:
         torch = self._torch
         with self._lock, torch.inference_mode():
             enc = self.tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
-            logits = self.model(**enc).logits[0]
+            if self.mean_pooling:
+                hidden = self.model.base_model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                logits = self.model.classifier((hidden * mask).sum(1) / mask.sum(1))[0]
+            else:
+                logits = self.model(**enc).logits[0]
         wanted = [self.label2id[label] for label in allowed]
         probs = torch.softmax(logits[wanted].float(), dim=-1)
         best = int(probs.argmax())
@@ -292,10 +305,15 @@ def local_classifier_server(
     api_key: str | None = None,
     input_regex: str | None = None,
     timeout_s: float = 60.0,
+    wait: bool = True,
+    nice: int = 0,
 ) -> Iterator[str]:
     """Run this server for ``model_dir`` in a subprocess on a free 127.0.0.1 port;
     yield its base URL (``http://127.0.0.1:PORT/v1``) and stop it (SIGTERM, then
-    SIGKILL) when the block exits.
+    SIGKILL) when the block exits. ``wait=False`` yields at once, while the model
+    loads (see :func:`devkit.localserver.serve_subprocess`). ``nice``: the
+    server's niceness - Ray runs its workers at 15, so a server at the default
+    0 takes a small machine's cores from the replicas whenever it is busy.
 
     ``api_key`` makes the server require ``Authorization: Bearer <key>`` (passed
     through the environment, not the command line). ``timeout_s``: seconds to
@@ -307,6 +325,7 @@ def local_classifier_server(
     if api_key:
         env[API_KEY_ENV] = api_key
     command = [
+        *(["nice", "-n", str(nice)] if nice else []),
         sys.executable,
         "-m",
         "devkit.classifier_server",
@@ -321,7 +340,7 @@ def local_classifier_server(
     ]
     if input_regex is not None:
         command += ["--input-regex", input_regex]
-    with serve_subprocess(command, env, port, timeout_s=timeout_s, name="classifier-server") as base_url:
+    with serve_subprocess(command, env, port, timeout_s=timeout_s, name="classifier-server", wait=wait) as base_url:
         log.info("local classifier frontier %s serving %s at %s", served_name, model_dir, base_url)
         yield base_url
 

@@ -79,17 +79,37 @@ def local_openai_server(
 
 @contextlib.contextmanager
 def serve_subprocess(
-    command: list[str], env: dict[str, str], port: int, *, timeout_s: float, name: str
+    command: list[str], env: dict[str, str], port: int, *, timeout_s: float, name: str, wait: bool = True
 ) -> Iterator[str]:
     """Run an HTTP server ``command`` listening on 127.0.0.1:``port``; yield its
-    ``/v1`` base URL once ``/health`` answers. Output goes to a temporary log
+    ``/v1`` base URL once ``/health`` answers (``wait=False``: at once, while it
+    starts - the caller's client retries until it answers; a server that never
+    got ready is reported when the block exits). Output goes to a temporary log
     (its tail is in the error if the server dies or never gets ready); the
     server is stopped (SIGTERM, then SIGKILL) when the block exits."""
+    import threading
+
     logfile = tempfile.NamedTemporaryFile(prefix=f"slmbatch-{name}-", suffix=".log", delete=False)
     proc = subprocess.Popen(command, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+    failed: list[BaseException] = []
+
+    def ready() -> None:
+        try:
+            _wait_ready(proc, port, timeout_s, logfile.name)
+        except RuntimeError as exc:
+            failed.append(exc)
+
+    waiter = threading.Thread(target=ready, name=f"{name}-ready", daemon=True)
     try:
-        _wait_ready(proc, port, timeout_s, logfile.name)
+        if wait:
+            _wait_ready(proc, port, timeout_s, logfile.name)
+        else:
+            waiter.start()
         yield f"http://127.0.0.1:{port}/v1"
+        if not wait:
+            waiter.join(timeout_s)
+        if failed:
+            raise failed[0]
     finally:
         proc.terminate()
         try:

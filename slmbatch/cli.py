@@ -109,6 +109,7 @@ def _run(args) -> int:
         fresh=args.fresh,
         run_date=args.run_date,
         backfill=backfill,
+        quiet=not args.verbose,
     )
     print(summary.render(), flush=True)
     return 0

@@ -52,6 +52,11 @@ def busy_column(stage: str) -> str:
     return f"{INTERNAL}busy_{stage}"
 
 
+def engine_column(stage: str) -> str:
+    """What the replica that answered ``stage`` ran on, e.g. ``"float32, CPU, 2 threads"`` (string, internal)."""
+    return f"{INTERNAL}engine_{stage}"
+
+
 #: Routing values of ``<name>_routed_to``.
 SMALL, FRONTIER, PENDING = "small", "frontier", "pending"
 

@@ -74,6 +74,33 @@ def engine_threads() -> int:
     return torch.get_num_threads()
 
 
+#: CPU flags (``/proc/cpuinfo``) of native bf16 arithmetic: x86 AVX512-BF16 and AMX, Arm's BF16.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """True when this CPU computes bf16 natively (``cpuinfo``: the text of ``/proc/cpuinfo``)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    return not BF16_FLAGS.isdisjoint(cpuinfo.split())
+
+
+def default_cpu_dtype(cpuinfo: str | None = None) -> str:
+    """The dtype a CPU replica runs when ``Model.engine`` sets none: bf16 only where the CPU has it.
+
+    vLLM's ``auto`` picks bf16 on every CPU. Without bf16 instructions torch
+    emulates it: a MiniLM classifier ran ~10x slower in bf16 than in fp32
+    (14-28 vs 145-235 rows/s) on such a 2-core machine, and the demo's
+    replica 34 rows/s against ~224 raw fp32 (issue 13). With them (avx512_bf16
+    or AMX) bf16 is the faster one and halves the weights' memory.
+    """
+    return "bfloat16" if cpu_has_bf16(cpuinfo) else "float32"
+
+
 def engine_kwargs(model: Model) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM``: slmbatch defaults overlaid by ``Model.engine``."""
     kwargs: dict[str, Any] = {
@@ -87,6 +114,7 @@ def engine_kwargs(model: Model) -> dict[str, Any]:
     if not model.on_gpu:
         # Compiled mode cost ~20 s of start-up on CPU and ran slower.
         kwargs["enforce_eager"] = True
+        kwargs["dtype"] = default_cpu_dtype()
     kwargs.update(dict(model.engine))
     return kwargs
 
@@ -161,6 +189,10 @@ class Replica:
         hf_config = config.hf_config
         self.id2label: dict[int, str] = {int(k): v for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
         self.eos_token_id = self.tokenizer.eos_token_id
+        self.dtype = str(config.dtype).removeprefix("torch.")
+        where = f"GPU x {model.num_gpus:g}" if model.on_gpu else f"CPU, {self.threads} thread(s)"
+        #: What this replica runs on, for the run summary: e.g. "float32, CPU, 2 thread(s)".
+        self.description = f"{self.dtype}, {where}"
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
 
     # -- prompts ------------------------------------------------------------------

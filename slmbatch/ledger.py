@@ -352,7 +352,7 @@ class Ledger:
             path = posixpath.join(root, name)
             if fs.exists(path):
                 fs.rm(path, recursive=True)
-        log.warning("fresh run: forgot the completed work recorded under %s", self._url())
+        log.info("fresh run: forgot the completed work recorded under %s", self._url())
 
 
 def _pid_alive(pid: int) -> bool:

@@ -43,6 +43,7 @@ class StageStats:
     errors: dict[str, int] = dataclasses.field(default_factory=dict)  # reason (first 80 chars) -> rows
     error_examples: dict[str, str] = dataclasses.field(default_factory=dict)  # reason -> one row id
     calibration: dict[str, Any] | None = None  # how the threshold was chosen (``slmbatch calibrate``), if it was
+    engines: list[str] = dataclasses.field(default_factory=list)  # what its replicas ran on (dtype, device, threads)
 
     @property
     def skipped(self) -> int:
@@ -149,6 +150,8 @@ class RunSummary:
     timeline: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # seconds, rows done
     skipped_files: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     stages: list[StageStats] = dataclasses.field(default_factory=list)
+    log_file: str | None = None  # where Ray, vLLM and torch output went (quiet runs)
+    first_row_s: float | None = None  # seconds from the start of the run to the first rows back
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSummary:
@@ -216,7 +219,8 @@ class RunSummary:
             f"slmbatch run {self.run_id} of job {self.job!r} (run date {self.run_date}"
             f"{', backfill ' + ' to '.join(self.backfill) if self.backfill else ''}): {self.wall_s:.1f} s",
             f"  rows in {self.rows_in:,} ({self.files_in} files) -> rows out {self.rows_out:,} "
-            f"({len(self.files_out)} files) at {self.rows_per_s:,.1f} rows/s",
+            f"({len(self.files_out)} files) at {self.rows_per_s:,.1f} rows/s"
+            + (f", first rows after {self.first_row_s:.1f} s" if self.first_row_s is not None else ""),
         ]
         if self.files_done_before:
             lines.append(
@@ -237,6 +241,8 @@ class RunSummary:
                 f"  stage {s.name} ({s.kind}): ran {s.ran:,}, answered {s.answered:,}, errored {s.errored:,}, "
                 f"skipped {s.skipped:,}; mean confidence {mean}; tokens in/out {s.tokens_in:,}/{s.tokens_out:,}; {speed}"
             )
+            if s.engines:
+                lines.append(f"    replicas ran {'; '.join(s.engines)}")
             if s.answered:
                 lines.append(f"    confidence {_sparkline(s.histogram)}  (0 -> 1, {BINS} bins: {s.histogram})")
             if s.calibration and s.ran:
@@ -257,6 +263,8 @@ class RunSummary:
                 lines.append(f"    error x{count}: {reason}")
         lines += self.render_cost()
         lines.append(f"  output: {self.sink}")
+        if self.log_file:
+            lines.append(f"  engine, Ray and torch output: {self.log_file}")
         return "\n".join(lines)
 
     def render_cost(self) -> list[str]:

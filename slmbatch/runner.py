@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import time
 import uuid
@@ -38,10 +39,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from . import console
+from .console import local_log_path
 from .errors import ConfigError, FailureBudgetError, RowAccountingError
 from .hooks import checkpoint, load_observers
 from .html_report import write_run_report
-from .io import Plan, Shard
+from .io import Plan, Shard, write_text
 from .job import Job
 from .ledger import Ledger, Todo
 from .plan import plan, read_schema, read_unit, read_units
@@ -119,6 +122,38 @@ def build_dataset(
     return ds
 
 
+def resource_warnings(job: Job, resources: dict[str, float]) -> list[str]:
+    """What the job asks of the cluster that it does not have (``resources``: ``ray.cluster_resources()``).
+
+    Ray starts an actor only where its CPUs and GPUs are free, so replicas
+    beyond the cluster wait - on a fixed cluster, for ever. Engine threads
+    beyond the cores make replicas slow each other down.
+    """
+    pools = job.model_groups()
+    frontier = job.frontier.actors * FRONTIER_ACTOR_CPUS if job.frontier is not None and job.escalates else 0.0
+    cpus = sum(m.replicas * m.num_cpus for m, _ in pools) + frontier + READ_TASK_CPUS
+    gpus = sum(m.replicas * m.num_gpus for m, _ in pools)
+    threads = sum(m.replicas * (m.threads or max(1, math.floor(m.num_cpus))) for m, _ in pools if not m.on_gpu)
+    have_cpus, have_gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    warnings = []
+    if cpus > have_cpus:
+        warnings.append(
+            f"the job reserves {cpus:g} CPUs (replicas x Model.num_cpus, frontier actors and a read task) but the "
+            f"cluster has {have_cpus:g}: replicas that do not fit wait until CPUs free up, on a fixed cluster never"
+        )
+    if gpus > have_gpus:
+        warnings.append(
+            f"the job asks for {gpus:g} GPUs (replicas x Model.num_gpus) but the cluster has {have_gpus:g}: "
+            "replicas that do not fit wait for GPUs"
+        )
+    if threads > have_cpus:
+        warnings.append(
+            f"the job's CPU replicas run {threads} engine threads on {have_cpus:g} CPUs: they will slow each "
+            "other down (lower Model.threads or replicas)"
+        )
+    return warnings
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Connect to ``address`` / ``RAY_ADDRESS`` (a cluster, or the one ``ray job
     submit`` runs us on), or start a local Ray sized to this machine."""
@@ -165,6 +200,7 @@ def run(
     fresh: bool = False,
     run_date: str | dt.date | None = None,
     backfill: tuple[str | dt.date, str | dt.date] | None = None,
+    quiet: bool = False,
 ) -> RunSummary:
     """Run ``job`` to completion and return its summary (also written to
     ``<sink>/_slmbatch/runs/<run_id>.json`` with a readable ``.html`` report).
@@ -182,6 +218,11 @@ def run(
     over ``job.source.max_failed_fraction`` writes everything it can and its
     report, then raises :class:`~slmbatch.errors.FailureBudgetError`, whose
     ``summary`` is the summary it would have returned.
+
+    ``quiet`` (what ``slmbatch run`` does unless ``-v``): only slmbatch's own
+    lines reach the terminal; Ray, vLLM and torch output - the replicas'
+    included - goes to ``<sink>/_slmbatch/logs/<run id>/run.log``
+    (:mod:`slmbatch.console`), named in the summary.
     """
     load_observers()
     started = time.monotonic()
@@ -210,6 +251,39 @@ def run(
             for s in job.stages
         ],
     )
+    path, upload_to = local_log_path(job.sink.path, summary.run_id)
+    try:
+        with console.quiet(path, enabled=quiet) as captured:
+            summary.log_file = upload_to or captured
+            _run(job, summary, fresh, day, window, address, progress, started)
+    finally:
+        if quiet and upload_to and os.path.exists(path):
+            with open(path) as f:
+                write_text(upload_to, f.read(), job.sink.storage_options)
+            os.unlink(path)
+    summary.wall_s = round(time.monotonic() - started, 3)
+    if summary.rows_out + summary.rows_done_before + summary.rows_in_failed_files != summary.rows_in:
+        raise RowAccountingError(
+            f"rows in {summary.rows_in} != rows written {summary.rows_out} "
+            f"+ rows done by earlier runs {summary.rows_done_before} "
+            f"+ rows in files set aside {summary.rows_in_failed_files}"
+        )
+    write_run_report(job, summary)
+    if summary.over_budget:
+        raise FailureBudgetError(summary, summary.render_budget().strip())
+    return summary
+
+
+def _run(
+    job: Job,
+    summary: RunSummary,
+    fresh: bool,
+    day: dt.date,
+    window: tuple[dt.date, dt.date] | None,
+    address: str | None,
+    progress: bool,
+    started: float,
+) -> None:
     the_plan = plan(job)
     summary.files_in = len(the_plan.shards) + len(the_plan.skipped)
     summary.rows_in = the_plan.num_rows + the_plan.skipped_rows
@@ -240,25 +314,21 @@ def run(
                 summary.files_done_before,
                 summary.rows_done_before,
             )
-        _process(job, the_plan, todo, summary, ledger, address, progress)
-    summary.wall_s = round(time.monotonic() - started, 3)
-    if summary.rows_out + summary.rows_done_before + summary.rows_in_failed_files != summary.rows_in:
-        raise RowAccountingError(
-            f"rows in {summary.rows_in} != rows written {summary.rows_out} "
-            f"+ rows done by earlier runs {summary.rows_done_before} "
-            f"+ rows in files set aside {summary.rows_in_failed_files}"
-        )
-    write_run_report(job, summary)
-    if summary.over_budget:
-        raise FailureBudgetError(summary, summary.render_budget().strip())
-    return summary
+        _process(job, the_plan, todo, summary, ledger, address, progress, started)
 
 
 def _process(
-    job: Job, the_plan: Plan, todo: Todo, summary: RunSummary, ledger: Ledger, address: str | None, progress: bool
+    job: Job,
+    the_plan: Plan,
+    todo: Todo,
+    summary: RunSummary,
+    ledger: Ledger,
+    address: str | None,
+    progress: bool,
+    started: float,
 ) -> None:
     writer = ShardWriter(job, todo.shards, summary, ledger, todo.out_keys)
-    bar = Progress(sum(s.num_rows for s in todo.shards), enabled=progress)
+    bar = Progress(sum(s.num_rows for s in todo.shards), enabled=progress, start=started)
     try:
         for shard in todo.shards:
             if shard.num_rows == 0:
@@ -267,6 +337,10 @@ def _process(
         if live:
             ensure_ray(address)
             _configure_ray_data()
+            import ray
+
+            for warning in resource_warnings(job, ray.cluster_resources()):
+                log.warning("%s", warning)
             limiter = None
             if job.frontier is not None and job.escalates:
                 from .frontier import shared_rate_limiter
@@ -284,3 +358,4 @@ def _process(
     finally:
         bar.close()
         summary.timeline = bar.timeline
+        summary.first_row_s = bar.first_s

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .columns import FRONTIER, PENDING, SMALL, busy_column
+from .columns import FRONTIER, PENDING, SMALL, busy_column, engine_column
 from .config import Frontier, Model
 from .errors import EngineError, RowError
 from .metrics import StageMetrics
@@ -202,12 +202,7 @@ class StageActor:
         self.metrics = StageMetrics(job_name)
         seconds = self.engine_thread.submit(warm_up, self.stages, self.replica).result()
         self.metrics.record_replica(self.stages, self.replica.model_name, self.replica.threads)
-        log.info(
-            "replica of %s ready (%s engine threads, warm-up %.2f s)",
-            model.name,
-            self.replica.threads or "GPU",
-            seconds,
-        )
+        log.info("replica of %s ready (%s, warm-up %.2f s)", model.name, self.replica.description, seconds)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.engine_thread.submit(self._apply, batch).result()
@@ -220,6 +215,8 @@ class StageActor:
             # them into the stage's rows/s (excludes start-up and queueing).
             share = (time.perf_counter() - started) / max(batch.num_rows, 1)
             batch = batch.append_column(busy_column(stage.name), pa.array(np.full(batch.num_rows, share)))
+            engine = pa.array([self.replica.description] * batch.num_rows, pa.string())
+            batch = batch.append_column(engine_column(stage.name), engine)
             self.metrics.record_small(batch, stage, self.replica.model_name)
         return batch
 

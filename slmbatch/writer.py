@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .columns import INTERNAL, READ_ERROR, ROW, ROW_ID, SHARD, busy_column
+from .columns import INTERNAL, READ_ERROR, ROW, ROW_ID, SHARD, busy_column, engine_column
 from .errors import InputError, RowAccountingError
 from .hooks import checkpoint
 from .io import Shard, output_path, write_parquet_atomic
@@ -110,6 +110,9 @@ class ShardWriter:
             stats.add(table, stage, self.job.frontier)
             if busy_column(stage.name) in table.column_names:
                 stats.busy_s += pc.sum(table[busy_column(stage.name)]).as_py() or 0.0
+            if engine_column(stage.name) in table.column_names:
+                engines = pc.unique(table[engine_column(stage.name)])
+                stats.engines = sorted(set(stats.engines) | {e for e in engines.to_pylist() if e})
         table = table.drop_columns([c for c in table.column_names if c.startswith(INTERNAL)])
         key, run_date = self.out_keys.get(shard_index, (shard.key, self.summary.run_date))
         url = output_path(self.job.sink.path, key)

@@ -112,6 +112,15 @@ def test_run_writes_every_row_and_prints_the_summary(tmp_path, data_dir, tiny_cl
     assert out.returncode == 0, out.stderr[-3000:]
     assert "rows in 40 (2 files) -> rows out 40 (2 files)" in out.stdout
     assert "stage spam (classify)" in out.stdout
+    # Quiet: only slmbatch's own lines; Ray, vLLM and torch output is in the run's log file.
+    seen = out.stdout + out.stderr
+    for noise in ("Warning", "warning:", "Traceback", "pid=", "core_worker", "NUMA", "Triton", "INFO worker"):
+        assert noise not in seen, f"{noise!r} on the terminal:\n{seen[-3000:]}"
+    assert all(line.split(" ", 2)[1] == "slmbatch" for line in out.stderr.splitlines() if line.strip()), out.stderr
+    log = next(line.split(": ", 1)[1] for line in out.stdout.splitlines() if "engine, Ray and torch output:" in line)
+    assert log.endswith("/run.log") and "/_slmbatch/logs/" in log
+    assert "StageActor" in Path(log).read_text()  # the replica's own output went there
+    assert "replicas ran float32, CPU" in out.stdout  # the job says float32; the summary says what ran
     import polars as pl
 
     df = pl.read_parquet(tmp_path / "out" / "*.parquet")

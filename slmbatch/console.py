@@ -1,0 +1,112 @@
+"""What a person sees during a run: slmbatch's own lines on the terminal, everything else in the run's log.
+
+A run starts Ray, vLLM engines and torch, and each has plenty to say: torch
+FutureWarnings, NUMA and Triton notices, Ray's memory-detector warnings, C++
+log lines from Ray's core worker, and - streamed from every actor by Ray's
+``log_to_driver`` - the replicas' own output. None of it is for the person
+who ran the job. :func:`quiet` sends it to one log file per run and keeps the
+terminal for slmbatch: the job, the progress display, slmbatch's warnings and
+the summary.
+
+It works on file descriptors, not only on Python objects, because much of the
+noise never passes through Python's ``sys.stderr``: C/C++ libraries write to
+fd 2 directly. While it is active, fds 1 and 2 point at the log file; the
+terminal is reached through :func:`terminal` (a duplicate of the original
+stderr), where the handlers of the ``slmbatch`` logger and the progress bar
+write. ``slmbatch -v`` runs without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from typing import IO, Any
+
+_terminal: IO[str] | None = None
+
+
+def terminal() -> IO[str]:
+    """Where slmbatch's own output goes: the real terminal, also while :func:`quiet` is active."""
+    return _terminal if _terminal is not None else sys.stderr
+
+
+class _OwnRecords(logging.Filter):
+    """Only slmbatch's records (the terminal handler), or everything else (the log file handler)."""
+
+    def __init__(self, own: bool):
+        super().__init__()
+        self.own = own
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        mine = record.name == "slmbatch" or record.name.startswith("slmbatch.")
+        return mine if self.own else not mine
+
+
+@contextlib.contextmanager
+def quiet(log_path: str, enabled: bool = True) -> Iterator[str | None]:
+    """Within the block, everything but slmbatch's own lines goes to ``log_path`` (a local file).
+
+    Yields the log file's path (None when not ``enabled``: nothing changes).
+    """
+    global _terminal
+    if not enabled:
+        yield None
+        return
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    console = os.fdopen(os.dup(saved[2]), "w", buffering=1, encoding="utf-8", errors="replace")
+    root = logging.getLogger()
+    restore: list[tuple[logging.StreamHandler, Any]] = []
+    own = _OwnRecords(own=True)
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.stdout):
+            restore.append((handler, handler.setStream(console)))
+            handler.addFilter(own)
+    file_handler = logging.FileHandler(log_path, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    file_handler.addFilter(_OwnRecords(own=False))
+    root.addHandler(file_handler)
+    warnings_were_captured = warnings.showwarning is getattr(logging, "_showwarning", None)
+    logging.captureWarnings(True)  # process-wide: undone below unless it was on before
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    _terminal = console
+    try:
+        yield log_path
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        _terminal = None
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(log_fd)
+        if not warnings_were_captured:
+            logging.captureWarnings(False)
+        root.removeHandler(file_handler)
+        file_handler.close()
+        for handler, stream in restore:
+            handler.setStream(stream)
+            handler.removeFilter(own)
+        console.close()
+
+
+def local_log_path(sink: str, run_id: str) -> tuple[str, str | None]:
+    """``(local file, URL to upload it to or None)`` for a run's log under ``<sink>/_slmbatch/logs/<run id>/``."""
+    from .io import is_remote
+
+    relative = f"_slmbatch/logs/{run_id}/run.log"
+    if not is_remote(sink):
+        return os.path.join(sink.removeprefix("file://"), relative), None
+    local = os.path.join(tempfile.gettempdir(), f"slmbatch-{run_id}.log")
+    return local, f"{sink.rstrip('/')}/{relative}"
