@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from .localserver import free_port, serve_subprocess
+from .toymodels import POOLING_FILE
 
 log = logging.getLogger("slmbatch")
 
@@ -81,7 +82,7 @@ def prompt_regex(template: str = CLASSIFY_PROMPT) -> str:
 class ClassifierModel:
     """One ``...ForSequenceClassification`` model and its tokenizer, used under one lock.
 
-    A model folder with ``slmbatch_pooling.json`` saying ``{"pooling": "mean"}``
+    A model folder whose :data:`~devkit.toymodels.POOLING_FILE` says ``{"pooling": "mean"}``
     (:func:`devkit.toymodels.build_minilm_intent_classifier` with
     ``pooling="mean"``) has a head that reads the attention-masked mean of the
     encoder's last hidden states instead of the CLS pooler.
@@ -99,7 +100,7 @@ class ClassifierModel:
         self.id2label = {int(i): label for i, label in config.id2label.items()}
         self.label2id = {label: i for i, label in self.id2label.items()}
         self.max_length = min(self.tokenizer.model_max_length, getattr(config, "max_position_embeddings", 512))
-        pooling = Path(model_dir) / "slmbatch_pooling.json"
+        pooling = Path(model_dir) / POOLING_FILE
         self.mean_pooling = pooling.exists() and json.loads(pooling.read_text()).get("pooling") == "mean"
         self._lock = threading.Lock()
 

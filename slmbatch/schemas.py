@@ -178,15 +178,13 @@ def _column_type(name: str, holders: Sequence[Footer], text: bool) -> tuple[pa.D
     for f in holders:  # most rows first: a file that cannot widen the type so far is the odd one
         if kind(f.schema.field(name).type, text) in (winner, "null"):
             target = widen(target, f.schema.field(name).type, text) or target
-    odd = {}
-    for f in holders:
-        have = f.schema.field(name).type
-        if widen(target, have, text) != target:
-            held = [g for g in holders if widen(target, g.schema.field(name).type, text) == target]
-            odd[f.path] = (
-                f"column {name!r} is {have}, expected {target} "
-                f"(the type of files holding {_share(held, sum(g.num_rows for g in holders))} rows)"
-            )
+    fits = {f.path: widen(target, f.schema.field(name).type, text) == target for f in holders}
+    held = _share([f for f in holders if fits[f.path]], sum(f.num_rows for f in holders))
+    odd = {
+        f.path: f"column {name!r} is {f.schema.field(name).type}, expected {target} (the type of files holding {held} rows)"
+        for f in holders
+        if not fits[f.path]
+    }
     return target, odd
 
 
