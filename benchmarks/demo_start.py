@@ -8,9 +8,9 @@ process, seconds from the process's first line to its first answer:
 * ``raw``: ``vllm.LLM`` on the demo's small model (pooling runner, the
   demo's ``max_model_len`` and the dtype slmbatch would choose here), then
   one ``classify`` call - the least any engine-based run can do;
-* ``demo``: what ``examples/run_demo.py`` does - start the stand-in frontier
-  server, then ``slmbatch.run`` the demo job (local Ray, replica start,
-  warm-up, first batch, routing) - to the first rows back at the driver.
+* ``demo``: what ``examples/run_demo.py`` does - start the
+  stand-in frontier server, then ``slmbatch.run`` the demo job (local Ray, replica
+  start, warm-up, first batch, routing) - to the first rows back at the driver.
 
 The goal (issue 13): ``demo - raw <= 10 s``. Needs the demo's models
 (``make demo`` or ``examples/build_demo_models.py``). Run from the repository
@@ -61,11 +61,9 @@ def arm_raw() -> float:
 
 def arm_demo() -> float:
     sys.path.insert(0, str(ROOT / "examples"))
-    from devkit.classifier_server import local_classifier_server
+    from run_demo import stand_in_frontier
 
-    stand_in = ROOT / "build" / "models" / "banking77-minilm-meanpool"
-    with local_classifier_server(stand_in, served_name="stand-in", wait=False, timeout_s=120, nice=19) as url:
-        os.environ.update(SLMBATCH_FRONTIER_URL=url, SLMBATCH_FRONTIER_MODEL="stand-in", SLMBATCH_FRONTIER_KEY_ENV="")
+    with stand_in_frontier():
         os.environ["SLMBATCH_DEMO_OUTPUT"] = tempfile.mkdtemp(prefix="slmbatch-demo-start-")
         from banking77_demo import job
 

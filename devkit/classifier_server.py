@@ -307,14 +307,17 @@ def local_classifier_server(
     input_regex: str | None = None,
     timeout_s: float = 60.0,
     wait: bool = True,
-    nice: int = 0,
+    load_nice: int = 0,
 ) -> Iterator[str]:
     """Run this server for ``model_dir`` in a subprocess on a free 127.0.0.1 port;
     yield its base URL (``http://127.0.0.1:PORT/v1``) and stop it (SIGTERM, then
     SIGKILL) when the block exits. ``wait=False`` yields at once, while the model
-    loads (see :func:`devkit.localserver.serve_subprocess`). ``nice``: the
-    server's niceness - Ray runs its workers at 15, so a server at the default
-    0 takes a small machine's cores from the replicas whenever it is busy.
+    loads (see :func:`devkit.localserver.serve_subprocess`). ``load_nice``:
+    the niceness the model loads at (``--load-nice``); it then serves at the
+    default priority. Started beside a run on a small machine, its loading
+    (torch, transformers, weights) then never takes the cores Ray's workers
+    (niceness 15) start their replicas on, and its answers never wait behind
+    a replica's batches.
 
     ``api_key`` makes the server require ``Authorization: Bearer <key>`` (passed
     through the environment, not the command line). ``timeout_s``: seconds to
@@ -326,7 +329,6 @@ def local_classifier_server(
     if api_key:
         env[API_KEY_ENV] = api_key
     command = [
-        *(["nice", "-n", str(nice)] if nice else []),
         sys.executable,
         "-m",
         "devkit.classifier_server",
@@ -341,9 +343,43 @@ def local_classifier_server(
     ]
     if input_regex is not None:
         command += ["--input-regex", input_regex]
+    if load_nice:
+        command += ["--load-nice", str(load_nice)]
     with serve_subprocess(command, env, port, timeout_s=timeout_s, name="classifier-server", wait=wait) as base_url:
         log.info("local classifier frontier %s serving %s at %s", served_name, model_dir, base_url)
         yield base_url
+
+
+def load_niced(load: Any, *args: Any, nice: int = 0) -> Any:
+    """``load(*args)`` on a thread of its own at niceness ``nice``; its result.
+
+    Niceness is per thread on Linux, and a thread cannot lower its niceness
+    again without privileges: the loading thread gives way to everything else,
+    and the threads that later answer requests keep the process's priority.
+    Elsewhere, where ``setpriority`` on a thread id would nice the whole
+    process, the whole process is niced (the old behaviour, a slower server).
+    """
+    if not nice:
+        return load(*args)
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        linux = sys.platform == "linux"
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id() if linux else 0, nice)
+        except (OSError, AttributeError):
+            pass  # best effort: a priority, not a correctness matter
+        try:
+            out["value"] = load(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, name="classifier-load")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -364,10 +400,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="regex with a named group 'input' (and optionally 'labels') applied to the last "
         "user message (default: matches Classify's default prompt)",
     )
+    parser.add_argument(
+        "--load-nice",
+        type=int,
+        default=0,
+        help="load the model (imports included) on a thread at this niceness, then serve at the "
+        "process's own (Linux; elsewhere the whole process is niced)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     served_name = args.served_name or Path(args.model).resolve().name
-    app = ClassifierApp(ClassifierModel(args.model), served_name, args.input_regex)
+    model = load_niced(ClassifierModel, args.model, nice=args.load_nice)
+    app = ClassifierApp(model, served_name, args.input_regex)
     server = make_server(app, args.host, args.port, os.environ.get(API_KEY_ENV) or None)
     log.info(
         "classifier server: %s (%s, %d labels) at http://%s:%d/v1",

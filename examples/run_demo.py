@@ -7,8 +7,10 @@ OpenAI-compatible server on 127.0.0.1 (``devkit.classifier_server``) - run the
 job against it, and stop it. Exits with ``slmbatch run``'s status.
 """
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from devkit.classifier_server import local_classifier_server
@@ -17,6 +19,29 @@ from slmbatch.cli import main as slmbatch_main
 HERE = Path(__file__).resolve().parent
 JOB = str(HERE / "banking77_demo.py")
 STAND_IN = HERE.parent / "build" / "models" / "banking77-minilm-meanpool"
+STAND_IN_NAME = "stand-in-frontier"
+
+
+@contextlib.contextmanager
+def stand_in_frontier() -> Iterator[str]:
+    """Start the stand-in frontier and point the demo job at it (environment); stop it on exit.
+
+    Not waited for: it loads while Ray and the small model's replica start,
+    and is up before the first escalation (the client retries till then). It
+    loads at the lowest priority (SCHED_IDLE, niceness 19), below Ray's
+    workers (15), and answers at the default one, so that escalated rows do
+    not wait behind the replica's batches.
+    """
+    server = local_classifier_server(STAND_IN, served_name=STAND_IN_NAME, wait=False, timeout_s=120, load_nice=19)
+    with server as url:
+        os.environ.update(
+            SLMBATCH_FRONTIER_URL=url, SLMBATCH_FRONTIER_MODEL=STAND_IN_NAME, SLMBATCH_FRONTIER_KEY_ENV=""
+        )
+        try:
+            yield url
+        finally:
+            for name in ("SLMBATCH_FRONTIER_URL", "SLMBATCH_FRONTIER_MODEL", "SLMBATCH_FRONTIER_KEY_ENV"):
+                os.environ.pop(name, None)
 
 
 def main() -> int:
@@ -31,13 +56,7 @@ def main() -> int:
         "demo: Set SLMBATCH_FRONTIER_URL (and _MODEL, _KEY_ENV) for a real frontier.",
         flush=True,
     )
-    # Not waiting for it: it loads while Ray and the small model start, and is up before the first
-    # escalation (the client retries till then). Niced below Ray's workers (15), so that loading
-    # it never takes the cores the small model's replica is starting on.
-    with local_classifier_server(STAND_IN, served_name="stand-in-frontier", wait=False, timeout_s=120, nice=19) as url:
-        os.environ.update(
-            SLMBATCH_FRONTIER_URL=url, SLMBATCH_FRONTIER_MODEL="stand-in-frontier", SLMBATCH_FRONTIER_KEY_ENV=""
-        )
+    with stand_in_frontier():
         return slmbatch_main(args)
 
 

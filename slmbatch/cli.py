@@ -430,11 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # slmbatch's own INFO lines; other libraries' only from WARNING up (matplotlib, say, announced
+    # its font cache at INFO), unless -v.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("slmbatch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except FailureBudgetError as exc:

@@ -75,6 +75,18 @@ def frontier_key_ref(job: Job) -> list:
     return []
 
 
+def read_concurrency(job: Job, units: int) -> int:
+    """Read tasks at a time: two per replica, enough to keep every replica fed.
+
+    Each running read task holds a Ray worker process. Unbounded, Ray Data ran
+    as many as the CPUs left over allow (at ``READ_TASK_CPUS`` each), and on a
+    small machine starting their processes (~2 CPU-seconds each) competed with
+    the replicas' own start.
+    """
+    replicas = sum(model.replicas for model, _ in job.model_groups())
+    return max(1, min(units, 2 * replicas))
+
+
 def build_dataset(
     job: Job, shards: Sequence[Shard], schema: pa.Schema, limiter: Any = None, api_key: Sequence[Any] = ()
 ):
@@ -89,6 +101,7 @@ def build_dataset(
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=READ_TASK_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=read_concurrency(job, len(units))),
     )
     router = Router(job.frontier, job.egress)
     for model, stages in job.model_groups():
@@ -351,7 +364,10 @@ def _process(
                     job.frontier.tokens_per_minute,
                 )
             dataset = build_dataset(job, live, the_plan.schema, limiter, frontier_key_ref(job) if job.escalates else [])
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            # prefetch_batches=0: with Ray Data's default (1) the driver got each batch only once
+            # the next one was ready - the first rows came back one frontier batch late (~4 s in
+            # the demo). The driver's work per batch is small; fetching ahead buys nothing.
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 checkpoint("batch")
                 bar.update(writer.add(batch))
         writer.close()

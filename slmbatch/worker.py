@@ -43,6 +43,18 @@ from .stages.base import Answer, ReplicaProtocol, Request, Stage
 log = logging.getLogger("slmbatch")
 
 
+def actor_logging() -> None:
+    """Send this actor's slmbatch records (INFO and up) to its stderr, which Ray
+    streams to the driver: the run's log shows when each replica started and was
+    ready. Idempotent; a process that configured logging itself keeps it."""
+    if log.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def rows_of(table: pa.Table) -> list[dict[str, Any]]:
     """Rows as dicts; string columns holding invalid UTF-8 come back as bytes
     (so :meth:`Stage.input_text` can error that row) instead of failing the batch."""
@@ -195,6 +207,7 @@ class StageActor:
     def __init__(self, model: Model, stages: Sequence[Stage], router: Router, job_name: str = ""):
         from .engine import Replica
 
+        actor_logging()
         self.engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmbatch-engine")
         self.replica = self.engine_thread.submit(Replica, model).result()
         self.stages = list(stages)
@@ -262,6 +275,7 @@ class FrontierActor:
         self.thread = threading.Thread(target=self.loop.run_forever, name="slmbatch-frontier", daemon=True)
         self.thread.start()
         self.client = FrontierClient(frontier, limiter=limiter)
+        actor_logging()
 
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()

@@ -119,7 +119,9 @@ def test_run_writes_every_row_and_prints_the_summary(tmp_path, data_dir, tiny_cl
     assert all(line.split(" ", 2)[1] == "slmbatch" for line in out.stderr.splitlines() if line.strip()), out.stderr
     log = next(line.split(": ", 1)[1] for line in out.stdout.splitlines() if "engine, Ray and torch output:" in line)
     assert log.endswith("/run.log") and "/_slmbatch/logs/" in log
-    assert "StageActor" in Path(log).read_text()  # the replica's own output went there
+    logged = Path(log).read_text()
+    assert "StageActor" in logged  # the replica's own output went there,
+    assert "slmbatch INFO replica of " in logged and " ready (float32, CPU" in logged  # with its start-up lines
     assert "replicas ran float32, CPU" in out.stdout  # the job says float32; the summary says what ran
     import polars as pl
 
