@@ -364,10 +364,9 @@ def load_niced(load: Any, *args: Any, nice: int = 0) -> Any:
     out: dict[str, Any] = {}
 
     def run() -> None:
-        linux = sys.platform == "linux"
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id() if linux else 0, nice)
-        except (OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id() if sys.platform == "linux" else 0, nice)
+        except (OSError, AttributeError):  # AttributeError: no setpriority (Windows)
             pass  # best effort: a priority, not a correctness matter
         try:
             out["value"] = load(*args)

@@ -28,9 +28,9 @@ def stand_in_frontier() -> Iterator[str]:
 
     Not waited for: it loads while Ray and the small model's replica start,
     and is up before the first escalation (the client retries till then). It
-    loads at the lowest priority (SCHED_IDLE, niceness 19), below Ray's
-    workers (15), and answers at the default one, so that escalated rows do
-    not wait behind the replica's batches.
+    loads on a thread at niceness 19, below Ray's workers (15), and answers
+    at the default priority, so that escalated rows do not wait behind the
+    replica's batches.
     """
     server = local_classifier_server(STAND_IN, served_name=STAND_IN_NAME, wait=False, timeout_s=120, load_nice=19)
     with server as url:
