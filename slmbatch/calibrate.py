@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from .audit import confidence_histogram
 from .errors import ConfigError
 from .evaluate import StageRows
 from .stages import FAMILIES, family
@@ -107,6 +108,7 @@ class Curve:
     n: int
     thresholds: np.ndarray
     escalated: np.ndarray  # rows escalated (int)
+    escalation_rate: np.ndarray  # share of (weighted) rows escalated
     quality: np.ndarray
     usd_per_row: np.ndarray
     quality_lo: np.ndarray
@@ -130,6 +132,7 @@ def build_curve(
     small_usd: Sequence[float],
     frontier_usd: Sequence[float],
     *,
+    weights: Sequence[float] | None = None,
     bootstrap: int = 1000,
     seed: int = 0,
 ) -> Curve:
@@ -137,7 +140,11 @@ def build_curve(
 
     ``confidence`` of a row the small model failed on is negative: escalated
     at every threshold. ``frontier_score`` of a row the frontier could not
-    answer is its small score (the cascade keeps the small answer)."""
+    answer is its small score (the cascade keeps the small answer).
+    ``weights``: how many rows each row stands for (inverse-probability
+    weights of production rows, :func:`slmbatch.audit.row_weights`); every
+    figure is then a weighted mean, and the bootstrap resamples rows with
+    their weights."""
     c = np.asarray(confidence, dtype=float)
     order = np.argsort(c, kind="stable")
     c = c[order]
@@ -148,32 +155,36 @@ def build_curve(
     n = len(c)
     if n == 0:
         raise ConfigError("--labels", "no labelled rows to calibrate on")
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)[order]
     k_min = int(np.sum(c < 0))
     steps = [k_min] + [k for k in range(k_min + 1, n) if c[k] > c[k - 1]] + ([n] if n > k_min else [])
     ks = np.array(sorted(set(steps)))
     thresholds = np.array([0.0 if k == k_min else 1.0 if k == n else (c[k - 1] + c[k]) / 2 for k in ks])
 
-    def prefix(values, weights=None):
-        w = values if weights is None else values * weights
-        return np.concatenate([np.zeros(w.shape[:-1] + (1,)), np.cumsum(w, axis=-1)], axis=-1)
+    def prefix(values, weights):
+        v = values * weights
+        return np.concatenate([np.zeros(v.shape[:-1] + (1,)), np.cumsum(v, axis=-1)], axis=-1)
 
-    fa, aa, xa = prefix(f), prefix(a), prefix(x)
-    quality = (fa[ks] + aa[n] - aa[ks]) / n
-    usd = (s.sum() + xa[ks]) / n
+    total = w.sum()
+    fa, aa, xa, wa = prefix(f, w), prefix(a, w), prefix(x, w), prefix(np.ones(n), w)
+    quality = (fa[ks] + aa[n] - aa[ks]) / total
+    usd = ((s * w).sum() + xa[ks]) / total
     # Bootstrap: B resamples as multinomial row counts, all thresholds at once.
     rng = np.random.default_rng(seed)
     b = max(1, min(bootstrap, int(5e6 // max(n, 1))))  # bounds memory: resamples x rows
-    counts = rng.multinomial(n, np.full(n, 1 / n), size=b).astype(float)
+    counts = rng.multinomial(n, np.full(n, 1 / n), size=b).astype(float) * w
     fw, aw, cw = prefix(f, counts), prefix(a, counts), prefix(np.ones(n), counts)
-    q_b = (fw[:, ks] + aw[:, [n]] - aw[:, ks]) / n
-    e_b = cw[:, ks] / n
-    gap_b = fw[:, [n]] / n - q_b
+    totals = cw[:, [n]]
+    q_b = (fw[:, ks] + aw[:, [n]] - aw[:, ks]) / totals
+    e_b = cw[:, ks] / totals
+    gap_b = fw[:, [n]] / totals - q_b
     lo, hi = np.percentile(q_b, [2.5, 97.5], axis=0)
     e_lo, e_hi = np.percentile(e_b, [2.5, 97.5], axis=0)
     return Curve(
         n=n,
         thresholds=thresholds,
         escalated=ks,
+        escalation_rate=wa[ks] / total,
         quality=quality,
         usd_per_row=usd,
         quality_lo=lo,
@@ -183,10 +194,10 @@ def build_curve(
         gap_hi=np.percentile(gap_b, 97.5, axis=0),
         quality_samples=q_b,
         gap_samples=gap_b,
-        small_quality=float(a.mean()),
-        frontier_quality=float(f.mean()),
-        frontier_usd_per_row=float(x.mean()),
-        small_usd_per_row=float(s.mean()),
+        small_quality=float((a * w).sum() / total),
+        frontier_quality=float((f * w).sum() / total),
+        frontier_usd_per_row=float((x * w).sum() / total),
+        small_usd_per_row=float((s * w).sum() / total),
         resamples=b,
     )
 
@@ -235,14 +246,13 @@ def calibrate_stage(
         score(rows.frontier[i], rows.gold[i]) if rows.frontier[i] is not None else small[j] for j, i in enumerate(keep)
     ]
     confidence: list[float] = [c if (c := rows.confidence[i]) is not None else -1.0 for i in keep]
-    curve = build_curve(
-        small,
-        frontier,
-        confidence,
-        [rows.small_cost[i] for i in keep],
-        [rows.frontier_cost[i] for i in keep],
-        bootstrap=bootstrap,
-    )
+    weights = [rows.weight[i] for i in keep] if rows.weight is not None else None
+    costs = [rows.small_cost[i] for i in keep], [rows.frontier_cost[i] for i in keep]
+    curve = build_curve(small, frontier, confidence, *costs, weights=weights, bootstrap=bootstrap)
+    # The same curve in agreement with the frontier: what a production run's audit can check
+    # without labels (slmbatch.audit.drift_reasons).
+    agree = [score(rows.small[i], rows.frontier[i]) if rows.frontier[i] is not None else 1.0 for i in keep]
+    agreement = build_curve(agree, [1.0] * len(keep), confidence, *costs, weights=weights, bootstrap=bootstrap)
     metric = family(rows.kind).headline_metric
     if target.kind == "quality" and target.metric not in ("quality", metric):
         raise ConfigError("--target", f"stage {rows.name!r} ({rows.kind}) is measured by {metric}, not {target.metric}")
@@ -252,6 +262,8 @@ def calibrate_stage(
         "kind": rows.kind,
         "metric": metric,
         "target": target.text,
+        "target_kind": target.kind,
+        "target_value": target.value,
         "gold": gold_source,
         "frontier": frontier_model,
         "rows": curve.n,
@@ -263,6 +275,9 @@ def calibrate_stage(
         "bootstrap": {"resamples": curve.resamples, "level": 0.95, "seed": 0},
         "met": j is not None,
         "conservative": conservative,
+        "confidence_histogram": confidence_histogram(
+            [c for c in confidence if c >= 0], [w for w, c in zip(weights or [1.0] * len(keep), confidence) if c >= 0]
+        ),
         "warnings": [],
     }
     warnings = record["warnings"]
@@ -270,16 +285,18 @@ def calibrate_stage(
         best = int(np.argmax(curve.quality))
         warnings.append(
             f"target {target.text} is not reachable on this validation set: the best cascade "
-            f"{metric} is {curve.quality[best]:.4f} at {curve.escalated[best] / curve.n:.1%} escalated "
+            f"{metric} is {curve.quality[best]:.4f} at {curve.escalation_rate[best]:.1%} escalated "
             f"(frontier alone {curve.frontier_quality:.4f})"
         )
         j = best
     point = {
         "threshold": float(curve.thresholds[j]),
-        "escalation_rate": float(curve.escalated[j] / curve.n),
+        "escalation_rate": float(curve.escalation_rate[j]),
         "escalation_interval": [float(curve.escalation_lo[j]), float(curve.escalation_hi[j])],
         "quality": float(curve.quality[j]),
         "quality_interval": [float(curve.quality_lo[j]), float(curve.quality_hi[j])],
+        "agreement": float(agreement.quality[j]),
+        "agreement_interval": [float(agreement.quality_lo[j]), float(agreement.quality_hi[j])],
         "usd_per_1m_rows": float(curve.usd_per_row[j] * 1e6),
         "saving_vs_frontier": (
             float(1 - curve.usd_per_row[j] / curve.frontier_usd_per_row) if curve.frontier_usd_per_row > 0 else None
@@ -319,7 +336,7 @@ def _uncertainty_warning(curve: Curve, target: Target, j: int, held: float, metr
     if sure is not None:
         return (
             f"{first}; to meet it at the 95% level (--conservative) escalate "
-            f"{curve.escalated[sure] / curve.n:.1%} instead (threshold {curve.thresholds[sure]:.4f})"
+            f"{curve.escalation_rate[sure]:.1%} instead (threshold {curve.thresholds[sure]:.4f})"
         )
     # No threshold clears the target at the 95% level: how many rows would, were the best point estimate true.
     if target.kind == "quality":
@@ -346,7 +363,7 @@ def _curve_points(curve: Curve, chosen: int) -> list[dict[str, float]]:
     return [
         {
             "threshold": round(float(curve.thresholds[j]), 6),
-            "escalation_rate": round(float(curve.escalated[j] / curve.n), 6),
+            "escalation_rate": round(float(curve.escalation_rate[j]), 6),
             "quality": round(float(curve.quality[j]), 6),
             "quality_lo": round(float(curve.quality_lo[j]), 6),
             "quality_hi": round(float(curve.quality_hi[j]), 6),

@@ -19,6 +19,7 @@ from .errors import (
     EXIT_CODES,
     EXIT_CONFIG,
     EXIT_CRASH,
+    EXIT_DEGRADED,
     EXIT_OVER_BUDGET,
     ConcurrentRunError,
     ConfigError,
@@ -112,6 +113,11 @@ def _run(args) -> int:
         quiet=not args.verbose,
     )
     print(summary.render(), flush=True)
+    if summary.degraded and args.fail_on_degraded:
+        print(
+            f"slmbatch: run degraded ({len(summary.degraded)} reason(s) above): exit {EXIT_DEGRADED}", file=sys.stderr
+        )
+        return EXIT_DEGRADED
     return 0
 
 
@@ -123,7 +129,7 @@ def _status(args) -> int:
 
 
 def _report(args) -> int:
-    from .status import rerender_report
+    from .status import rerender_report, trend_text
 
     try:
         summary, url = rerender_report(args.output_dir, args.run)
@@ -131,6 +137,9 @@ def _report(args) -> int:
         print(f"slmbatch: {exc}", file=sys.stderr)
         return 1
     print(summary.render())
+    trend = trend_text(args.output_dir)
+    if trend:
+        print(trend)
     print(f"report: {url}")
     return 0
 
@@ -150,7 +159,10 @@ def _labelled_output(job, labels, args, gold, stages=None):
     if not args.no_run:
         from .runner import run
 
-        print(run(job, address=args.address, progress=not args.no_progress, fresh=args.fresh).render(), flush=True)
+        summary = run(
+            job, address=args.address, progress=not args.no_progress, fresh=args.fresh, quiet=not args.verbose
+        )
+        print(summary.render(), flush=True)
     return with_gold(job, read_output(job), labels, args.key, gold, stages)
 
 
@@ -195,6 +207,7 @@ def _calibrate(args) -> int:
     from .calibrate import calibrate_stage, calibration_file, parse_target, render_calibration, write_json
     from .evaluate import escalate_all, stage_rows
     from .html_report import cost_quality_figure
+    from .runner import parse_date
 
     targets = [parse_target(t) for t in args.target]
     job, labels, gold = _labelled(args)
@@ -207,9 +220,25 @@ def _calibrate(args) -> int:
     per_stage = {t.stage: t for t in targets if t.stage is not None}
     default = next((t for t in targets if t.stage is None), None)
     chosen = {name: t for name in routed if (t := per_stage.get(name, default)) is not None}
-    sink = args.sink_all or job.sink.path + "-calibration"
-    every = escalate_all(job, sink)
-    frame, sources = _labelled_output(every, labels, args, gold, list(chosen))
+    if args.from_runs:
+        # Production rows: escalated ones and the audit sample, each weighted by 1 / its sampling probability.
+        from .evaluate import read_production, with_gold
+
+        if args.since is not None:
+            parse_date(args.since, "--since")
+        every = job
+        frame, sources = with_gold(job, read_production(job, args.from_runs, args.since), labels, args.key, gold)
+        validation = {"from_runs": args.from_runs, "since": args.since}
+        print(
+            f"calibrate: learning from {frame.height:,} escalated and audited rows of past runs in "
+            f"{', '.join(args.from_runs)}{' since ' + args.since if args.since else ''} (each weighted by 1 / its "
+            "sampling probability)"
+        )
+    else:
+        sink = args.sink_all or job.sink.path + "-calibration"
+        every = escalate_all(job, sink)
+        frame, sources = _labelled_output(every, labels, args, gold, list(chosen))
+        validation = {"source": job.source.path, "sink": sink}
     out = Path(args.out or Path(args.job_file).with_suffix(".thresholds.json"))
     records = []
     for name, target in chosen.items():
@@ -227,7 +256,7 @@ def _calibrate(args) -> int:
         plot = out.with_name(f"{out.name.removesuffix('.json')}.{name}.png")
         cost_quality_figure(record).savefig(plot, dpi=100, bbox_inches="tight")
         print(f"  cost-quality plot: {plot}")
-    write_json(str(out), calibration_file(job.name, records, {"source": job.source.path, "sink": sink}))
+    write_json(str(out), calibration_file(job.name, records, validation))
     print(f"calibrate: wrote {out}; use it in the job with slmbatch.load_thresholds({str(out)!r})")
     return 0 if all(r["met"] for r in records) else 1
 
@@ -289,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh",
         action="store_true",
         help="forget the work recorded in the sink by earlier runs and process everything again "
-        "(needed after changing stages, models or thresholds of a job whose sink has output)",
+        "(needed after changing the stages, models or frontier of a job whose sink has output; a new "
+        "threshold alone applies to input not yet done)",
     )
     p.add_argument(
         "--max-failed-fraction",
@@ -298,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="failure budget for this run, overriding ParquetSource.max_failed_fraction: the share "
         "of rows that may fail (files set aside, rows with a stage error) before the run exits 3",
+    )
+    p.add_argument(
+        "--fail-on-degraded",
+        action="store_true",
+        help=f"exit {EXIT_DEGRADED}, after writing everything, when the run is degraded: its escalation rate, "
+        "audit-estimated quality or confidence distribution moved away from what calibration promised "
+        "(so a scheduler alerts)",
     )
     p.set_defaults(func=_run)
 
@@ -326,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="re-render a run's HTML report and print its summary",
         description="Re-render OUTPUT_DIR/_slmbatch/runs/<run>.html from the run's JSON summary "
-        "(the latest run unless --run) and print the one-screen summary.",
+        "(the latest run unless --run), print the one-screen summary and, per routed stage, every "
+        "run's escalation rate and estimated quality against the calibrated band.",
     )
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the job's sink path")
     p.add_argument("--run", default=None, metavar="RUN_ID", help="which run (default: the latest)")
@@ -385,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         help="choose thresholds that meet a quality (or cost) target",
         description="Run the job on labelled validation rows with every routed stage escalating "
-        "every row (into <sink>-calibration), then pick per stage the threshold that meets "
+        "every row (into <sink>-calibration) - or, with --from-runs SINK, read production's escalated "
+        "and audited rows, weighted - then pick per stage the threshold that meets "
         "the target at the lowest escalation, with a bootstrap interval. Prints the "
         "cost-quality curve, writes it as a plot and the thresholds file "
         "(slmbatch.load_thresholds reads it). Exit 1 if a target cannot be met.",
@@ -409,6 +448,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="choose where the 95%% interval's lower end meets the target, not the point estimate",
     )
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
+    p.add_argument(
+        "--from-runs",
+        metavar="SINK",
+        nargs="+",
+        default=None,
+        help="recalibrate from production instead: learn from the escalated and audited rows past runs "
+        "wrote to SINK (one or more, e.g. a sink per night; each row weighted by 1 / its sampling probability), with the frontier's answers as "
+        "gold unless --gold/--labels say otherwise; nothing is run",
+    )
+    p.add_argument("--since", metavar="YYYY-MM-DD", default=None, help="with --from-runs: only runs of these dates on")
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser(

@@ -17,8 +17,12 @@ fine-tuning feedback learnt from it::
 
     <name>_routed_to            "small", "frontier", or "pending" between the two steps
     <name>_escalation           why the row was escalated, or why it could not be
+    <name>_audit                null, or for a kept row the audit sample picked
+                                (``audit_rate``) the probability it had of being
+                                picked; 0 where the egress policy keeps it from audits
     <name>_small                the small model's answer (always kept)
-    <name>_frontier             the frontier's answer (escalated rows)
+    <name>_frontier             the frontier's answer (escalated and audited rows;
+                                an audited row keeps the small answer)
     <name>_frontier_error       why the frontier gave no usable answer
     <name>_frontier_messages    the chat messages sent (JSON): the small model's own prompt
     <name>_frontier_tokens_in / _out, <name>_frontier_cost_usd
@@ -103,6 +107,10 @@ class StageColumns:
         return self._("escalation")
 
     @property
+    def audit(self) -> str:
+        return self._("audit")
+
+    @property
     def small(self) -> str:
         return self._("small")
 
@@ -150,6 +158,7 @@ class StageColumns:
         return [
             pa.field(self.routed_to, pa.string()),
             pa.field(self.escalation, pa.string()),
+            pa.field(self.audit, pa.float64()),
             pa.field(self.small, answer_type),
             pa.field(self.frontier, answer_type),
             pa.field(self.frontier_error, pa.string()),

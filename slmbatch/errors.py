@@ -85,12 +85,15 @@ EXIT_CRASH = 1  # could not finish (engine, frontier, storage, any unexpected er
 EXIT_CONFIG = 2  # the job or the command line is invalid; nothing was processed
 EXIT_OVER_BUDGET = 3  # finished, but more rows failed than ParquetSource.max_failed_fraction allows
 EXIT_BUSY = 4  # another run of the job holds the sink; nothing was done - try again later
+EXIT_DEGRADED = 5  # finished and wrote everything, but degraded (``--fail-on-degraded``): quality needs a look
 EXIT_CODES = {
     EXIT_OK: "finished; failed rows, if any, within the failure budget",
     EXIT_CRASH: "could not finish (engine, frontier, storage or an unexpected error); a rerun resumes",
     EXIT_CONFIG: "the job or the command line is invalid; nothing was processed",
     EXIT_OVER_BUDGET: "finished, but more rows failed than the failure budget allows; a rerun resumes",
     EXIT_BUSY: "another run of the job is active on the same sink; nothing was done",
+    EXIT_DEGRADED: "with --fail-on-degraded: finished and wrote everything, but the run is degraded "
+    "(escalation, estimated quality or confidences moved from calibration)",
 }
 
 

@@ -50,6 +50,49 @@ def read_output(job: Job, columns: Sequence[str] | None = None) -> pl.DataFrame:
     return pl.DataFrame(pa.concat_tables(tables, promote_options="default"))
 
 
+WEIGHT_PREFIX = "_weight_"
+
+
+def read_production(job: Job, sinks: Sequence[str], since: str | None = None) -> pl.DataFrame:
+    """The rows past runs of ``job`` wrote to ``sinks`` (run dates ``since`` on, if given) that carry
+    a frontier answer - escalated or audited - with each routed stage's inverse-probability weight
+    in ``_weight_<stage>`` (:func:`slmbatch.audit.row_weights`): what ``calibrate --from-runs`` learns from.
+    Several sinks: e.g. one output directory per night."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .audit import row_weights
+    from .io import filesystem
+    from .ledger import Ledger
+
+    outputs = sorted(
+        {
+            r["output"]
+            for sink in sinks
+            for r in Ledger.open(sink, job.sink.storage_options).completed().values()
+            if since is None or (r.get("run_date") or "") >= since
+        }
+    )
+    named = ", ".join(sinks)
+    if not outputs:
+        raise InputError(f"no run of {named} {'since ' + since + ' ' if since else ''}wrote output to learn from")
+    routed = [s for s in job.stages if s.routed]
+    tables = []
+    for url in outputs:
+        fs, path = filesystem(url, job.sink.storage_options)
+        table = pq.read_table(path, filesystem=fs)
+        for stage in routed:
+            if stage.columns.routed_to in table.column_names:
+                weights = row_weights(table, stage.columns)
+                table = table.append_column(WEIGHT_PREFIX + stage.name, pa.array(weights, pa.float64()))
+        tables.append(table)
+    frame = pl.DataFrame(pa.concat_tables(tables, promote_options="default"))
+    weight_columns = [c for c in frame.columns if c.startswith(WEIGHT_PREFIX)]
+    if not weight_columns:
+        raise InputError(f"{named} holds no output of a routed stage of job {job.name!r}")
+    return frame.filter(pl.any_horizontal([pl.col(c).is_not_null() for c in weight_columns]))
+
+
 def read_labels(path: str) -> pl.DataFrame:
     """A labels file: Parquet (file or directory), CSV, or JSON lines."""
     lower = path.lower()
@@ -151,6 +194,7 @@ class StageRows:
     small_cost: list[float]
     frontier_cost: list[float]
     routed: bool = True
+    weight: list[float] | None = None  # rows each stands for (production rows, inverse-probability); None: 1 each
 
     def __len__(self) -> int:
         return len(self.gold)
@@ -169,6 +213,9 @@ def stage_rows(job: Job, frame: pl.DataFrame, name: str, *, gold_from_frontier: 
             raise ConfigError(f"stage {n}", "has no threshold, so no frontier answers to use as gold")
         frame = frame.with_columns(pl.col(c.frontier).alias(GOLD_PREFIX + n))
     frame = frame.filter(pl.col(GOLD_PREFIX + n).is_not_null())
+    weighted = WEIGHT_PREFIX + n in frame.columns
+    if weighted:
+        frame = frame.filter(pl.col(WEIGHT_PREFIX + n).is_not_null())
     empty = [None] * frame.height
     small = frame[c.small].to_list() if routed else frame[n].to_list()
     errors = frame[c.error].to_list()
@@ -188,6 +235,7 @@ def stage_rows(job: Job, frame: pl.DataFrame, name: str, *, gold_from_frontier: 
         small_cost=[stage.model.cost_usd(a, b) for a, b in tokens],
         frontier_cost=frame[c.frontier_cost_usd].fill_null(0.0).to_list() if routed else [0.0] * frame.height,
         routed=routed,
+        weight=frame[WEIGHT_PREFIX + n].to_list() if weighted else None,
     )
 
 

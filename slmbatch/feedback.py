@@ -1,6 +1,7 @@
 """Fine-tuning data from production: the rows the small model was unsure about.
 
-Every escalated row of a routed stage holds, in the routing row format, the
+Every escalated row of a routed stage - and every row of its audit sample -
+holds, in the routing row format, the
 exact chat messages the frontier was asked (``<s>_frontier_messages``, which
 are the small model's own prompt) and the frontier's checked answer
 (``<s>_frontier``). :func:`export_feedback` turns them into chat JSONL, one
@@ -32,7 +33,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from .columns import FRONTIER, ROW_ID, StageColumns, routed_stage_names
+from .columns import ROW_ID, StageColumns, routed_stage_names
 from .errors import InputError
 from .io import list_parquet
 
@@ -79,11 +80,11 @@ def export_feedback(
         first: dict[str, dict[str, Any]] = {}
         escalated = 0
         c = StageColumns(stage)
-        columns = [ROW_ID, c.routed_to, c.frontier_messages, c.frontier, c.small, c.confidence]
+        columns = [ROW_ID, c.frontier_messages, c.frontier, c.small, c.confidence]
         for path in files:
             table = pq.read_table(path, filesystem=fs, columns=columns)
             for row in table.to_pylist():
-                if row[c.routed_to] != FRONTIER or row[c.frontier_messages] is None:
+                if row[c.frontier] is None or row[c.frontier_messages] is None:  # escalated or audited
                     continue
                 escalated += 1
                 asked = json.loads(row[c.frontier_messages])

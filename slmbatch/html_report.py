@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from .io import output_path, write_text
-from .report import BINS, RunSummary
+from .report import BINS, QUALITY_LABELS, RunSummary, trend
 
 
 def _png(fig) -> str:
@@ -67,6 +67,82 @@ def cost_plot(small: float, frontier: float, baseline: float | None) -> str:
     ax.set_ylabel("USD")
     ax.set_title("cost", fontsize=10)
     return _png(fig)
+
+
+def trend_plot(stage: str, points: list[dict[str, Any]]) -> str:
+    """Escalation rate and estimated cascade quality per run, with 95% intervals, against the calibrated band."""
+    fig, (left, right) = _figure(9.0, 2.8, ncols=2)
+    x = list(range(len(points)))
+    labels = [p["run_date"] for p in points]
+    for ax, key, band_key, title in (
+        (left, "escalation", "calibrated_escalation", "escalation rate"),
+        (right, "quality", "calibrated_agreement", "estimated cascade quality"),
+    ):
+        ys, lo, hi, xs = [], [], [], []
+        for i, p in enumerate(points):
+            value = p[key]
+            if key == "quality":
+                if not value:
+                    continue
+                interval, value = value["interval"], value["estimate"]
+            else:
+                interval = p["escalation_interval"]
+            xs.append(i)
+            ys.append(value)
+            lo.append(value - interval[0])
+            hi.append(interval[1] - value)
+        colours = ["#e45756" if points[i]["degraded"] else "#4c78a8" for i in xs]
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="none", ecolor="#999", capsize=3)
+        ax.scatter(xs, ys, c=colours, zorder=3)
+        bands = [p[band_key] for p in points if p.get(band_key)]
+        if bands and (key == "escalation" or points[-1]["quality_measure"] == "cascade_agreement"):
+            ax.axhspan(bands[-1][0], bands[-1][1], color="#54a24b", alpha=0.2, label="calibrated 95% band")
+            ax.legend(loc="best", fontsize=7)
+        ax.set_xticks(x, labels, rotation=30, fontsize=7)
+        ax.set_title(f"{stage}: {title}", fontsize=10)
+    return _png(fig)
+
+
+def _quality_section(stages: list[dict[str, Any]]) -> list[str]:
+    rows = []
+    for s in stages:
+        metric = (s.get("calibration") or {}).get("metric", "quality")
+        for measure, label in QUALITY_LABELS.items():
+            e = (s.get("quality") or {}).get(measure)
+            if e:
+                rows.append(
+                    [
+                        s["name"],
+                        label.format(metric=metric, gold="gold"),
+                        f"{e['estimate']:.3f}",
+                        f"[{e['interval'][0]:.3f}, {e['interval'][1]:.3f}]",
+                        f"{e['observed_rows']:,} of {e['rows']:,}",
+                    ]
+                )
+    audited = [
+        [s["name"], s.get("audit_rate", 0), s.get("audited", 0), s.get("audit_failed", 0), f"{s['audit_cost_usd']:.4f}"]
+        for s in stages
+        if s.get("audited")
+    ]
+    if not rows and not audited:
+        return []
+    out = ["<h2>Quality (estimated from escalated and audited rows)</h2>"]
+    if rows:
+        out.append(_table(["stage", "measure", "estimate", "95% interval", "rows observed / covered"], rows))
+    if audited:
+        out.append(_table(["stage", "audit rate", "rows audited", "audit failures", "audit $"], audited))
+    return out
+
+
+def _degraded_banner(data: dict[str, Any]) -> list[str]:
+    reasons = data.get("degraded") or []
+    if not reasons:
+        return []
+    items = "".join(f"<li>{html.escape(r)}</li>" for r in reasons)
+    return [
+        f"<div class='bad'><b>Run DEGRADED</b>: it no longer holds what calibration promised. "
+        f"Recalibrate with <code>slmbatch calibrate JOB --from-runs SINK</code>.<ul>{items}</ul></div>"
+    ]
 
 
 def cost_quality_figure(calibration: dict[str, Any], observed_escalation: float | None = None):
@@ -138,11 +214,12 @@ def _budget_banner(data: dict[str, Any]) -> list[str]:
     return [f"<p>{budget}: within the failure budget.</p>"]
 
 
-def render_html(data: dict[str, Any]) -> str:
-    """The report page for one run's JSON summary (``RunSummary.to_json``)."""
+def render_html(data: dict[str, Any], history: dict[str, dict[str, Any]] | None = None) -> str:
+    """The report page for one run's JSON summary (``RunSummary.to_json``); ``history``
+    (run id -> summary, this run included) adds the trend across nights."""
     stages = data["stages"]
     small = sum(s["small_cost_usd"] for s in stages)
-    frontier = sum(s["frontier_cost_usd"] for s in stages)
+    frontier = sum(s["frontier_cost_usd"] + s.get("audit_cost_usd", 0.0) for s in stages)
     baselines = [s["all_frontier_cost_usd"] for s in stages if s.get("all_frontier_cost_usd") is not None]
     baseline = sum(baselines) if baselines else None
     saving = f"{100 * (1 - (small + frontier) / baseline):.1f}%" if baseline else "-"
@@ -151,6 +228,7 @@ def render_html(data: dict[str, Any]) -> str:
         f"<p>job <b>{html.escape(data['job'])}</b>, run date {html.escape(data.get('run_date') or '-')}, "
         f"started {html.escape(data['started'])}, {data['wall_s']:.1f} s; output <code>{html.escape(data['sink'])}</code></p>",
         *_budget_banner(data),
+        *_degraded_banner(data),
         "<h2>Rows</h2>",
         _table(
             ["rows in", "rows written", "done by earlier runs", "in files set aside", "with a stage error", "rows/s"],
@@ -231,7 +309,8 @@ def render_html(data: dict[str, Any]) -> str:
         f"<p>This run: ${small + frontier:.4f}; saving against all-frontier: {saving}</p>",
         f"<div class='plots'><img alt='cost' src='{cost_plot(small, frontier, baseline)}'>",
     ]
-    calibrated = [s for s in stages if s.get("calibration")]
+    # A thresholds file written by hand (or by an older slmbatch) may carry no curve.
+    calibrated = [s for s in stages if (s.get("calibration") or {}).get("curve")]
     if calibrated:
         parts.append("</div><h2>Cost-quality curves (thresholds from calibration)</h2><div class='plots'>")
         for s in calibrated:
@@ -243,6 +322,11 @@ def render_html(data: dict[str, Any]) -> str:
     if len(data.get("timeline") or []) > 1:
         parts.append(f"<img alt='throughput over time' src='{throughput_plot(data['timeline'])}'>")
     parts.append("</div>")
+    parts += _quality_section(stages)
+    for stage, points in trend(history or {data["run_id"]: data}).items():
+        if len(points) > 1:
+            parts.append(f"<h2>Across runs: {html.escape(stage)}</h2>")
+            parts.append(f"<img alt='trend of {html.escape(stage)}' src='{trend_plot(stage, points)}'>")
     slow = sorted(data.get("shard_seconds") or [], key=lambda r: -r[1])[:10]
     if slow:
         parts += ["<h2>Slowest shards</h2>", _table(["shard", "seconds (first row to written)", "rows"], slow)]
@@ -268,7 +352,10 @@ def render_html(data: dict[str, Any]) -> str:
 
 def write_run_report(job, summary: RunSummary) -> None:
     """``<sink>/_slmbatch/runs/<run_id>.json`` (machine) and ``.html`` (people)."""
+    from .ledger import Ledger
+
     base = output_path(job.sink.path, f"_slmbatch/runs/{summary.run_id}")
     text = summary.to_json()
     write_text(base + ".json", text, job.sink.storage_options)
-    write_text(base + ".html", render_html(json.loads(text)), job.sink.storage_options)
+    history = Ledger.open(job.sink.path, job.sink.storage_options).runs()
+    write_text(base + ".html", render_html(json.loads(text), history), job.sink.storage_options)

@@ -74,6 +74,11 @@ class Job:
                 f"must be a stage (Classify, Extract, Summarize), got {stage!r}",
             )
             require(stage.name not in names, f"Job.stages[{i}].name", f"duplicate stage name {stage.name!r}")
+            require(
+                not stage.audit_rate or self.frontier is not None,
+                f"Job.stages[{i}].audit_rate",
+                "audits the kept rows with the frontier, and the job has none: set Job.frontier, or audit_rate=0",
+            )
             names.add(stage.name)
             stage.check_columns(available, f"Job.stages[{i}]")
             outputs = set(stage.output_columns())

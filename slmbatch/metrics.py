@@ -75,7 +75,36 @@ class StageMetrics:
         self._inc("slmbatch_tokens_out", "tokens generated", pc.sum(table[c.frontier_tokens_out]).as_py() or 0, tags)
         self._inc(
             "slmbatch_frontier_cost_usd",
-            "USD spent on the frontier",
+            "USD spent on the frontier (escalations and audit)",
             pc.sum(table[c.frontier_cost_usd]).as_py() or 0.0,
             tags,
+        )
+        audited = table.filter(pc.greater(pc.fill_null(table[c.audit], 0.0), 0.0))
+        self._inc("slmbatch_rows_audited", "kept rows also sent to the frontier to measure quality", len(audited), tags)
+        self._inc(
+            "slmbatch_audit_cost_usd",
+            "USD of the frontier spent on the audit sample",
+            pc.sum(audited[c.frontier_cost_usd]).as_py() or 0.0,
+            tags,
+        )
+
+    def record_quality(self, stats) -> None:
+        """On the driver, after a run: the run's estimated quality per stage and measure, and
+        whether the run is degraded (:mod:`slmbatch.audit`)."""
+        from ray.util.metrics import Gauge
+
+        gauge = Gauge(
+            "slmbatch_estimated_quality",
+            description="a run's audit estimate of a stage's quality (point, low and high end of the 95% interval)",
+            tag_keys=("job", "stage", "measure", "bound"),
+        )
+        for measure, e in (stats.quality or {}).items():
+            for bound, value in zip(("estimate", "low", "high"), (e["estimate"], *e["interval"])):
+                gauge.set(value, tags={"job": self.job, "stage": stats.name, "measure": measure, "bound": bound})
+
+    def record_degraded(self, degraded: bool) -> None:
+        from ray.util.metrics import Gauge
+
+        Gauge("slmbatch_run_degraded", description="1 if the job's last run was degraded", tag_keys=("job",)).set(
+            1.0 if degraded else 0.0, tags={"job": self.job}
         )

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .audit import QualityTally, rate_interval
 from .columns import FRONTIER, ROW_ID
 
 BINS = 10  # confidence histogram bins over [0, 1]
@@ -33,10 +35,16 @@ class StageStats:
     escalated: int = 0  # rows answered by the frontier
     not_sent: int = 0  # wanted escalation, not sent (no frontier, egress policy)
     frontier_failed: int = 0  # sent, but no usable frontier answer: small answer kept
-    frontier_tokens_in: int = 0
+    frontier_tokens_in: int = 0  # escalations only (the audit's are in audit_*)
     frontier_tokens_out: int = 0
     small_cost_usd: float = 0.0
-    frontier_cost_usd: float = 0.0
+    frontier_cost_usd: float = 0.0  # escalations only
+    audit_rate: float = 0.0
+    audited: int = 0  # kept rows the audit sample also sent to the frontier
+    audit_failed: int = 0  # ... without a usable frontier answer
+    audit_cost_usd: float = 0.0
+    tally: QualityTally | None = None  # sums behind ``quality`` (routed stages)
+    quality: dict[str, Any] | None = None  # measure -> estimate with 95% interval (:mod:`slmbatch.audit`)
     small_tokens_at_frontier_price: float | None = None  # fallback estimate when nothing was escalated
     histogram: list[int] = dataclasses.field(default_factory=lambda: [0] * BINS)
     confidence_sum: float = 0.0
@@ -83,10 +91,33 @@ class StageStats:
         self.escalation_wanted += len(wanted)
         self.not_sent += sum(1 for w in wanted.to_pylist() if "; not sent: " in w)
         self.escalated += pc.sum(pc.equal(table[c.routed_to], FRONTIER)).as_py() or 0
-        self.frontier_failed += len(table) - table[c.frontier_error].null_count
-        self.frontier_tokens_in += pc.sum(table[c.frontier_tokens_in]).as_py() or 0
-        self.frontier_tokens_out += pc.sum(table[c.frontier_tokens_out]).as_py() or 0
-        self.frontier_cost_usd += pc.sum(table[c.frontier_cost_usd]).as_py() or 0.0
+        audit = pc.greater(pc.fill_null(table[c.audit], 0.0), 0.0)
+        for rows, sent in ((table.filter(pc.invert(audit)), True), (table.filter(audit), False)):
+            failed = len(rows) - rows[c.frontier_error].null_count
+            cost = pc.sum(rows[c.frontier_cost_usd]).as_py() or 0.0
+            if sent:
+                self.frontier_failed += failed
+                self.frontier_tokens_in += pc.sum(rows[c.frontier_tokens_in]).as_py() or 0
+                self.frontier_tokens_out += pc.sum(rows[c.frontier_tokens_out]).as_py() or 0
+                self.frontier_cost_usd += cost
+            else:
+                self.audited += len(rows)
+                self.audit_failed += failed
+                self.audit_cost_usd += cost
+        self.audit_rate = float(stage.audit_rate)
+        if self.tally is None:
+            self.tally = QualityTally()
+        self.tally.add(table, stage)
+
+    def finish(self) -> None:
+        """Turn the run's sums into its quality estimates (after the last batch)."""
+        if self.tally is not None:
+            self.quality = self.tally.estimates()
+
+    @property
+    def escalation_interval(self) -> list[float] | None:
+        """95% (Wilson) interval of the share of rows that wanted the frontier."""
+        return rate_interval(self.escalation_wanted, self.ran) if self.ran else None
 
     @property
     def mean_confidence(self) -> float | None:
@@ -152,6 +183,7 @@ class RunSummary:
     stages: list[StageStats] = dataclasses.field(default_factory=list)
     log_file: str | None = None  # where Ray, vLLM and torch output went (quiet runs)
     first_row_s: float | None = None  # seconds from the start of the run to the first rows back
+    degraded: list[str] = dataclasses.field(default_factory=list)  # why the run no longer holds its calibration
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSummary:
@@ -160,6 +192,9 @@ class RunSummary:
         stage_fields = {f.name for f in dataclasses.fields(StageStats)}
         values = {k: v for k, v in data.items() if k in known}
         values["stages"] = [StageStats(**{k: v for k, v in s.items() if k in stage_fields}) for s in data["stages"]]
+        for stats in values["stages"]:
+            if isinstance(stats.tally, dict):
+                stats.tally = QualityTally.from_dict(stats.tally)
         values["skipped_files"] = [tuple(x) for x in data.get("skipped_files", [])]
         return cls(**values)
 
@@ -211,6 +246,7 @@ class RunSummary:
             stage["mean_confidence"] = stats.mean_confidence
             stage["rows_per_busy_s"] = stats.rows_per_busy_s
             stage["all_frontier_cost_usd"] = stats.all_frontier_cost_usd
+            stage["escalation_interval"] = stats.escalation_interval
         return json.dumps(data, indent=2)
 
     def render(self) -> str:
@@ -259,9 +295,17 @@ class RunSummary:
                     f"the frontier, {s.frontier_failed:,} frontier failures, {s.not_sent:,} not sent; "
                     f"frontier tokens in/out {s.frontier_tokens_in:,}/{s.frontier_tokens_out:,}"
                 )
+            lines += render_quality(s)
             for reason, count in sorted(s.errors.items(), key=lambda kv: -kv[1])[:3]:
                 lines.append(f"    error x{count}: {reason}")
         lines += self.render_cost()
+        for reason in self.degraded:
+            lines.append(f"  WARNING: run DEGRADED: {reason}")
+        if self.degraded:
+            lines.append(
+                "  the run no longer holds what calibration promised: recalibrate "
+                "(slmbatch calibrate JOB --from-runs SINK); slmbatch run --fail-on-degraded exits 5 on such a run"
+            )
         lines.append(f"  output: {self.sink}")
         if self.log_file:
             lines.append(f"  engine, Ray and torch output: {self.log_file}")
@@ -270,14 +314,112 @@ class RunSummary:
     def render_cost(self) -> list[str]:
         small = sum(s.small_cost_usd for s in self.stages)
         frontier = sum(s.frontier_cost_usd for s in self.stages)
-        lines = [f"  cost: small models ${small:.4f} + frontier ${frontier:.4f} = ${small + frontier:.4f}"]
+        audit = sum(s.audit_cost_usd for s in self.stages)
+        lines = [
+            f"  cost: small models ${small:.4f} + frontier ${frontier:.4f}"
+            + (f" + audit ${audit:.4f}" if audit else "")
+            + f" = ${small + frontier + audit:.4f}"
+        ]
         baselines = [s.all_frontier_cost_usd for s in self.stages if s.all_frontier_cost_usd is not None]
         if baselines and sum(baselines) > 0:
             baseline = sum(baselines)
             lines[0] += (
-                f"; all-frontier estimate ${baseline:.4f} -> saving {100 * (1 - (small + frontier) / baseline):.1f}%"
+                f"; all-frontier estimate ${baseline:.4f} -> saving "
+                f"{100 * (1 - (small + frontier + audit) / baseline):.1f}%"
             )
         return lines
+
+
+QUALITY_LABELS = {
+    "cascade_agreement": "cascade agrees with the frontier",
+    "small_agreement": "small model agrees with the frontier",
+    "cascade_quality": "cascade {metric} against {gold}",
+    "small_quality": "small model {metric} against {gold}",
+    "frontier_gap": "gap to the frontier in {metric}",
+}
+
+
+def render_quality(s: StageStats, indent: str = "    ") -> list[str]:
+    """The audit and the run's quality estimates of one stage, a line each."""
+    lines = []
+    if s.audited:
+        share = s.audit_cost_usd / (s.audit_cost_usd + s.frontier_cost_usd) if s.frontier_cost_usd else 1.0
+        lines.append(
+            f"{indent}audit: {s.audited:,} kept rows also sent to the frontier (audit_rate {s.audit_rate:g}), "
+            f"{s.audit_failed:,} failed, ${s.audit_cost_usd:.4f} ({share:.1%} of the frontier $)"
+        )
+    if not s.quality:
+        if s.tally is not None and s.tally.rows.get("kept") and not s.audit_rate:
+            lines.append(f"{indent}quality: not estimated (audit_rate is 0: nothing measures the rows kept)")
+        return lines
+    metric = s.calibration["metric"] if s.calibration else "quality"
+    any_estimate = next(iter(s.quality.values()))
+    lines.append(
+        f"{indent}estimated from {any_estimate['observed_rows']:,} rows with a frontier answer "
+        f"(of {any_estimate['rows']:,}; 95% intervals):"
+    )
+    for measure, label in QUALITY_LABELS.items():
+        e = s.quality.get(measure)
+        if e is None:
+            continue
+        lo, hi = e["interval"]
+        text = label.format(metric=metric, gold="gold")
+        lines.append(f"{indent}  {text}: {e['estimate']:.3f} [{lo:.3f}, {hi:.3f}]")
+    return lines
+
+
+def trend(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per routed stage, one point per run (by run date, then run id): escalation rate and the
+    cascade's estimated quality, each with its 95% interval, and the calibrated band."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for run_id, data in sorted(runs.items(), key=lambda kv: (kv[1].get("run_date") or "", kv[0])):
+        for s in data.get("stages", []):
+            if s.get("threshold") is None or not s.get("ran"):
+                continue
+            quality = s.get("quality") or {}
+            chosen = (s.get("calibration") or {}).get("chosen") or {}
+            best = quality.get("cascade_quality") or quality.get("cascade_agreement")
+            out.setdefault(s["name"], []).append(
+                {
+                    "run_id": run_id,
+                    "run_date": data.get("run_date") or "-",
+                    "escalation": s["escalation_wanted"] / s["ran"],
+                    "escalation_interval": s.get("escalation_interval")
+                    or rate_interval(s["escalation_wanted"], s["ran"]),
+                    "quality_measure": "cascade_quality" if "cascade_quality" in quality else "cascade_agreement",
+                    "quality": best,
+                    "calibrated_escalation": chosen.get("escalation_interval"),
+                    "calibrated_agreement": chosen.get("agreement_interval"),
+                    "degraded": bool(data.get("degraded")),
+                }
+            )
+    return out
+
+
+def render_trend(runs: Mapping[str, Mapping[str, Any]]) -> str:
+    """``slmbatch report``'s table of every run: escalation and estimated quality against the calibrated band."""
+    lines = []
+    for stage, points in trend(runs).items():
+        lines.append(f"stage {stage}, run by run (95% intervals):")
+        lines.append(
+            f"  {'run date':<10} {'run':<24} {'escalation':>22} {'calibrated':>16} {'est. cascade quality':>26}"
+        )
+        for p in points:
+            lo, hi = p["escalation_interval"]
+            band = p["calibrated_escalation"]
+            q = p["quality"]
+            quality = (
+                f"{q['estimate']:.3f} [{q['interval'][0]:.3f}, {q['interval'][1]:.3f}]"
+                + (" agr" if p["quality_measure"] == "cascade_agreement" else " acc")
+                if q
+                else "- (no audit)"
+            )
+            lines.append(
+                f"  {p['run_date']:<10} {p['run_id']:<24} {p['escalation']:>7.1%} [{lo:.1%}, {hi:.1%}] "
+                f"{'[' + format(band[0], '.1%') + ', ' + format(band[1], '.1%') + ']' if band else '-':>16} "
+                f"{quality:>26}{'  DEGRADED' if p['degraded'] else ''}"
+            )
+    return "\n".join(lines)
 
 
 def _sparkline(counts: list[int]) -> str:

@@ -8,6 +8,10 @@ decides; :mod:`slmbatch.worker` writes the decision into the row
 :class:`~slmbatch.worker.FrontierActor` answers the pending rows and merges
 the answers into the same rows - rows never leave their batch, so row
 identity and accounting hold by construction.
+
+A stage with ``audit_rate`` also picks, among the rows it keeps, its audit
+sample (:func:`~slmbatch.audit.audit_sampled`): those go to the frontier too,
+under the same egress policy, and keep the small answer.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .columns import PENDING, SMALL
+from .audit import audit_sampled
+from .columns import PENDING, ROW_ID, SMALL
 from .config import Egress, Frontier
 from .stages.base import Answer, Stage
 
@@ -40,17 +45,34 @@ class Router:
 
     def decide(
         self, stage: Stage, rows: Sequence[Mapping[str, Any]], answers: Sequence[Answer | None]
-    ) -> tuple[list[str | None], list[str | None]]:
-        """Per row, ``routed_to`` and the escalation reason (both None where the stage did not run)."""
+    ) -> tuple[list[str | None], list[str | None], list[float | None]]:
+        """Per row, ``routed_to``, the escalation reason (both None where the stage did
+        not run) and the audit probability (``<s>_audit``: see :mod:`slmbatch.columns`)."""
         routed_to: list[str | None] = []
         reasons: list[str | None] = []
+        audit: list[float | None] = []
         for row, answer in zip(rows, answers):
             if answer is None:
                 routed_to.append(None)
                 reasons.append(None)
+                audit.append(None)
                 continue
             reason = stage.escalation_reason(answer)
             route, why = (SMALL, None) if reason is None else self.route(row, reason)
             routed_to.append(route)
             reasons.append(why)
-        return routed_to, reasons
+            audit.append(self.audit(stage, row) if reason is None else None)
+        return routed_to, reasons, audit
+
+    def audit(self, stage: Stage, row: Mapping[str, Any]) -> float | None:
+        """For a row the small model keeps: its audit probability if the sample picked it, 0 if the
+        egress policy keeps it from the frontier, else None."""
+        if not stage.audit_rate:
+            return None
+        if self.route(row, "audit")[0] != PENDING:
+            return 0.0
+        return (
+            float(stage.audit_rate)
+            if audit_sampled(str(row[ROW_ID]), stage.name, stage.audit_rate, stage.audit_seed)
+            else None
+        )

@@ -32,6 +32,7 @@ import datetime as dt
 import logging
 import math
 import os
+import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import console
+from .audit import drift_reasons
 from .console import local_log_path
 from .errors import ConfigError, FailureBudgetError, RowAccountingError
 from .hooks import checkpoint, load_observers
@@ -281,10 +283,29 @@ def run(
             f"+ rows done by earlier runs {summary.rows_done_before} "
             f"+ rows in files set aside {summary.rows_in_failed_files}"
         )
+    for stats in summary.stages:
+        stats.finish()
+        summary.degraded += drift_reasons(stats)
+    for reason in summary.degraded:
+        log.warning("run degraded: %s", reason)
+    _record_quality(job, summary)
     write_run_report(job, summary)
     if summary.over_budget:
         raise FailureBudgetError(summary, summary.render_budget().strip())
     return summary
+
+
+def _record_quality(job: Job, summary: RunSummary) -> None:
+    """The run's quality estimates and degraded flag as Prometheus gauges (when Ray ran)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    from .metrics import StageMetrics
+
+    metrics = StageMetrics(job.name)
+    for stats in summary.stages:
+        metrics.record_quality(stats)
+    metrics.record_degraded(bool(summary.degraded))
 
 
 def _run(

@@ -44,10 +44,14 @@ def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
         aside = f", {len(r['skipped_files'])} files set aside" if r.get("skipped_files") else ""
         if r.get("over_budget"):
             aside += f", FAILED its failure budget ({r['failed_fraction']:.2%} of rows failed)"
+        if r.get("degraded"):
+            aside += ", DEGRADED"
         lines.append(
             f"    {run_id} (run date {r.get('run_date')}): {r['rows_out']:,} rows written, "
             f"{r['rows_done_before']:,} done before, {r['wall_s']:.1f} s{aside}"
         )
+        for reason in r.get("degraded") or []:
+            lines.append(f"      degraded: {reason}")
     source = job.get("source")
     if source:
         try:
@@ -60,6 +64,13 @@ def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
         except Exception as exc:  # noqa: BLE001 - status must still print the rest
             lines.append(f"  pending: unknown ({type(exc).__name__}: {exc})")
     return "\n".join(lines)
+
+
+def trend_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
+    """Every run's escalation and estimated quality against the calibrated band (``slmbatch report``)."""
+    from .report import render_trend
+
+    return render_trend(Ledger.open(sink, options).runs())
 
 
 def rerender_report(
@@ -75,5 +86,5 @@ def rerender_report(
     if run_id not in runs:
         raise FileNotFoundError(f"no run {run_id!r} in {sink}; runs: {', '.join(sorted(runs))}")
     url = output_path(sink, f"{META}/runs/{run_id}.html")
-    write_text(url, render_html(runs[run_id]), options)
+    write_text(url, render_html(runs[run_id], runs), options)
     return RunSummary.from_dict(runs[run_id]), url

@@ -135,15 +135,22 @@ def append_answers(table: pa.Table, stage: Stage, answers: Sequence[Answer | Non
 
 
 def append_routing(
-    table: pa.Table, stage: Stage, routed_to: Sequence[str | None], reasons: Sequence[str | None]
+    table: pa.Table,
+    stage: Stage,
+    routed_to: Sequence[str | None],
+    reasons: Sequence[str | None],
+    audit: Sequence[float | None] | None = None,
 ) -> pa.Table:
-    """The routing columns of a routed stage: the decision, the small answer kept, frontier columns empty."""
+    """The routing columns of a routed stage: the decision, the audit sample, the small answer kept,
+    frontier columns empty."""
     c = stage.columns
     for f in c.routing_fields(stage.answer_type()):
         if f.name == c.routed_to:
             column: Any = pa.array(routed_to, type=f.type)
         elif f.name == c.escalation:
             column = pa.array(reasons, type=f.type)
+        elif f.name == c.audit:
+            column = pa.array(audit if audit is not None else [None] * table.num_rows, type=f.type)
         elif f.name == c.small:
             column = table[c.answer]
         else:
@@ -161,8 +168,8 @@ def apply_stage(stage: Stage, table: pa.Table, replica: ReplicaProtocol, router:
     answers = answer_batch(stage, rows, replica)
     table = append_answers(table, stage, answers, replica.model_name)
     if stage.routed:
-        routed_to, reasons = (router or Router(None)).decide(stage, rows, answers)
-        table = append_routing(table, stage, routed_to, reasons)
+        routed_to, reasons, audit = (router or Router(None)).decide(stage, rows, answers)
+        table = append_routing(table, stage, routed_to, reasons, audit)
     return table
 
 
@@ -284,8 +291,10 @@ class FrontierActor:
         from .frontier import FrontierRequest
 
         for stage in self.stages:
+            # Escalated rows, then the audit sample: one request format, one client, one rate limit.
             routed = batch[stage.columns.routed_to].to_pylist()
-            pending = [i for i, r in enumerate(routed) if r == PENDING]
+            audit = batch[stage.columns.audit].to_pylist()
+            pending = [i for i, (r, a) in enumerate(zip(routed, audit)) if r == PENDING or (a is not None and a > 0)]
             if not pending:
                 continue
             rows = rows_of(batch.take(pending))
@@ -308,10 +317,14 @@ class FrontierActor:
 def merge_frontier_answers(
     batch: pa.Table, stage: Stage, indices: list[int], replies: list, messages: list
 ) -> pa.Table:
-    """Write frontier replies (and the messages that asked) for rows ``indices`` into the stage's columns."""
+    """Write frontier replies (and the messages that asked) for rows ``indices`` into the stage's columns.
+
+    An escalated row (``pending``) takes the frontier's answer; an audited row
+    keeps the small one and only records the frontier's."""
     c = stage.columns
     columns = {name: batch[name].to_pylist() for name in c.frontier_reply}
     for i, reply, asked in zip(indices, replies, messages):
+        audited = columns[c.routed_to][i] != PENDING
         columns[c.frontier_messages][i] = json.dumps(list(asked), ensure_ascii=False)
         columns[c.frontier_tokens_in][i] = reply.prompt_tokens
         columns[c.frontier_tokens_out][i] = reply.completion_tokens
@@ -323,9 +336,10 @@ def merge_frontier_answers(
             except RowError as exc:
                 error = str(exc)
         if error is None:
-            columns[c.answer][i] = value
             columns[c.frontier][i] = value
-            columns[c.routed_to][i] = FRONTIER
+            if not audited:
+                columns[c.answer][i] = value
+                columns[c.routed_to][i] = FRONTIER
         else:
             columns[c.frontier_error][i] = error
             columns[c.routed_to][i] = SMALL  # keeps the small answer (if any)

@@ -147,6 +147,18 @@ class Stage:
             (output failed the schema, prompt over the context, input over
             its budget). Rows with unusable input (null, empty, not text) are
             never escalated.
+        audit_rate: share of the rows the small model keeps that are also
+            sent to the frontier to measure the cascade's quality (e.g.
+            0.02); the frontier's answer is recorded in ``<name>_frontier``,
+            not used. Which rows: a function of the row id, ``name`` and
+            ``audit_seed``, so a rerun audits the same rows
+            (:mod:`slmbatch.audit`). Needs a ``threshold``.
+        audit_seed: seed of the audit sample.
+        gold: a column holding right answers for some rows (null elsewhere):
+            the run also estimates the stage's accuracy against it from the
+            escalated and audited rows. Changing ``audit_rate``, ``audit_seed``
+            or ``gold`` never needs ``--fresh``: they change what is measured,
+            not the answers.
     """
 
     kind: ClassVar[str] = "stage"
@@ -164,6 +176,9 @@ class Stage:
     when: Mapping[str, Any] | None = None
     threshold: float | None = None
     escalate_on_error: bool = True
+    audit_rate: float = 0.0
+    audit_seed: int = 0
+    gold: str | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -190,6 +205,23 @@ class Stage:
             isinstance(self.escalate_on_error, bool),
             f"{cls}.escalate_on_error",
             f"must be True or False, got {self.escalate_on_error!r}",
+        )
+        require(self.audit_rate is not None, f"{cls}.audit_rate", "must be a number in [0, 1], got None")
+        check_unit_interval(self.audit_rate, f"{cls}.audit_rate")
+        require(
+            not self.audit_rate or self.threshold is not None,
+            f"{cls}.audit_rate",
+            "audits the rows a routed stage keeps: give the stage a threshold too",
+        )
+        require(
+            isinstance(self.audit_seed, int) and not isinstance(self.audit_seed, bool),
+            f"{cls}.audit_seed",
+            f"must be an integer, got {self.audit_seed!r}",
+        )
+        require(
+            self.gold is None or (isinstance(self.gold, str) and self.gold != ""),
+            f"{cls}.gold",
+            f"must be a column name or None, got {self.gold!r}",
         )
         if self.when is not None:
             require(
@@ -229,6 +261,8 @@ class Stage:
 
     def required_columns(self) -> set[str]:
         cols = {self.input}
+        if self.gold:
+            cols.add(self.gold)
         if self.when:
             cols |= set(self.when)
         if self.prompt is not None:
@@ -315,6 +349,10 @@ class Stage:
             parts.append(
                 f"threshold={self.threshold} (escalates below it{' and on errors' if self.escalate_on_error else ''})"
             )
+        if self.audit_rate:
+            parts.append(f"audit_rate={self.audit_rate:g} (seed {self.audit_seed})")
+        if self.gold:
+            parts.append(f"gold={self.gold!r}")
         if self.prompt is not None:
             parts.append(f"prompt={self.prompt!r}")
         return ", ".join(parts)
