@@ -55,6 +55,8 @@ log = logging.getLogger("slmbatch")
 META = "_slmbatch"
 #: Model options that change throughput, never answers: not part of the fingerprint.
 _RUNTIME_ONLY = {"replicas", "num_cpus", "num_gpus", "threads", "batch_size", "price_in_per_mtok", "price_out_per_mtok"}
+#: Stage options that change what is measured (:mod:`slmbatch.audit`), never answers.
+_MEASUREMENT_ONLY = {"audit_rate", "audit_seed", "gold"}
 
 
 class _Spec(dict):
@@ -81,7 +83,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Model):
         return _spec(value, _RUNTIME_ONLY, {})
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _spec(value, {"_"}, {"kind": type(value).__name__})
+        return _spec(value, {"_", *_MEASUREMENT_ONLY}, {"kind": type(value).__name__})
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -102,6 +104,13 @@ def job_config(job: Job) -> dict[str, Any]:
 
 def fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _routing_only(change: str) -> bool:
+    """Whether a :func:`_differences` line changes only which rows go to the frontier: a routed
+    stage's threshold, from one number to another (adding or removing routing changes the columns)."""
+    path, _, values = change.partition(": ")
+    return path.endswith(".threshold") and "null" not in values.split(" -> ")
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:
@@ -216,13 +225,22 @@ class Ledger:
                 "each other. Use one source path per sink (e.g. a sink per input date), or --fresh.",
             )
         changes = [] if recorded is None else _differences(recorded["config"], self.config)
-        if recorded is not None and recorded["fingerprint"] != self.fingerprint and changes:
+        answers = [c for c in changes if not _routing_only(c)]
+        if recorded is not None and recorded["fingerprint"] != self.fingerprint and answers:
             raise JobChangedError(
                 "Job.stages",
-                f"the job differs from the one that wrote {self.sink} ({'; '.join(changes[:4])}); "
+                f"the job differs from the one that wrote {self.sink} ({'; '.join(answers[:4])}); "
                 "mixing their outputs would be wrong. Use a new sink, or rerun with --fresh to discard that output.",
             )
-        if recorded is None:
+        if changes:
+            # A new threshold (e.g. from `slmbatch calibrate --from-runs`) routes new input differently;
+            # every row written so far keeps its answer and says in its own columns how it was routed.
+            log.warning(
+                "threshold changed since the last run (%s): files already done keep their answers, new input "
+                "is routed with the new threshold",
+                "; ".join(changes[:4]),
+            )
+        if recorded is None or changes:
             write_text(
                 url,
                 json.dumps(
@@ -231,7 +249,8 @@ class Ledger:
                         "fingerprint": self.fingerprint,
                         "config": self.config,
                         "source": job.source.path,
-                        "recorded_at": _now(),
+                        "recorded_at": recorded.get("recorded_at", _now()) if recorded else _now(),
+                        **({"changed_at": _now()} if recorded else {}),
                     },
                     indent=2,
                     default=str,

@@ -36,16 +36,17 @@ JOB = """
 from slmbatch import Classify, Job, Model, ParquetSink, ParquetSource
 clf = Model({model!r}, num_cpus=0.5, batch_size=10, engine={{"max_model_len": 256, "dtype": "float32"}})
 job = Job(name="resume-test", source=ParquetSource({src!r}),
-          stages=[Classify("spam", model=clf, input="text", labels=["ham", "spam"], threshold={threshold})],
+          stages=[Classify("spam", model=clf, input="text", labels={labels!r}, threshold={threshold})],
           sink=ParquetSink({out!r}))
 """
 
 
-def write_job(base: Path, model: str, threshold: float = 0.5) -> Path:
-    path = base / f"job-{threshold}.py"
-    path.write_text(
-        textwrap.dedent(JOB.format(model=model, src=str(base / "in"), out=str(base / "out"), threshold=threshold))
+def write_job(base: Path, model: str, threshold: float = 0.5, labels: tuple[str, ...] = ("ham", "spam")) -> Path:
+    path = base / f"job-{threshold}-{'-'.join(labels)}.py"
+    text = JOB.format(
+        model=model, src=str(base / "in"), out=str(base / "out"), threshold=threshold, labels=list(labels)
     )
+    path.write_text(textwrap.dedent(text))
     return path
 
 
@@ -113,20 +114,31 @@ def test_rerun_of_a_finished_job_does_nothing(workdir, tiny_classifier, ray_loca
 
 def test_changed_job_is_refused_unless_fresh(workdir, tiny_classifier, ray_local):
     slmbatch.run(load_job(str(write_job(workdir, tiny_classifier, threshold=0.5))), progress=False)
-    changed = load_job(str(write_job(workdir, tiny_classifier, threshold=0.8)))
-    with pytest.raises(JobChangedError, match=r"stages\[0\]\.threshold: 0.5 -> 0.8"):
+    changed = load_job(str(write_job(workdir, tiny_classifier, labels=("ham", "spam", "eggs"))))
+    with pytest.raises(JobChangedError, match=r"stages\[0\]\.labels"):
         slmbatch.run(changed, progress=False)
     summary = slmbatch.run(changed, progress=False, fresh=True)
     assert summary.rows_out == ROWS and summary.rows_done_before == 0
     assert_every_row_once(workdir / "out")
 
 
+def test_a_new_threshold_applies_to_new_input_without_fresh(workdir, tiny_classifier, ray_local, caplog):
+    slmbatch.run(load_job(str(write_job(workdir, tiny_classifier, threshold=0.5))), progress=False)
+    recalibrated = load_job(str(write_job(workdir, tiny_classifier, threshold=0.8)))
+    summary = slmbatch.run(recalibrated, progress=False)  # e.g. after `slmbatch calibrate --from-runs`
+    assert (summary.rows_out, summary.rows_done_before) == (0, ROWS)  # done rows keep their answers
+    assert "stages[0].threshold: 0.5 -> 0.8" in caplog.text
+    recorded = json.loads((workdir / "out" / "_slmbatch" / "job.json").read_text())
+    assert recorded["config"]["stages"][0]["threshold"] == 0.8 and "changed_at" in recorded
+    assert_every_row_once(workdir / "out")
+
+
 def test_cli_refuses_a_changed_job_with_a_clear_message(workdir, tiny_classifier, ray_local):
     address = ray_local.get_runtime_context().gcs_address
     assert run_driver(write_job(workdir, tiny_classifier, 0.5), address).returncode == 0
-    refused = run_driver(write_job(workdir, tiny_classifier, 0.9), address)
+    refused = run_driver(write_job(workdir, tiny_classifier, 0.5, ("ham", "spam", "eggs")), address)
     assert refused.returncode == 2
-    assert "threshold: 0.5 -> 0.9" in refused.stderr and "--fresh" in refused.stderr
+    assert "labels" in refused.stderr and "--fresh" in refused.stderr
 
 
 SLOW_JOB = """
