@@ -10,7 +10,11 @@
 - threshold: from the calibration file in ``SLMBATCH_THRESHOLDS`` if set
   (``slmbatch calibrate`` writes it), else 0.5;
 - input / output: ``SLMBATCH_EVAL_SOURCE`` / ``SLMBATCH_EVAL_SINK``
-  (default: the test split, ``build/eval/banking77/out/test``).
+  (default: the test split, ``build/eval/banking77/out/test``);
+- audit: ``SLMBATCH_AUDIT_RATE`` (default 0: no audit) of the rows the small
+  model keeps also go to the frontier, to measure the run's quality; with
+  ``SLMBATCH_GOLD=label`` the run also measures accuracy against that column
+  (``examples/drift_banking77.py``).
 
 Nothing here is specific to evaluation: it is an ordinary job, so the same
 file is what a nightly run would use with the calibrated thresholds.
@@ -42,7 +46,17 @@ job = Job(
     source=ParquetSource(
         os.environ.get("SLMBATCH_EVAL_SOURCE", str(EVAL / "test.parquet")), columns=["id", "text", "label"]
     ),
-    stages=[Classify("intent", model=small, input="text", labels=LABELS, threshold=thresholds.get("intent", 0.5))],
+    stages=[
+        Classify(
+            "intent",
+            model=small,
+            input="text",
+            labels=LABELS,
+            threshold=thresholds.get("intent", 0.5),
+            audit_rate=float(os.environ.get("SLMBATCH_AUDIT_RATE", "0")),
+            gold=os.environ.get("SLMBATCH_GOLD") or None,
+        )
+    ],
     sink=ParquetSink(os.environ.get("SLMBATCH_EVAL_SINK", str(EVAL / "out" / "test"))),
     frontier=Frontier(
         base_url=os.environ.get("SLMBATCH_FRONTIER_URL", "http://127.0.0.1:8000/v1"),
