@@ -371,6 +371,45 @@ def test_the_run_reports_audit_cost_and_a_quality_estimate_that_covers_the_truth
     assert lo - 0.02 <= small_truth <= hi + 0.02 and not math.isnan(quality["small_quality"]["estimate"])
 
 
+def test_failed_audit_calls_keep_every_row_and_the_accounting_whole(audited, tmp_path, tiny_classifier):
+    """Audit calls share the frontier's faults: a failed one leaves its row as the small model
+    answered it, is counted apart from escalation failures, and is not observed by the estimate."""
+    import os
+
+    from slmbatch.cli import main
+
+    base, _, _, _, _ = audited
+    whole = _read(base, "whole")
+    audited_texts = whole.filter(pl.col("spam_audit") > 0)["text"].to_list()
+    poisoned = set(audited_texts[::2])  # half the audit sample gets an answer outside the label set
+
+    def reply(body: dict) -> str:
+        text = body["messages"][-1]["content"].split("Text: ", 1)[1].rsplit("\n\nLabel:", 1)[0]
+        return json.dumps({"label": "eggs"}) if text in poisoned else frontier_reply(body)
+
+    with FaultServer(reply=reply, rate=0.3, faults=("429", "500"), max_faults_per_key=1, seed=5) as server:
+        job_file = tmp_path / "job.py"
+        job_file.write_text(
+            JOB.format(model=tiny_classifier, source=str(base / "in"), url=server.base_url, rate=AUDIT_RATE)
+        )
+        os.environ["AUDIT_TEST_SINK"] = str(base / "faulty")
+        assert main(["run", str(job_file), "--no-progress"]) == 0
+    df = _read(base, "faulty")
+    assert df.height == ROWS and df["_row_id"].n_unique() == ROWS
+    audit = df.filter(pl.col("spam_audit") > 0)
+    assert set(audit["_row_id"]) == set(whole.filter(pl.col("spam_audit") > 0)["_row_id"])  # the same sample
+    failed = audit.filter(pl.col("spam_frontier_error").is_not_null())
+    assert set(failed["text"]) == poisoned
+    assert (failed["spam"] == failed["spam_small"]).all() and (failed["spam_routed_to"] == "small").all()
+    assert failed["spam_frontier"].null_count() == failed.height and failed["spam_error"].null_count() == failed.height
+    stage = _summary(base, "faulty")["stages"][0]
+    assert (stage["audited"], stage["audit_failed"], stage["errored"]) == (audit.height, failed.height, 0)
+    assert stage["frontier_failed"] == 0  # escalation failures are counted apart
+    escalated = df.filter(pl.col("spam_escalation").is_not_null())
+    observed = escalated.height + audit.height - failed.height
+    assert stage["quality"]["cascade_quality"]["observed_rows"] == observed
+
+
 def test_a_degraded_run_exits_with_its_code_after_writing_everything(audited, tmp_path, capsys):
     import os
 
