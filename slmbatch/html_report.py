@@ -70,13 +70,14 @@ def cost_plot(small: float, frontier: float, baseline: float | None) -> str:
 
 
 def trend_plot(stage: str, points: list[dict[str, Any]]) -> str:
-    """Escalation rate and estimated cascade quality per run, with 95% intervals, against the calibrated band."""
+    """Escalation rate and estimated cascade quality per run, with 95% intervals, each against the band
+    its own calibration promised (a recalibration moves the band from that run on)."""
     fig, (left, right) = _figure(9.0, 2.8, ncols=2)
     x = list(range(len(points)))
     labels = [p["run_date"] for p in points]
     for ax, key, band_key, title in (
         (left, "escalation", "calibrated_escalation", "escalation rate"),
-        (right, "quality", "calibrated_agreement", "estimated cascade quality"),
+        (right, "quality", "calibrated_quality", "estimated cascade quality"),
     ):
         ys, lo, hi, xs = [], [], [], []
         for i, p in enumerate(points):
@@ -94,9 +95,12 @@ def trend_plot(stage: str, points: list[dict[str, Any]]) -> str:
         colours = ["#e45756" if points[i]["degraded"] else "#4c78a8" for i in xs]
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt="none", ecolor="#999", capsize=3)
         ax.scatter(xs, ys, c=colours, zorder=3)
-        bands = [p[band_key] for p in points if p.get(band_key)]
-        if bands and (key == "escalation" or points[-1]["quality_measure"] == "cascade_agreement"):
-            ax.axhspan(bands[-1][0], bands[-1][1], color="#54a24b", alpha=0.2, label="calibrated 95% band")
+        banded = [(i, p[band_key]) for i, p in enumerate(points) if p.get(band_key)]
+        for n, (i, (b_lo, b_hi)) in enumerate(banded):
+            ax.fill_between(
+                [i - 0.45, i + 0.45], b_lo, b_hi, color="#54a24b", alpha=0.2, label=None if n else "calibrated 95% band"
+            )
+        if banded:
             ax.legend(loc="best", fontsize=7)
         ax.set_xticks(x, labels, rotation=30, fontsize=7)
         ax.set_title(f"{stage}: {title}", fontsize=10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -377,8 +377,17 @@ def trend(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict[str, Any
             if s.get("threshold") is None or not s.get("ran"):
                 continue
             quality = s.get("quality") or {}
-            chosen = (s.get("calibration") or {}).get("chosen") or {}
-            best = quality.get("cascade_quality") or quality.get("cascade_agreement")
+            calibration = s.get("calibration") or {}
+            chosen = calibration.get("chosen") or {}
+            measure = "cascade_quality" if "cascade_quality" in quality else "cascade_agreement"
+            # The calibrated band in the same measure as the estimate: accuracy against labels only
+            # if calibration had labels; agreement with the frontier always.
+            labelled = calibration.get("gold") not in (None, "frontier")
+            band = chosen.get("agreement_interval") if measure == "cascade_agreement" else None
+            if measure == "cascade_quality" and labelled and calibration.get("metric") == "accuracy":
+                band = chosen.get("quality_interval")
+            if measure not in quality:
+                band = None  # nothing estimated to compare with
             out.setdefault(s["name"], []).append(
                 {
                     "run_id": run_id,
@@ -386,10 +395,10 @@ def trend(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict[str, Any
                     "escalation": s["escalation_wanted"] / s["ran"],
                     "escalation_interval": s.get("escalation_interval")
                     or rate_interval(s["escalation_wanted"], s["ran"]),
-                    "quality_measure": "cascade_quality" if "cascade_quality" in quality else "cascade_agreement",
-                    "quality": best,
+                    "quality_measure": measure,
+                    "quality": quality.get(measure),
                     "calibrated_escalation": chosen.get("escalation_interval"),
-                    "calibrated_agreement": chosen.get("agreement_interval"),
+                    "calibrated_quality": band,
                     "degraded": bool(data.get("degraded")),
                 }
             )
@@ -402,7 +411,8 @@ def render_trend(runs: Mapping[str, Mapping[str, Any]]) -> str:
     for stage, points in trend(runs).items():
         lines.append(f"stage {stage}, run by run (95% intervals):")
         lines.append(
-            f"  {'run date':<10} {'run':<24} {'escalation':>22} {'calibrated':>16} {'est. cascade quality':>26}"
+            f"  {'run date':<10} {'run':<24} {'escalation':>22} {'calibrated':>16} {'est. cascade quality':>26} "
+            f"{'calibrated':>16}"
         )
         for p in points:
             lo, hi = p["escalation_interval"]
@@ -416,10 +426,14 @@ def render_trend(runs: Mapping[str, Mapping[str, Any]]) -> str:
             )
             lines.append(
                 f"  {p['run_date']:<10} {p['run_id']:<24} {p['escalation']:>7.1%} [{lo:.1%}, {hi:.1%}] "
-                f"{'[' + format(band[0], '.1%') + ', ' + format(band[1], '.1%') + ']' if band else '-':>16} "
-                f"{quality:>26}{'  DEGRADED' if p['degraded'] else ''}"
+                f"{_band(band, '.1%'):>16} "
+                f"{quality:>26} {_band(p['calibrated_quality'], '.3f'):>16}{'  DEGRADED' if p['degraded'] else ''}"
             )
     return "\n".join(lines)
+
+
+def _band(band: Sequence[float] | None, spec: str) -> str:
+    return f"[{format(band[0], spec)}, {format(band[1], spec)}]" if band else "-"
 
 
 def _sparkline(counts: list[int]) -> str:

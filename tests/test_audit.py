@@ -232,6 +232,34 @@ def _calibrated_stats(wanted: int, ran: int, agreement=None) -> StageStats:
     return stats
 
 
+def test_the_trend_compares_each_run_with_the_band_of_its_own_calibration_in_the_same_measure():
+    from slmbatch.report import render_trend, trend
+
+    def run(date, calibration_gold, quality):
+        chosen = {
+            "escalation_interval": [0.2, 0.3] if calibration_gold != "frontier" else [0.4, 0.5],
+            "quality_interval": [0.89, 0.93] if calibration_gold != "frontier" else [0.97, 1.0],
+            "agreement_interval": [0.96, 0.99] if calibration_gold != "frontier" else [0.97, 1.0],
+        }
+        stage = {"name": "intent", "threshold": 0.5, "ran": 100, "escalation_wanted": 30, "quality": quality}
+        stage["calibration"] = {"gold": calibration_gold, "metric": "accuracy", "chosen": chosen}
+        return {"run_date": date, "stages": [stage], "degraded": []}
+
+    accuracy = {"cascade_quality": {"estimate": 0.9, "interval": [0.88, 0.92]}}
+    agreement = {"cascade_agreement": {"estimate": 0.98, "interval": [0.97, 0.99]}}
+    runs = {
+        "a": run("2026-12-01", "output column 'label'", {**accuracy, **agreement}),  # labels: accuracy band
+        "b": run("2026-12-02", "frontier", {**accuracy, **agreement}),  # recalibrated without labels
+        "c": run("2026-12-03", "frontier", agreement),
+        "d": run("2026-12-04", "frontier", {}),  # no audit: nothing to compare
+    }
+    points = trend(runs)["intent"]
+    assert [p["quality_measure"] for p in points[:3]] == ["cascade_quality", "cascade_quality", "cascade_agreement"]
+    assert [p["calibrated_quality"] for p in points] == [[0.89, 0.93], None, [0.97, 1.0], None]
+    assert [p["calibrated_escalation"] for p in points] == [[0.2, 0.3], [0.4, 0.5], [0.4, 0.5], [0.4, 0.5]]
+    assert "[0.890, 0.930]" in render_trend(runs)
+
+
 def test_a_run_is_degraded_when_escalation_quality_or_confidences_leave_the_calibrated_band():
     assert drift_reasons(_calibrated_stats(225, 1000, agreement=0.97)) == []
     assert "escalation 30.8%" in drift_reasons(_calibrated_stats(308, 1000))[0]
