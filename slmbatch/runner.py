@@ -286,8 +286,8 @@ def run(
     for stats in summary.stages:
         stats.finish()
         summary.degraded += drift_reasons(stats)
-    for reason in summary.degraded:
-        log.warning("run degraded: %s", reason)
+    if summary.degraded:  # the reasons themselves are in the summary (RunSummary.degraded, render())
+        log.warning("run degraded: %d reason(s), listed in the run summary", len(summary.degraded))
     _record_quality(job, summary)
     write_run_report(job, summary)
     if summary.over_budget:
