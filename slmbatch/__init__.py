@@ -7,7 +7,7 @@ A job is plain Python::
 and runs with ``slmbatch run job.py`` (or :func:`run`).
 """
 
-from .config import Egress, Frontier, Model, ParquetSink, ParquetSource, load_thresholds
+from .config import AnswerCache, Egress, Frontier, Model, ParquetSink, ParquetSource, load_thresholds
 from .errors import (
     ConfigError,
     EngineError,
@@ -23,6 +23,7 @@ from .runner import run
 from .stages import Classify, Extract, Stage, Summarize
 
 __all__ = [
+    "AnswerCache",
     "Classify",
     "ConfigError",
     "Egress",

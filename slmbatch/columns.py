@@ -9,6 +9,11 @@ columns of :class:`StageColumns`::
     <name>_error       null, or why this row has no answer (the row is still written)
     <name>_tokens_in   prompt tokens the model processed for this row
     <name>_tokens_out  tokens the model produced for this row
+    <name>_reused      null: the model answered this row; "run": an identical
+                       request earlier in this run was answered and its answer
+                       reused; "cache": an earlier run's answer, from the job's
+                       answer cache (:mod:`slmbatch.reuse`). A reused answer cost
+                       nothing: its tokens are 0
     <name>_<extra>     family-specific columns (e.g. summarize's ``_input_truncated``)
 
 A *routed* stage (one with a ``threshold``) also records what the cascade
@@ -26,6 +31,8 @@ fine-tuning feedback learnt from it::
     <name>_frontier_error       why the frontier gave no usable answer
     <name>_frontier_messages    the chat messages sent (JSON): the small model's own prompt
     <name>_frontier_tokens_in / _out, <name>_frontier_cost_usd
+    <name>_frontier_reused      as ``<name>_reused``, for the frontier's reply
+                                (a reused reply's tokens and cost are 0)
 
 Columns that start with :data:`INTERNAL` travel with rows between the read
 task, the replicas and the writer, and are never written.
@@ -64,6 +71,9 @@ def engine_column(stage: str) -> str:
 #: Routing values of ``<name>_routed_to``.
 SMALL, FRONTIER, PENDING = "small", "frontier", "pending"
 
+#: Values of ``<name>_reused`` / ``<name>_frontier_reused``: answered earlier in this run, or by an earlier run.
+REUSED_RUN, REUSED_CACHE = "run", "cache"
+
 
 @dataclasses.dataclass(frozen=True)
 class StageColumns:
@@ -97,6 +107,10 @@ class StageColumns:
     @property
     def tokens_out(self) -> str:
         return self._("tokens_out")
+
+    @property
+    def reused(self) -> str:
+        return self._("reused")
 
     @property
     def routed_to(self) -> str:
@@ -138,6 +152,10 @@ class StageColumns:
     def frontier_cost_usd(self) -> str:
         return self._("frontier_cost_usd")
 
+    @property
+    def frontier_reused(self) -> str:
+        return self._("frontier_reused")
+
     def extra(self, suffix: str) -> str:
         """A family-specific column, ``<name>_<suffix>``."""
         return self._(suffix)
@@ -151,6 +169,7 @@ class StageColumns:
             pa.field(self.error, pa.string()),
             pa.field(self.tokens_in, pa.int64()),
             pa.field(self.tokens_out, pa.int64()),
+            pa.field(self.reused, pa.string()),
         ]
 
     def routing_fields(self, answer_type: pa.DataType) -> list[pa.Field]:
@@ -166,6 +185,7 @@ class StageColumns:
             pa.field(self.frontier_tokens_in, pa.int64()),
             pa.field(self.frontier_tokens_out, pa.int64()),
             pa.field(self.frontier_cost_usd, pa.float64()),
+            pa.field(self.frontier_reused, pa.string()),
         ]
 
     def schema(self, answer_type: pa.DataType, extras: Sequence[pa.Field] = (), routed: bool = False) -> list[pa.Field]:
@@ -184,6 +204,7 @@ class StageColumns:
             self.frontier_tokens_in,
             self.frontier_tokens_out,
             self.frontier_cost_usd,
+            self.frontier_reused,
         )
 
 

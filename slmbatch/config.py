@@ -467,6 +467,52 @@ class Frontier:
         )
 
 
+@spec
+class AnswerCache:
+    """Answers kept from one run to the next (opt-in per job: ``Job(cache=AnswerCache())``).
+
+    A nightly run answers a row whose request an earlier run already answered
+    from here - the small model's answer and the frontier's reply alike - and
+    marks it ``<stage>_reused = "cache"`` (``_frontier_reused`` for the
+    reply). An entry is keyed by what decides the answer: the model's version
+    (a content fingerprint of a local directory, the revision of a hub id),
+    the replica's dtype, every stage option that changes answers (prompt,
+    system message, labels, schema, limits) and the request's prompt token
+    ids; a frontier reply by the frontier's endpoint and model and the exact
+    request. Changing any of them misses by construction (:mod:`slmbatch.reuse`).
+    Thresholds, audit settings and prices are not in the key: a recalibrated
+    job keeps its cache, and audit sampling still sends the rows it picks to the
+    frontier whether or not their small answer came from the cache.
+
+    Args:
+        max_entries: most entries kept. At the end of a run the least
+            recently used (by the run that last used them) beyond it are
+            dropped. Each entry is one answer (~100-300 bytes for labels and
+            short extractions, more for summaries), held in memory by the run's
+            answer table actor and in one Parquet file.
+        path: the cache file, local or ``s3://`` (read and written with the
+            sink's ``storage_options``); default
+            ``<sink>/_slmbatch/cache/answers.parquet``. Give jobs that write one
+            sink per night a common path. Two jobs running at once on one path:
+            the last to finish writes it (the other's new entries are lost,
+            never an answer).
+    """
+
+    max_entries: int = 1_000_000
+    path: str | None = None
+
+    def __post_init__(self):
+        check_positive_int(self.max_entries, "AnswerCache.max_entries")
+        require(
+            self.path is None or (isinstance(self.path, str) and self.path.strip() != ""),
+            "AnswerCache.path",
+            f"must be a file path, an s3:// URL or None, got {self.path!r}",
+        )
+
+    def describe(self) -> str:
+        return f"answer cache at {self.path or '<sink>/_slmbatch/cache/answers.parquet'} (at most {self.max_entries:,} entries)"
+
+
 class CalibratedThreshold(float):
     """A threshold read from a calibration file: a float that also carries how
     it was chosen (target, curve, predicted outcome), so the run report can

@@ -296,6 +296,8 @@ def render_html(data: dict[str, Any], history: dict[str, dict[str, Any]] | None 
                 "small $",
                 "frontier $",
                 "all-frontier $ (est.)",
+                "rows reused (this run / cache)",
+                "frontier replies reused",
             ],
             [
                 [
@@ -306,6 +308,8 @@ def render_html(data: dict[str, Any], history: dict[str, dict[str, Any]] | None 
                     f"{s['small_cost_usd']:.4f}",
                     f"{s['frontier_cost_usd']:.4f}",
                     f"{s['all_frontier_cost_usd']:.4f}" if s.get("all_frontier_cost_usd") is not None else "-",
+                    f"{s.get('reused_run', 0):,} / {s.get('reused_cache', 0):,}",
+                    f"{s.get('frontier_reused_run', 0):,} / {s.get('frontier_reused_cache', 0):,}",
                 ]
                 for s in stages
             ],

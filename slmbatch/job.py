@@ -13,7 +13,7 @@ import os
 import textwrap
 from collections.abc import Sequence
 
-from .config import Egress, Frontier, Model, ParquetSink, ParquetSource
+from .config import AnswerCache, Egress, Frontier, Model, ParquetSink, ParquetSource
 from .errors import ConfigError
 from .spec import check_identifier, require, set_field, spec
 from .stages.base import Stage
@@ -27,6 +27,16 @@ class Job:
     column and the outputs of the stages before it (in ``input``, ``when`` and
     its prompt template). Consecutive stages that use the same :class:`Model`
     share its replicas.
+
+    Args:
+        dedup: answer each distinct request once per run: rows whose stage
+            request is identical (same model, stage options and prompt token
+            ids) share one answer, across batches and replicas, and so do
+            identical frontier requests (:mod:`slmbatch.reuse`). The rows that
+            reused an answer say so (``<stage>_reused``) and cost nothing.
+            False answers every row by itself.
+        cache: keep answers from run to run (:class:`AnswerCache`); None (the
+            default) keeps nothing after the run.
     """
 
     name: str
@@ -35,8 +45,21 @@ class Job:
     sink: ParquetSink
     frontier: Frontier | None = None
     egress: Egress = dataclasses.field(default_factory=Egress)
+    dedup: bool = True
+    cache: AnswerCache | None = None
 
     def __post_init__(self):
+        require(isinstance(self.dedup, bool), "Job.dedup", f"must be True or False, got {self.dedup!r}")
+        require(
+            self.cache is None or isinstance(self.cache, AnswerCache),
+            "Job.cache",
+            f"must be a slmbatch.AnswerCache or None, got {type(self.cache).__name__}",
+        )
+        require(
+            self.cache is None or self.dedup,
+            "Job.cache",
+            "reuses answers across runs, which needs dedup=True (answers reused within the run)",
+        )
         require(
             self.frontier is None or isinstance(self.frontier, Frontier),
             "Job.frontier",
@@ -138,6 +161,10 @@ class Job:
                 f"  egress: allow={self.egress.allow}, endpoints={self.egress.endpoints}, "
                 f"exclude_when={dict(self.egress.exclude_when) if self.egress.exclude_when else None}"
             )
+        if not self.dedup:
+            lines.append("  dedup: off (every row answered by itself)")
+        if self.cache is not None:
+            lines.append(f"  {self.cache.describe()}")
         lines.append(f"  sink: {self.sink.describe()}")
         return "\n".join(lines)
 

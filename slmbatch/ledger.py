@@ -69,25 +69,26 @@ class _Spec(dict):
 
 def _spec(value: Any, skip: set[str], head: dict[str, Any]) -> _Spec:
     fields = [f for f in dataclasses.fields(value) if f.name not in skip]
-    out = _Spec(head, **{f.name: _plain(getattr(value, f.name)) for f in fields})
+    out = _Spec(head, **{f.name: spec_data(getattr(value, f.name)) for f in fields})
     out.defaults = {}
     for f in fields:
         if f.default is not dataclasses.MISSING:
-            out.defaults[f.name] = _plain(f.default)
+            out.defaults[f.name] = spec_data(f.default)
         elif f.default_factory is not dataclasses.MISSING:
-            out.defaults[f.name] = _plain(f.default_factory())
+            out.defaults[f.name] = spec_data(f.default_factory())
     return out
 
 
-def _plain(value: Any) -> Any:
+def spec_data(value: Any) -> Any:
+    """A spec (job, stage, model, ...) as plain data: what a job's fingerprint and the answer keys hash."""
     if isinstance(value, Model):
         return _spec(value, _RUNTIME_ONLY, {})
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _spec(value, {"_", *_MEASUREMENT_ONLY}, {"kind": type(value).__name__})
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): spec_data(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [spec_data(v) for v in value]
     return value
 
 
@@ -95,10 +96,10 @@ def job_config(job: Job) -> dict[str, Any]:
     """Everything about a job that changes what its output rows contain."""
     return {
         "source_columns": list(job.source.columns) if job.source.columns is not None else None,
-        "stages": [_plain(stage) for stage in job.stages],
+        "stages": [spec_data(stage) for stage in job.stages],
         # Who answers escalated rows changes those answers; limits and prices do not.
         "frontier": None if job.frontier is None else {"base_url": job.frontier.base_url, "model": job.frontier.model},
-        "egress": _plain(job.egress),
+        "egress": spec_data(job.egress),
     }
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .audit import QualityTally, rate_interval
-from .columns import FRONTIER, ROW_ID
+from .columns import FRONTIER, REUSED_CACHE, REUSED_RUN, ROW_ID
 
 BINS = 10  # confidence histogram bins over [0, 1]
 
@@ -52,6 +52,11 @@ class StageStats:
     error_examples: dict[str, str] = dataclasses.field(default_factory=dict)  # reason -> one row id
     calibration: dict[str, Any] | None = None  # how the threshold was chosen (``slmbatch calibrate``), if it was
     engines: list[str] = dataclasses.field(default_factory=list)  # what its replicas ran on (dtype, device, threads)
+    reused_run: int = 0  # rows answered with an identical request's answer from earlier in the run
+    reused_cache: int = 0  # ... from an earlier run (answer cache)
+    frontier_reused_run: int = 0  # sent rows (escalated or audited) whose frontier reply was another's
+    frontier_reused_cache: int = 0
+    frontier_paid: int = 0  # escalated rows the frontier answered and billed (not reused)
 
     @property
     def skipped(self) -> int:
@@ -76,6 +81,9 @@ class StageStats:
             bins = pc.min_element_wise(pc.cast(pc.floor(pc.multiply(conf, BINS)), pa.int64()), BINS - 1)
             for b, count in zip(*_value_counts(bins)):
                 self.histogram[b] += count
+        reused = _counts(table[c.reused])
+        self.reused_run += reused.get(REUSED_RUN, 0)
+        self.reused_cache += reused.get(REUSED_CACHE, 0)
         tokens_in = pc.sum(table[c.tokens_in]).as_py() or 0
         tokens_out = pc.sum(table[c.tokens_out]).as_py() or 0
         self.tokens_in += tokens_in
@@ -90,7 +98,12 @@ class StageStats:
         wanted = table[c.escalation].drop_null()
         self.escalation_wanted += len(wanted)
         self.not_sent += sum(1 for w in wanted.to_pylist() if "; not sent: " in w)
-        self.escalated += pc.sum(pc.equal(table[c.routed_to], FRONTIER)).as_py() or 0
+        escalated = pc.equal(table[c.routed_to], FRONTIER)
+        self.escalated += pc.sum(escalated).as_py() or 0
+        self.frontier_paid += pc.sum(pc.and_(escalated, pc.is_null(table[c.frontier_reused]))).as_py() or 0
+        reused = _counts(table[c.frontier_reused])
+        self.frontier_reused_run += reused.get(REUSED_RUN, 0)
+        self.frontier_reused_cache += reused.get(REUSED_CACHE, 0)
         audit = pc.greater(pc.fill_null(table[c.audit], 0.0), 0.0)
         for rows, sent in ((table.filter(pc.invert(audit)), True), (table.filter(audit), False)):
             failed = len(rows) - rows[c.frontier_error].null_count
@@ -114,6 +127,20 @@ class StageStats:
         if self.tally is not None:
             self.quality = self.tally.estimates()
 
+    def render_reuse(self) -> str:
+        """One line: the rows answered for free, by an identical request's answer."""
+        small = self.reused_run + self.reused_cache
+        line = (
+            f"answered once per distinct request: {small:,} of {self.ran:,} rows reused an answer "
+            f"({self.reused_run:,} from this run, {self.reused_cache:,} from the cache)"
+        )
+        if self.frontier_reused_run or self.frontier_reused_cache:
+            line += (
+                f"; frontier replies reused {self.frontier_reused_run + self.frontier_reused_cache:,} "
+                f"({self.frontier_reused_run:,} from this run, {self.frontier_reused_cache:,} from the cache)"
+            )
+        return line
+
     @property
     def escalation_interval(self) -> list[float] | None:
         """95% (Wilson) interval of the share of rows that wanted the frontier."""
@@ -128,13 +155,14 @@ class StageStats:
         """Estimated $ had every row the stage ran on gone to the frontier.
 
         From the escalated rows' real frontier cost per row (the frontier's own
-        prompt - label list, schema, instructions - and answer lengths), scaled
-        to all rows; with nothing escalated, the small model's token counts at
-        the frontier's prices (an underestimate for prompts the frontier sees
-        in full, e.g. label lists a pooling classifier never reads).
+        prompt - label list, schema, instructions - and answer lengths; rows whose
+        reply was reused cost nothing and are left out of the mean), scaled to
+        all rows, every one sent; with nothing paid for, the small model's token
+        counts at the frontier's prices (an underestimate for prompts the frontier
+        sees in full, e.g. label lists a pooling classifier never reads).
         """
-        if self.escalated:
-            return self.frontier_cost_usd / self.escalated * self.ran
+        if self.frontier_paid:
+            return self.frontier_cost_usd / self.frontier_paid * self.ran
         return self.small_tokens_at_frontier_price
 
     @property
@@ -146,6 +174,10 @@ class StageStats:
 def _value_counts(arr) -> tuple[list[int], list[int]]:
     counts = pc.value_counts(arr)
     return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+
+
+def _counts(arr) -> dict[Any, int]:
+    return dict(zip(*_value_counts(arr)))
 
 
 @dataclasses.dataclass
@@ -184,6 +216,8 @@ class RunSummary:
     log_file: str | None = None  # where Ray, vLLM and torch output went (quiet runs)
     first_row_s: float | None = None  # seconds from the start of the run to the first rows back
     degraded: list[str] = dataclasses.field(default_factory=list)  # why the run no longer holds its calibration
+    answer_table: dict[str, int] | None = None  # the run's AnswerTable.stats() (Job.dedup), None without one
+    cache_loaded: int | None = None  # entries the job's answer cache held when the run started (None: no cache)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSummary:
@@ -295,6 +329,8 @@ class RunSummary:
                     f"the frontier, {s.frontier_failed:,} frontier failures, {s.not_sent:,} not sent; "
                     f"frontier tokens in/out {s.frontier_tokens_in:,}/{s.frontier_tokens_out:,}"
                 )
+            if s.reused_run or s.reused_cache or s.frontier_reused_run or s.frontier_reused_cache:
+                lines.append(f"    {s.render_reuse()}")
             lines += render_quality(s)
             for reason, count in sorted(s.errors.items(), key=lambda kv: -kv[1])[:3]:
                 lines.append(f"    error x{count}: {reason}")
@@ -305,6 +341,12 @@ class RunSummary:
             lines.append(
                 "  the run no longer holds what calibration promised: recalibrate "
                 "(slmbatch calibrate JOB --from-runs SINK); slmbatch run --fail-on-degraded exits 5 on such a run"
+            )
+        if self.answer_table is not None and self.cache_loaded is not None:
+            t = self.answer_table
+            lines.append(
+                f"  answer cache: {self.cache_loaded:,} entries at start, {t['stored']:,} new, "
+                f"{t['evicted']:,} dropped (least recently used), {t['entries']:,} kept"
             )
         lines.append(f"  output: {self.sink}")
         if self.log_file:

@@ -52,6 +52,7 @@ from .ledger import Ledger, Todo
 from .plan import plan, read_schema, read_unit, read_units
 from .progress import Progress
 from .report import RunSummary, StageStats
+from .reuse import cache_url, start_answer_table, write_cache
 from .routing import Router
 from .worker import FrontierActor, StageActor
 from .writer import ShardWriter, empty_output
@@ -90,9 +91,15 @@ def read_concurrency(job: Job, units: int) -> int:
 
 
 def build_dataset(
-    job: Job, shards: Sequence[Shard], schema: pa.Schema, limiter: Any = None, api_key: Sequence[Any] = ()
+    job: Job,
+    shards: Sequence[Shard],
+    schema: pa.Schema,
+    limiter: Any = None,
+    api_key: Sequence[Any] = (),
+    answers: Any = None,
 ):
-    """The run's Ray Data pipeline: read tasks, then per replica pool its stages and, if routed, the frontier step."""
+    """The run's Ray Data pipeline: read tasks, then per replica pool its stages and, if routed, the frontier step.
+    ``answers``: the run's :class:`~slmbatch.reuse.AnswerTable` actor (``Job.dedup``)."""
     import ray.data
 
     units = read_units(shards)
@@ -109,7 +116,14 @@ def build_dataset(
     for model, stages in job.model_groups():
         ds = ds.map_batches(
             StageActor,
-            fn_constructor_kwargs={"model": model, "stages": stages, "router": router, "job_name": job.name},
+            fn_constructor_kwargs={
+                "model": model,
+                "stages": stages,
+                "router": router,
+                "job_name": job.name,
+                "dedup": job.dedup,
+                "answers": answers,
+            },
             batch_size=model.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=model.replicas),
@@ -126,6 +140,8 @@ def build_dataset(
                     "limiter": limiter,
                     "api_key": list(api_key),
                     "job_name": job.name,
+                    "dedup": job.dedup,
+                    "answers": answers,
                 },
                 batch_size=model.batch_size,
                 batch_format="pyarrow",
@@ -295,6 +311,17 @@ def run(
     return summary
 
 
+def _finish_answers(job: Job, answers: Any, summary: RunSummary) -> None:
+    """The answer table's counts into the summary; with a cache, its entries written back
+    (every row is in the writer's hands by now: the cache only ever speeds a later run up)."""
+    import ray
+
+    summary.answer_table = ray.get(answers.stats.remote())
+    if job.cache is not None:
+        write_cache(job, ray.get(answers.export.remote()))
+        log.info("answer cache %s: %d entries", cache_url(job), summary.answer_table["entries"])
+
+
 def _record_quality(job: Job, summary: RunSummary) -> None:
     """The run's quality estimates and degraded flag as Prometheus gauges (when Ray ran)."""
     ray = sys.modules.get("ray")
@@ -384,13 +411,19 @@ def _process(
                     job.frontier.requests_per_minute,
                     job.frontier.tokens_per_minute,
                 )
-            dataset = build_dataset(job, live, the_plan.schema, limiter, frontier_key_ref(job) if job.escalates else [])
+            answers = None
+            if job.dedup:
+                answers, summary.cache_loaded = start_answer_table(job, summary.run_id)
+            key = frontier_key_ref(job) if job.escalates else []
+            dataset = build_dataset(job, live, the_plan.schema, limiter, key, answers)
             # prefetch_batches=0: with Ray Data's default (1) the driver got each batch only once
             # the next one was ready - the first rows came back one frontier batch late (~4 s in
             # the demo). The driver's work per batch is small; fetching ahead buys nothing.
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 checkpoint("batch")
                 bar.update(writer.add(batch))
+            if answers is not None:
+                _finish_answers(job, answers, summary)
         writer.close()
     finally:
         bar.close()

@@ -5,7 +5,8 @@ Per batch, on a replica (:class:`StageActor`), for each stage of its model:
 1. :func:`answer_batch` - which rows the stage applies to, their requests
    (the family's ``prepare``) and the answers (the family's ``infer``; a batch
    that fails as a whole is retried row by row, so one bad row costs only
-   itself);
+   itself), each distinct request answered once (:func:`infer_once`, with the
+   run's :class:`~slmbatch.reuse.AnswerTable`);
 2. :func:`append_answers` - the answers as the stage's columns
    (:class:`~slmbatch.columns.StageColumns`);
 3. for a routed stage, :meth:`Router.decide <slmbatch.routing.Router.decide>`
@@ -21,6 +22,7 @@ in the actor); only :class:`FrontierActor` touches HTTP (:mod:`slmbatch.frontier
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -37,6 +39,7 @@ from .columns import FRONTIER, PENDING, SMALL, busy_column, engine_column
 from .config import Frontier, Model
 from .errors import EngineError, RowError
 from .metrics import StageMetrics
+from .reuse import answer_namespace, answer_once, frontier_key, model_version, request_key
 from .routing import Router
 from .stages.base import Answer, ReplicaProtocol, Request, Stage
 
@@ -93,8 +96,50 @@ def infer_isolating_failures(stage: Stage, requests: list[Request], replica: Rep
     return answers
 
 
-def answer_batch(stage: Stage, rows: list[dict[str, Any]], replica: ReplicaProtocol) -> list[Answer | None]:
-    """Per row, the stage's answer, or None where the stage does not apply (``when``)."""
+@dataclasses.dataclass(frozen=True)
+class Reuse:
+    """How a replica shares one stage's answers: the run's answer table (an
+    :class:`~slmbatch.reuse.AnswerTable` or its actor handle; None: within each
+    batch only) and the stage's key namespace on this replica."""
+
+    table: Any
+    namespace: bytes
+
+
+def _answer_json(answer: Answer) -> str | None:
+    if answer.error is not None:
+        return None
+    return json.dumps({"value": answer.value, "confidence": answer.confidence, "extras": answer.extras})
+
+
+def _answer_of(payload: str) -> Answer:
+    data = json.loads(payload)
+    return Answer(value=data["value"], confidence=data["confidence"], extras=data["extras"])
+
+
+def infer_once(stage: Stage, requests: list[Request], replica: ReplicaProtocol, reuse: Reuse) -> list[Answer]:
+    """Answers for ``requests``, each distinct request (:func:`~slmbatch.reuse.request_key`) computed once
+    (:func:`~slmbatch.reuse.answer_once`; errors are not shared beyond the batch). Every row but the one
+    that was computed gets a copy marked ``reused``, with 0 tokens: it cost nothing."""
+    keys = [request_key(reuse.namespace, r.prompt_ids, r.extras) for r in requests]
+    answers, origins = answer_once(
+        keys,
+        reuse.table,
+        lambda todo: infer_isolating_failures(stage, [requests[i] for i in todo], replica),
+        _answer_json,
+        _answer_of,
+    )
+    return [
+        a if origin is None else dataclasses.replace(a, tokens_in=0, tokens_out=0, reused=origin)
+        for a, origin in zip(answers, origins)
+    ]
+
+
+def answer_batch(
+    stage: Stage, rows: list[dict[str, Any]], replica: ReplicaProtocol, reuse: Reuse | None = None
+) -> list[Answer | None]:
+    """Per row, the stage's answer, or None where the stage does not apply (``when``).
+    With ``reuse``, each distinct request is answered once (:func:`infer_once`)."""
     stage.check_replica(replica)
     answers: list[Answer | None] = [None] * len(rows)
     requests: list[Request] = []
@@ -110,7 +155,11 @@ def answer_batch(stage: Stage, rows: list[dict[str, Any]], replica: ReplicaProto
             requests.append(stage.prepare(i, row, replica, text))
         except RowError as exc:
             answers[i] = Answer(error=str(exc))
-    for request, answer in zip(requests, infer_isolating_failures(stage, requests, replica)):
+    if reuse is None:
+        answered = infer_isolating_failures(stage, requests, replica)
+    else:
+        answered = infer_once(stage, requests, replica, reuse)
+    for request, answer in zip(requests, answered):
         answers[request.index] = answer
     return answers
 
@@ -126,6 +175,7 @@ def append_answers(table: pa.Table, stage: Stage, answers: Sequence[Answer | Non
         c.error: [a.error if a is not None else None for a in answers],
         c.tokens_in: [a.tokens_in if a is not None else None for a in answers],
         c.tokens_out: [a.tokens_out if a is not None else None for a in answers],
+        c.reused: [a.reused if a is not None else None for a in answers],
     }
     for f in stage.extra_fields():
         values[f.name] = [a.extras.get(f.name) if a is not None else None for a in answers]
@@ -159,13 +209,17 @@ def append_routing(
     return table
 
 
-def apply_stage(stage: Stage, table: pa.Table, replica: ReplicaProtocol, router: Router | None = None) -> pa.Table:
+def apply_stage(
+    stage: Stage, table: pa.Table, replica: ReplicaProtocol, router: Router | None = None, reuse: Reuse | None = None
+) -> pa.Table:
     """``table`` plus the stage's output columns (one batch, on a replica).
 
     ``router`` decides where escalation-worthy rows of a routed stage go;
-    None means nowhere (they keep the small answer, with the reason)."""
+    None means nowhere (they keep the small answer, with the reason).
+    ``reuse``: answer each distinct request once (:func:`infer_once`); None
+    answers every row."""
     rows = rows_of(table)
-    answers = answer_batch(stage, rows, replica)
+    answers = answer_batch(stage, rows, replica, reuse)
     table = append_answers(table, stage, answers, replica.model_name)
     if stage.routed:
         routed_to, reasons, audit = (router or Router(None)).decide(stage, rows, answers)
@@ -211,7 +265,15 @@ class StageActor:
     ~1.8 for the same stage loop in a plain process.
     """
 
-    def __init__(self, model: Model, stages: Sequence[Stage], router: Router, job_name: str = ""):
+    def __init__(
+        self,
+        model: Model,
+        stages: Sequence[Stage],
+        router: Router,
+        job_name: str = "",
+        dedup: bool = False,
+        answers: Any = None,
+    ):
         from .engine import Replica
 
         actor_logging()
@@ -219,6 +281,11 @@ class StageActor:
         self.replica = self.engine_thread.submit(Replica, model).result()
         self.stages = list(stages)
         self.router = router
+        # dedup: each distinct request once, shared through ``answers`` (the run's AnswerTable actor).
+        self.reuse: dict[str, Reuse] = {}
+        if dedup:
+            version = model_version(model.name, model.engine.get("revision"))
+            self.reuse = {s.name: Reuse(answers, answer_namespace(s, version, self.replica.dtype)) for s in self.stages}
         self.metrics = StageMetrics(job_name)
         seconds = self.engine_thread.submit(warm_up, self.stages, self.replica).result()
         self.metrics.record_replica(self.stages, self.replica.model_name, self.replica.threads)
@@ -230,7 +297,7 @@ class StageActor:
     def _apply(self, batch: pa.Table) -> pa.Table:
         for stage in self.stages:
             started = time.perf_counter()
-            batch = apply_stage(stage, batch, self.replica, self.router)
+            batch = apply_stage(stage, batch, self.replica, self.router, self.reuse.get(stage.name))
             # Replica-busy seconds, spread over the batch's rows: the driver sums
             # them into the stage's rows/s (excludes start-up and queueing).
             share = (time.perf_counter() - started) / max(batch.num_rows, 1)
@@ -266,6 +333,8 @@ class FrontierActor:
         limiter: Any = None,
         api_key: Sequence[Any] = (),
         job_name: str = "",
+        dedup: bool = False,
+        answers: Any = None,
     ):
         from .frontier import FrontierClient
 
@@ -282,13 +351,14 @@ class FrontierActor:
         self.thread = threading.Thread(target=self.loop.run_forever, name="slmbatch-frontier", daemon=True)
         self.thread.start()
         self.client = FrontierClient(frontier, limiter=limiter)
+        self.dedup = dedup
+        self.answers = answers
         actor_logging()
 
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from .frontier import FrontierRequest
 
         for stage in self.stages:
             # Escalated rows, then the audit sample: one request format, one client, one rate limit.
@@ -298,11 +368,33 @@ class FrontierActor:
             if not pending:
                 continue
             rows = rows_of(batch.take(pending))
-            requests = [FrontierRequest(**stage.frontier_request(row)) for row in rows]
-            replies = self._run(self.client.complete_many(requests))
-            batch = merge_frontier_answers(batch, stage, pending, replies, [r.messages for r in requests])
+            asked = [stage.frontier_request(row) for row in rows]
+            replies, reused = self._complete(asked)
+            batch = merge_frontier_answers(batch, stage, pending, replies, [r["messages"] for r in asked], reused)
             self.metrics.record_frontier(batch.take(pending), stage, self.frontier.model)
         return batch
+
+    def _complete(self, asked: list[dict[str, Any]]) -> tuple[list[Any], list[str | None]]:
+        """Replies to ``asked``, each distinct request sent once (with dedup), and per request
+        whether its reply was another's (``"run"`` / ``"cache"``, as :func:`infer_once` marks answers)."""
+        from .frontier import FrontierReply, FrontierRequest
+
+        if not self.dedup:
+            replies = self._run(self.client.complete_many([FrontierRequest(**r) for r in asked]))
+            return replies, [None] * len(asked)
+        keys = [frontier_key(self.frontier.base_url, self.frontier.model, r) for r in asked]
+        replies, origins = answer_once(
+            keys,
+            self.answers,
+            lambda todo: self._run(self.client.complete_many([FrontierRequest(**asked[i]) for i in todo])),
+            lambda reply: json.dumps({"text": reply.text}) if reply.error is None else None,
+            lambda payload: FrontierReply(
+                text=json.loads(payload)["text"], prompt_tokens=0, completion_tokens=0, attempts=0
+            ),
+        )
+        free = {"prompt_tokens": 0, "completion_tokens": 0, "attempts": 0, "cost_usd": 0.0}
+        replies = [r if o is None else dataclasses.replace(r, **free) for r, o in zip(replies, origins)]
+        return replies, origins
 
     def __del__(self):
         loop = getattr(self, "loop", None)
@@ -315,16 +407,23 @@ class FrontierActor:
 
 
 def merge_frontier_answers(
-    batch: pa.Table, stage: Stage, indices: list[int], replies: list, messages: list
+    batch: pa.Table,
+    stage: Stage,
+    indices: list[int],
+    replies: list,
+    messages: list,
+    reused: Sequence[str | None] | None = None,
 ) -> pa.Table:
     """Write frontier replies (and the messages that asked) for rows ``indices`` into the stage's columns.
 
     An escalated row (``pending``) takes the frontier's answer; an audited row
-    keeps the small one and only records the frontier's."""
+    keeps the small one and only records the frontier's. ``reused``: per reply,
+    whether it was another request's (``<stage>_frontier_reused``)."""
     c = stage.columns
     columns = {name: batch[name].to_pylist() for name in c.frontier_reply}
-    for i, reply, asked in zip(indices, replies, messages):
+    for n, (i, reply, asked) in enumerate(zip(indices, replies, messages)):
         audited = columns[c.routed_to][i] != PENDING
+        columns[c.frontier_reused][i] = reused[n] if reused is not None else None
         columns[c.frontier_messages][i] = json.dumps(list(asked), ensure_ascii=False)
         columns[c.frontier_tokens_in][i] = reply.prompt_tokens
         columns[c.frontier_tokens_out][i] = reply.completion_tokens

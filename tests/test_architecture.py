@@ -123,6 +123,7 @@ def test_defining_and_printing_a_job_loads_no_engine_cluster_or_http_library():
 
 def test_the_public_api_is_what_it_was_plus_deliberate_additions():
     assert set(slmbatch.__all__) == {
+        "AnswerCache",  # issue 18: answers kept from run to run
         "Classify",
         "ConfigError",
         "Egress",

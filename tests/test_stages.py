@@ -224,3 +224,54 @@ def test_replica_warm_up_sends_each_stage_one_request_and_only_logs_failures(lm_
     assert calls == [1]  # one one-row request; the over-long prompt never reached the engine
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "warm-up request of stage 'long' failed: RowError: prompt is" in warnings[0]
+
+
+@pytest.mark.parametrize("family", ["classify", "extract", "summarize"])
+def test_identical_requests_are_answered_once_with_the_same_answers(
+    family, lm_model, lm_replica, tiny_classifier, clf_replica, monkeypatch
+):
+    """Dedup (issue 18) on the real engine: each distinct prompt reaches it once per run, every copy gets
+    the answer the engine gives without dedup, and answers survive the cache file's JSON (typed structs too)."""
+    from slmbatch.reuse import AnswerTable, answer_namespace
+    from slmbatch.worker import Reuse
+
+    if family == "classify":
+        clf = Model(tiny_classifier, engine={"max_model_len": 256, "dtype": "float32"})
+        stage, replica, call = Classify("c", model=clf, input="text", labels=["ham", "spam"]), clf_replica, "classify"
+    elif family == "extract":
+        stage = Extract("c", model=lm_model, input="text", schema=BOUNDED, max_output_tokens=40)
+        replica, call = lm_replica, "generate"
+    else:
+        stage = Summarize("c", model=lm_model, input="text", max_input_tokens=48, max_output_tokens=6)
+        replica, call = lm_replica, "generate"
+    distinct = banking_texts(6) + [" ".join(banking_texts(6))]  # the last one is truncated by summarize
+    texts = [distinct[i % 7] for i in (0, 1, 2, 0, 3, 4, 5, 6, 1, 6, 0, 2)]
+    alone = apply_stage(stage, batch(texts), replica)
+
+    prompts = []
+    engine = getattr(replica, call)
+    monkeypatch.setattr(replica, call, lambda ids, **options: prompts.extend(ids) or engine(ids, **options))
+    reuse = Reuse(AnswerTable(100, run_id="r"), answer_namespace(stage, "v", "float32"))
+    out = apply_stage(stage, batch(texts), replica, reuse=reuse)
+    assert len(prompts) == 7  # each distinct request once
+    assert out["c"].to_pylist() == alone["c"].to_pylist()
+    assert out["c_confidence"].to_pylist() == pytest.approx(alone["c_confidence"].to_pylist(), abs=1e-5)
+    reused = out["c_reused"].to_pylist()
+    assert reused == [None, None, None, "run", None, None, None, None, "run", "run", "run", "run"]
+    assert [t for t, r in zip(out["c_tokens_in"].to_pylist(), reused) if r] == [0] * 5
+    if family == "summarize":
+        assert out["c_input_truncated"].to_pylist() == alone["c_input_truncated"].to_pylist()
+        assert out["c_input_truncated"].to_pylist().count(True) == 2  # the long text, twice
+
+    # a later batch: nothing new reaches the engine
+    prompts.clear()
+    again = apply_stage(stage, batch(distinct), replica, reuse=reuse)
+    assert prompts == [] and again["c_reused"].to_pylist() == ["run"] * 7
+    # the next night, from the cache file's entries: the same values, same Arrow types
+    night2 = AnswerTable(100, run_id="r2")
+    night2.load(reuse.table.export())
+    cached = apply_stage(stage, batch(distinct), replica, reuse=Reuse(night2, reuse.namespace))
+    assert prompts == [] and cached["c_reused"].to_pylist() == ["cache"] * 7
+    assert cached.schema == again.schema
+    assert cached["c"].to_pylist() == again["c"].to_pylist()
+    assert cached["c_confidence"].to_pylist() == again["c_confidence"].to_pylist()

@@ -97,6 +97,7 @@ class Answer:
     error: str | None = None
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
     escalatable: bool = True  # False for bad input: a bigger model cannot fix a null
+    reused: str | None = None  # "run" / "cache": another row's answer (:mod:`slmbatch.reuse`); its tokens are 0
 
 
 #: Characters that show nothing on their own: controls, format characters
