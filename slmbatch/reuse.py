@@ -163,7 +163,8 @@ class AnswerTable:
         self.evicted = 0
 
     def load(self, table: pa.Table) -> int:
-        """Seed with a cache file's entries (oldest first, so the newest survive the bound)."""
+        """Seed with a cache file's entries, in their order of use (a stable sort by run keeps the
+        file's order within a run: least recently used first), so the newest survive the bound."""
         table = table.sort_by([("last_used", "ascending")])
         for key, answer, used in zip(*(table[name].to_pylist() for name in CACHE_SCHEMA.names)):
             self.entries[key] = (answer, used)
@@ -203,7 +204,7 @@ class AnswerTable:
             self.evicted += 1
 
     def export(self) -> pa.Table:
-        """Every entry, as the cache file holds them."""
+        """Every entry, as the cache file holds them: least recently used first."""
         keys = list(self.entries)
         answers, used = zip(*self.entries.values()) if keys else ((), ())
         return pa.table([keys, list(answers), list(used)], schema=CACHE_SCHEMA)
@@ -219,9 +220,9 @@ class AnswerTable:
 
 
 def ask(table: Any, keys: Sequence[bytes]) -> list[tuple[str, str] | None]:
-    """:meth:`AnswerTable.lookup` on a table or its actor handle."""
-    if not keys:
-        return []
+    """:meth:`AnswerTable.lookup` on a table or its actor handle (None: knows nothing)."""
+    if not keys or table is None:
+        return [None] * len(keys)
     if isinstance(table, AnswerTable):
         return table.lookup(keys)
     import ray
@@ -231,7 +232,7 @@ def ask(table: Any, keys: Sequence[bytes]) -> list[tuple[str, str] | None]:
 
 def tell(table: Any, items: Sequence[tuple[bytes, str]]) -> None:
     """:meth:`AnswerTable.store` on a table or its actor handle (not waited for: nobody needs to)."""
-    if not items:
+    if not items or table is None:
         return
     if isinstance(table, AnswerTable):
         table.store(items)
@@ -261,7 +262,7 @@ def answer_once(
     for i, key in enumerate(keys):
         first.setdefault(key, i)
     unique = list(first)
-    known = dict(zip(unique, ask(table, unique))) if table is not None else {}
+    known = dict(zip(unique, ask(table, unique)))
     todo = [key for key in unique if known.get(key) is None]
     computed = dict(zip(todo, compute([first[k] for k in todo])))
     shared = [(k, encode(r)) for k, r in computed.items()]
@@ -309,11 +310,12 @@ def read_cache(job) -> pa.Table | None:
 
 
 def write_cache(job, table: pa.Table) -> None:
-    """Write the cache file whole and atomically (the newest ``max_entries`` entries)."""
+    """Write the cache file whole and atomically: the ``max_entries`` most recently used of ``table``
+    (:meth:`AnswerTable.export`: least recently used first)."""
     from .io import write_parquet_atomic
 
     if table.num_rows > job.cache.max_entries:
-        table = table.sort_by([("last_used", "descending")]).slice(0, job.cache.max_entries)
+        table = table.slice(table.num_rows - job.cache.max_entries)
     write_parquet_atomic(table, cache_url(job), job.sink.storage_options, "zstd")
 
 

@@ -139,7 +139,7 @@ def test_the_table_is_bounded_least_recently_used_first_and_round_trips_through_
     night2 = AnswerTable(10, run_id="20261202T000000Z-bbbbbb")
     assert night2.load(cached) == 2
     found = night2.lookup([bytes([i]) * 16 for i in range(4)])
-    assert [f and f[1] for f in found] == [None, None, "cache", "cache"]
+    assert [f and f[1] for f in found] == ["cache", None, None, "cache"]  # 0 and 3: the most recently used
     night2.store([(bytes([2]) * 16, "recomputed")])
     assert night2.lookup([bytes([2]) * 16]) == [("recomputed", "run")]
     exported = night2.export().to_pylist()
