@@ -347,6 +347,9 @@ def slmbatch_arm(spec: dict[str, Any]) -> dict[str, Any]:
         "timeline": summary.timeline,
         "shard_seconds": summary.shard_seconds,
         "files_out": len(summary.files_out),
+        "reused_run": stats.reused_run,
+        "reused_cache": stats.reused_cache,
+        "cache_loaded": summary.cache_loaded,
     }
     # Time to the first rows back (Ray start + actor start + first batch) and the
     # rate after it: how much of the end-to-end time is start-up.

@@ -75,6 +75,8 @@ def build_job(
     lm: str | Path | None = None,
     classifier_engine: dict | None = None,
     lm_engine: dict | None = None,
+    dedup: bool = True,
+    cache: str | None = None,
 ):
     """The one-stage slmbatch job of family ``stage`` over ``input_dir``.
 
@@ -83,9 +85,11 @@ def build_job(
     float32 with ``max_model_len=512``. ``threads`` is ``Model.threads`` (the
     CPU engine's threads; None: Ray's default, floor(num_cpus)). The GPU
     variant (:mod:`benchmarks.gpu`) swaps in its own models and engine options
-    (``classifier``, ``lm``, ``*_engine``) and ``num_gpus``.
+    (``classifier``, ``lm``, ``*_engine``) and ``num_gpus``. ``dedup`` and
+    ``cache`` (an answer-cache file) are ``Job.dedup`` / ``Job.cache``
+    (:mod:`benchmarks.reuse`).
     """
-    from slmbatch import Classify, Extract, Job, Model, ParquetSink, ParquetSource, Summarize
+    from slmbatch import AnswerCache, Classify, Extract, Job, Model, ParquetSink, ParquetSource, Summarize
 
     common = {
         "replicas": replicas,
@@ -118,6 +122,8 @@ def build_job(
         source=ParquetSource(str(input_dir), columns=["text", "label"]),
         stages=[spec],
         sink=ParquetSink(str(output_dir)),
+        dedup=dedup,
+        cache=AnswerCache(path=cache) if cache else None,
     )
 
 

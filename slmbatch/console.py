@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import IO, Any
@@ -99,6 +100,49 @@ def quiet(log_path: str, enabled: bool = True) -> Iterator[str | None]:
             handler.setStream(stream)
             handler.removeFilter(own)
         console.close()
+        _divert_late_ray_output(log_path)
+
+
+#: Seconds after a quiet run during which actors' output that Ray is still streaming goes to its log.
+LATE_OUTPUT_S = 10.0
+
+
+def _divert_late_ray_output(log_path: str) -> None:
+    """Actors' output that Ray streams to the driver arrives with a delay (its log monitor polls):
+    a replica's line written just before the run ended can reach the driver after :func:`quiet` has
+    given the terminal back. For :data:`LATE_OUTPUT_S` seconds such lines are appended to the run's
+    log instead (if it still exists locally), then Ray prints them as before. Uses Ray's
+    stream dispatcher (private API): where it is missing, nothing changes."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    name = "ray_print_logs"
+    original = [handler for key, handler in dispatcher.handlers if key == name]
+    if len(original) != 1:
+        return
+
+    def to_log(data: dict[str, Any]) -> None:
+        if not os.path.exists(log_path):
+            return
+        who = data.get("actor_name") or data.get("task_name") or ""
+        with open(log_path, "a", encoding="utf-8", errors="replace") as f:
+            for line in data.get("lines", []):
+                f.write(f"({who} pid={data.get('pid')}) {line}\n")
+
+    def give_back() -> None:
+        if any(handler is to_log for _, handler in dispatcher.handlers):
+            dispatcher.remove_handler(name)
+            dispatcher.add_handler(name, original[0])
+
+    dispatcher.remove_handler(name)
+    dispatcher.add_handler(name, to_log)
+    timer = threading.Timer(LATE_OUTPUT_S, give_back)
+    timer.daemon = True
+    timer.start()
 
 
 def local_log_path(sink: str, run_id: str) -> tuple[str, str | None]:

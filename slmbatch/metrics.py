@@ -57,6 +57,10 @@ class StageMetrics:
         self._inc("slmbatch_rows_errored", "rows a stage could not answer (error column set)", errored, tags)
         self._inc("slmbatch_tokens_in", "prompt tokens processed", pc.sum(table[c.tokens_in]).as_py() or 0, tags)
         self._inc("slmbatch_tokens_out", "tokens generated", pc.sum(table[c.tokens_out]).as_py() or 0, tags)
+        reused = table.num_rows - table[c.reused].null_count
+        self._inc(
+            "slmbatch_rows_reused", "rows answered with an identical request's answer (dedup, cache)", reused, tags
+        )
 
     def record_frontier(self, table: pa.Table, stage, model: str) -> None:
         c = stage.columns
@@ -68,6 +72,10 @@ class StageMetrics:
             "escalated rows without a usable frontier answer",
             table.num_rows - table[c.frontier_error].null_count,
             tags,
+        )
+        reused = table.num_rows - table[c.frontier_reused].null_count
+        self._inc(
+            "slmbatch_rows_reused", "rows answered with an identical request's answer (dedup, cache)", reused, tags
         )
         self._inc(
             "slmbatch_tokens_in", "prompt tokens processed", pc.sum(table[c.frontier_tokens_in]).as_py() or 0, tags
