@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from .procs import run_arm
 from .run import machine
-from .workloads import BANKING, ROOT, SHARD_ROWS, check_models
+from .workloads import BANKING, CLASSIFIER, ROOT, SHARD_ROWS, check_models
 
 WORK = ROOT / "build" / "benchmarks" / "reuse-work"
 ROW_GROUP_ROWS = 256
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per arm")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reuse.json")
     args = parser.parse_args(argv)
-    check_models()
+    check_models((CLASSIFIER,))
     started = time.time()
     data = workloads(args.rows, args.zipf, args.seed)
     inputs, rows = data["inputs"], data["rows"]

@@ -17,6 +17,7 @@ defaults apply; ``Model.engine`` passes any ``vllm.LLM`` option.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -27,6 +28,9 @@ from .config import Model
 from .errors import ConfigError, EngineError
 
 log = logging.getLogger(__name__)
+
+#: Distinct prompts whose token ids a replica keeps (:meth:`Replica.encode_chat`).
+PROMPTS_KEPT = 65_536
 
 #: KV cache per CPU replica when the user sets nothing (GiB). vLLM's own
 #: default sizing reads the NUMA node's memory and fails on small VMs.
@@ -194,6 +198,7 @@ class Replica:
         #: What this replica runs on, for the run summary: e.g. "float32, CPU, 2 thread(s)".
         self.description = f"{self.dtype}, {where}"
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self._prompt_ids = functools.lru_cache(maxsize=PROMPTS_KEPT)(self._tokenise_chat)
 
     # -- prompts ------------------------------------------------------------------
 
@@ -202,14 +207,18 @@ class Replica:
 
         Generative models get their chat template (system + user + generation
         prompt); pooling classifiers get the plain text with the tokenizer's
-        special tokens, as they were trained.
+        special tokens, as they were trained. Repeated prompts (nightly input
+        repeats itself) are tokenised once: the last :data:`PROMPTS_KEPT` are kept.
         """
+        return list(self._prompt_ids(system, user))
+
+    def _tokenise_chat(self, system: str, user: str) -> tuple[int, ...]:
         if self.runner == "pooling" or not self.has_chat_template:
             text = user if not system or self.runner == "pooling" else f"{system}\n\n{user}"
-            return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+            return tuple(self.tokenizer(text, add_special_tokens=True)["input_ids"])
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        return tuple(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

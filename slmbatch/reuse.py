@@ -29,6 +29,7 @@ a frontier failure is never reused.
 
 from __future__ import annotations
 
+import array
 import collections
 import hashlib
 import json
@@ -132,8 +133,8 @@ def answer_namespace(stage, version: str, dtype: str) -> bytes:
 
 def request_key(namespace: bytes, prompt_ids: Sequence[int], extras: Mapping[str, Any]) -> bytes:
     """Key of one small-model request: ``namespace`` + prompt token ids + the row's flags (e.g. input truncated)."""
-    ids = b"".join(int(i).to_bytes(4, "little", signed=True) for i in prompt_ids)
-    return _digest(namespace, ids, json.dumps(dict(extras), sort_keys=True, default=str).encode())
+    ids = array.array("q", prompt_ids).tobytes()
+    return _digest(namespace, ids, json.dumps(dict(extras), sort_keys=True, default=str).encode() if extras else b"")
 
 
 def frontier_key(base_url: str, model: str, request: Mapping[str, Any]) -> bytes:
