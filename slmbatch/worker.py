@@ -359,7 +359,6 @@ class FrontierActor:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-
         for stage in self.stages:
             # Escalated rows, then the audit sample: one request format, one client, one rate limit.
             routed = batch[stage.columns.routed_to].to_pylist()
