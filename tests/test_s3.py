@@ -278,3 +278,27 @@ def test_a_wrong_secret_fails_the_job_before_any_work_with_the_servers_refusal(s
     assert source in str(err.value)
     assert "not-the-secret" not in str(err.value)
     assert not s3(s3_server).exists(bare(f"{s3_prefix}/out"))
+
+
+def test_the_answer_cache_lives_next_to_an_s3_sink_and_round_trips(s3_server, s3_prefix):
+    """``Job(cache=AnswerCache())`` on an ``s3://`` sink: written whole (one PUT), read back by the next run."""
+    from slmbatch import AnswerCache
+    from slmbatch.reuse import AnswerTable, cache_url, read_cache, write_cache
+
+    job = Job(
+        name="cached-s3",
+        source=ParquetSource(f"{s3_prefix}/in", storage_options=s3_server.storage_options),
+        stages=[Classify("c", model=Model("m"), input="text", labels=["a", "b"])],
+        sink=ParquetSink(f"{s3_prefix}/out", storage_options=s3_server.storage_options),
+        cache=AnswerCache(max_entries=100),
+    )
+    assert cache_url(job) == f"{s3_prefix}/out/_slmbatch/cache/answers.parquet"
+    assert read_cache(job) is None
+    night1 = AnswerTable(100, run_id="20261201T000000Z-aaaaaa")
+    night1.store([(bytes([i]) * 16, json.dumps({"value": "a", "confidence": 0.9, "extras": {}})) for i in range(5)])
+    write_cache(job, night1.export())
+    assert s3(s3_server).exists(bare(cache_url(job)))
+    night2 = AnswerTable(100, run_id="20261202T000000Z-bbbbbb")
+    cached = read_cache(job)
+    assert cached is not None and night2.load(cached) == 5
+    assert night2.lookup([bytes([4]) * 16])[0][1] == "cache"
