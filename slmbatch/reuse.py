@@ -100,8 +100,9 @@ def model_version(name: str, revision: str | None = None) -> str:
     A local directory: a fingerprint of its files (configs and tokenizer by
     content; files over 64 MiB - the weights - by size, modification time and
     their first and last MiB), so a model retrained into the same directory is
-    a new version. A hub id: the commit of the snapshot in the local Hugging
-    Face cache (where the replica loaded it from), else ``name@revision``.
+    a new version. A hub id: the same fingerprint of its snapshot in the local
+    Hugging Face cache (where the replica loaded it from; a snapshot is one
+    commit), else ``name@revision``.
     """
     path = os.path.expanduser(name)
     if os.path.isdir(path):

@@ -30,7 +30,7 @@ from slmbatch.hooks import _observers, add_observer
 from slmbatch.report import StageStats
 
 from .conftest import banking_texts, write_shards
-from .faultserver import FaultServer
+from .faultserver import FaultServer, frontier_reply, rule
 
 # -- the sample ----------------------------------------------------------------------------
 
@@ -279,15 +279,6 @@ def test_a_run_is_degraded_when_escalation_quality_or_confidences_leave_the_cali
 
 ROWS = 90
 AUDIT_RATE = 0.3
-
-
-def rule(text: str) -> str:
-    return "spam" if "card" in text.lower() else "ham"
-
-
-def frontier_reply(body: dict) -> str:
-    user = body["messages"][-1]["content"]
-    return json.dumps({"label": rule(user.split("Text: ", 1)[1].rsplit("\n\nLabel:", 1)[0])})
 
 
 JOB = """

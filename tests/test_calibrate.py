@@ -11,19 +11,9 @@ import slmbatch
 from slmbatch.cli import load_job, main
 
 from .conftest import banking_texts, write_shards
-from .faultserver import FaultServer
+from .faultserver import FaultServer, frontier_reply, rule
 
 ROWS = 80
-
-
-def rule(text: str) -> str:
-    """The 'truth' here, and what the frontier answers: card messages are spam."""
-    return "spam" if "card" in text.lower() else "ham"
-
-
-def frontier_reply(body: dict) -> str:
-    user = body["messages"][-1]["content"]
-    return json.dumps({"label": rule(user.split("Text: ", 1)[1].rsplit("\n\nLabel:", 1)[0])})
 
 
 JOB = """

@@ -33,7 +33,7 @@ from slmbatch.reuse import (
 )
 
 from .conftest import banking_texts, write_shards
-from .faultserver import FaultServer
+from .faultserver import FaultServer, frontier_reply, rule
 
 # -- keys -------------------------------------------------------------------------------------------
 
@@ -177,15 +177,6 @@ def test_cache_and_dedup_options_are_checked_when_the_job_is_defined(tmp_path):
 # -- real jobs: two nights of repeated input ----------------------------------------------------------
 
 DISTINCT = 40
-
-
-def rule(text: str) -> str:
-    return "spam" if "card" in text.lower() else "ham"
-
-
-def frontier_reply(body: dict) -> str:
-    user = body["messages"][-1]["content"]
-    return json.dumps({"label": rule(user.split("Text: ", 1)[1].rsplit("\n\nLabel:", 1)[0])})
 
 
 def repeated(texts: list[str], copies: int, seed: int) -> list[str]:
