@@ -155,7 +155,7 @@ class AnswerTable:
     dropped first), knows which came from the cache file, and counts.
     """
 
-    def __init__(self, max_entries: int, run_id: str = ""):
+    def __init__(self, max_entries: int, run_id: str = "", cached: pa.Table | None = None):
         self.max_entries = max_entries
         self.run_id = run_id
         self.entries: collections.OrderedDict[bytes, tuple[str, str]] = collections.OrderedDict()
@@ -163,6 +163,8 @@ class AnswerTable:
         self.hits = {REUSED_RUN: 0, REUSED_CACHE: 0}
         self.stored = 0
         self.evicted = 0
+        if cached is not None:
+            self.load(cached)
 
     def load(self, table: pa.Table) -> int:
         """Seed with a cache file's entries, in their order of use (a stable sort by run keeps the
@@ -331,11 +333,9 @@ def start_answer_table(job, run_id: str) -> tuple[Any, int | None]:
     import ray
 
     bound = job.cache.max_entries if job.cache is not None else RUN_TABLE_ENTRIES
-    actor = ray.remote(num_cpus=0)(AnswerTable).remote(bound, run_id)
-    loaded = None
-    if job.cache is not None:
-        loaded = 0
-        cached = read_cache(job)
-        if cached is not None:
-            loaded = ray.get(actor.load.remote(cached))
-    return actor, loaded
+    cached = read_cache(job) if job.cache is not None else None
+    # Seeded by its constructor: no lookup can come first, and the driver does not wait for it.
+    actor = ray.remote(num_cpus=0)(AnswerTable).remote(bound, run_id, cached)
+    if job.cache is None:
+        return actor, None
+    return actor, min(cached.num_rows, bound) if cached is not None else 0
