@@ -223,15 +223,30 @@ class AnswerTable:
         }
 
 
+_lost_tables: set[str] = set()
+
+
+def _table_lost(table: Any, exc: BaseException) -> None:
+    """A dead table actor (its node lost, say) costs reuse, never an answer: log it once per process."""
+    name = str(getattr(table, "_actor_id", table))
+    if name not in _lost_tables:
+        _lost_tables.add(name)
+        log.warning("the run's answer table is gone (%s): answering each batch's requests itself", type(exc).__name__)
+
+
 def ask(table: Any, keys: Sequence[bytes]) -> list[tuple[str, str] | None]:
-    """:meth:`AnswerTable.lookup` on a table or its actor handle (None: knows nothing)."""
+    """:meth:`AnswerTable.lookup` on a table or its actor handle (None, or a dead actor: knows nothing)."""
     if not keys or table is None:
         return [None] * len(keys)
     if isinstance(table, AnswerTable):
         return table.lookup(keys)
     import ray
 
-    return ray.get(table.lookup.remote(list(keys)))
+    try:
+        return ray.get(table.lookup.remote(list(keys)))
+    except ray.exceptions.RayActorError as exc:
+        _table_lost(table, exc)
+        return [None] * len(keys)
 
 
 def tell(table: Any, items: Sequence[tuple[bytes, str]]) -> None:
@@ -240,8 +255,13 @@ def tell(table: Any, items: Sequence[tuple[bytes, str]]) -> None:
         return
     if isinstance(table, AnswerTable):
         table.store(items)
-    else:
+        return
+    import ray
+
+    try:
         table.store.remote(list(items))
+    except ray.exceptions.RayActorError as exc:
+        _table_lost(table, exc)
 
 
 def answer_once(
@@ -327,6 +347,11 @@ def write_cache(job, table: pa.Table) -> None:
 RUN_TABLE_ENTRIES = 1_000_000
 
 
+def table_name(job, run_id: str) -> str:
+    """The Ray actor name of a run's answer table."""
+    return f"slmbatch-answers-{job.name}-{run_id}"
+
+
 def start_answer_table(job, run_id: str) -> tuple[Any, int | None]:
     """The run's :class:`AnswerTable` actor (owned by the driver, gone with it), seeded from the
     job's answer cache if it has one; and how many entries the cache gave it (None: no cache)."""
@@ -335,7 +360,7 @@ def start_answer_table(job, run_id: str) -> tuple[Any, int | None]:
     bound = job.cache.max_entries if job.cache is not None else RUN_TABLE_ENTRIES
     cached = read_cache(job) if job.cache is not None else None
     # Seeded by its constructor: no lookup can come first, and the driver does not wait for it.
-    actor = ray.remote(num_cpus=0)(AnswerTable).remote(bound, run_id, cached)
+    actor = ray.remote(num_cpus=0)(AnswerTable).options(name=table_name(job, run_id)).remote(bound, run_id, cached)
     if job.cache is None:
         return actor, None
     return actor, min(cached.num_rows, bound) if cached is not None else 0

@@ -28,6 +28,7 @@ report :mod:`.report`'s.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -316,9 +317,14 @@ def _finish_answers(job: Job, answers: Any, summary: RunSummary) -> None:
     (every row is in the writer's hands by now: the cache only ever speeds a later run up)."""
     import ray
 
-    summary.answer_table = ray.get(answers.stats.remote())
-    if job.cache is not None:
-        write_cache(job, ray.get(answers.export.remote()))
+    try:
+        summary.answer_table = ray.get(answers.stats.remote())
+        exported = ray.get(answers.export.remote()) if job.cache is not None else None
+    except ray.exceptions.RayActorError as exc:
+        log.warning("the run's answer table was lost (%s): the answer cache is not updated", type(exc).__name__)
+        return
+    if exported is not None:
+        write_cache(job, exported)
         log.info("answer cache %s: %d entries", cache_url(job), summary.answer_table["entries"])
 
 
@@ -414,16 +420,21 @@ def _process(
             answers = None
             if job.dedup:
                 answers, summary.cache_loaded = start_answer_table(job, summary.run_id)
-            key = frontier_key_ref(job) if job.escalates else []
-            dataset = build_dataset(job, live, the_plan.schema, limiter, key, answers)
-            # prefetch_batches=0: with Ray Data's default (1) the driver got each batch only once
-            # the next one was ready - the first rows came back one frontier batch late (~4 s in
-            # the demo). The driver's work per batch is small; fetching ahead buys nothing.
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                checkpoint("batch")
-                bar.update(writer.add(batch))
-            if answers is not None:
-                _finish_answers(job, answers, summary)
+            try:
+                key = frontier_key_ref(job) if job.escalates else []
+                dataset = build_dataset(job, live, the_plan.schema, limiter, key, answers)
+                # prefetch_batches=0: with Ray Data's default (1) the driver got each batch only once
+                # the next one was ready - the first rows came back one frontier batch late (~4 s in
+                # the demo). The driver's work per batch is small; fetching ahead buys nothing.
+                for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                    checkpoint("batch")
+                    bar.update(writer.add(batch))
+                if answers is not None:
+                    _finish_answers(job, answers, summary)
+            finally:
+                if answers is not None:  # done with (counted, cached): not left to a driver that runs more jobs
+                    with contextlib.suppress(Exception):
+                        ray.kill(answers)
         writer.close()
     finally:
         bar.close()

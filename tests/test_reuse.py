@@ -311,3 +311,44 @@ def test_a_changed_model_misses_the_cache(two_nights, tmp_path, tiny_classifier)
     # the frontier's replies do not depend on the small model: those still come from the cache
     assert set(df["spam_frontier_reused"].drop_nulls()) <= {"run", "cache"}
     assert os.path.exists(base / "cache" / "answers.parquet")
+
+
+def test_losing_the_answer_table_mid_run_loses_no_row_and_changes_no_answer(two_nights, tmp_path, tiny_classifier):
+    """The table is one actor: if it dies (its node lost, say) replicas answer each batch themselves,
+    every row is still written once with the same answer, and the cache is left as it was."""
+    import ray
+
+    from slmbatch.hooks import _observers, add_observer
+    from slmbatch.reuse import AnswerTable, ask, tell
+
+    # a dead table, asked directly: it knows nothing, and telling it raises nothing
+    dead = ray.remote(num_cpus=0)(AnswerTable).remote(10, "r")
+    ray.get(dead.stats.remote())
+    ray.kill(dead)
+    assert ask(dead, [b"k" * 16]) == [None]
+    tell(dead, [(b"k" * 16, "{}")])
+
+    base, runs = two_nights
+    _, alone, _ = runs["night1-nodedup"]
+    cache = base / "cache" / "answers.parquet"
+    before = cache.read_bytes()
+
+    def kill_the_table(point: str) -> None:
+        if point != "batch":
+            return
+        _observers.remove(kill_the_table)
+        (name,) = [a for a in ray.util.list_named_actors() if a.startswith("slmbatch-answers-reused-")]
+        ray.kill(ray.get_actor(name))
+
+    add_observer(kill_the_table)
+    try:
+        with FaultServer(reply=frontier_reply) as server:
+            summary = slmbatch.run(cached_job(base, "night1", tiny_classifier, server.base_url, str(tmp_path / "out")))
+    finally:
+        if kill_the_table in _observers:
+            _observers.remove(kill_the_table)
+    df = pl.read_parquet(tmp_path / "out" / "*.parquet").sort("_row_id")
+    assert df.height == alone.height and df["_row_id"].to_list() == alone["_row_id"].to_list()
+    assert df["spam_small"].to_list() == alone["spam_small"].to_list()
+    assert df["spam"].to_list() == alone["spam"].to_list()
+    assert summary.answer_table is None and cache.read_bytes() == before
