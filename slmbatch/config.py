@@ -467,6 +467,10 @@ class Frontier:
         )
 
 
+#: Where a job's answer cache lives under its sink when ``AnswerCache.path`` is not set.
+CACHE_FILE = "_slmbatch/cache/answers.parquet"
+
+
 @spec
 class AnswerCache:
     """Answers kept from one run to the next (opt-in per job: ``Job(cache=AnswerCache())``).
@@ -475,7 +479,7 @@ class AnswerCache:
     from here - the small model's answer and the frontier's reply alike - and
     marks it ``<stage>_reused = "cache"`` (``_frontier_reused`` for the
     reply). An entry is keyed by what decides the answer: the model's version
-    (a content fingerprint of a local directory, the revision of a hub id),
+    (a fingerprint of the files of a local directory, or of a hub id's local snapshot),
     the replica's dtype, every stage option that changes answers (prompt,
     system message, labels, schema, limits) and the request's prompt token
     ids; a frontier reply by the frontier's endpoint and model and the exact
@@ -510,7 +514,7 @@ class AnswerCache:
         )
 
     def describe(self) -> str:
-        return f"answer cache at {self.path or '<sink>/_slmbatch/cache/answers.parquet'} (at most {self.max_entries:,} entries)"
+        return f"answer cache at {self.path or '<sink>/' + CACHE_FILE} (at most {self.max_entries:,} entries)"
 
 
 class CalibratedThreshold(float):

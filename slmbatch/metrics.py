@@ -35,6 +35,12 @@ class StageMetrics:
         if value:
             self._counter(name, description).inc(value, tags=tags)
 
+    def _reused(self, table: pa.Table, column: str, tags: dict[str, str]) -> None:
+        reused = table.num_rows - table[column].null_count
+        self._inc(
+            "slmbatch_rows_reused", "rows answered with an identical request's answer (dedup, cache)", reused, tags
+        )
+
     def record_replica(self, stages, model: str, threads: int | None) -> None:
         """Once per replica, at start: the CPU engine's threads (``Model.threads``, or
         what Ray gave the actor), so a starved replica shows on the dashboard."""
@@ -57,10 +63,7 @@ class StageMetrics:
         self._inc("slmbatch_rows_errored", "rows a stage could not answer (error column set)", errored, tags)
         self._inc("slmbatch_tokens_in", "prompt tokens processed", pc.sum(table[c.tokens_in]).as_py() or 0, tags)
         self._inc("slmbatch_tokens_out", "tokens generated", pc.sum(table[c.tokens_out]).as_py() or 0, tags)
-        reused = table.num_rows - table[c.reused].null_count
-        self._inc(
-            "slmbatch_rows_reused", "rows answered with an identical request's answer (dedup, cache)", reused, tags
-        )
+        self._reused(table, c.reused, tags)
 
     def record_frontier(self, table: pa.Table, stage, model: str) -> None:
         c = stage.columns
@@ -73,10 +76,7 @@ class StageMetrics:
             table.num_rows - table[c.frontier_error].null_count,
             tags,
         )
-        reused = table.num_rows - table[c.frontier_reused].null_count
-        self._inc(
-            "slmbatch_rows_reused", "rows answered with an identical request's answer (dedup, cache)", reused, tags
-        )
+        self._reused(table, c.frontier_reused, tags)
         self._inc(
             "slmbatch_tokens_in", "prompt tokens processed", pc.sum(table[c.frontier_tokens_in]).as_py() or 0, tags
         )

@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 
 from .columns import REUSED_CACHE, REUSED_RUN
+from .config import CACHE_FILE
 
 log = logging.getLogger("slmbatch")
 T = TypeVar("T")
@@ -53,8 +54,6 @@ _NOT_ANSWER = {"name", "input", "when", "threshold", "escalate_on_error", "escal
 #: Files of a model directory hashed whole; larger ones (weights) by size, mtime and their first and last MiB.
 _HASHED_WHOLE = 64 << 20
 _EDGE = 1 << 20
-#: The cache file under the sink when ``AnswerCache.path`` is not set.
-CACHE_FILE = "_slmbatch/cache/answers.parquet"
 CACHE_SCHEMA = pa.schema(
     [
         pa.field("key", pa.binary(KEY_BYTES)),
@@ -217,8 +216,9 @@ class AnswerTable:
         return {
             "entries": len(self.entries),
             "stored": self.stored,
-            "reused_run": self.hits[REUSED_RUN],
-            "reused_cache": self.hits[REUSED_CACHE],
+            # keys found by lookups (a batch asks once per distinct key): rows are counted in StageStats
+            "hits_run": self.hits[REUSED_RUN],
+            "hits_cache": self.hits[REUSED_CACHE],
             "evicted": self.evicted,
         }
 

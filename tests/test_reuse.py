@@ -110,7 +110,7 @@ def test_each_distinct_key_is_computed_once_and_errors_are_not_shared():
     calls.clear()
     results, origins = answer_once([b"c" * 16, b"a" * 16], table, _counting({0: "C"}, calls), json.dumps, json.loads)
     assert calls == [[0]] and results == ["C", "A"] and origins == [None, "run"]
-    assert table.stats() == {"entries": 3, "stored": 3, "reused_run": 1, "reused_cache": 0, "evicted": 0}
+    assert table.stats() == {"entries": 3, "stored": 3, "hits_run": 1, "hits_cache": 0, "evicted": 0}
     # without a table: within the keys given only
     calls.clear()
     results, origins = answer_once(keys[:3], None, _counting({0: "A", 1: "B"}, calls), json.dumps, json.loads)
@@ -286,7 +286,7 @@ def test_a_second_night_answers_the_rows_seen_before_from_the_cache_and_still_au
     # audit sampling picks rows by row id, whatever answered them: cached rows are audited too
     audited = old.filter(pl.col("spam_audit") > 0)
     assert audited.height > 0 and audited["spam_frontier"].to_list() == [rule(t) for t in audited["text"]]
-    assert summary.cache_loaded and summary.answer_table["reused_cache"] > 0
+    assert summary.cache_loaded and summary.answer_table["hits_cache"] > 0
     assert "answer cache:" in summary.render()
     cache = pq.read_table(base / "cache" / "answers.parquet")
     assert cache.num_rows == summary.answer_table["entries"]
