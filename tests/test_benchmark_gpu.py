@@ -79,3 +79,26 @@ def test_rates_and_fraction_units():
     assert matmul_tflops(8192, 1, 1.0) == pytest.approx(2 * 8192**3 / 1e12)
     assert matmul_tflops(1000, 10, 0.02) == pytest.approx(1.0)
     assert prefill_fraction(5e14, 1.0, 1000.0) == pytest.approx(0.5)
+
+
+def test_transformers_rows_benchmark_answers_every_row_on_cpu(tmp_path):
+    """``benchmarks.gpu_rows`` end to end on a CPU: the MiniLM shape in full, the Qwen path shrunk."""
+    import json
+
+    from benchmarks.gpu_rows import main, measure, qwen_classifier
+
+    out = tmp_path / "gpu-transformers.json"
+    args = ["--device", "cpu", "--rows", "40", "--repeats", "1", "--batch-sizes", "16"]
+    assert main([*args, "--models", "minilm", "--matmul-n", "64", "--out", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["models"]["minilm"]["runs"]
+    assert (run["rows"], run["batches"]) == (40, 3)
+    assert run["padded_tokens"] >= run["prompt_tokens"] > 40
+    assert run["scores_finite"] and run["prefill_fraction"] > 0
+
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+    model, tokenizer, _ = qwen_classifier("cpu", num_labels=77, config=small)
+    result, lengths = measure(
+        model, tokenizer, ["my card", "where is my refund?"] * 5, device="cpu", batch_size=4, repeats=1
+    )
+    assert (result["rows"], result["batches"], len(lengths)) == (10, 3, 10)
+    assert result["scores_finite"]
