@@ -319,14 +319,7 @@ class FrontierClient:
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         f = self.frontier
         http, slots = self._ensure_started()
-        body: dict[str, Any] = {
-            "model": f.model,
-            "messages": [dict(m) for m in messages],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-        }
-        if response_format is not None:
-            body["response_format"] = _plain(response_format)
+        body = request_body(f, messages, max_tokens, response_format)
         estimate = estimate_tokens(messages, max_tokens)
         outcome = _Outcome()
         attempt = 0
@@ -454,33 +447,61 @@ class FrontierClient:
                 f"{_scrub(response.content.decode('utf-8', 'replace'), key) or '(empty body)'}",
                 retryable=True,
             )
-        message, finish_reason = _first_message(data)
-        content = message.get("content") if message is not None else None
-        if not isinstance(content, str):
-            refusal = message.get("refusal") if message is not None else None
-            if isinstance(refusal, str) and refusal:
-                return _Outcome(reason=f"refused by the model: {_scrub(refusal, key)}")
-            return _Outcome(reason="malformed response: no string choices[0].message.content", retryable=True)
+        return completion_outcome(data, messages, f, key)
 
-        usage = data.get("usage")
-        prompt_tokens = _usage_count(usage, "prompt_tokens")
-        completion_tokens = _usage_count(usage, "completion_tokens")
-        estimated = prompt_tokens is None or completion_tokens is None
-        if prompt_tokens is None:
-            prompt_tokens = math.ceil(_content_chars(messages) / 4)
-        if completion_tokens is None:
-            completion_tokens = math.ceil(len(content) / 4)
-        return _Outcome(
-            reply=FrontierReply(
-                text=content,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                attempts=0,
-                cost_usd=f.cost_usd(prompt_tokens, completion_tokens),
-                finish_reason=finish_reason,
-                usage_estimated=estimated,
-            )
+
+def completion_outcome(
+    data: Any, messages: Sequence[Mapping[str, Any]], frontier: Frontier, key: str | None, *, batch: bool = False
+) -> _Outcome:
+    """A chat-completions response body (decoded JSON) as a reply, or the reason it is not one.
+
+    One reading of a completion for both ways of asking: an online response and
+    a line of a Batch API output file (``batch``: priced at the batch prices)."""
+    message, finish_reason = _first_message(data)
+    content = message.get("content") if message is not None else None
+    if not isinstance(content, str):
+        refusal = message.get("refusal") if message is not None else None
+        if isinstance(refusal, str) and refusal:
+            return _Outcome(reason=f"refused by the model: {_scrub(refusal, key)}")
+        return _Outcome(reason="malformed response: no string choices[0].message.content", retryable=True)
+
+    usage = data.get("usage")
+    prompt_tokens = _usage_count(usage, "prompt_tokens")
+    completion_tokens = _usage_count(usage, "completion_tokens")
+    estimated = prompt_tokens is None or completion_tokens is None
+    if prompt_tokens is None:
+        prompt_tokens = math.ceil(_content_chars(messages) / 4)
+    if completion_tokens is None:
+        completion_tokens = math.ceil(len(content) / 4)
+    return _Outcome(
+        reply=FrontierReply(
+            text=content,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            attempts=0,
+            cost_usd=frontier.cost_usd(prompt_tokens, completion_tokens, batch=batch),
+            finish_reason=finish_reason,
+            usage_estimated=estimated,
         )
+    )
+
+
+def request_body(
+    frontier: Frontier,
+    messages: Sequence[Mapping[str, Any]],
+    max_tokens: int,
+    response_format: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The chat-completions body of one request (``temperature`` 0): the same online and in a Batch API line."""
+    body: dict[str, Any] = {
+        "model": frontier.model,
+        "messages": [dict(m) for m in messages],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    if response_format is not None:
+        body["response_format"] = _plain(response_format)
+    return body
 
 
 def _first_message(data: Any) -> tuple[Mapping[str, Any] | None, str | None]:
