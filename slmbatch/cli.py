@@ -45,6 +45,7 @@ sink) and assigns it to a variable named `job`. Examples: jobs/, examples/.
   slmbatch calibrate jobs/tickets.py --source validation/ --gold intent=label \
       --target 'accuracy>=0.9'          thresholds for a target -> a thresholds file
   slmbatch feedback OUT_DIR             escalated rows -> chat JSONL for fine-tuning
+  slmbatch collect jobs/tickets.py      merge finished Batch API answers (Frontier(mode="batch"))
 
 On a cluster, submit the same command unchanged:
   ray job submit --working-dir . -- slmbatch run jobs/tickets.py
@@ -111,6 +112,7 @@ def _run(args) -> int:
         run_date=args.run_date,
         backfill=backfill,
         quiet=not args.verbose,
+        wait_s=args.wait,
     )
     print(summary.render(), flush=True)
     if summary.degraded and args.fail_on_degraded:
@@ -118,6 +120,26 @@ def _run(args) -> int:
             f"slmbatch: run degraded ({len(summary.degraded)} reason(s) above): exit {EXIT_DEGRADED}", file=sys.stderr
         )
         return EXIT_DEGRADED
+    return 0
+
+
+def _collect(args) -> int:
+    import datetime as dt
+
+    from .batch import BatchStore, awaiting_in_sink, collect
+    from .ledger import Ledger
+    from .report import render_batches
+
+    job = load_job(args.job_file, args.job)
+    if job.frontier is None or not job.frontier.batched:
+        raise ConfigError("Job.frontier.mode", 'slmbatch collect is for jobs whose Frontier has mode="batch"')
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("collect-%Y%m%dT%H%M%SZ")
+    with Ledger(job).run_lock(dt.datetime.now(dt.timezone.utc).date(), run_id):
+        records = collect(job, run_id, wait_s=args.wait)
+    for line in render_batches(records) or ["  no Batch API batches to submit or merge"]:
+        print(line)
+    rows, running = awaiting_in_sink(BatchStore(job.sink.path, job.sink.storage_options))
+    print(f"  {rows:,} rows await Batch API answers in {len(running)} batch(es)" if rows else "  no rows await answers")
     return 0
 
 
@@ -336,7 +358,28 @@ def build_parser() -> argparse.ArgumentParser:
         "audit-estimated quality or confidence distribution moved away from what calibration promised "
         "(so a scheduler alerts)",
     )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help='with Frontier(mode="batch"): wait up to this long for the run\'s batches and merge their '
+        "answers before exiting (default 0: submit and exit; `slmbatch collect` or the next run merges them)",
+    )
     p.set_defaults(func=_run)
+
+    p = sub.add_parser(
+        "collect",
+        help='merge the answers of finished Batch API batches into the output (Frontier(mode="batch"))',
+        description="Submit the job's Batch API requests that no batch holds yet (a run that could not), "
+        "then merge every finished batch's answers into the rows awaiting them, in place; requests a batch "
+        "did not answer are submitted again (Frontier.batch_resubmits) or keep the small answer with the reason.",
+    )
+    job_args(p)
+    p.add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for running batches"
+    )
+    p.set_defaults(func=_collect)
 
     p = sub.add_parser(
         "validate",

@@ -33,6 +33,12 @@ fine-tuning feedback learnt from it::
     <name>_frontier_tokens_in / _out, <name>_frontier_cost_usd
     <name>_frontier_reused      as ``<name>_reused``, for the frontier's reply
                                 (a reused reply's tokens and cost are 0)
+    <name>_frontier_batch       ``Frontier(mode="batch")``: the Batch API request
+                                (``custom_id``) that answers this row; while it
+                                has no answer yet (``<name>_frontier`` and
+                                ``<name>_frontier_error`` null) the row *awaits*
+                                it: an escalated row is ``"pending"`` and keeps
+                                the small answer until the batch's is merged
 
 Columns that start with :data:`INTERNAL` travel with rows between the read
 task, the replicas and the writer, and are never written.
@@ -66,6 +72,11 @@ def busy_column(stage: str) -> str:
 def engine_column(stage: str) -> str:
     """What the replica that answered ``stage`` ran on, e.g. ``"float32, CPU, 2 threads"`` (string, internal)."""
     return f"{INTERNAL}engine_{stage}"
+
+
+def request_column(stage: str) -> str:
+    """A routed row's Batch API request body (JSON string, internal): from the frontier step to the writer."""
+    return f"{INTERNAL}request_{stage}"
 
 
 #: Routing values of ``<name>_routed_to``.
@@ -156,6 +167,10 @@ class StageColumns:
     def frontier_reused(self) -> str:
         return self._("frontier_reused")
 
+    @property
+    def frontier_batch(self) -> str:
+        return self._("frontier_batch")
+
     def extra(self, suffix: str) -> str:
         """A family-specific column, ``<name>_<suffix>``."""
         return self._(suffix)
@@ -186,6 +201,7 @@ class StageColumns:
             pa.field(self.frontier_tokens_out, pa.int64()),
             pa.field(self.frontier_cost_usd, pa.float64()),
             pa.field(self.frontier_reused, pa.string()),
+            pa.field(self.frontier_batch, pa.string()),
         ]
 
     def schema(self, answer_type: pa.DataType, extras: Sequence[pa.Field] = (), routed: bool = False) -> list[pa.Field]:

@@ -316,6 +316,8 @@ class Egress:
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+#: ``Frontier.mode`` values.
+FRONTIER_MODES = ("online", "batch")
 
 
 @spec
@@ -358,6 +360,28 @@ class Frontier:
             typical frontier model's list price (2.5 / 10 USD) so that cost
             reports are never zero by accident; set both to your model's
             actual price.
+        mode: ``"online"`` (default): each routed row is answered during the
+            run, through ``/chat/completions``. ``"batch"``: routed rows (and
+            the audit sample) become requests of the provider's Batch API
+            (``/files`` + ``/batches``; answered within ``batch_window``, at
+            about half the price). The run writes the small model's answers
+            with those rows pending, submits the requests when its shards are
+            written, and a later run, ``slmbatch collect`` or ``--wait`` merges
+            the answers into the same rows (:mod:`slmbatch.batch`).
+        batch_price_in_per_mtok, batch_price_out_per_mtok: USD per 1M tokens in
+            batch mode; None: half the online prices (the usual Batch API discount).
+        batch_window: the batches' ``completion_window`` (``"24h"`` at OpenAI).
+        batch_max_requests: requests per batch; more are split into several
+            batches (OpenAI: 50,000).
+        batch_max_bytes: bytes of one batch's input file; larger inputs are
+            split (OpenAI: 200 MB).
+        batch_poll_s: the longest wait between two looks at a running batch
+            (the first is after 1 s, then doubling up to this).
+        batch_resubmits: how often a request that a batch did not answer (its
+            line in the error file, or left unfinished by an expired,
+            cancelled or failed batch) is submitted again; after that the row
+            keeps the small model's answer with the reason in
+            ``<stage>_frontier_error``.
     """
 
     base_url: str
@@ -373,6 +397,14 @@ class Frontier:
     max_backoff_s: float = 30.0
     price_in_per_mtok: float = 2.5
     price_out_per_mtok: float = 10.0
+    mode: str = "online"
+    batch_price_in_per_mtok: float | None = None
+    batch_price_out_per_mtok: float | None = None
+    batch_window: str = "24h"
+    batch_max_requests: int = 50_000
+    batch_max_bytes: int = 200_000_000
+    batch_poll_s: float = 30.0
+    batch_resubmits: int = 1
 
     def __post_init__(self):
         require(isinstance(self.base_url, str), "Frontier.base_url", f"must be an http(s) URL, got {self.base_url!r}")
@@ -429,6 +461,34 @@ class Frontier:
         )
         check_non_negative(self.price_in_per_mtok, "Frontier.price_in_per_mtok")
         check_non_negative(self.price_out_per_mtok, "Frontier.price_out_per_mtok")
+        require(
+            self.mode in FRONTIER_MODES, "Frontier.mode", f"must be one of {list(FRONTIER_MODES)}, got {self.mode!r}"
+        )
+        for name in ("batch_price_in_per_mtok", "batch_price_out_per_mtok"):
+            if getattr(self, name) is not None:
+                check_non_negative(getattr(self, name), f"Frontier.{name}")
+        require(
+            isinstance(self.batch_window, str) and re.fullmatch(r"[1-9][0-9]*h", self.batch_window) is not None,
+            "Frontier.batch_window",
+            f"must be hours like '24h', got {self.batch_window!r}",
+        )
+        check_positive_int(self.batch_max_requests, "Frontier.batch_max_requests")
+        check_positive_int(self.batch_max_bytes, "Frontier.batch_max_bytes")
+        require(
+            self.batch_max_bytes >= 1024, "Frontier.batch_max_bytes", f"must be >= 1024, got {self.batch_max_bytes}"
+        )
+        check_positive_number(self.batch_poll_s, "Frontier.batch_poll_s")
+        require(
+            isinstance(self.batch_resubmits, int)
+            and not isinstance(self.batch_resubmits, bool)
+            and self.batch_resubmits >= 0,
+            "Frontier.batch_resubmits",
+            f"must be an integer >= 0, got {self.batch_resubmits!r}",
+        )
+        if self.batch_price_in_per_mtok is None:
+            set_field(self, "batch_price_in_per_mtok", self.price_in_per_mtok / 2)
+        if self.batch_price_out_per_mtok is None:
+            set_field(self, "batch_price_out_per_mtok", self.price_out_per_mtok / 2)
         for name in (
             "requests_per_minute",
             "tokens_per_minute",
@@ -437,6 +497,9 @@ class Frontier:
             "max_backoff_s",
             "price_in_per_mtok",
             "price_out_per_mtok",
+            "batch_price_in_per_mtok",
+            "batch_price_out_per_mtok",
+            "batch_poll_s",
         ):
             value = getattr(self, name)
             if value is not None:
@@ -446,9 +509,18 @@ class Frontier:
     def chat_url(self) -> str:
         return f"{self.base_url}/chat/completions"
 
-    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
-        """USD for one answered request at this spec's prices."""
-        return (prompt_tokens * self.price_in_per_mtok + completion_tokens * self.price_out_per_mtok) / 1e6
+    @property
+    def batched(self) -> bool:
+        """Whether routed rows go through the Batch API (``mode="batch"``)."""
+        return self.mode == "batch"
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int, *, batch: bool = False) -> float:
+        """USD for one answered request at this spec's online (or ``batch``) prices."""
+        if batch:
+            price_in, price_out = self.batch_price_in_per_mtok or 0.0, self.batch_price_out_per_mtok or 0.0
+        else:
+            price_in, price_out = self.price_in_per_mtok, self.price_out_per_mtok
+        return (prompt_tokens * price_in + completion_tokens * price_out) / 1e6
 
     def describe(self) -> str:
         limits = (
@@ -463,7 +535,13 @@ class Frontier:
         return (
             f"{self.model} at {self.base_url} ({self.actors} actor(s) x {self.concurrency} in flight, {limits}, "
             f"{key}, timeout {self.timeout_s:g} s, {self.max_attempts} attempt(s), "
-            f"${self.price_in_per_mtok:g}/${self.price_out_per_mtok:g} per 1M tokens in/out)"
+            f"${self.price_in_per_mtok:g}/${self.price_out_per_mtok:g} per 1M tokens in/out"
+            + (
+                f"; batch mode, window {self.batch_window}, ${self.batch_price_in_per_mtok:g}/"
+                f"${self.batch_price_out_per_mtok:g} per 1M tokens in/out)"
+                if self.batched
+                else ")"
+            )
         )
 
 

@@ -313,6 +313,19 @@ class Ledger:
         }
         write_text(self._url("done", key + ".json"), json.dumps(record, indent=2), self.options)
 
+    def marker(self, key: str) -> dict | None:
+        """Shard ``key``'s marker, or None if it is not done."""
+        return self._read_json(self._url("done", key + ".json"))
+
+    def update_marker(self, key: str, **fields: Any) -> None:
+        """Rewrite shard ``key``'s marker with ``fields`` changed (after its output was rewritten whole:
+        :mod:`slmbatch.batch` merging answers into it)."""
+        record = self.marker(key)
+        if record is None:
+            raise KeyError(key)
+        record.update(fields)
+        write_text(self._url("done", key + ".json"), json.dumps(record, indent=2), self.options)
+
     @contextlib.contextmanager
     def run_lock(self, run_date: dt.date, run_id: str) -> Iterator[None]:
         """Hold ``_slmbatch/active.json`` for the run: one run per sink at a time.

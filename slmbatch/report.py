@@ -57,6 +57,7 @@ class StageStats:
     frontier_reused_run: int = 0  # sent rows (escalated or audited) whose frontier reply was another's
     frontier_reused_cache: int = 0
     frontier_paid: int = 0  # escalated rows the frontier answered and billed (not reused)
+    batch_awaiting: int = 0  # escalated or audited rows awaiting a Batch API answer (Frontier(mode="batch"))
 
     @property
     def skipped(self) -> int:
@@ -104,6 +105,16 @@ class StageStats:
         reused = _counts(table[c.frontier_reused])
         self.frontier_reused_run += reused.get(REUSED_RUN, 0)
         self.frontier_reused_cache += reused.get(REUSED_CACHE, 0)
+        if c.frontier_batch in table.column_names:
+            self.batch_awaiting += (
+                pc.sum(
+                    pc.and_(
+                        pc.and_(pc.is_valid(table[c.frontier_batch]), pc.is_null(table[c.frontier])),
+                        pc.is_null(table[c.frontier_error]),
+                    )
+                ).as_py()
+                or 0
+            )
         audit = pc.greater(pc.fill_null(table[c.audit], 0.0), 0.0)
         for rows, sent in ((table.filter(pc.invert(audit)), True), (table.filter(audit), False)):
             failed = len(rows) - rows[c.frontier_error].null_count
@@ -218,6 +229,10 @@ class RunSummary:
     degraded: list[str] = dataclasses.field(default_factory=list)  # why the run no longer holds its calibration
     answer_table: dict[str, int] | None = None  # the run's AnswerTable.stats() (Job.dedup), None without one
     cache_loaded: int | None = None  # entries the job's answer cache held when the run started (None: no cache)
+    batch_requests: int = 0  # Batch API requests this run's shards left (Frontier(mode="batch"))
+    batches: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # batch records this run touched
+    batch_awaiting_rows: int = 0  # rows of the sink still awaiting a Batch API answer when the run ended
+    batch_error: str | None = None  # why the Batch API could not be reached (the next run tries again)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSummary:
@@ -326,7 +341,9 @@ class RunSummary:
             if s.escalation_wanted:
                 lines.append(
                     f"    routing: {s.escalation_wanted:,} rows below the bar -> {s.escalated:,} answered by "
-                    f"the frontier, {s.frontier_failed:,} frontier failures, {s.not_sent:,} not sent; "
+                    f"the frontier, "
+                    + (f"{s.batch_awaiting:,} sent to the Batch API, " if s.batch_awaiting else "")
+                    + f"{s.frontier_failed:,} frontier failures, {s.not_sent:,} not sent; "
                     f"frontier tokens in/out {s.frontier_tokens_in:,}/{s.frontier_tokens_out:,}"
                 )
             if s.reused_run or s.reused_cache or s.frontier_reused_run or s.frontier_reused_cache:
@@ -348,26 +365,47 @@ class RunSummary:
                 f"  answer cache: {self.cache_loaded:,} entries at start, {t['stored']:,} new, "
                 f"{t['evicted']:,} dropped (least recently used), {t['entries']:,} kept"
             )
+        lines += self.render_batches()
         lines.append(f"  output: {self.sink}")
         if self.log_file:
             lines.append(f"  engine, Ray and torch output: {self.log_file}")
         return "\n".join(lines)
 
+    def render_batches(self) -> list[str]:
+        """The Batch API part of a batch-mode run: what it submitted and merged, and what still awaits."""
+        lines = []
+        if self.batches:
+            lines.append("  frontier Batch API:")
+            lines += render_batches(self.batches, indent="    ")
+        if self.batch_error:
+            lines.append(
+                f"  WARNING: Batch API unreachable: {self.batch_error}; the next run or slmbatch collect retries"
+            )
+        if self.batch_awaiting_rows:
+            lines.append(
+                f"  {self.batch_awaiting_rows:,} rows await Batch API answers: they keep the small model's answer "
+                "until `slmbatch collect JOB.py` or the next run merges them"
+            )
+        return lines
+
     def render_cost(self) -> list[str]:
         small = sum(s.small_cost_usd for s in self.stages)
         frontier = sum(s.frontier_cost_usd for s in self.stages)
         audit = sum(s.audit_cost_usd for s in self.stages)
+        # Batch API answers merged by this run (escalations and audits alike; billed at the batch prices)
+        batch = sum(r.get("cost_usd") or 0.0 for r in self.batches if r.get("state") == "done")
         lines = [
             f"  cost: small models ${small:.4f} + frontier ${frontier:.4f}"
             + (f" + audit ${audit:.4f}" if audit else "")
-            + f" = ${small + frontier + audit:.4f}"
+            + (f" + Batch API ${batch:.4f}" if batch else "")
+            + f" = ${small + frontier + audit + batch:.4f}"
         ]
         baselines = [s.all_frontier_cost_usd for s in self.stages if s.all_frontier_cost_usd is not None]
         if baselines and sum(baselines) > 0:
             baseline = sum(baselines)
             lines[0] += (
                 f"; all-frontier estimate ${baseline:.4f} -> saving "
-                f"{100 * (1 - (small + frontier + audit) / baseline):.1f}%"
+                f"{100 * (1 - (small + frontier + audit + batch) / baseline):.1f}%"
             )
         return lines
 
@@ -482,3 +520,39 @@ def _sparkline(counts: list[int]) -> str:
     blocks = " ▁▂▃▄▅▆▇█"
     top = max(counts) or 1
     return "".join(blocks[math.ceil(c / top * (len(blocks) - 1))] for c in counts)
+
+
+def render_batches(records: Sequence[Mapping[str, Any]], indent: str = "  ") -> list[str]:
+    """A line per batch: state, age, counts, and for a finished one its outcome and $ against online."""
+    lines = []
+    for r in records:
+        age = _age_s(r.get("submitted_at") or r.get("created_at"))
+        head = (
+            f"{indent}batch {r['id']} ({r.get('batch_id') or 'not created yet'}, attempt {r['attempt']}): "
+            f"{r['requests']:,} requests for {r['rows']:,} rows, "
+        )
+        if r["state"] == "prepared":
+            lines.append(head + "prepared, not submitted yet")
+            continue
+        if r["state"] != "done":
+            lines.append(head + f"{r.get('status') or r['state']}, submitted {(age or 0) / 60:.1f} min ago")
+            continue
+        saving = 1 - r["cost_usd"] / r["online_cost_usd"] if r.get("online_cost_usd") else None
+        lines.append(
+            head
+            + f"{r.get('status')}: {r.get('answered', 0):,} answered, {r.get('unanswered', 0):,} without answer"
+            + (f" (submitted again as {r['resubmitted_as']})" if r.get("resubmitted_as") else "")
+            + (f", in {r['turnaround_s']:.0f} s" if r.get("turnaround_s") is not None else "")
+            + f"; ${r.get('cost_usd', 0):.4f} at batch prices (online ${r.get('online_cost_usd', 0):.4f}"
+            + (f", {saving:.0%} less)" if saving is not None else ")")
+        )
+    return lines
+
+
+def _age_s(stamp: str | None) -> float | None:
+    """Seconds since an ISO timestamp (None: none)."""
+    if not stamp:
+        return None
+    import datetime as dt
+
+    return (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(stamp)).total_seconds()

@@ -44,7 +44,7 @@ import pyarrow as pa
 from . import console
 from .audit import drift_reasons
 from .console import local_log_path
-from .errors import ConfigError, FailureBudgetError, RowAccountingError
+from .errors import ConfigError, FailureBudgetError, FrontierError, RowAccountingError
 from .hooks import checkpoint, load_observers
 from .html_report import write_run_report
 from .io import Plan, Shard, write_text
@@ -233,6 +233,7 @@ def run(
     run_date: str | dt.date | None = None,
     backfill: tuple[str | dt.date, str | dt.date] | None = None,
     quiet: bool = False,
+    wait_s: float = 0.0,
 ) -> RunSummary:
     """Run ``job`` to completion and return its summary (also written to
     ``<sink>/_slmbatch/runs/<run_id>.json`` with a readable ``.html`` report).
@@ -255,6 +256,11 @@ def run(
     lines reach the terminal; Ray, vLLM and torch output - the replicas'
     included - goes to ``<sink>/_slmbatch/logs/<run id>/run.log``
     (:mod:`slmbatch.console`), named in the summary.
+
+    ``wait_s`` (``--wait``): with ``Frontier(mode="batch")``, how long to wait for
+    the run's batches before returning; rows whose answers have not come keep
+    the small answer, marked awaiting, until a later run or ``slmbatch collect``
+    merges them (:mod:`slmbatch.batch`).
     """
     load_observers()
     started = time.monotonic()
@@ -287,7 +293,7 @@ def run(
     try:
         with console.quiet(path, enabled=quiet) as captured:
             summary.log_file = upload_to or captured
-            _run(job, summary, fresh, day, window, address, progress, started)
+            _run(job, summary, fresh, day, window, address, progress, started, wait_s)
     finally:
         if quiet and upload_to and os.path.exists(path):
             with open(path) as f:
@@ -350,6 +356,7 @@ def _run(
     address: str | None,
     progress: bool,
     started: float,
+    wait_s: float = 0.0,
 ) -> None:
     the_plan = plan(job)
     summary.files_in = len(the_plan.shards) + len(the_plan.skipped)
@@ -382,6 +389,22 @@ def _run(
                 summary.rows_done_before,
             )
         _process(job, the_plan, todo, summary, ledger, address, progress, started)
+        if job.frontier is not None and job.frontier.batched:
+            batch_phase(job, summary, wait_s)
+
+
+def batch_phase(job: Job, summary: RunSummary, wait_s: float) -> None:
+    """Batch mode, with every shard written: submit the requests no batch holds yet and merge the batches
+    that finished (waiting up to ``wait_s`` for the rest). The Batch API out of reach fails nothing: the
+    rows keep the small answer and the next run (or ``slmbatch collect``) tries again."""
+    from .batch import BatchStore, awaiting_in_sink, collect
+
+    try:
+        summary.batches = collect(job, summary.run_id, wait_s=wait_s)
+    except FrontierError as exc:
+        summary.batch_error = str(exc)
+        log.warning("Batch API: %s", exc)
+    summary.batch_awaiting_rows, _ = awaiting_in_sink(BatchStore(job.sink.path, job.sink.storage_options))
 
 
 def _process(

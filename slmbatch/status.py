@@ -52,6 +52,7 @@ def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
         )
         for reason in r.get("degraded") or []:
             lines.append(f"      degraded: {reason}")
+    lines += _batch_lines(sink, options)
     source = job.get("source")
     if source:
         try:
@@ -64,6 +65,19 @@ def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
         except Exception as exc:  # noqa: BLE001 - status must still print the rest
             lines.append(f"  pending: unknown ({type(exc).__name__}: {exc})")
     return "\n".join(lines)
+
+
+def _batch_lines(sink: str, options: Mapping[str, Any] | None) -> list[str]:
+    """Batch mode: the batches still open, with age and counts, and the rows awaiting them."""
+    from .batch import BatchStore, awaiting_in_sink
+    from .report import render_batches
+
+    store = BatchStore(sink, options)
+    rows, running = awaiting_in_sink(store)
+    if not rows and not running:
+        return []
+    lines = [f"  Batch API: {rows:,} rows await answers, {len(running)} batch(es) open:"]
+    return lines + render_batches(running, indent="    ")
 
 
 def trend_text(sink: str, options: Mapping[str, Any] | None = None) -> str:

@@ -13,7 +13,10 @@ Per batch, on a replica (:class:`StageActor`), for each stage of its model:
    and :func:`append_routing` - where each row goes, written next to it.
 
 Then a :class:`FrontierActor` pool answers the rows routed ``"pending"`` and
-:func:`merge_frontier_answers` merges them into the same rows.
+:func:`merge_frontier_answers` merges them into the same rows. With
+``Frontier(mode="batch")`` it only builds their requests (:func:`defer_to_batch`);
+:mod:`slmbatch.batch` sends them through the Batch API and merges the answers
+later with the same :func:`merge_frontier_answers`.
 
 Only :class:`StageActor` touches the engine (:mod:`slmbatch.engine`, imported
 in the actor); only :class:`FrontierActor` touches HTTP (:mod:`slmbatch.frontier`).
@@ -35,7 +38,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .columns import FRONTIER, PENDING, SMALL, busy_column, engine_column
+from .columns import FRONTIER, PENDING, SMALL, busy_column, engine_column, request_column
 from .config import Frontier, Model
 from .errors import EngineError, RowError
 from .metrics import StageMetrics
@@ -360,6 +363,8 @@ class FrontierActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for stage in self.stages:
+            if self.frontier.batched:
+                batch = batch.append_column(request_column(stage.name), pa.nulls(batch.num_rows, pa.string()))
             # Escalated rows, then the audit sample: one request format, one client, one rate limit.
             routed = batch[stage.columns.routed_to].to_pylist()
             audit = batch[stage.columns.audit].to_pylist()
@@ -369,31 +374,54 @@ class FrontierActor:
             rows = rows_of(batch.take(pending))
             asked = [stage.frontier_request(row) for row in rows]
             replies, reused = self._complete(asked)
-            batch = merge_frontier_answers(batch, stage, pending, replies, [r["messages"] for r in asked], reused)
-            self.metrics.record_frontier(batch.take(pending), stage, self.frontier.model)
+            now = [n for n, reply in enumerate(replies) if reply is not DEFERRED]
+            later = [n for n, reply in enumerate(replies) if reply is DEFERRED]
+            if later:  # batch mode: answered when the Batch API is (slmbatch.batch)
+                batch = defer_to_batch(batch, stage, [pending[n] for n in later], [asked[n] for n in later])
+            if now:
+                answered = [pending[n] for n in now]
+                batch = merge_frontier_answers(
+                    batch,
+                    stage,
+                    answered,
+                    [replies[n] for n in now],
+                    [asked[n]["messages"] for n in now],
+                    [reused[n] for n in now],
+                )
+                self.metrics.record_frontier(batch.take(answered), stage, self.frontier.model)
         return batch
+
+    def _ask(self, asked: list[dict[str, Any]], todo: list[int]) -> list[Any]:
+        """Replies to ``asked[todo]``: online now, or in batch mode :data:`DEFERRED` each."""
+        from .frontier import FrontierRequest
+
+        if self.frontier.batched:
+            return [DEFERRED] * len(todo)
+        return self._run(self.client.complete_many([FrontierRequest(**asked[i]) for i in todo]))
 
     def _complete(self, asked: list[dict[str, Any]]) -> tuple[list[Any], list[str | None]]:
         """Replies to ``asked``, each distinct request sent once (with dedup), and per request
-        whether its reply was another's (``"run"`` / ``"cache"``, as :func:`infer_once` marks answers)."""
-        from .frontier import FrontierReply, FrontierRequest
+        whether its reply was another's (``"run"`` / ``"cache"``, as :func:`infer_once` marks answers).
+        In batch mode a request whose answer is not known yet gets :data:`DEFERRED`."""
+        from .frontier import FrontierReply
 
         if not self.dedup:
-            replies = self._run(self.client.complete_many([FrontierRequest(**r) for r in asked]))
-            return replies, [None] * len(asked)
+            return self._ask(asked, list(range(len(asked)))), [None] * len(asked)
         keys = [frontier_key(self.frontier.base_url, self.frontier.model, r) for r in asked]
         replies, origins = answer_once(
             keys,
             self.answers,
-            lambda todo: self._run(self.client.complete_many([FrontierRequest(**asked[i]) for i in todo])),
-            lambda reply: json.dumps({"text": reply.text}) if reply.error is None else None,
+            lambda todo: self._ask(asked, todo),
+            lambda reply: json.dumps({"text": reply.text}) if reply is not DEFERRED and reply.error is None else None,
             lambda payload: FrontierReply(
                 text=json.loads(payload)["text"], prompt_tokens=0, completion_tokens=0, attempts=0
             ),
         )
         free = {"prompt_tokens": 0, "completion_tokens": 0, "attempts": 0, "cost_usd": 0.0}
-        replies = [r if o is None else dataclasses.replace(r, **free) for r, o in zip(replies, origins)]
-        return replies, origins
+        replies = [
+            r if o is None or r is DEFERRED else dataclasses.replace(r, **free) for r, o in zip(replies, origins)
+        ]
+        return replies, [None if r is DEFERRED else o for r, o in zip(replies, origins)]
 
     def __del__(self):
         loop = getattr(self, "loop", None)
@@ -403,6 +431,28 @@ class FrontierActor:
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
             loop.call_soon_threadsafe(loop.stop)
+
+
+#: A frontier request left to the Batch API (``Frontier(mode="batch")``): no reply yet.
+DEFERRED: Any = object()
+
+
+def defer_to_batch(batch: pa.Table, stage: Stage, indices: list[int], asked: list[dict[str, Any]]) -> pa.Table:
+    """Rows ``indices`` wait for the Batch API: each keeps the small answer (an escalated row stays
+    ``"pending"``), records the messages it will send, and carries its request to the writer
+    (:func:`~slmbatch.columns.request_column`), which gives it a ``custom_id``."""
+    c = stage.columns
+    messages = batch[c.frontier_messages].to_pylist()
+    requests = batch[request_column(stage.name)].to_pylist()
+    for i, request in zip(indices, asked):
+        messages[i] = json.dumps(list(request["messages"]), ensure_ascii=False)
+        requests[i] = json.dumps(
+            {k: request.get(k) for k in ("messages", "max_tokens", "response_format")}, ensure_ascii=False
+        )
+    for name, values in ((c.frontier_messages, messages), (request_column(stage.name), requests)):
+        index = batch.schema.get_field_index(name)
+        batch = batch.set_column(index, batch.schema.field(index), pa.array(values, pa.string()))
+    return batch
 
 
 def merge_frontier_answers(

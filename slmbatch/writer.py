@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .batch import BatchStore, awaiting_rows, take_requests
 from .columns import INTERNAL, READ_ERROR, ROW, ROW_ID, SHARD, busy_column, engine_column
 from .errors import InputError, RowAccountingError
 from .hooks import checkpoint
@@ -101,6 +102,9 @@ class ShardWriter:
         shard = self.shards[shard_index]
         table = pa.concat_tables(self.parts.pop(shard_index), promote_options="permissive")
         table = table.sort_by(ROW)
+        requests: list = []
+        if self.job.frontier is not None and self.job.frontier.batched:
+            table, requests = take_requests(table, self.job, self.summary.run_id)
         failed = np.zeros(table.num_rows, dtype=bool)  # a stage's error and no answer (the frontier may have one)
         for stage in self.job.stages:
             c = stage.columns
@@ -119,8 +123,19 @@ class ShardWriter:
         write_parquet_atomic(table, url, self.job.sink.storage_options, self.job.sink.compression)
         checkpoint("written")
         started = time.perf_counter()
+        extra = {}
+        if requests:  # before the marker: a shard is done only with its requests kept (slmbatch.batch)
+            BatchStore(self.job.sink.path, self.job.sink.storage_options).write_requests(shard.key, requests)
+            extra["pending"] = awaiting_rows(table, self.job)
+            self.summary.batch_requests += len(requests)
         self.ledger.mark_done(
-            shard.key, source=shard.path, rows=table.num_rows, output=url, run_id=self.summary.run_id, run_date=run_date
+            shard.key,
+            source=shard.path,
+            rows=table.num_rows,
+            output=url,
+            run_id=self.summary.run_id,
+            run_date=run_date,
+            **extra,
         )
         self.summary.ledger_s += time.perf_counter() - started
         seconds = time.monotonic() - self.first_seen.get(shard_index, time.monotonic())
