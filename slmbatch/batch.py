@@ -587,6 +587,10 @@ def finish(
         checkpoint("batch-merging")
     remember(job, store.read_input(record["id"]), got.replies, record["run_id"])
     paid = list(got.replies.values())
+    by_run: dict[str, float] = {}
+    for cid, reply in got.replies.items():
+        run = cid.split("/", 1)[0]
+        by_run[run] = by_run.get(run, 0.0) + reply.cost_usd
     record.update(
         state="done",
         status=batch.get("status"),
@@ -596,6 +600,7 @@ def finish(
         resubmitted_as=retry["id"] if retry else None,
         cost_usd=round(sum(r.cost_usd for r in paid), 8),
         online_cost_usd=round(sum(f.cost_usd(r.prompt_tokens, r.completion_tokens) for r in paid), 8),
+        cost_by_run={run: round(cost, 8) for run, cost in by_run.items()},  # whose rows the $ answered
         turnaround_s=_turnaround(batch, record),
     )
     store.save(record)

@@ -57,7 +57,8 @@ class StageStats:
     frontier_reused_run: int = 0  # sent rows (escalated or audited) whose frontier reply was another's
     frontier_reused_cache: int = 0
     frontier_paid: int = 0  # escalated rows the frontier answered and billed (not reused)
-    batch_awaiting: int = 0  # escalated or audited rows awaiting a Batch API answer (Frontier(mode="batch"))
+    batch_awaiting: int = 0  # escalated rows awaiting a Batch API answer (Frontier(mode="batch"))
+    audit_awaiting: int = 0  # audited rows awaiting one
 
     @property
     def skipped(self) -> int:
@@ -94,6 +95,37 @@ class StageStats:
             self.small_tokens_at_frontier_price = (self.small_tokens_at_frontier_price or 0.0) + frontier.cost_usd(
                 tokens_in, tokens_out
             )
+        self.add_routing(table, stage)
+
+    #: What :meth:`add_routing` counts (:meth:`reset_routing` zeroes it).
+    ROUTING_FIELDS = (
+        "escalation_wanted",
+        "escalated",
+        "not_sent",
+        "frontier_failed",
+        "frontier_tokens_in",
+        "frontier_tokens_out",
+        "frontier_cost_usd",
+        "audited",
+        "audit_failed",
+        "audit_cost_usd",
+        "frontier_reused_run",
+        "frontier_reused_cache",
+        "frontier_paid",
+        "batch_awaiting",
+        "audit_awaiting",
+    )
+
+    def reset_routing(self) -> None:
+        """Forget the routing counts, to count them again from rewritten output (Batch API answers merged)."""
+        for name in self.ROUTING_FIELDS:
+            setattr(self, name, 0.0 if name.endswith("_usd") else 0)
+        self.tally = None
+        self.quality = None
+
+    def add_routing(self, table: pa.Table, stage) -> None:
+        """The routing part of :meth:`add`: escalations, the frontier's answers and cost, the audit."""
+        c = stage.columns
         if not stage.routed:
             return
         wanted = table[c.escalation].drop_null()
@@ -105,17 +137,14 @@ class StageStats:
         reused = _counts(table[c.frontier_reused])
         self.frontier_reused_run += reused.get(REUSED_RUN, 0)
         self.frontier_reused_cache += reused.get(REUSED_CACHE, 0)
-        if c.frontier_batch in table.column_names:
-            self.batch_awaiting += (
-                pc.sum(
-                    pc.and_(
-                        pc.and_(pc.is_valid(table[c.frontier_batch]), pc.is_null(table[c.frontier])),
-                        pc.is_null(table[c.frontier_error]),
-                    )
-                ).as_py()
-                or 0
-            )
         audit = pc.greater(pc.fill_null(table[c.audit], 0.0), 0.0)
+        if c.frontier_batch in table.column_names:
+            waiting = pc.and_(
+                pc.and_(pc.is_valid(table[c.frontier_batch]), pc.is_null(table[c.frontier])),
+                pc.is_null(table[c.frontier_error]),
+            )
+            self.audit_awaiting += pc.sum(pc.and_(waiting, audit)).as_py() or 0
+            self.batch_awaiting += pc.sum(pc.and_(waiting, pc.invert(audit))).as_py() or 0
         for rows, sent in ((table.filter(pc.invert(audit)), True), (table.filter(audit), False)):
             failed = len(rows) - rows[c.frontier_error].null_count
             cost = pc.sum(rows[c.frontier_cost_usd]).as_py() or 0.0
@@ -392,12 +421,17 @@ class RunSummary:
         small = sum(s.small_cost_usd for s in self.stages)
         frontier = sum(s.frontier_cost_usd for s in self.stages)
         audit = sum(s.audit_cost_usd for s in self.stages)
-        # Batch API answers merged by this run (escalations and audits alike; billed at the batch prices)
-        batch = sum(r.get("cost_usd") or 0.0 for r in self.batches if r.get("state") == "done")
+        # Batch API answers this run merged into rows of earlier runs (its own rows' are in the stages' $)
+        batch = sum(
+            (r.get("cost_usd") or 0.0) - (r.get("cost_by_run") or {}).get(self.run_id, 0.0)
+            for r in self.batches
+            if r.get("state") == "done"
+        )
+        batch = batch if batch > 1e-12 else 0.0
         lines = [
             f"  cost: small models ${small:.4f} + frontier ${frontier:.4f}"
             + (f" + audit ${audit:.4f}" if audit else "")
-            + (f" + Batch API ${batch:.4f}" if batch else "")
+            + (f" + Batch API answers to earlier runs' rows ${batch:.4f}" if batch else "")
             + f" = ${small + frontier + audit + batch:.4f}"
         ]
         baselines = [s.all_frontier_cost_usd for s in self.stages if s.all_frontier_cost_usd is not None]
@@ -426,7 +460,9 @@ def render_quality(s: StageStats, indent: str = "    ") -> list[str]:
         share = s.audit_cost_usd / (s.audit_cost_usd + s.frontier_cost_usd) if s.frontier_cost_usd else 1.0
         lines.append(
             f"{indent}audit: {s.audited:,} kept rows also sent to the frontier (audit_rate {s.audit_rate:g}), "
-            f"{s.audit_failed:,} failed, ${s.audit_cost_usd:.4f} ({share:.1%} of the frontier $)"
+            f"{s.audit_failed:,} failed, "
+            + (f"{s.audit_awaiting:,} awaiting the Batch API, " if s.audit_awaiting else "")
+            + f"${s.audit_cost_usd:.4f} ({share:.1%} of the frontier $)"
         )
     if not s.quality:
         if s.tally is not None and s.tally.rows.get("kept") and not s.audit_rate:

@@ -405,6 +405,24 @@ def batch_phase(job: Job, summary: RunSummary, wait_s: float) -> None:
         summary.batch_error = str(exc)
         log.warning("Batch API: %s", exc)
     summary.batch_awaiting_rows, _ = awaiting_in_sink(BatchStore(job.sink.path, job.sink.storage_options))
+    if any(summary.run_id in (r.get("cost_by_run") or {}) for r in summary.batches):
+        recount_routing(job, summary)
+
+
+def recount_routing(job: Job, summary: RunSummary) -> None:
+    """The run's routing counts again from its output files, once Batch API answers were merged into them
+    (escalations answered, their $, the audit's quality estimates)."""
+    import pyarrow.parquet as pq
+
+    from .io import filesystem
+
+    for stats in summary.stages:
+        stats.reset_routing()
+    for url in summary.files_out:
+        fs, path = filesystem(url, job.sink.storage_options)
+        table = pq.read_table(path, filesystem=fs)
+        for stats, stage in zip(summary.stages, job.stages):
+            stats.add_routing(table, stage)
 
 
 def _process(

@@ -191,6 +191,11 @@ def test_batch_mode_gives_the_online_answers_at_the_batch_price(batch_input, tin
     assert record["cost_usd"] == pytest.approx(record["online_cost_usd"] / 2) and record["answered"] == sent.height
     assert "frontier Batch API:" in summary.render() and "50% less" in summary.render()
     assert online.stages[0].escalated == (a["spam_routed_to"] == "frontier").sum()
+    # the run waited: its summary counts the merged answers as online's does, at the batch price
+    s, o = summary.stages[0], online.stages[0]
+    assert (s.escalated, s.audited, s.batch_awaiting, s.audit_awaiting) == (o.escalated, o.audited, 0, 0)
+    assert s.frontier_cost_usd == pytest.approx(o.frontier_cost_usd / 2)
+    assert s.audit_cost_usd == pytest.approx(o.audit_cost_usd / 2)
     assert not BatchStore(batch_sink).requests()  # every request answered: nothing left to submit
 
 
@@ -257,6 +262,10 @@ def test_a_run_that_does_not_wait_leaves_rows_pending_and_collect_merges_them(
         assert escalated.height > 0 and waiting["spam_frontier"].null_count() == waiting.height
         assert escalated["spam"].to_list() == escalated["spam_small"].to_list()  # the small answer meanwhile
         assert summary.batch_awaiting_rows == waiting.height and "rows await Batch API answers" in summary.render()
+        stats = summary.stages[0]
+        assert (stats.escalated, stats.batch_awaiting) == (0, escalated.height)
+        assert stats.batch_awaiting + stats.audit_awaiting == waiting.height
+        assert f"{escalated.height} sent to the Batch API" in summary.render()
         assert cli_main(["status", out]) == 0
         assert f"Batch API: {waiting.height} rows await answers, 1 batch(es) open" in capsys.readouterr().out
 
