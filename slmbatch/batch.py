@@ -88,9 +88,18 @@ FINISHED = frozenset({"completed", "failed", "expired", "cancelled"})
 FIND_PAGES = 20
 
 
+#: Longest ``custom_id`` sent (some Batch APIs allow no more than 64 characters).
+MAX_CUSTOM_ID = 64
+
+
 def custom_id(run_id: str, stage: str, row_id: str) -> str:
-    """A request's ``custom_id``: which run asked it, for which stage and row."""
-    return f"{run_id}/{stage}/{row_id}"
+    """A request's ``custom_id``: ``<run id>/<stage>/<row id>``, which run asked it for which stage and
+    row; over :data:`MAX_CUSTOM_ID` characters, ``<run id>/`` and a hash of the rest (the row's
+    ``<stage>_frontier_batch`` and the batch's record still say which row it is)."""
+    readable = f"{run_id}/{stage}/{row_id}"
+    if len(readable) <= MAX_CUSTOM_ID:
+        return readable
+    return f"{run_id}/{hashlib.sha256(f'{stage}/{row_id}'.encode()).hexdigest()[:24]}"[:MAX_CUSTOM_ID]
 
 
 def _now() -> str:
@@ -122,7 +131,7 @@ def take_requests(table: pa.Table, job: Job, run_id: str) -> tuple[pa.Table, lis
             ids[i] = custom_id(run_id, stage.name, row_id)
             asked = json.loads(request)
             body = request_body(job.frontier, asked["messages"], asked["max_tokens"], asked.get("response_format"))
-            lines.append({"custom_id": ids[i], "body": body})
+            lines.append({"custom_id": ids[i], "shard": row_id.rsplit(":", 1)[0], "body": body})
         index = table.schema.get_field_index(c.frontier_batch)
         table = table.set_column(index, table.schema.field(index), pa.array(ids, pa.string()))
     return table, lines
@@ -343,7 +352,12 @@ def _input_line(cid: str, body: Mapping[str, Any]) -> str:
 
 
 def _new_record(
-    lines: Sequence[str], members: Mapping[str, list[str]], run_id: str, attempt: int, parent: str | None
+    lines: Sequence[str],
+    members: Mapping[str, list[str]],
+    shard_of: Mapping[str, str],
+    run_id: str,
+    attempt: int,
+    parent: str | None,
 ) -> tuple[dict[str, Any], str]:
     text = "".join(lines)
     digest = hashlib.sha256((text + (parent or "")).encode()).hexdigest()[:20]
@@ -357,6 +371,7 @@ def _new_record(
         "requests": len(lines),
         "rows": sum(len(m) for m in members.values()),
         "members": dict(members),  # line custom_id -> every row custom_id it answers (itself first)
+        "shards": _by_shard(members, shard_of),  # shard key -> the row custom_ids of its rows
         "batch_id": None,
         "submitted_at": None,
         "status": None,
@@ -396,6 +411,14 @@ def plan_batches(
     return batches
 
 
+def _by_shard(members: Mapping[str, list[str]], shard_of: Mapping[str, str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for rows in members.values():
+        for cid in rows:
+            out.setdefault(shard_of[cid], []).append(cid)
+    return out
+
+
 def _claimed(records: Mapping[str, Mapping[str, Any]]) -> set[str]:
     return {cid for r in records.values() for rows in r["members"].values() for cid in rows}
 
@@ -409,8 +432,9 @@ def submit(job: Job, run_id: str, api: BatchAPI, store: BatchStore | None = None
     todo = [r for lines in store.requests().values() for r in lines if r["custom_id"] not in claimed]
     out = []
     prepared = []
+    shard_of = {r["custom_id"]: r["shard"] for r in todo}
     for lines, members in plan_batches(todo, job.frontier, dedup=job.dedup):
-        record, text = _new_record(lines, members, run_id, 1, None)
+        record, text = _new_record(lines, members, shard_of, run_id, 1, None)
         store.write_input(record["id"], text)
         store.save(record)
         prepared.append(record)
@@ -514,9 +538,15 @@ def read_results(
             unanswered[cid] = _scrub(
                 f"batch {batch['id']}: " + (f"HTTP {status}: " if status else "") + str(why or "no answer"), key
             )[:300]
+    errors = (batch.get("errors") or {}).get("data") or [] if isinstance(batch.get("errors"), Mapping) else []
+    why = (
+        f": {_scrub(str(errors[0].get('message') or errors[0].get('code')), key)[:200]}"
+        if errors and isinstance(errors[0], Mapping)
+        else ""
+    )
     for cid in bodies:
         if cid not in replies and cid not in unanswered:
-            unanswered[cid] = f"batch {batch['id']} ended {batch.get('status')} without answering it"
+            unanswered[cid] = f"batch {batch['id']} ended {batch.get('status')} without answering it{why}"
     return Collected(replies, unanswered)
 
 
@@ -531,7 +561,8 @@ def _resubmit(
         if x.strip() and json.loads(x)["custom_id"] in wanted
     ]
     members = {cid: record["members"][cid] for cid in cids}
-    retry, text = _new_record(lines, members, record["run_id"], record["attempt"] + 1, record["id"])
+    shard_of = {cid: shard for shard, rows in record["shards"].items() for cid in rows}
+    retry, text = _new_record(lines, members, shard_of, record["run_id"], record["attempt"] + 1, record["id"])
     existing = store.records().get(retry["id"])
     if existing is not None:  # written before a crash: go on with it
         return existing
@@ -539,11 +570,6 @@ def _resubmit(
     store.save(retry)
     _send_or_refuse(job, retry, api, store, resumed=False)
     return retry
-
-
-def _shard_of(cid: str) -> str:
-    """The shard key in a custom_id ``<run>/<stage>/<shard key>:<row>``."""
-    return cid.split("/", 2)[2].rsplit(":", 1)[0]
 
 
 def finish(
@@ -581,7 +607,7 @@ def finish(
     from .ledger import Ledger
 
     ledger = Ledger(job)
-    shards = sorted({_shard_of(row) for row in replies})
+    shards = sorted(key for key, rows in record["shards"].items() if any(row in replies for row in rows))
     for key in shards:
         merge_shard(job, ledger, key, replies)
         checkpoint("batch-merging")

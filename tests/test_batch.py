@@ -23,7 +23,7 @@ import pytest
 
 import slmbatch
 from slmbatch import AnswerCache, Classify, ConfigError, Frontier, Job, Model, ParquetSink, ParquetSource
-from slmbatch.batch import BatchAPI, BatchStore, awaiting_in_sink, plan_batches
+from slmbatch.batch import BatchAPI, BatchStore, awaiting_in_sink, custom_id, plan_batches
 from slmbatch.cli import load_job
 from slmbatch.cli import main as cli_main
 from slmbatch.errors import FrontierError
@@ -84,6 +84,15 @@ def test_identical_requests_are_one_line_and_batches_split_by_count_and_size():
     assert sum(len(b) for b, _ in plan_batches(_requests(30, 10), f, dedup=False)) == 30  # without dedup: a line a row
     small = Frontier(base_url=URL, model="m", mode="batch", batch_max_bytes=len(lines[0].encode()) * 3)
     assert [len(b) for b, _ in plan_batches(_requests(10, 10), small, dedup=True)] == [3, 3, 3, 1]
+
+
+def test_a_custom_id_names_run_stage_and_row_and_stays_within_64_characters():
+    run = "20261204T183117Z-92ba29"
+    assert custom_id(run, "spam", "part-00.parquet:7") == f"{run}/spam/part-00.parquet:7"
+    deep = [
+        custom_id(run, "intent", f"2026/12/04/region=eu-west/part-{i:05d}-0a1b2c3d.zstd.parquet:1") for i in range(50)
+    ]
+    assert all(len(c) <= 64 and c.startswith(run + "/") for c in deep) and len(set(deep)) == 50
 
 
 def test_a_create_whose_answer_was_lost_is_found_again_not_made_twice(monkeypatch):
