@@ -141,3 +141,25 @@ def _wait_ready(proc: subprocess.Popen, port: int, timeout_s: float, logfile: st
 def _tail(path: str, lines: int = 30) -> str:
     with open(path, errors="replace") as f:
         return "".join(f.readlines()[-lines:])
+
+
+def chat_completion(body: dict, text: str, *, usage: bool = True) -> dict:
+    """A chat-completions response answering ``body`` with ``text`` (token counts: characters / 4),
+    as the local test and benchmark servers answer."""
+    import time
+
+    out: dict = {
+        "id": "chatcmpl-local",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model", "local"),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+    }
+    if usage:
+        prompt = sum(len(m.get("content") or "") for m in body.get("messages", []) if isinstance(m.get("content"), str))
+        out["usage"] = {
+            "prompt_tokens": 7 + prompt // 4,
+            "completion_tokens": 1 + len(text) // 4,
+            "total_tokens": 8 + prompt // 4 + len(text) // 4,
+        }
+    return out

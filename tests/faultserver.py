@@ -43,6 +43,8 @@ from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from devkit.localserver import chat_completion
+
 OUTCOMES = ("ok", "ok-nousage", "429", "503", "500", "500-auth", "400", "hang", "malformed", "nocontent", "drop")
 
 
@@ -196,26 +198,7 @@ class FaultServer:
             self._in_flight -= 1
 
     def completion(self, body: dict, *, usage: bool) -> dict:
-        return completion(body, self.reply(body), usage=usage)
-
-
-def completion(body: dict, text: str, *, usage: bool = True) -> dict:
-    """A chat-completions response answering ``body`` with ``text`` (token counts: characters / 4)."""
-    out: dict[str, Any] = {
-        "id": "chatcmpl-test",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": body.get("model", "test"),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-    }
-    if usage:
-        prompt = sum(len(m.get("content") or "") for m in body.get("messages", []) if isinstance(m.get("content"), str))
-        out["usage"] = {
-            "prompt_tokens": 7 + prompt // 4,
-            "completion_tokens": 1 + len(text) // 4,
-            "total_tokens": 8 + prompt // 4 + len(text) // 4,
-        }
-    return out
+        return chat_completion(body, self.reply(body), usage=usage)
 
 
 class _Server(ThreadingHTTPServer):

@@ -1,6 +1,6 @@
 """Escalation through a Batch API (issue 17): same answers as online, half the $, every row final once.
 
-The Batch API is ``tests/batchserver.py`` on 127.0.0.1 (files, batches, output
+The Batch API is ``devkit/batchserver.py`` on 127.0.0.1 (files, batches, output
 and error files, faults on demand); the jobs run on real Ray and vLLM; vLLM's
 own ``run-batch`` reads the JSONL slmbatch uploads. The crash tests SIGKILL the
 driver (``tests/support/crash.py``) between submitting and merging, then rerun.
@@ -9,6 +9,7 @@ driver (``tests/support/crash.py``) between submitting and merging, then rerun.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import polars as pl
 import pytest
 
 import slmbatch
+from devkit.batchserver import BatchServer as _BatchServer
 from slmbatch import AnswerCache, Classify, ConfigError, Frontier, Job, Model, ParquetSink, ParquetSource
 from slmbatch.batch import BatchAPI, BatchStore, awaiting_in_sink, custom_id, plan_batches
 from slmbatch.cli import load_job
@@ -29,9 +31,11 @@ from slmbatch.cli import main as cli_main
 from slmbatch.errors import FrontierError
 from slmbatch.frontier import completion_outcome
 
-from .batchserver import BatchServer
 from .conftest import banking_texts, write_shards
-from .faultserver import rule
+from .faultserver import frontier_reply, rule
+
+#: The local Batch API (``devkit/batchserver.py``), answering as the cascade tests' frontier does.
+BatchServer = functools.partial(_BatchServer, reply=frontier_reply)
 
 URL = "http://127.0.0.1:9/v1"
 

@@ -1,4 +1,4 @@
-"""A local OpenAI-compatible Batch API for tests, with faults on demand.
+"""A local OpenAI-compatible Batch API for tests and benchmarks, with faults on demand.
 
 Real HTTP on 127.0.0.1 (a free port), stdlib ``ThreadingHTTPServer`` in a
 thread, the endpoints of OpenAI's Batch API that slmbatch uses:
@@ -12,8 +12,9 @@ thread, the endpoints of OpenAI's Batch API that slmbatch uses:
 ``POST /v1/chat/completions``   the same answers online (to compare the two modes)
 ==============================  ==============================================
 
-Every line is answered by ``reply(body)`` (deterministic, e.g. the cascade
-tests' :func:`~tests.faultserver.frontier_reply`), as a completion with usage.
+Every line is answered by ``reply(body)`` (e.g. the cascade tests'
+:func:`~tests.faultserver.frontier_reply`, or :func:`forward_to` a real
+chat-completions server), as a completion with usage.
 Faults, all deterministic:
 
 * ``ends``: the final status of each batch created, in order (then
@@ -27,6 +28,9 @@ Faults, all deterministic:
 * ``refuse_creates``: that many ``POST /v1/batches`` are refused (400, as for a file over the limits);
 * ``hold``: while set, no batch finishes (tests release it);
 * ``api_key``: every request without ``Authorization: Bearer <api_key>`` gets a 401.
+
+A batch's lines are answered on a thread pool (``workers``) while it runs; it finishes on the first
+look after ``delay_s`` once they all are.
 
 Recorded: :attr:`BatchServer.batches` (created, in order) and
 :attr:`BatchServer.sent` (custom_id -> how many batches held it).
@@ -42,20 +46,41 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from http.server import BaseHTTPRequestHandler
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from .faultserver import _Server, completion, frontier_reply
+from .localserver import chat_completion as completion
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the stdlib's 5 drops a burst of new connections
+
+
+def forward_to(base_url: str, model: str, timeout_s: float = 60.0) -> Callable[[dict], str]:
+    """A ``reply`` that asks a real OpenAI-compatible server (``base_url`` ends in ``/v1``) each line's
+    request, as ``model``, and answers with its reply's content."""
+    import httpx
+
+    client = httpx.Client(timeout=timeout_s)
+
+    def reply(body: dict) -> str:
+        response = client.post(f"{base_url}/chat/completions", json={**body, "model": model})
+        response.raise_for_status()
+        return response.json()["choices"][0]["message"]["content"]
+
+    return reply
 
 
 class BatchServer:
-    """Context manager: ``with BatchServer(delay_s=1) as server: server.base_url ...``."""
+    """Context manager: ``with BatchServer(reply=..., delay_s=1) as server: server.base_url ...``."""
 
     def __init__(
         self,
         *,
-        reply: Callable[[dict], str] = frontier_reply,
+        reply: Callable[[dict], str],
         delay_s: float = 0.0,
         ends: Sequence[str] = (),
         fail_once: Callable[[dict], bool] | None = None,
@@ -63,9 +88,11 @@ class BatchServer:
         drop_creates: int = 0,
         refuse_creates: int = 0,
         api_key: str | None = None,
+        workers: int = 8,
     ):
         self.reply = reply
         self.api_key = api_key
+        self.workers = workers
         self.delay_s = delay_s
         self.ends = list(ends)
         self.fail_once = fail_once
@@ -134,21 +161,39 @@ class BatchServer:
                 if line.strip():
                     cid = json.loads(line)["custom_id"]
                     self.sent[cid] = self.sent.get(cid, 0) + 1
-            return batch
+        # the lines are answered meanwhile, off the request threads (a reply may be a slow upstream call)
+        threading.Thread(target=self._work, args=(batch,), name=f"batch-{batch['id']}", daemon=True).start()
+        return batch
 
     def look(self, batch_id: str) -> dict | None:
         with self.lock:
             batch = next((b for b in self.batches if b["id"] == batch_id), None)
-            if batch is not None and batch["status"] == "in_progress":
+            if batch is not None and batch["status"] == "in_progress" and "_result" in batch:
                 if not self.hold.is_set() and time.monotonic() >= batch["_ready"]:
                     self._finish(batch)
             return batch
 
+    def _work(self, batch: dict) -> None:
+        batch["_result"] = self._answer(batch)
+
     def _finish(self, batch: dict) -> None:
+        output, errors, lines = batch.pop("_result")
+        end = batch["_end"]
+        for key, items in (("output_file_id", output), ("error_file_id", errors)):
+            if items:
+                file_id = self._new_id("file")
+                self.files[file_id] = "".join(json.dumps(x) + "\n" for x in items).encode()
+                batch[key] = file_id
+        batch["status"] = end
+        batch[f"{end}_at" if end != "completed" else "completed_at"] = int(time.time())
+        batch["request_counts"] = {"total": lines, "completed": len(output), "failed": len(errors)}
+
+    def _answer(self, batch: dict) -> tuple[list, list, int]:
         lines = [json.loads(x) for x in self.files[batch["input_file_id"]].decode().splitlines() if x.strip()]
         end = batch["_end"]
         answered = {"completed": len(lines), "expired": len(lines) // 2, "cancelled": len(lines) // 2, "failed": 0}[end]
         output, errors = [], []
+        texts = self._replies([line["body"] for line in lines[:answered]])
         for n, line in enumerate(lines):
             body, cid = line["body"], line["custom_id"]
             fails = (self.fail_always is not None and self.fail_always(body)) or (
@@ -179,16 +224,33 @@ class BatchServer:
                     }
                 )
             else:
-                response = {"status_code": 200, "request_id": f"req{n}", "body": completion(body, self.reply(body))}
+                text = texts[n]
+                if isinstance(text, Exception):  # an upstream failure is this line's error, as at a provider
+                    error = {"message": f"upstream failed: {type(text).__name__}", "type": "server_error"}
+                    errors.append(
+                        {
+                            "id": f"r{n}",
+                            "custom_id": cid,
+                            "response": {"status_code": 500, "body": {"error": error}},
+                            "error": None,
+                        }
+                    )
+                    continue
+                response = {"status_code": 200, "request_id": f"req{n}", "body": completion(body, text)}
                 output.append({"id": f"r{n}", "custom_id": cid, "response": response, "error": None})
-        for key, items in (("output_file_id", output), ("error_file_id", errors)):
-            if items:
-                file_id = self._new_id("file")
-                self.files[file_id] = "".join(json.dumps(x) + "\n" for x in items).encode()
-                batch[key] = file_id
-        batch["status"] = end
-        batch[f"{end}_at" if end != "completed" else "completed_at"] = int(time.time())
-        batch["request_counts"] = {"total": len(lines), "completed": len(output), "failed": len(errors)}
+        return output, errors, len(lines)
+
+    def _replies(self, bodies: list[dict]) -> list:
+        """``reply`` for each body, ``workers`` at a time; an exception in place of a failed one's text."""
+
+        def one(body: dict):
+            try:
+                return self.reply(body)
+            except Exception as exc:  # noqa: BLE001 - reported per line
+                return exc
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(one, bodies))
 
     def public(self, batch: dict) -> dict:
         return {k: v for k, v in batch.items() if not k.startswith("_")}
