@@ -69,7 +69,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .columns import ROW_ID, request_column
+from .columns import ROW_ID, awaiting_batch, request_column
 from .config import Frontier
 from .errors import FrontierError
 from .hooks import checkpoint
@@ -137,23 +137,12 @@ def take_requests(table: pa.Table, job: Job, run_id: str) -> tuple[pa.Table, lis
     return table, lines
 
 
-def awaiting(table: pa.Table, stage) -> pa.Array:
-    """Per row, whether it awaits a Batch API answer for ``stage`` (a custom_id, no answer, no reason)."""
-    c = stage.columns
-    if c.frontier_batch not in table.column_names:
-        return pa.array([False] * table.num_rows)
-    return pc.and_(
-        pc.and_(pc.is_valid(table[c.frontier_batch]), pc.is_null(table[c.frontier])),
-        pc.is_null(table[c.frontier_error]),
-    )
-
-
 def awaiting_rows(table: pa.Table, job: Job) -> int:
     """Rows of ``table`` awaiting an answer for any stage."""
     total = 0
     for stage in job.stages:
         if stage.routed:
-            total += pc.sum(awaiting(table, stage)).as_py() or 0
+            total += pc.sum(awaiting_batch(table, stage.columns)).as_py() or 0
     return total
 
 
@@ -696,7 +685,7 @@ def merge_shard(job: Job, ledger, key: str, replies: Mapping[str, tuple[Any, str
         if not stage.routed or stage.columns.frontier_batch not in table.column_names:
             continue
         c = stage.columns
-        waiting = awaiting(table, stage).to_pylist()
+        waiting = awaiting_batch(table, stage.columns).to_pylist()
         ids = table[c.frontier_batch].to_pylist()
         rows = [i for i, (w, cid) in enumerate(zip(waiting, ids)) if w and cid in replies]
         if not rows:

@@ -50,6 +50,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 #: Stable row identity, ``<shard key>:<row index in the file>``, from read to write.
 ROW_ID = "_row_id"
@@ -232,3 +233,13 @@ def routed_stage_names(column_names: Sequence[str]) -> list[str]:
         for c in column_names
         if c.endswith("_routed_to") and StageColumns(c.removesuffix("_routed_to")).frontier in names
     ]
+
+
+def awaiting_batch(table: pa.Table, columns: StageColumns) -> pa.Array:
+    """Per row, whether it awaits a Batch API answer for the stage (a custom_id, no answer, no reason)."""
+    if columns.frontier_batch not in table.column_names:
+        return pa.array([False] * table.num_rows)
+    return pc.and_(
+        pc.and_(pc.is_valid(table[columns.frontier_batch]), pc.is_null(table[columns.frontier])),
+        pc.is_null(table[columns.frontier_error]),
+    )

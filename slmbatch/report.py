@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .audit import QualityTally, rate_interval
-from .columns import FRONTIER, REUSED_CACHE, REUSED_RUN, ROW_ID
+from .columns import FRONTIER, REUSED_CACHE, REUSED_RUN, ROW_ID, awaiting_batch
 
 BINS = 10  # confidence histogram bins over [0, 1]
 
@@ -139,10 +139,7 @@ class StageStats:
         self.frontier_reused_cache += reused.get(REUSED_CACHE, 0)
         audit = pc.greater(pc.fill_null(table[c.audit], 0.0), 0.0)
         if c.frontier_batch in table.column_names:
-            waiting = pc.and_(
-                pc.and_(pc.is_valid(table[c.frontier_batch]), pc.is_null(table[c.frontier])),
-                pc.is_null(table[c.frontier_error]),
-            )
+            waiting = awaiting_batch(table, c)
             self.audit_awaiting += pc.sum(pc.and_(waiting, audit)).as_py() or 0
             self.batch_awaiting += pc.sum(pc.and_(waiting, pc.invert(audit))).as_py() or 0
         for rows, sent in ((table.filter(pc.invert(audit)), True), (table.filter(audit), False)):
