@@ -90,8 +90,9 @@ def trend_plot(stage: str, points: list[dict[str, Any]]) -> str:
                 interval = p["escalation_interval"]
             xs.append(i)
             ys.append(value)
-            lo.append(value - interval[0])
-            hi.append(interval[1] - value)
+            # intervals are rounded apart from their estimate: at 0 or 1 an end can fall a hair inside it
+            lo.append(max(0.0, value - interval[0]))
+            hi.append(max(0.0, interval[1] - value))
         colours = ["#e45756" if points[i]["degraded"] else "#4c78a8" for i in xs]
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt="none", ecolor="#999", capsize=3)
         ax.scatter(xs, ys, c=colours, zorder=3)
