@@ -25,6 +25,7 @@ in both splits. Only the sink is read: no job file is needed.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import os
@@ -47,6 +48,60 @@ def answer_text(value: Any) -> str:
 
 def in_holdout(key: str, fraction: float) -> bool:
     return int(key[:8], 16) / 0x100000000 < fraction
+
+
+@dataclasses.dataclass
+class Example:
+    """One distinct prompt the frontier answered: its most frequent answer, and the first row that asked it."""
+
+    key: str  # sha256 of the frontier messages: dedup key and held-out split
+    asked: list[dict[str, str]]
+    answer: str
+    times_seen: int
+    conflicting: bool  # the frontier gave this prompt more than one answer
+    row_id: str
+    small_answer: str | None
+    small_confidence: float | None
+    heldout: bool
+    row: dict[str, Any]  # the first row's ``columns`` (what the small model read)
+
+
+def collect_examples(
+    fs, files: Sequence[str], stage: str, holdout: float, columns: Sequence[str] = ()
+) -> list[Example]:
+    """The frontier's answers to ``stage`` in ``files`` (escalated and audited rows), one per distinct prompt."""
+    answers: dict[str, collections.Counter] = {}
+    first: dict[str, dict[str, Any]] = {}
+    c = StageColumns(stage)
+    wanted = [ROW_ID, c.frontier_messages, c.frontier, c.small, c.confidence]
+    wanted += [col for col in columns if col not in wanted]
+    for path in files:
+        table = pq.read_table(path, filesystem=fs, columns=wanted)
+        for row in table.to_pylist():
+            if row[c.frontier] is None or row[c.frontier_messages] is None:  # escalated or audited
+                continue
+            asked = json.loads(row[c.frontier_messages])
+            key = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
+            answers.setdefault(key, collections.Counter())[answer_text(row[c.frontier])] += 1
+            first.setdefault(key, {"asked": asked, "row": row})
+    examples = []
+    for key, votes in answers.items():
+        row = first[key]["row"]
+        examples.append(
+            Example(
+                key=key,
+                asked=first[key]["asked"],
+                answer=votes.most_common(1)[0][0],
+                times_seen=sum(votes.values()),
+                conflicting=len(votes) > 1,
+                row_id=row[ROW_ID],
+                small_answer=None if row[c.small] is None else answer_text(row[c.small]),
+                small_confidence=row[c.confidence],
+                heldout=in_holdout(key, holdout),
+                row={col: row[col] for col in columns},
+            )
+        )
+    return examples
 
 
 def export_feedback(
@@ -76,30 +131,8 @@ def export_feedback(
         "stages": {},
     }
     for stage in found:
-        answers: dict[str, collections.Counter] = {}
-        first: dict[str, dict[str, Any]] = {}
-        escalated = 0
-        c = StageColumns(stage)
-        columns = [ROW_ID, c.frontier_messages, c.frontier, c.small, c.confidence]
-        for path in files:
-            table = pq.read_table(path, filesystem=fs, columns=columns)
-            for row in table.to_pylist():
-                if row[c.frontier] is None or row[c.frontier_messages] is None:  # escalated or audited
-                    continue
-                escalated += 1
-                asked = json.loads(row[c.frontier_messages])
-                key = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
-                answer = answer_text(row[c.frontier])
-                answers.setdefault(key, collections.Counter())[answer] += 1
-                first.setdefault(
-                    key,
-                    {
-                        "asked": asked,
-                        "row_id": row[ROW_ID],
-                        "small_answer": None if row[c.small] is None else answer_text(row[c.small]),
-                        "small_confidence": row[c.confidence],
-                    },
-                )
+        examples = collect_examples(fs, files, stage, holdout)
+        escalated = sum(e.times_seen for e in examples)
         target = os.path.join(out_dir, stage)
         os.makedirs(target, exist_ok=True)
         counts = {"train": 0, "heldout": 0}
@@ -107,29 +140,26 @@ def export_feedback(
             open(os.path.join(target, "train.jsonl.tmp"), "w") as train,
             open(os.path.join(target, "heldout.jsonl.tmp"), "w") as held,
         ):
-            for key, votes in answers.items():
-                answer = votes.most_common(1)[0][0]
-                info = first[key]
+            for e in examples:
                 record = {
-                    "messages": [*info["asked"], {"role": "assistant", "content": answer}],
+                    "messages": [*e.asked, {"role": "assistant", "content": e.answer}],
                     "metadata": {
                         "stage": stage,
-                        "row_id": info["row_id"],
-                        "small_answer": info["small_answer"],
-                        "small_confidence": info["small_confidence"],
-                        "times_seen": sum(votes.values()),
+                        "row_id": e.row_id,
+                        "small_answer": e.small_answer,
+                        "small_confidence": e.small_confidence,
+                        "times_seen": e.times_seen,
                     },
                 }
-                split = "heldout" if in_holdout(key, holdout) else "train"
-                (held if split == "heldout" else train).write(json.dumps(record, ensure_ascii=False) + "\n")
-                counts[split] += 1
+                (held if e.heldout else train).write(json.dumps(record, ensure_ascii=False) + "\n")
+                counts["heldout" if e.heldout else "train"] += 1
         for split in ("train", "heldout"):
             os.replace(os.path.join(target, f"{split}.jsonl.tmp"), os.path.join(target, f"{split}.jsonl"))
         manifest["stages"][stage] = {
             "escalated_rows": escalated,
-            "examples": len(answers),
-            "duplicates_removed": escalated - len(answers),
-            "prompts_with_conflicting_answers": sum(len(v) > 1 for v in answers.values()),
+            "examples": len(examples),
+            "duplicates_removed": escalated - len(examples),
+            "prompts_with_conflicting_answers": sum(e.conflicting for e in examples),
             **counts,
             "files": {split: os.path.join(target, f"{split}.jsonl") for split in ("train", "heldout")},
         }

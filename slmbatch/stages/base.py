@@ -387,8 +387,9 @@ class Stage:
     def template_values(self, row: Mapping[str, Any], text: str) -> dict[str, Any]:
         return {**row, "input": text}
 
-    def render_user(self, row: Mapping[str, Any], text: str, replica: ReplicaProtocol) -> str:
-        template = self.prompt_template(replica.runner)
+    def render_user(self, row: Mapping[str, Any], text: str, runner: str) -> str:
+        """The user message the small model is sent for ``row`` (``runner``: "generate" or "pooling")."""
+        template = self.prompt_template(runner)
         try:
             return template.format(**self.template_values(row, text))
         except KeyError as exc:
@@ -398,7 +399,7 @@ class Stage:
         """Build the request for one row (validates input, renders, tokenizes)."""
         request = Request(index=index, row=row, text=self.input_text(row) if text is None else text)
         self.fit_input(request, replica)
-        user = self.render_user(row, request.text, replica)
+        user = self.render_user(row, request.text, replica.runner)
         system = self.system if self.system is not None else self.default_system
         request.prompt_ids = replica.encode_chat(system, user)
         reserved = self.reserved_output_tokens(replica.runner)
@@ -422,7 +423,9 @@ class Stage:
                 break
             ids = ids[: max(0, len(ids) - excess)]
             request.text = replica.decode(ids)
-            request.prompt_ids = replica.encode_chat(system, self.render_user(request.row, request.text, replica))
+            request.prompt_ids = replica.encode_chat(
+                system, self.render_user(request.row, request.text, replica.runner)
+            )
         request.extras[self.columns.extra("input_truncated")] = True
 
     def truncates_to_context(self) -> bool:
