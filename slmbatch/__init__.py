@@ -18,6 +18,7 @@ from .errors import (
     SlmbatchError,
 )
 from .job import Job
+from .lines import promoted
 from .report import RunSummary
 from .runner import run
 from .stages import Classify, Extract, Stage, Summarize
@@ -43,6 +44,7 @@ __all__ = [
     "Stage",
     "Summarize",
     "load_thresholds",
+    "promoted",
     "run",
 ]
 __version__ = "0.1.0"

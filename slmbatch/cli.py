@@ -45,6 +45,9 @@ sink) and assigns it to a variable named `job`. Examples: jobs/, examples/.
   slmbatch calibrate jobs/tickets.py --source validation/ --gold intent=label \
       --target 'accuracy>=0.9'          thresholds for a target -> a thresholds file
   slmbatch feedback OUT_DIR             escalated rows -> chat JSONL for fine-tuning
+  slmbatch finetune jobs/tickets.py --line models/intent
+                                        train the next model version from the frontier's answers
+  slmbatch promote models/intent v2     make it the version `promoted("models/intent")` gives jobs
   slmbatch collect jobs/tickets.py      merge finished Batch API answers (Frontier(mode="batch"))
 
 On a cluster, submit the same command unchanged:
@@ -193,6 +196,8 @@ def _eval(args) -> int:
 
     from .evaluate import escalate_all, evaluate_stage, render_eval, stage_rows
 
+    if args.candidate:
+        return _eval_candidate(args)
     job, labels, gold = _labelled(args)
     frame, sources = _labelled_output(job, labels, args, gold)
     if not sources:
@@ -287,6 +292,65 @@ def _feedback(args) -> int:
     from .feedback import export_feedback, render_manifest
 
     print(render_manifest(export_feedback(args.output_dir, args.out, holdout=args.holdout, stages=args.stage)))
+    return 0
+
+
+def _finetune(args) -> int:
+    from .finetune import finetune, render_comparison, verdict
+
+    job = load_job(args.job_file, args.job)
+    card = finetune(
+        job,
+        args.line,
+        stage=args.stage,
+        labelled=args.labelled,
+        label_column=args.label_column,
+        sinks=args.sink or (),
+        holdout=args.holdout,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        log=lambda line: print(f"finetune: {line}", flush=True),
+    )
+    print(render_comparison(card["scores"]))
+    ok, why = verdict(card["scores"])
+    where = f"{args.line}/{card['version']}"
+    print(f"finetune: wrote {where} (model card: {where}/README.md); {why}")
+    if args.promote:
+        return _promote_version(args.line, card["version"], force=False)
+    print(f"finetune: promote it with `slmbatch promote {args.line} {card['version']}`" if ok else "")
+    return 0
+
+
+def _promote(args) -> int:
+    return _promote_version(args.line, args.version, force=args.force)
+
+
+def _promote_version(line: str, version: str, force: bool) -> int:
+    from .finetune import promote
+
+    pointer = promote(line, version, force=force)
+    print(
+        f"promote: {line} now serves {pointer['version']} (was {pointer['previous'] or pointer['replaces']}): "
+        f"{pointer['why']}{' - FORCED' if pointer['forced'] else ''}"
+    )
+    print("promote: confidences change with the model - recalibrate the thresholds (`slmbatch calibrate`)")
+    return 0
+
+
+def _eval_candidate(args) -> int:
+    from .finetune import compare, read_heldout, render_comparison, target_stage, verdict
+    from .lines import read_card
+
+    job = load_job(args.job_file, args.job)
+    card = read_card(args.candidate)
+    stage = target_stage(job, card["stage"])
+    scores = compare(
+        stage.model.name, args.candidate, read_heldout(args.candidate), card["hyperparameters"]["max_length"]
+    )
+    print(render_comparison(scores))
+    print(f"eval: {verdict(scores)[1]}")
     return 0
 
 
@@ -460,6 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
         "frontier alone on everything",
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument(
+        "--candidate",
+        metavar="DIR",
+        help="instead: compare a model version `slmbatch finetune` wrote with the stage's model in the job, "
+        "on the candidate's held-out rows (frontier answers and labelled rows); nothing is run",
+    )
     p.set_defaults(func=_eval)
 
     p = sub.add_parser(
@@ -517,6 +587,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.1, help="held-out fraction, chosen by prompt hash (default 0.1)")
     p.add_argument("--stage", action="append", default=None, metavar="NAME", help="only this stage (repeatable)")
     p.set_defaults(func=_feedback)
+
+    p = sub.add_parser(
+        "finetune",
+        help="train the next small-model version from the rows the frontier answered",
+        description="Read, for one routed stage, every row the frontier answered in the job's sink (escalated "
+        "and audited; one example per distinct prompt, the frontier's answer as the label), plus optional "
+        "labelled rows; hold a share out by hash; fine-tune the stage's model - the version the job runs now - "
+        "on the rest, with the exact text the stage sends it; score both versions on the held-out rows; write "
+        "LINE/vN with a model card. Sequence classifiers (vLLM's pooling runner) only, for now.",
+    )
+    job_args(p)
+    p.add_argument("--line", required=True, metavar="DIR", help="the model line: versions go to DIR/v1, DIR/v2, ...")
+    p.add_argument("--stage", default=None, metavar="NAME", help="which routed stage (default: the only one)")
+    p.add_argument(
+        "--labelled", metavar="FILE", help="labelled rows too: Parquet/CSV/JSONL with the stage's input columns"
+    )
+    p.add_argument(
+        "--label-column", metavar="COLUMN", help="the labels' column in --labelled (default: the stage name)"
+    )
+    p.add_argument("--sink", action="append", metavar="PATH", help="read the frontier's answers from this sink too")
+    p.add_argument("--holdout", type=float, default=0.1, help="held-out fraction, by hash of the prompt (default 0.1)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--promote", action="store_true", help="promote the candidate if it is not worse")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser(
+        "promote",
+        help="make a model version the one jobs run (refuses a worse one)",
+        description="Point LINE/current.json at VERSION, which `Model(promoted(LINE))` in a job file reads. "
+        "Refused if VERSION scores worse than the promoted version on its held-out rows, unless --force. "
+        "The ledger accepts the new model on the job's sink like a new threshold: rows written keep their "
+        "answers; recalibrate thresholds after promoting.",
+    )
+    p.add_argument("line", metavar="LINE", help="the model line directory")
+    p.add_argument("version", metavar="VERSION", help="e.g. v3")
+    p.add_argument("--force", action="store_true", help="promote even if it is worse")
+    p.set_defaults(func=_promote)
     return parser
 
 

@@ -107,14 +107,40 @@ def fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _routing_only(change: str) -> bool:
-    """Whether a :func:`_differences` line changes only which rows go to the frontier: a routed
-    stage's threshold, from one number to another (adding or removing routing changes the columns)."""
-    path, _, values = change.partition(": ")
-    return path.endswith(".threshold") and "null" not in values.split(" -> ")
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One difference between the recorded job and this one."""
+
+    path: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.path}: {json.dumps(self.old, default=str)[:60]} -> {json.dumps(self.new, default=str)[:60]}"
+
+    @property
+    def routing_only(self) -> bool:
+        """Changes only which rows go to the frontier: a routed stage's threshold, from one number to
+        another (adding or removing routing changes the columns)."""
+        return self.path.endswith(".threshold") and self.old is not None and self.new is not None
+
+    @property
+    def promotion(self) -> bool:
+        """A stage's model moved to another version of the same model line (``slmbatch promote``):
+        rows written keep their answers and name their model; new input gets the new version."""
+        if not self.path.endswith(".model.name") or not isinstance(self.old, str) or not isinstance(self.new, str):
+            return False
+        from .lines import in_line, lineage
+
+        line = in_line(self.new)
+        return line is not None and os.path.realpath(os.path.expanduser(self.old)) in lineage(line)
+
+    @property
+    def allowed(self) -> bool:
+        return self.routing_only or self.promotion
 
 
-def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+def _differences(old: Any, new: Any, path: str = "") -> list[Change]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         defaults = getattr(new, "defaults", {})
@@ -125,7 +151,7 @@ def _differences(old: Any, new: Any, path: str = "") -> list[str]:
         return out
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{path}[{i}]")]
-    return [] if old == new else [f"{path}: {json.dumps(old, default=str)[:60]} -> {json.dumps(new, default=str)[:60]}"]
+    return [] if old == new else [Change(path, old, new)]
 
 
 @dataclasses.dataclass
@@ -226,7 +252,7 @@ class Ledger:
                 "each other. Use one source path per sink (e.g. a sink per input date), or --fresh.",
             )
         changes = [] if recorded is None else _differences(recorded["config"], self.config)
-        answers = [c for c in changes if not _routing_only(c)]
+        answers = [str(c) for c in changes if not c.allowed]
         if recorded is not None and recorded["fingerprint"] != self.fingerprint and answers:
             raise JobChangedError(
                 "Job.stages",
@@ -234,12 +260,21 @@ class Ledger:
                 "mixing their outputs would be wrong. Use a new sink, or rerun with --fresh to discard that output.",
             )
         if changes:
-            # A new threshold (e.g. from `slmbatch calibrate --from-runs`) routes new input differently;
-            # every row written so far keeps its answer and says in its own columns how it was routed.
+            # A new threshold (e.g. from `slmbatch calibrate --from-runs`) routes new input differently, a
+            # promoted model version answers it; every row written so far keeps its answer and says in its
+            # own columns how it was routed and which model answered.
+            what = " and ".join(
+                w
+                for w, hit in (
+                    ("model promoted", any(c.promotion for c in changes)),
+                    ("threshold changed", any(c.routing_only for c in changes)),
+                )
+                if hit
+            )
             log.warning(
-                "threshold changed since the last run (%s): files already done keep their answers, new input "
-                "is routed with the new threshold",
-                "; ".join(changes[:4]),
+                "%s since the last run (%s): files already done keep their answers, new input gets the new setting",
+                what,
+                "; ".join(str(c) for c in changes[:4]),
             )
         if recorded is None or changes:
             write_text(

@@ -1,0 +1,485 @@
+"""The flywheel: a new small-model version from what the frontier had to answer.
+
+Every row the frontier answered (escalated or audited) is, in the routing row
+format, a training example the small model got wrong or was unsure of
+(:func:`slmbatch.feedback.collect_examples`). :func:`finetune` trains a
+candidate from them - plus optional labelled rows - starting from the version
+the job runs now; :func:`compare` scores two versions on the candidate's
+held-out split; :func:`promote` makes a candidate the version jobs run, and
+refuses one that is worse unless forced.
+
+A *model line* is a directory of versions and a pointer::
+
+    models/intent/
+        v1/                  a Hugging Face model directory, plus
+            slmbatch_card.json   the model card: base, data (rows, content hash, run ids), hyperparameters,
+            README.md            held-out scores against the version it was trained from; the same, for people
+            heldout.jsonl        the held-out rows it was scored on ({"text", "label", "source"})
+        v2/
+        current.json         {"version": "v2", "promoted_at": ..., "history": [...]}
+
+A job runs the promoted version with ``Model(promoted("models/intent"))``. A
+promotion changes the job's model, which the ledger accepts as it accepts a
+new threshold (:mod:`slmbatch.ledger`): rows already written keep their
+answers and name their model (``<stage>_model``); new input gets the new
+version. Confidences change with the model, so thresholds are recalibrated
+after a promotion (``slmbatch calibrate``); see the README's nightly loop.
+
+What is trained: a stage whose model is a ``...ForSequenceClassification``
+(vLLM's pooling runner) is fine-tuned whole on ``(the exact text the stage
+sends it, the frontier's label)``. Generative stages (a LoRA adapter with
+PEFT) are not built yet: :func:`finetune` says so.
+
+Scoring uses transformers in-process on the same weights and the same input
+text the engine gets (``Stage.render_user`` for the pooling runner), so a
+comparison needs no replica or frontier.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, InputError, RowError
+from .feedback import collect_examples, in_holdout
+from .io import list_parquet
+from .job import Job
+from .lines import CARD, POINTER, current, read_card, versions
+
+log = logging.getLogger("slmbatch")
+
+HELDOUT = "heldout.jsonl"
+
+
+# -- training data --------------------------------------------------------------------------------
+
+
+def target_stage(job: Job, name: str | None):
+    routed = [s for s in job.stages if s.routed]
+    if name is None:
+        if len(routed) != 1:
+            raise ConfigError(
+                "--stage", f"the job has {len(routed)} routed stages; name one of {[s.name for s in routed]}"
+            )
+        return routed[0]
+    for stage in job.stages:
+        if stage.name == name:
+            if not stage.routed:
+                raise ConfigError("--stage", f"stage {name!r} has no threshold: nothing of it reaches the frontier")
+            return stage
+    raise ConfigError("--stage", f"the job has no stage {name!r} (stages: {[s.name for s in job.stages]})")
+
+
+def is_classifier(model_dir: str) -> bool:
+    config = Path(os.path.expanduser(model_dir)) / "config.json"
+    if not config.is_file():
+        return False
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def feedback_rows(job: Job, stage, holdout: float, sinks: Sequence[str] = ()) -> tuple[list[dict[str, Any]], list[str]]:
+    """``(rows, run ids)``: per distinct prompt the frontier answered for ``stage`` in the job's sink (and
+    ``sinks``), ``{"text", "label", "heldout", "source": "feedback"}`` with the exact text the small model reads."""
+    from .ledger import Ledger
+
+    rows: list[dict[str, Any]] = []
+    runs: set[str | None] = set()
+    columns = sorted(stage.required_columns())
+    for sink in [job.sink.path, *sinks]:
+        try:
+            fs, _, files = list_parquet(sink, job.sink.storage_options)
+        except InputError:
+            continue  # a sink with no output yet
+        runs |= {m.get("run_id") for m in Ledger.open(sink, job.sink.storage_options).completed().values()}
+        for example in collect_examples(fs, files, stage.name, holdout, columns):
+            try:
+                text = stage.render_user(example.row, stage.input_text(example.row), "pooling")
+            except RowError:
+                continue
+            rows.append({"text": text, "label": example.answer, "heldout": example.heldout, "source": "feedback"})
+    return rows, sorted(r for r in runs if r)
+
+
+def labelled_rows(stage, path: str, label_column: str | None, holdout: float) -> list[dict[str, Any]]:
+    """Rows of a labelled Parquet/CSV/JSONL file as training rows (split by a hash of the text)."""
+    from .evaluate import read_labels
+
+    frame = read_labels(path)
+    column = label_column or stage.name
+    if column not in frame.columns:
+        raise ConfigError(
+            "--labelled", f"{path} has no column {column!r} (columns: {frame.columns}); see --label-column"
+        )
+    rows = []
+    for row in frame.to_dicts():
+        if row.get(column) is None:
+            continue
+        try:
+            text = stage.render_user(row, stage.input_text(row), "pooling")
+        except (RowError, KeyError):
+            continue
+        key = hashlib.sha256(text.encode()).hexdigest()
+        rows.append({"text": text, "label": str(row[column]), "heldout": in_holdout(key, holdout), "source": "labels"})
+    return rows
+
+
+def content_hash(rows: Sequence[Mapping[str, Any]]) -> str:
+    digest = hashlib.sha256()
+    for row in sorted(json.dumps([r["text"], r["label"], r["source"]]) for r in rows):
+        digest.update(row.encode())
+    return digest.hexdigest()[:16]
+
+
+# -- sequence classifiers: train and score ---------------------------------------------------------
+
+
+def train_classifier(
+    start: str | os.PathLike,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    epochs: int = 3,
+    batch_size: int = 32,
+    lr: float = 5e-5,
+    max_length: int = 128,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune every weight of the ``...ForSequenceClassification`` at ``start`` on ``texts``/``labels``
+    (names from its ``id2label``) and save it, with its tokenizer, to ``out``. Returns the training record.
+
+    AdamW (weight decay 0.01, none on biases and norms), ``lr`` with a linear
+    warm-up over the first 6% of steps and a linear decay to 0, gradients
+    clipped at norm 1. Batches hold texts of similar length (shuffled within
+    and across groups), which cuts padding - the cost on CPU - about
+    threefold. Deterministic for a given ``seed`` and torch thread count.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if len(texts) != len(labels) or not texts:
+        raise InputError(f"training needs texts and labels, equally many, got {len(texts)} and {len(labels)}")
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(start)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(start, dtype=torch.float32)
+    index = {name: int(i) for i, name in model.config.id2label.items()}
+    unknown = sorted({label for label in labels if label not in index})
+    if unknown:
+        raise InputError(f"labels {unknown[:5]} are not among {start}'s labels (id2label)")
+    y = torch.tensor([index[label] for label in labels])
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    rng = random.Random(seed)
+    decay = [p for n, p in model.named_parameters() if not n.endswith("bias") and "norm" not in n.lower()]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "norm" in n.lower()]
+    optim = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    total = -(-len(texts) // batch_size) * epochs
+    warmup = max(1, round(0.06 * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda step: step / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+    )
+    if log:
+        log(f"fine-tuning {start} on {len(texts):,} texts: {epochs} epoch(s), batch {batch_size}, lr {lr:g}")
+    model.train()
+    seen = correct = 0
+    loss_sum = 0.0
+    for epoch in range(1, epochs + 1):
+        order = sorted(range(len(texts)), key=lambda i: (len(ids[i]), rng.random()))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        rng.shuffle(batches)
+        seen = correct = 0
+        loss_sum = 0.0
+        for batch in batches:
+            enc = _pad(tokenizer, [ids[i] for i in batch])
+            target = y[batch]
+            output = model(**enc, labels=target)
+            output.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            schedule.step()
+            optim.zero_grad(set_to_none=True)
+            seen += len(batch)
+            correct += int((output.logits.argmax(-1) == target).sum())
+            loss_sum += output.loss.item() * len(batch)
+        if log:
+            log(f"  epoch {epoch}/{epochs}: loss {loss_sum / seen:.3f}, accuracy {correct / seen:.3f}")
+    model.eval()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {
+        "method": "full fine-tuning (sequence classification)",
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "max_length": max_length,
+        "seed": seed,
+        "torch_threads": torch.get_num_threads(),
+        "seconds": round(time.monotonic() - started, 1),
+        "train_rows": len(texts),
+        "train_accuracy_last_epoch": round(correct / seen, 4),
+        "train_loss_last_epoch": round(loss_sum / seen, 4),
+    }
+
+
+def _pad(tokenizer, ids: Sequence[Sequence[int]]):
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def predict_classifier(model_dir: str | os.PathLike, texts: Sequence[str], *, max_length: int = 128) -> list[str]:
+    """The label the classifier at ``model_dir`` gives each text (batched by length, no gradients)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+    out = [""] * len(texts)
+    with torch.inference_mode():
+        for start in range(0, len(order), 64):
+            batch = order[start : start + 64]
+            logits = model(**_pad(tokenizer, [ids[i] for i in batch])).logits
+            for i, k in zip(batch, logits.argmax(-1).tolist()):
+                out[i] = model.config.id2label[k]
+    return out
+
+
+def compare(current_dir: str, candidate_dir: str, heldout: Sequence[Mapping[str, Any]], max_length: int = 128) -> dict:
+    """Accuracy of both versions on ``heldout`` rows, per source (feedback: gold is the frontier's answer;
+    labels: the labelled file's) and overall."""
+    result: dict[str, Any] = {"current": current_dir, "candidate": candidate_dir, "splits": {}}
+    texts = [r["text"] for r in heldout]
+    answers = {
+        name: predict_classifier(path, texts, max_length=max_length) if texts else []
+        for name, path in (("current", current_dir), ("candidate", candidate_dir))
+    }
+    for source in sorted({r["source"] for r in heldout}) + ["all"]:
+        picked = [i for i, r in enumerate(heldout) if source in ("all", r["source"])]
+        split: dict[str, Any] = {"rows": len(picked)}
+        for name in ("current", "candidate"):
+            right = sum(answers[name][i] == heldout[i]["label"] for i in picked)
+            split[name] = round(right / len(picked), 4) if picked else None
+        result["splits"][source] = split
+    return result
+
+
+def verdict(comparison: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether the candidate may be promoted: not worse on the held-out split (all rows), and why."""
+    split = comparison["splits"].get("all") or {}
+    if not split.get("rows"):
+        return False, "no held-out rows to compare on (more feedback, a larger --holdout, or --labelled)"
+    cur, cand = split["current"], split["candidate"]
+    if cand < cur:
+        return False, f"candidate is worse on the held-out split: {cand:.4f} < {cur:.4f} ({split['rows']} rows)"
+    return True, f"candidate {cand:.4f} >= current {cur:.4f} on {split['rows']} held-out rows"
+
+
+# -- finetune, promote ---------------------------------------------------------------------------------
+
+
+def finetune(
+    job: Job,
+    line: str | os.PathLike,
+    *,
+    stage: str | None = None,
+    labelled: str | None = None,
+    label_column: str | None = None,
+    sinks: Sequence[str] = (),
+    holdout: float = 0.1,
+    epochs: int = 3,
+    batch_size: int = 32,
+    lr: float = 5e-5,
+    seed: int = 0,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Train the next version of ``line`` for a routed ``stage`` from the frontier's answers in the job's sink
+    (and ``sinks``) plus ``labelled`` rows; score it against the job's current model; return its card."""
+    if not 0 < holdout < 1:
+        raise ConfigError("--holdout", f"must be in (0, 1), got {holdout}")
+    target = target_stage(job, stage)
+    start = target.model.name
+    if not is_classifier(start):
+        raise ConfigError(
+            f"Job.stages[{job.stages.index(target)}].model",
+            f"{start} is not a local ...ForSequenceClassification directory: `slmbatch finetune` trains "
+            "sequence classifiers; LoRA adapters for generative stages are not built yet",
+        )
+    rows, run_ids = feedback_rows(job, target, holdout, sinks)
+    feedback_count = len(rows)
+    if labelled:
+        rows += labelled_rows(target, labelled, label_column, holdout)
+    train = [r for r in rows if not r["heldout"]]
+    heldout = [r for r in rows if r["heldout"]]
+    if not train:
+        raise InputError(
+            f"no training rows for stage {target.name!r}: the frontier answered none of its rows in "
+            f"{job.sink.path} (run the job first), and no --labelled file was given"
+        )
+    line = Path(line)
+    line.mkdir(parents=True, exist_ok=True)
+    existing = versions(line)
+    version = f"v{int(existing[-1][1:]) + 1 if existing else 1}"
+    tmp = line / f".{version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    max_length = int(target.model.engine.get("max_model_len", 128))
+    if log:
+        log(
+            f"finetune {target.name}: {len(train):,} training rows ({sum(r['source'] == 'feedback' for r in train):,} "
+            f"frontier answers, {sum(r['source'] == 'labels' for r in train):,} labelled), {len(heldout):,} held out"
+        )
+    training = train_classifier(
+        start,
+        [r["text"] for r in train],
+        [r["label"] for r in train],
+        tmp,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        max_length=max_length,
+        seed=seed,
+        log=log,
+    )
+    scores = compare(start, str(tmp), heldout, max_length)
+    scores["current"] = start  # compared with the version the job runs, under its real path
+    parent = _card_or_none(start)
+    card = {
+        "version": version,
+        "line": str(line.resolve()),
+        "stage": target.name,
+        "kind": target.kind,
+        "trained_from": start,
+        "base": parent.get("base", start) if parent else start,
+        "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "data": {
+            "rows": len(rows),
+            "train_rows": len(train),
+            "heldout_rows": len(heldout),
+            "feedback_rows": feedback_count,
+            "labelled_rows": len(rows) - feedback_count,
+            "labelled_file": labelled,
+            "content_sha256": content_hash(rows),
+            "sinks": [job.sink.path, *sinks],
+            "run_ids": run_ids,
+            "holdout": holdout,
+        },
+        "hyperparameters": training,
+        "scores": scores,
+    }
+    (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
+    (tmp / "README.md").write_text(render_card(card) + "\n")
+    with open(tmp / HELDOUT, "w") as f:
+        for r in heldout:
+            f.write(json.dumps({k: r[k] for k in ("text", "label", "source")}, ensure_ascii=False) + "\n")
+    os.replace(tmp, line / version)
+    return card
+
+
+def _card_or_none(path: str) -> dict[str, Any] | None:
+    try:
+        return read_card(path)
+    except InputError:
+        return None
+
+
+def read_heldout(version_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(version_dir) / HELDOUT
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def promote(line: str | os.PathLike, version: str, *, force: bool = False) -> dict[str, Any]:
+    """Point ``line`` at ``version``; refuse (ConfigError) a candidate worse than the version promoted now
+    on its held-out split, unless ``force``. Returns the new pointer."""
+    line = Path(line)
+    target = line / version
+    card = read_card(target)
+    now = current(line)
+    live = str((line / now["version"]).resolve()) if now else card["trained_from"]
+    if now and now["version"] == version:
+        raise ConfigError("VERSION", f"{version} is already the promoted version of {line}")
+    scores = card["scores"]
+    if os.path.realpath(scores["current"]) != os.path.realpath(live):
+        # Trained against another version than the one promoted now: compare with that one.
+        scores = compare(live, str(target.resolve()), read_heldout(target), card["hyperparameters"]["max_length"])
+    ok, why = verdict(scores)
+    if not ok and not force:
+        raise ConfigError("VERSION", f"not promoting {version}: {why} (--force to promote anyway)")
+    history = list(now.get("history", [])) if now else []
+    pointer = {
+        "version": version,
+        "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "previous": now["version"] if now else None,
+        "replaces": live,
+        "forced": bool(force and not ok),
+        "why": why,
+        "scores": scores["splits"],
+    }
+    kept = ("version", "promoted_at", "previous", "replaces", "forced", "why")
+    pointer["history"] = [*history, {k: pointer[k] for k in kept}]
+    tmp = line / f".{POINTER}.tmp"
+    tmp.write_text(json.dumps(pointer, indent=2) + "\n")
+    os.replace(tmp, line / POINTER)
+    return pointer
+
+
+# -- reading ------------------------------------------------------------------------------------------
+
+
+def render_comparison(scores: Mapping[str, Any]) -> str:
+    lines = [f"{'held-out rows':<22}{'rows':>7}{'current':>10}{'candidate':>11}"]
+    for source, split in scores["splits"].items():
+        cur = "-" if split["current"] is None else f"{split['current']:.4f}"
+        cand = "-" if split["candidate"] is None else f"{split['candidate']:.4f}"
+        what = {"feedback": "frontier answers", "labels": "labelled", "all": "all"}.get(source, source)
+        lines.append(f"{what:<22}{split['rows']:>7,}{cur:>10}{cand:>11}")
+    lines.append(f"current:   {scores['current']}")
+    lines.append(f"candidate: {scores['candidate']}")
+    return "\n".join(lines)
+
+
+def render_card(card: Mapping[str, Any]) -> str:
+    d, h = card["data"], card["hyperparameters"]
+    return "\n".join(
+        [
+            f"# {Path(card['line']).name} {card['version']}",
+            "",
+            f"Stage `{card['stage']}` ({card['kind']}), trained {card['trained_at']} from `{card['trained_from']}`"
+            f" (base `{card['base']}`).",
+            "",
+            f"- data: {d['rows']:,} rows ({d['feedback_rows']:,} frontier answers, {d['labelled_rows']:,} labelled), "
+            f"{d['train_rows']:,} trained on, {d['heldout_rows']:,} held out ({d['holdout']:.0%} by hash); "
+            f"content sha256 {d['content_sha256']}; runs {', '.join(d['run_ids']) or '-'}",
+            f"- training: {h['method']}, {h['epochs']} epochs, batch {h['batch_size']}, lr {h['lr']:g}, "
+            f"max_length {h['max_length']}, seed {h['seed']}, {h['seconds']:.0f} s",
+            "",
+            "```",
+            render_comparison(card["scores"]),
+            "```",
+        ]
+    )
