@@ -143,6 +143,7 @@ def test_the_public_api_is_what_it_was_plus_deliberate_additions():
         "Stage",
         "Summarize",
         "load_thresholds",
+        "promoted",  # issue 15: the version of a model line promoted now
         "run",
     }
 
