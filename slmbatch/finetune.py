@@ -365,7 +365,6 @@ def finetune(
         log=log,
     )
     scores = compare(start, str(tmp), heldout, max_length)
-    scores["current"] = start  # compared with the version the job runs, under its real path
     parent = _card_or_none(start)
     card = {
         "version": version,
