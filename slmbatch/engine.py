@@ -24,6 +24,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .adapters import lora_rank_for, resolve, served_name
 from .config import Model
 from .errors import ConfigError, EngineError
 
@@ -105,8 +106,15 @@ def default_cpu_dtype(cpuinfo: str | None = None) -> str:
     return "bfloat16" if cpu_has_bf16(cpuinfo) else "float32"
 
 
-def engine_kwargs(model: Model) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM``: slmbatch defaults overlaid by ``Model.engine``."""
+def engine_kwargs(model: Model, lora_ranks: Sequence[int] = ()) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM``: slmbatch defaults overlaid by ``Model.engine``.
+
+    ``lora_ranks``: one per distinct adapter the replica serves. Multi-LoRA
+    then gets a slot per adapter plus a spare one: vLLM's CPU LoRA kernels
+    read a request without an adapter from the *last* slot (index -1), so with
+    every slot filled a base-model request in a mixed batch was answered by
+    the last adapter (``docs/multi-lora-cpu.md``; vllm PR #48421).
+    """
     kwargs: dict[str, Any] = {
         "model": model.name,
         # A per-request seed kills the CPU engine under chunked prefill; one
@@ -119,6 +127,13 @@ def engine_kwargs(model: Model) -> dict[str, Any]:
         # Compiled mode cost ~20 s of start-up on CPU and ran slower.
         kwargs["enforce_eager"] = True
         kwargs["dtype"] = default_cpu_dtype()
+    if lora_ranks:
+        kwargs.update(
+            enable_lora=True,
+            max_loras=len(lora_ranks) + 1,
+            max_cpu_loras=len(lora_ranks) + 1,
+            max_lora_rank=lora_rank_for(lora_ranks),
+        )
     kwargs.update(dict(model.engine))
     return kwargs
 
@@ -157,14 +172,29 @@ def sampling_params(
     )
 
 
+def prompt_ids(tokenizer: Any, runner: str, system: str, user: str) -> list[int]:
+    """The token ids a model gets for one request: a generative model's chat template (system +
+    user + generation prompt), or - pooling classifiers, models without a template - the plain
+    text with the tokenizer's special tokens. Replicas and fine-tuning (:mod:`slmbatch.finetune`)
+    both build prompts here, so an adapter is trained on exactly what it is served."""
+    if runner == "pooling" or not getattr(tokenizer, "chat_template", None):
+        text = user if not system or runner == "pooling" else f"{system}\n\n{user}"
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
 class Replica:
     """One vLLM engine for one :class:`~slmbatch.Model`, living in the calling process.
 
     Exposes exactly what stages need: chat rendering + tokenization, generate,
-    classify, and the model's limits.
+    classify, and the model's limits. ``adapters``: the LoRA adapters of the
+    stages it serves (:mod:`slmbatch.adapters`), each checked before the engine
+    starts; :meth:`serving` gives a stage the replica as its adapter sees it.
     """
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, adapters: Sequence[str] = ()):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # engine chatter drowns the job's own logs
         if not model.on_gpu:
             os.environ.update(cpu_engine_env(model))
@@ -178,9 +208,14 @@ class Replica:
             ) from exc
         self.model = model
         self.model_name = model.name
+        #: adapter (as the stage names it) -> (local directory, rank)
+        self.adapters: dict[str, tuple[str, int]] = {}
+        for adapter in dict.fromkeys(adapters):
+            self.adapters[adapter] = resolve(adapter, model.name, model.engine.get("max_lora_rank"))
+        self._lora: dict[str, Any] = {}
         log.info("starting vLLM replica of %s", model.name)
         try:
-            self.llm = LLM(**engine_kwargs(model))
+            self.llm = LLM(**engine_kwargs(model, [r for _, r in self.adapters.values()]))
         except Exception as exc:
             raise EngineError(f"could not start vLLM for model {model.name!r}: {type(exc).__name__}: {exc}") from exc
         #: Intra-op threads the CPU engine runs on (None on GPU): Model.threads,
@@ -197,8 +232,21 @@ class Replica:
         where = f"GPU x {model.num_gpus:g}" if model.on_gpu else f"CPU, {self.threads} thread(s)"
         #: What this replica runs on, for the run summary: e.g. "float32, CPU, 2 thread(s)".
         self.description = f"{self.dtype}, {where}"
-        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self._prompt_ids = functools.lru_cache(maxsize=PROMPTS_KEPT)(self._tokenise_chat)
+        if self.adapters:
+            from vllm.lora.request import LoRARequest
+
+            self._lora = {
+                name: LoRARequest(name, i, path) for i, (name, (path, _)) in enumerate(self.adapters.items(), 1)
+            }
+
+    def serving(self, adapter: str | None) -> Replica | AdapterView:
+        """This replica as a stage with ``adapter`` uses it (itself when None)."""
+        if adapter is None:
+            return self
+        if adapter not in self._lora:
+            raise EngineError(f"replica of {self.model_name} was not started with adapter {adapter!r}")
+        return AdapterView(self, adapter, self._lora[adapter])
 
     # -- prompts ------------------------------------------------------------------
 
@@ -213,12 +261,7 @@ class Replica:
         return list(self._prompt_ids(system, user))
 
     def _tokenise_chat(self, system: str, user: str) -> tuple[int, ...]:
-        if self.runner == "pooling" or not self.has_chat_template:
-            text = user if not system or self.runner == "pooling" else f"{system}\n\n{user}"
-            return tuple(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tuple(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        return tuple(prompt_ids(self.tokenizer, self.runner, system, user))
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -237,9 +280,11 @@ class Replica:
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
         json_schema: Mapping[str, Any] | None = None,
+        lora: Any = None,
     ) -> list[Any]:
         """Greedy completions of ``prompt_ids`` (vLLM ``RequestOutput`` objects), decoding
-        constrained to ``json_schema`` when given (structured outputs, xgrammar)."""
+        constrained to ``json_schema`` when given (structured outputs, xgrammar); ``lora``:
+        a ``LoRARequest`` every prompt runs with (:meth:`serving`)."""
         params = sampling_params(
             max_tokens=max_tokens,
             min_tokens=min_tokens,
@@ -248,11 +293,11 @@ class Replica:
             json_schema=json_schema,
         )
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
-        return self.llm.generate(prompts, params, use_tqdm=False)
+        return self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
 
-    def classify(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+    def classify(self, prompt_ids: Sequence[Sequence[int]], lora: Any = None) -> list[list[float]]:
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
-        return [out.outputs.probs for out in self.llm.classify(prompts, use_tqdm=False)]
+        return [out.outputs.probs for out in self.llm.classify(prompts, use_tqdm=False, lora_request=lora)]
 
     def shutdown(self) -> None:
         """Free the engine now rather than at interpreter exit."""
@@ -266,3 +311,36 @@ class Replica:
             pass
         del llm
         gc.collect()
+
+
+class AdapterView:
+    """A :class:`Replica` as one LoRA adapter's stage sees it: every generate and classify call
+    runs with that adapter, and ``model_name`` names it. Prompts and limits are the base model's."""
+
+    def __init__(self, replica: Replica, adapter: str, lora: Any):
+        self.replica = replica
+        self.adapter = adapter
+        self.lora = lora
+        self.model_name = served_name(replica.model_name, adapter)
+        self.runner = replica.runner
+        self.max_model_len = replica.max_model_len
+        self.eos_token_id = replica.eos_token_id
+        self.id2label = replica.id2label
+
+    def encode_chat(self, system: str, user: str) -> list[int]:
+        return self.replica.encode_chat(system, user)
+
+    def encode(self, text: str) -> list[int]:
+        return self.replica.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.replica.decode(ids)
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], **options: Any) -> list[Any]:
+        return self.replica.generate(prompt_ids, lora=self.lora, **options)
+
+    def classify(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        return self.replica.classify(prompt_ids, lora=self.lora)
+
+    def serving(self, adapter: str | None) -> Replica | AdapterView:
+        return self.replica.serving(adapter)

@@ -248,6 +248,162 @@ def _pad(tokenizer, ids: Sequence[Sequence[int]]):
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
+# -- generative stages: LoRA adapters -------------------------------------------------------------------
+
+#: Modules a LoRA adapter trains by default: every attention and MLP projection of Llama/Qwen/Mistral-style
+#: models, all of which vLLM's multi-LoRA serves.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def train_lora(
+    base: str | os.PathLike,
+    prompts: Sequence[tuple[str, str]],
+    answers: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    start_adapter: str | os.PathLike | None = None,
+    rank: int = 8,
+    alpha: int = 16,
+    epochs: int = 3,
+    batch_size: int = 8,
+    lr: float = 2e-4,
+    max_length: int = 1024,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train a PEFT LoRA adapter of the causal LM at ``base`` to answer each ``(system, user)`` prompt with
+    its answer, and save it to ``out`` (``adapter_config.json`` + ``adapter_model.safetensors``: what vLLM's
+    multi-LoRA loads). Returns the training record.
+
+    The prompt is tokenised exactly as a replica sends it (:func:`slmbatch.engine.prompt_ids`: the model's
+    chat template with the generation prompt), the answer follows it and ends with the end-of-sequence
+    token, and only answer tokens carry loss. ``start_adapter`` continues training an earlier adapter
+    (the version the job runs now) instead of a new one. Same optimiser and schedule as
+    :func:`train_classifier`; rows longer than ``max_length`` tokens keep their answer and lose the
+    prompt's head.
+    """
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .engine import prompt_ids
+
+    if len(prompts) != len(answers) or not prompts:
+        raise InputError(f"training needs prompts and answers, equally many, got {len(prompts)} and {len(answers)}")
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if start_adapter is not None:
+        model = PeftModel.from_pretrained(model, str(start_adapter), is_trainable=True)
+    else:
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        targets = [t for t in LORA_TARGETS if t in present]
+        if not targets:
+            raise InputError(f"{base} has none of the modules a LoRA adapter targets ({', '.join(LORA_TARGETS)})")
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    # The adapter names the base as the job does (vLLM does not check it; slmbatch.adapters does).
+    model.peft_config["default"].base_model_name_or_path = str(base)
+    eos = tokenizer.eos_token_id
+    examples = []
+    for (system, user), answer in zip(prompts, answers):
+        prompt = prompt_ids(tokenizer, "generate", system, user)
+        target = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [eos]
+        prompt = prompt[-max(1, max_length - len(target)) :]
+        examples.append((prompt + target, [-100] * len(prompt) + target))
+    rng = random.Random(seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    total = -(-len(examples) // batch_size) * epochs
+    warmup = max(1, round(0.06 * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda step: step / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+    )
+    if log:
+        log(f"training a LoRA adapter (r {rank}) of {base} on {len(examples):,} answers: {epochs} epoch(s), lr {lr:g}")
+    model.train()
+    loss_sum, tokens = 0.0, 0
+    for epoch in range(1, epochs + 1):
+        order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), rng.random()))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        rng.shuffle(batches)
+        loss_sum, tokens = 0.0, 0
+        for batch in batches:
+            enc = _pad(tokenizer, [examples[i][0] for i in batch])
+            labels = torch.full_like(enc["input_ids"], -100)
+            for row, i in enumerate(batch):
+                labels[row, : len(examples[i][1])] = torch.tensor(examples[i][1])
+            output = model(**enc, labels=labels)
+            output.loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optim.step()
+            schedule.step()
+            optim.zero_grad(set_to_none=True)
+            counted = int((labels[:, 1:] != -100).sum())
+            loss_sum += output.loss.item() * counted
+            tokens += counted
+        if log:
+            log(f"  epoch {epoch}/{epochs}: answer-token loss {loss_sum / max(tokens, 1):.3f}")
+    model.eval()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {
+        "method": f"LoRA adapter (PEFT), r {model.peft_config['default'].r}, "
+        f"alpha {model.peft_config['default'].lora_alpha}",
+        "base": str(base),
+        "continued_from": None if start_adapter is None else str(start_adapter),
+        "target_modules": sorted(model.peft_config["default"].target_modules),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "max_length": max_length,
+        "seed": seed,
+        "torch_threads": torch.get_num_threads(),
+        "seconds": round(time.monotonic() - started, 1),
+        "train_rows": len(examples),
+        "train_loss_last_epoch": round(loss_sum / max(tokens, 1), 4),
+    }
+
+
+def generate_answers(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike | None,
+    prompts: Sequence[tuple[str, str]],
+    *,
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy answers of ``base`` (with ``adapter``, if any) to ``(system, user)`` prompts, in transformers:
+    how :func:`compare` scores generative versions without a replica."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .engine import prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for system, user in prompts:
+            ids = torch.tensor([prompt_ids(tokenizer, "generate", system, user)])
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            )
+            out.append(tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    return out
+
+
 def predict_classifier(model_dir: str | os.PathLike, texts: Sequence[str], *, max_length: int = 128) -> list[str]:
     """The label the classifier at ``model_dir`` gives each text (batched by length, no gradients)."""
     import torch

@@ -126,9 +126,11 @@ class Change:
 
     @property
     def promotion(self) -> bool:
-        """A stage's model moved to another version of the same model line (``slmbatch promote``):
-        rows written keep their answers and name their model; new input gets the new version."""
-        if not self.path.endswith(".model.name") or not isinstance(self.old, str) or not isinstance(self.new, str):
+        """A stage's model, or its LoRA adapter, moved to another version of the same model line
+        (``slmbatch promote``): rows written keep their answers and name their model; new input gets
+        the new version."""
+        moved = self.path.endswith((".model.name", ".adapter"))
+        if not moved or not isinstance(self.old, str) or not isinstance(self.new, str):
             return False
         from .lines import in_line, lineage
 

@@ -221,6 +221,7 @@ def apply_stage(
     None means nowhere (they keep the small answer, with the reason).
     ``reuse``: answer each distinct request once (:func:`infer_once`); None
     answers every row."""
+    replica = replica.serving(stage.adapter)
     rows = rows_of(table)
     answers = answer_batch(stage, rows, replica, reuse)
     table = append_answers(table, stage, answers, replica.model_name)
@@ -249,7 +250,8 @@ def warm_up(stages: Sequence[Stage], replica: ReplicaProtocol) -> float:
     for stage in stages:
         row = {column: WARM_UP_TEXT for column in stage.required_columns()}
         try:
-            stage.infer([stage.prepare(0, row, replica, WARM_UP_TEXT)], replica)
+            view = replica.serving(stage.adapter)
+            stage.infer([stage.prepare(0, row, view, WARM_UP_TEXT)], view)
         except Exception as exc:  # noqa: BLE001 - see docstring
             log.warning("warm-up request of stage %r failed: %s: %s", stage.name, type(exc).__name__, exc)
     return time.perf_counter() - started
@@ -281,18 +283,29 @@ class StageActor:
 
         actor_logging()
         self.engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmbatch-engine")
-        self.replica = self.engine_thread.submit(Replica, model).result()
+        adapters = [s.adapter for s in stages if s.adapter is not None]
+        self.replica = self.engine_thread.submit(Replica, model, adapters).result()
         self.stages = list(stages)
         self.router = router
         # dedup: each distinct request once, shared through ``answers`` (the run's AnswerTable actor).
         self.reuse: dict[str, Reuse] = {}
         if dedup:
             version = model_version(model.name, model.engine.get("revision"))
-            self.reuse = {s.name: Reuse(answers, answer_namespace(s, version, self.replica.dtype)) for s in self.stages}
+            self.reuse = {
+                s.name: Reuse(answers, answer_namespace(s, self._served_version(version, s), self.replica.dtype))
+                for s in self.stages
+            }
         self.metrics = StageMetrics(job_name)
         seconds = self.engine_thread.submit(warm_up, self.stages, self.replica).result()
-        self.metrics.record_replica(self.stages, self.replica.model_name, self.replica.threads)
+        for stage in self.stages:
+            self.metrics.record_replica([stage], stage.served_model(self.replica.model_name), self.replica.threads)
         log.info("replica of %s ready (%s, warm-up %.2f s)", model.name, self.replica.description, seconds)
+
+    def _served_version(self, version: str, stage: Stage) -> str:
+        """The weights that answer ``stage``: the model's, plus its adapter's (as loaded)."""
+        if stage.adapter is None:
+            return version
+        return f"{version}+lora:{model_version(self.replica.adapters[stage.adapter][0])}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.engine_thread.submit(self._apply, batch).result()
@@ -305,9 +318,10 @@ class StageActor:
             # them into the stage's rows/s (excludes start-up and queueing).
             share = (time.perf_counter() - started) / max(batch.num_rows, 1)
             batch = batch.append_column(busy_column(stage.name), pa.array(np.full(batch.num_rows, share)))
-            engine = pa.array([self.replica.description] * batch.num_rows, pa.string())
+            described = self.replica.description + (f", adapter {stage.adapter}" if stage.adapter else "")
+            engine = pa.array([described] * batch.num_rows, pa.string())
             batch = batch.append_column(engine_column(stage.name), engine)
-            self.metrics.record_small(batch, stage, self.replica.model_name)
+            self.metrics.record_small(batch, stage, stage.served_model(self.replica.model_name))
         return batch
 
     def __del__(self):

@@ -15,6 +15,7 @@ PACKAGE = Path(slmbatch.__file__).parent
 #: validating a job must work with none of the engine, cluster or HTTP stack.
 CONFIG_MODULES = {
     "slmbatch.spec",
+    "slmbatch.adapters",
     "slmbatch.errors",
     "slmbatch.columns",
     "slmbatch.config",

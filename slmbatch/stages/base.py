@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Protocol
 
 import pyarrow as pa
 
+from ..adapters import check_adapter, served_name
 from ..columns import StageColumns
 from ..config import Model
 from ..errors import ConfigError, RowError
@@ -61,6 +62,9 @@ class ReplicaProtocol(Protocol):
         json_schema: Mapping[str, Any] | None = None,
     ) -> list[Any]: ...
     def classify(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[float]]: ...
+    def serving(self, adapter: str | None) -> ReplicaProtocol:
+        """The replica as a stage with LoRA ``adapter`` uses it (itself when None)."""
+        ...
 
 
 #: Stage families by ``kind`` (each subclass of :class:`Stage` registers itself).
@@ -132,6 +136,12 @@ class Stage:
     Args:
         name: stage name; prefixes its output columns.
         model: the :class:`~slmbatch.Model` that answers.
+        adapter: a LoRA adapter of ``model`` this stage runs with: a PEFT
+            adapter directory or a Hugging Face id. Stages on one model share
+            its replica pool whatever their adapters; the replica serves each
+            with vLLM's multi-LoRA (:mod:`slmbatch.adapters`). A local adapter
+            is checked when the stage is defined: its config, its rank, and
+            that it was trained on ``model``.
         input: column holding the text the stage works on (a source column or
             an earlier stage's output).
         prompt: user-message template overriding the family default. ``{input}``
@@ -172,6 +182,7 @@ class Stage:
     _: KW_ONLY
     model: Model
     input: str
+    adapter: str | None = None
     prompt: str | None = None
     system: str | None = None
     when: Mapping[str, Any] | None = None
@@ -196,6 +207,14 @@ class Stage:
             f"{cls}.input",
             f"must be a column name, got {self.input!r}",
         )
+        if self.adapter is not None:
+            require(
+                isinstance(self.adapter, str) and self.adapter.strip() != "",
+                f"{cls}.adapter",
+                f"must be a LoRA adapter directory or Hugging Face id, got {self.adapter!r}",
+            )
+            max_rank = self.model.engine.get("max_lora_rank")
+            check_adapter(self.adapter, self.model.name, max_rank, f"{cls}.adapter")
         for field_name in ("prompt", "system"):
             value = getattr(self, field_name)
             require(value is None or isinstance(value, str), f"{cls}.{field_name}", f"must be a string, got {value!r}")
@@ -342,7 +361,7 @@ class Stage:
         return []
 
     def describe(self) -> str:
-        parts = [f"{self.kind} {self.name!r}: input={self.input!r}", f"model={self.model.name}"]
+        parts = [f"{self.kind} {self.name!r}: input={self.input!r}", f"model={self.served_model(self.model.name)}"]
         parts += self.describe_options()
         if self.when:
             parts.append(f"when={dict(self.when)}")
@@ -359,6 +378,11 @@ class Stage:
         return ", ".join(parts)
 
     # -- replica side -------------------------------------------------------------
+
+    def served_model(self, model_name: str) -> str:
+        """What answers this stage on a replica of ``model_name``: the model, plus its adapter if any
+        (the ``<stage>_model`` column, metrics and the run summary name it)."""
+        return served_name(model_name, self.adapter)
 
     def applies_to(self, row: Mapping[str, Any]) -> bool:
         if not self.when:
