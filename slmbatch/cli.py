@@ -340,15 +340,14 @@ def _promote_version(line: str, version: str, force: bool) -> int:
 
 
 def _eval_candidate(args) -> int:
-    from .finetune import compare, read_heldout, render_comparison, target_stage, verdict
+    from .finetune import compare, read_heldout, render_comparison, scoring_of, target_stage, verdict
     from .lines import read_card
 
     job = load_job(args.job_file, args.job)
     card = read_card(args.candidate)
     stage = target_stage(job, card["stage"])
-    scores = compare(
-        stage.model.name, args.candidate, read_heldout(args.candidate), card["hyperparameters"]["max_length"]
-    )
+    current = stage.adapter if card.get("adapter") else stage.model.name
+    scores = compare(current, args.candidate, read_heldout(args.candidate), scoring_of(card))
     print(render_comparison(scores))
     print(f"eval: {verdict(scores)[1]}")
     return 0
@@ -595,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and audited; one example per distinct prompt, the frontier's answer as the label), plus optional "
         "labelled rows; hold a share out by hash; fine-tune the stage's model - the version the job runs now - "
         "on the rest, with the exact text the stage sends it; score both versions on the held-out rows; write "
-        "LINE/vN with a model card. Sequence classifiers (vLLM's pooling runner) only, for now.",
+        "LINE/vN with a model card. A sequence classifier (vLLM's pooling runner) is fine-tuned whole; a "
+        "generative stage gets a LoRA adapter of its model (PEFT), which it runs with Stage(adapter=...).",
     )
     job_args(p)
     p.add_argument("--line", required=True, metavar="DIR", help="the model line: versions go to DIR/v1, DIR/v2, ...")
@@ -609,8 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink", action="append", metavar="PATH", help="read the frontier's answers from this sink too")
     p.add_argument("--holdout", type=float, default=0.1, help="held-out fraction, by hash of the prompt (default 0.1)")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32 (classifier), 8 (adapter)")
+    p.add_argument("--lr", type=float, default=None, help="default: 5e-5 (classifier), 2e-4 (adapter)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--promote", action="store_true", help="promote the candidate if it is not worse")
     p.set_defaults(func=_finetune)

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, InputError, RowError
-from .feedback import collect_examples, in_holdout
+from .feedback import answer_text, collect_examples, in_holdout
 from .io import list_parquet
 from .job import Job
 from .lines import CARD, POINTER, current, read_card, versions
@@ -87,9 +87,13 @@ def is_classifier(model_dir: str) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
-def feedback_rows(job: Job, stage, holdout: float, sinks: Sequence[str] = ()) -> tuple[list[dict[str, Any]], list[str]]:
+def feedback_rows(
+    job: Job, stage, holdout: float, sinks: Sequence[str] = (), runner: str = "pooling"
+) -> tuple[list[dict[str, Any]], list[str]]:
     """``(rows, run ids)``: per distinct prompt the frontier answered for ``stage`` in the job's sink (and
-    ``sinks``), ``{"text", "label", "heldout", "source": "feedback"}`` with the exact text the small model reads."""
+    ``sinks``), ``{"system", "text", "label", "heldout", "source": "feedback"}``: what the small model
+    reads (``runner`` "pooling": the exact text a classifier gets; "generate": the system and user
+    message the frontier was asked, which are the small model's) and the frontier's answer."""
     from .ledger import Ledger
 
     rows: list[dict[str, Any]] = []
@@ -102,15 +106,29 @@ def feedback_rows(job: Job, stage, holdout: float, sinks: Sequence[str] = ()) ->
             continue  # a sink with no output yet
         runs |= {m.get("run_id") for m in Ledger.open(sink, job.sink.storage_options).completed().values()}
         for example in collect_examples(fs, files, stage.name, holdout, columns):
-            try:
-                text = stage.render_user(example.row, stage.input_text(example.row), "pooling")
-            except RowError:
-                continue
-            rows.append({"text": text, "label": example.answer, "heldout": example.heldout, "source": "feedback"})
+            if runner == "generate":
+                messages = {m["role"]: m["content"] for m in example.asked}
+                system, text = messages.get("system", ""), messages.get("user", "")
+            else:
+                try:
+                    system, text = "", stage.render_user(example.row, stage.input_text(example.row), runner)
+                except RowError:
+                    continue
+            rows.append(
+                {
+                    "system": system,
+                    "text": text,
+                    "label": example.answer,
+                    "heldout": example.heldout,
+                    "source": "feedback",
+                }
+            )
     return rows, sorted(r for r in runs if r)
 
 
-def labelled_rows(stage, path: str, label_column: str | None, holdout: float) -> list[dict[str, Any]]:
+def labelled_rows(
+    stage, path: str, label_column: str | None, holdout: float, runner: str = "pooling"
+) -> list[dict[str, Any]]:
     """Rows of a labelled Parquet/CSV/JSONL file as training rows (split by a hash of the text)."""
     from .evaluate import read_labels
 
@@ -125,11 +143,20 @@ def labelled_rows(stage, path: str, label_column: str | None, holdout: float) ->
         if row.get(column) is None:
             continue
         try:
-            text = stage.render_user(row, stage.input_text(row), "pooling")
+            text = stage.render_user(row, stage.input_text(row), runner)
         except (RowError, KeyError):
             continue
+        system = (stage.system if stage.system is not None else stage.default_system) if runner == "generate" else ""
         key = hashlib.sha256(text.encode()).hexdigest()
-        rows.append({"text": text, "label": str(row[column]), "heldout": in_holdout(key, holdout), "source": "labels"})
+        rows.append(
+            {
+                "system": system,
+                "text": text,
+                "label": answer_text(row[column]),
+                "heldout": in_holdout(key, holdout),
+                "source": "labels",
+            }
+        )
     return rows
 
 
@@ -425,20 +452,51 @@ def predict_classifier(model_dir: str | os.PathLike, texts: Sequence[str], *, ma
     return out
 
 
-def compare(current_dir: str, candidate_dir: str, heldout: Sequence[Mapping[str, Any]], max_length: int = 128) -> dict:
-    """Accuracy of both versions on ``heldout`` rows, per source (feedback: gold is the frontier's answer;
-    labels: the labelled file's) and overall."""
-    result: dict[str, Any] = {"current": current_dir, "candidate": candidate_dir, "splits": {}}
-    texts = [r["text"] for r in heldout]
-    answers = {
-        name: predict_classifier(path, texts, max_length=max_length) if texts else []
-        for name, path in (("current", current_dir), ("candidate", candidate_dir))
-    }
+def scoring_of(card: Mapping[str, Any]) -> dict[str, Any]:
+    """How versions of a card's line are scored (cards written before adapters were classifier cards)."""
+    return card.get("scoring") or {"method": "classifier", "max_length": card["hyperparameters"]["max_length"]}
+
+
+def _score(kind: str, prediction: str, gold: str) -> float:
+    from .stages.base import family
+
+    try:
+        return family(kind).score(prediction, gold)
+    except InputError:  # e.g. an extraction answer that is not JSON
+        return 0.0
+
+
+def compare(
+    current: str | None, candidate: str, heldout: Sequence[Mapping[str, Any]], scoring: Mapping[str, Any]
+) -> dict:
+    """Scores of both versions on ``heldout`` rows, per source (feedback: gold is the frontier's answer;
+    labels: the labelled file's) and overall.
+
+    ``scoring`` (:func:`scoring_of`): a classifier's versions are model directories, scored by accuracy;
+    an adapter line's are adapters of ``scoring["base"]`` (``current`` None: the base model alone),
+    scored by the stage family's headline score of greedy answers (exact match, ROUGE-L, ...).
+    """
+    result: dict[str, Any] = {"current": current, "candidate": candidate, "splits": {}}
+    answers: dict[str, list[Any]] = {}
+    for name, version in (("current", current), ("candidate", candidate)):
+        if not heldout:
+            answers[name] = []
+        elif scoring["method"] == "adapter":
+            prompts = [(r.get("system", ""), r["text"]) for r in heldout]
+            answers[name] = generate_answers(
+                scoring["base"], version, prompts, max_new_tokens=scoring["max_new_tokens"]
+            )
+        else:
+            texts = [r["text"] for r in heldout]
+            answers[name] = predict_classifier(str(version), texts, max_length=scoring["max_length"])
     for source in sorted({r["source"] for r in heldout}) + ["all"]:
         picked = [i for i, r in enumerate(heldout) if source in ("all", r["source"])]
         split: dict[str, Any] = {"rows": len(picked)}
         for name in ("current", "candidate"):
-            right = sum(answers[name][i] == heldout[i]["label"] for i in picked)
+            if scoring["method"] == "adapter":
+                right = sum(_score(scoring["kind"], answers[name][i], heldout[i]["label"]) for i in picked)
+            else:
+                right = sum(answers[name][i] == heldout[i]["label"] for i in picked)
             split[name] = round(right / len(picked), 4) if picked else None
         result["splits"][source] = split
     return result
@@ -468,27 +526,29 @@ def finetune(
     sinks: Sequence[str] = (),
     holdout: float = 0.1,
     epochs: int = 3,
-    batch_size: int = 32,
-    lr: float = 5e-5,
+    batch_size: int | None = None,
+    lr: float | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Train the next version of ``line`` for a routed ``stage`` from the frontier's answers in the job's sink
-    (and ``sinks``) plus ``labelled`` rows; score it against the job's current model; return its card."""
+    (and ``sinks``) plus ``labelled`` rows; score it against what the job runs now; return its card.
+
+    A sequence classifier is fine-tuned whole, starting from the version the job runs (``batch_size``
+    32, ``lr`` 5e-5 unless given). A generative stage gets a new LoRA adapter of its model, trained on
+    every answer accumulated so far (``batch_size`` 8, ``lr`` 2e-4): adapters are cheap to train, and
+    starting each version from the base keeps one night's mistakes from compounding.
+    """
     if not 0 < holdout < 1:
         raise ConfigError("--holdout", f"must be in (0, 1), got {holdout}")
     target = target_stage(job, stage)
     start = target.model.name
-    if not is_classifier(start):
-        raise ConfigError(
-            f"Job.stages[{job.stages.index(target)}].model",
-            f"{start} is not a local ...ForSequenceClassification directory: `slmbatch finetune` trains "
-            "sequence classifiers; LoRA adapters for generative stages are not built yet",
-        )
-    rows, run_ids = feedback_rows(job, target, holdout, sinks)
+    adapter = not is_classifier(start)
+    runner = "generate" if adapter else "pooling"
+    rows, run_ids = feedback_rows(job, target, holdout, sinks, runner)
     feedback_count = len(rows)
     if labelled:
-        rows += labelled_rows(target, labelled, label_column, holdout)
+        rows += labelled_rows(target, labelled, label_column, holdout, runner)
     train = [r for r in rows if not r["heldout"]]
     heldout = [r for r in rows if r["heldout"]]
     if not train:
@@ -502,33 +562,52 @@ def finetune(
     version = f"v{int(existing[-1][1:]) + 1 if existing else 1}"
     tmp = line / f".{version}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    max_length = int(target.model.engine.get("max_model_len", 128))
+    max_length = int(target.model.engine.get("max_model_len", 1024 if adapter else 128))
     if log:
         log(
             f"finetune {target.name}: {len(train):,} training rows ({sum(r['source'] == 'feedback' for r in train):,} "
             f"frontier answers, {sum(r['source'] == 'labels' for r in train):,} labelled), {len(heldout):,} held out"
         )
-    training = train_classifier(
-        start,
-        [r["text"] for r in train],
-        [r["label"] for r in train],
-        tmp,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        max_length=max_length,
-        seed=seed,
-        log=log,
-    )
-    scores = compare(start, str(tmp), heldout, max_length)
-    parent = _card_or_none(start)
+    labels = [r["label"] for r in train]
+    current: str | None
+    if adapter:
+        current = target.adapter
+        training = train_lora(
+            start,
+            [(r["system"], r["text"]) for r in train],
+            labels,
+            tmp,
+            epochs=epochs,
+            batch_size=batch_size or 8,
+            lr=lr or 2e-4,
+            max_length=max_length,
+            seed=seed,
+            log=log,
+        )
+        scoring = {
+            "method": "adapter",
+            "base": start,
+            "kind": target.kind,
+            "max_new_tokens": max(target.reserved_output_tokens(), 32),
+        }
+    else:
+        current = start
+        texts = [r["text"] for r in train]
+        training = train_classifier(
+            start, texts, labels, tmp, epochs=epochs, batch_size=batch_size or 32, lr=lr or 5e-5,
+            max_length=max_length, seed=seed, log=log,
+        )  # fmt: skip
+        scoring = {"method": "classifier", "max_length": max_length}
+    scores = compare(current, str(tmp), heldout, scoring)
+    parent = None if adapter else _card_or_none(start)
     card = {
         "version": version,
         "line": str(line.resolve()),
         "stage": target.name,
         "kind": target.kind,
-        "trained_from": start,
+        "trained_from": current,
         "base": parent.get("base", start) if parent else start,
+        "adapter": adapter,
         "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "data": {
             "rows": len(rows),
@@ -543,15 +622,23 @@ def finetune(
             "holdout": holdout,
         },
         "hyperparameters": training,
+        "scoring": scoring,
         "scores": scores,
     }
     (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
     (tmp / "README.md").write_text(render_card(card) + "\n")
     with open(tmp / HELDOUT, "w") as f:
         for r in heldout:
-            f.write(json.dumps({k: r[k] for k in ("text", "label", "source")}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({k: r[k] for k in ("system", "text", "label", "source")}, ensure_ascii=False) + "\n")
     os.replace(tmp, line / version)
     return card
+
+
+def same_version(a: str | None, b: str | None) -> bool:
+    """Two versions are the same model directory (None: an adapter line's base model alone)."""
+    if a is None or b is None:
+        return a is b
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _card_or_none(path: str) -> dict[str, Any] | None:
@@ -579,9 +666,9 @@ def promote(line: str | os.PathLike, version: str, *, force: bool = False) -> di
     if now and now["version"] == version:
         raise ConfigError("VERSION", f"{version} is already the promoted version of {line}")
     scores = card["scores"]
-    if os.path.realpath(scores["current"]) != os.path.realpath(live):
+    if not same_version(scores["current"], live):
         # Trained against another version than the one promoted now: compare with that one.
-        scores = compare(live, str(target.resolve()), read_heldout(target), card["hyperparameters"]["max_length"])
+        scores = compare(live, str(target.resolve()), read_heldout(target), scoring_of(card))
     ok, why = verdict(scores)
     if not ok and not force:
         raise ConfigError("VERSION", f"not promoting {version}: {why} (--force to promote anyway)")
@@ -613,7 +700,7 @@ def render_comparison(scores: Mapping[str, Any]) -> str:
         cand = "-" if split["candidate"] is None else f"{split['candidate']:.4f}"
         what = {"feedback": "frontier answers", "labels": "labelled", "all": "all"}.get(source, source)
         lines.append(f"{what:<22}{split['rows']:>7,}{cur:>10}{cand:>11}")
-    lines.append(f"current:   {scores['current']}")
+    lines.append(f"current:   {scores['current'] or 'the base model, no adapter'}")
     lines.append(f"candidate: {scores['candidate']}")
     return "\n".join(lines)
 
@@ -624,7 +711,7 @@ def render_card(card: Mapping[str, Any]) -> str:
         [
             f"# {Path(card['line']).name} {card['version']}",
             "",
-            f"Stage `{card['stage']}` ({card['kind']}), trained {card['trained_at']} from `{card['trained_from']}`"
+            f"Stage `{card['stage']}` ({card['kind']}), trained {card['trained_at']} from `{card['trained_from'] or card['base']}`"
             f" (base `{card['base']}`).",
             "",
             f"- data: {d['rows']:,} rows ({d['feedback_rows']:,} frontier answers, {d['labelled_rows']:,} labelled), "

@@ -129,13 +129,17 @@ class Change:
         """A stage's model, or its LoRA adapter, moved to another version of the same model line
         (``slmbatch promote``): rows written keep their answers and name their model; new input gets
         the new version."""
-        moved = self.path.endswith((".model.name", ".adapter"))
-        if not moved or not isinstance(self.old, str) or not isinstance(self.new, str):
+        adapter = self.path.endswith(".adapter")
+        if not (adapter or self.path.endswith(".model.name")) or not isinstance(self.new, str):
             return False
         from .lines import in_line, lineage
 
         line = in_line(self.new)
-        return line is not None and os.path.realpath(os.path.expanduser(self.old)) in lineage(line)
+        if line is None:
+            return False
+        if self.old is None:  # a stage's first adapter, from its line (the base model alone before)
+            return adapter
+        return isinstance(self.old, str) and os.path.realpath(os.path.expanduser(self.old)) in lineage(line)
 
     @property
     def allowed(self) -> bool:

@@ -20,10 +20,17 @@ CARD = "slmbatch_card.json"
 POINTER = "current.json"
 
 
-def promoted(line: str | os.PathLike) -> str:
-    """The directory of the version ``line`` has promoted, for ``Model(promoted("models/intent"))``."""
+_NO_DEFAULT: Any = object()
+
+
+def promoted(line: str | os.PathLike, default: Any = _NO_DEFAULT) -> Any:
+    """The directory of the version ``line`` has promoted: ``Model(promoted("models/intent"))`` for a
+    classifier line, ``Summarize(..., adapter=promoted("adapters/gist", default=None))`` for an adapter
+    line (``default``: what to return before the line's first promotion; without it, a ConfigError)."""
     pointer = Path(line) / POINTER
     if not pointer.is_file():
+        if default is not _NO_DEFAULT:
+            return default
         raise ConfigError(
             "Model.name",
             f"{line} has no promoted version ({POINTER} missing): `slmbatch promote {line} VERSION` first",

@@ -140,3 +140,63 @@ def test_only_a_version_of_the_same_line_passes_as_a_promotion(tmp_path):
     assert not Change("stages[0].labels", str(line / "v1"), str(line / "v1")).promotion
     with pytest.raises(ConfigError, match="no promoted version"):
         promoted(other)
+
+
+# -- a generative stage: a LoRA adapter, served with multi-LoRA ------------------------------------------
+
+GIST_JOB = """
+from slmbatch import Frontier, Job, Model, ParquetSink, ParquetSource, Summarize, promoted
+lm = Model({lm!r}, threads=2, batch_size=32, engine={{"max_model_len": 1024, "dtype": "float32"}})
+job = Job(name="gist-flywheel", source=ParquetSource({source!r}), sink=ParquetSink({sink!r}),
+          stages=[Summarize("gist", model=lm, input="text", max_output_tokens=12, threshold=1.0,
+                            adapter=promoted({line!r}, default=None))],
+          frontier=Frontier(base_url={url!r}, model="rule-frontier", api_key_env=None, actors=1, concurrency=4))
+"""
+
+
+def gist_rule(text: str) -> str:
+    return "a card problem" if "card" in text.lower() else "another problem"
+
+
+def gist_reply(body: dict) -> str:
+    """The frontier's summary: one of two phrases, by whether the text mentions a card."""
+    return gist_rule(body["messages"][-1]["content"])
+
+
+def test_a_generative_stage_gets_a_lora_adapter_that_learns_the_frontiers_answers(tmp_path, ray_local, tiny_lm):
+    from slmbatch.cli import main
+
+    texts = banking_texts(260)
+    write_shards(tmp_path / "in", texts[:200], shards=2, row_group_size=50)
+    line = tmp_path / "adapters" / "gist"
+    with FaultServer(reply=gist_reply) as server:
+        job_file = tmp_path / "job.py"
+        job_file.write_text(
+            GIST_JOB.format(
+                lm=tiny_lm, source=str(tmp_path / "in"), sink=str(tmp_path / "out"), line=str(line), url=server.base_url
+            )
+        )
+        assert main(["run", str(job_file), "--no-progress", "--run-date", "2026-12-01"]) == 0
+        args = ["finetune", str(job_file), "--line", str(line), "--holdout", "0.25", "--epochs", "8", "--lr", "5e-3"]
+        assert main(args) == 0
+        card = read_card(line / "v1")
+        assert card["adapter"] and card["trained_from"] is None and card["base"] == tiny_lm
+        assert (line / "v1" / "adapter_config.json").is_file() and (line / "v1" / "adapter_model.safetensors").is_file()
+        assert card["hyperparameters"]["method"].startswith("LoRA adapter (PEFT)")
+        heldout = [json.loads(x) for x in (line / "v1" / "heldout.jsonl").read_text().splitlines()]
+        assert heldout and all(r["label"] == gist_rule(r["text"]) for r in heldout)
+        assert all(r["system"] == "You write short, faithful summaries." for r in heldout)
+        held = card["scores"]["splits"]["feedback"]  # ROUGE-L of greedy answers against the frontier's
+        assert held["candidate"] >= 0.9 > 0.2 >= held["current"]
+        assert main(["promote", str(line), "v1"]) == 0
+
+        # The next night runs the promoted adapter (the ledger accepts it); rows written keep theirs.
+        write_shards(tmp_path / "in" / "night2", texts[200:], shards=1, row_group_size=50)
+        assert main(["run", str(job_file), "--no-progress", "--run-date", "2026-12-02"]) == 0
+    rows = pl.read_parquet(tmp_path / "out" / "**" / "*.parquet")
+    assert rows.height == 260 and rows["_row_id"].n_unique() == 260
+    night2 = rows.filter(pl.col("_row_id").str.starts_with("night2/"))
+    assert set(night2["gist_model"]) == {f"{tiny_lm} + adapter {promoted(line)}"}
+    assert set(rows.filter(~pl.col("_row_id").str.starts_with("night2/"))["gist_model"]) == {tiny_lm}
+    right = (night2["gist_small"] == pl.Series([gist_rule(t) for t in night2["text"]])).mean()
+    assert right >= 0.9
