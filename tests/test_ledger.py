@@ -82,21 +82,26 @@ def run_driver(job_file: Path, address: str, fault: str | None = None) -> subpro
     )
 
 
-@pytest.mark.parametrize("fault", ["batch:2", "writing:1", "written:1", "marked:2"])
-def test_driver_killed_mid_run_then_rerun_writes_every_row_once(workdir, tiny_classifier, ray_local, fault):
+def test_driver_killed_at_each_point_of_a_run_then_rerun_writes_every_row_once(workdir, tiny_classifier, ray_local):
+    """One sink, four runs killed in turn - mid-stream, while writing a file, between a file and its
+    marker, after two markers - then a run that finishes: each run starts from what the last one left."""
     job_file = write_job(workdir, tiny_classifier)
-    crashed = run_driver(job_file, ray_local.get_runtime_context().gcs_address, fault)
-    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    address = ray_local.get_runtime_context().gcs_address
     out = workdir / "out"
-    written_before = {p.name for p in out.glob("*.parquet")}
-    if fault == "writing:1":
-        assert list(out.glob(".*.tmp")) and not written_before  # the crash left only a hidden temporary
+    for fault in ("batch:2", "writing:1", "written:1", "marked:2"):
+        crashed = run_driver(job_file, address, fault)
+        assert crashed.returncode == -signal.SIGKILL, (fault, crashed.stderr[-2000:])
+        if fault == "writing:1":
+            # the crash left only a hidden temporary
+            assert list(out.glob(".*.tmp")) and not list(out.glob("*.parquet"))
+        if fault == "written:1":
+            assert len(list(out.glob("*.parquet"))) == 1  # a whole file, not yet recorded
+    assert len(Ledger.open(str(out)).completed()) == 2
 
     summary = slmbatch.run(load_job(str(job_file)), progress=False)
     assert_every_row_once(out)
     assert summary.rows_in == summary.rows_out + summary.rows_done_before == ROWS
-    marked = int(fault.split(":")[1]) if fault.startswith("marked") else 0
-    assert summary.files_done_before == marked  # only recorded shards are skipped; the rest is redone
+    assert summary.files_done_before == 2  # only recorded shards are skipped; the rest is redone
     assert not list(out.glob(".*.tmp"))
 
 
@@ -196,9 +201,8 @@ job = Job(name="resume-s3", source=ParquetSource({src!r}, storage_options=storag
 """
 
 
-@pytest.mark.parametrize("fault", ["batch:2", "written:1"])  # mid-stream, and between object and marker
 def test_driver_killed_mid_run_on_s3_then_rerun_writes_every_row_once(
-    tmp_path, s3_server, s3_prefix, tiny_classifier, ray_local, fault, monkeypatch
+    tmp_path, s3_server, s3_prefix, tiny_classifier, ray_local, monkeypatch
 ):
     import s3fs
 
@@ -214,8 +218,9 @@ def test_driver_killed_mid_run_on_s3_then_rerun_writes_every_row_once(
     monkeypatch.setenv("TEST_S3_KEY", s3_server.storage_options["key"])
     monkeypatch.setenv("TEST_S3_SECRET", s3_server.storage_options["secret"])
 
-    crashed = run_driver(job_file, ray_local.get_runtime_context().gcs_address, fault)
-    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    for fault in ("batch:2", "written:1"):  # mid-stream, then between an object and its marker
+        crashed = run_driver(job_file, ray_local.get_runtime_context().gcs_address, fault)
+        assert crashed.returncode == -signal.SIGKILL, (fault, crashed.stderr[-2000:])
     summary = slmbatch.run(load_job(str(job_file)), progress=False)
     assert summary.rows_in == summary.rows_out + summary.rows_done_before == ROWS
 
