@@ -1,0 +1,125 @@
+"""A Ray cluster of three nodes on this machine: replicas on different nodes, and a node killed mid-run.
+
+The cluster is Ray's own ``ray.cluster_utils.Cluster``: a head and two worker
+nodes, each a raylet with its own resources and worker processes, all started
+(and ended, by PID) by this test. The head has no CPU, so the work runs on the
+worker nodes: each has one CPU, which holds one replica (0.75 CPU) and one read
+task (0.25), so two replicas must land on two nodes. Killing a node
+(``remove_node(allow_graceful=False)``: SIGKILL to its raylet and its workers)
+is what a lost spot instance does; a new node joins, as an autoscaler would
+bring one. The run then either finishes or fails; a rerun finishes it. Either
+way every input row must be in the output exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from slmbatch.ledger import Ledger
+
+from .conftest import banking_texts, write_shards
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+ROWS, SHARDS = 750, 30
+JOB = """
+from slmbatch import Classify, Job, Model, ParquetSink, ParquetSource
+clf = Model({model!r}, replicas=2, num_cpus=0.75, threads=1, batch_size=10,
+            engine={{"max_model_len": 256, "dtype": "float32"}})
+job = Job(name="multinode", source=ParquetSource({src!r}),
+          stages=[Classify("spam", model=clf, input="text", labels=["ham", "spam"])],
+          sink=ParquetSink({out!r}))
+"""
+
+
+@pytest.fixture
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    small = {"object_store_memory": 150 * 2**20, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, **small})
+    workers = [cluster.add_node(num_cpus=1, **small) for _ in range(2)]
+    try:
+        yield cluster, workers, small
+    finally:
+        cluster.shutdown()
+
+
+def start_driver(job_file: Path, address: str, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["RAY_ADDRESS"] = address
+    with log.open("w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "slmbatch.cli", "run", "--no-progress", str(job_file)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def replica_nodes(nodes) -> set[str]:
+    """Node ids of the nodes running a replica: a StageActor process under the node's raylet."""
+    import psutil
+
+    found = set()
+    for node in nodes:
+        for info in node.all_processes.get("raylet", []):
+            try:
+                children = psutil.Process(info.process.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+            for child in children:
+                try:
+                    if "StageActor" in " ".join(child.cmdline()):
+                        found.add(node.node_id)
+                except psutil.Error:
+                    continue
+    return found
+
+
+def test_a_node_killed_mid_run_loses_no_row_and_duplicates_none(cluster, tiny_classifier, tmp_path):
+    cluster, workers, small = cluster
+    write_shards(tmp_path / "in", banking_texts(ROWS), shards=SHARDS, row_group_size=10)
+    job_file = tmp_path / "job.py"
+    out = tmp_path / "out"
+    job_file.write_text(textwrap.dedent(JOB.format(model=tiny_classifier, src=str(tmp_path / "in"), out=str(out))))
+    address = cluster.address
+
+    driver = start_driver(job_file, address, tmp_path / "run1.log")
+    try:
+        nodes: set[str] = set()
+        deadline = time.monotonic() + 300
+        while driver.poll() is None and time.monotonic() < deadline:
+            nodes |= replica_nodes(workers)
+            done = len(Ledger.open(str(out)).completed()) if (out / "_slmbatch").exists() else 0
+            if done >= 2 and len(nodes) == 2:
+                break
+            time.sleep(0.5)
+        log = (tmp_path / "run1.log").read_text
+        assert driver.poll() is None, "the run ended before a node could be killed: " + log()[-3000:]
+        assert nodes == {w.node_id for w in workers}, nodes  # two replicas, on the two worker nodes
+        cluster.remove_node(workers[0], allow_graceful=False)  # SIGKILL: its raylet, replica and workers
+        cluster.add_node(num_cpus=1, **small)  # the replacement node
+        first = driver.wait(timeout=400)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, 9)
+            driver.wait()
+    if first != 0:  # the run failed with the node: a rerun finishes it
+        rerun = start_driver(job_file, address, tmp_path / "run2.log")
+        assert rerun.wait(timeout=400) == 0, (tmp_path / "run2.log").read_text()[-3000:]
+
+    df = pl.read_parquet(out / "*.parquet")
+    assert df.height == ROWS and df["_row_id"].n_unique() == ROWS
+    assert sorted(df["text"]) == sorted(banking_texts(ROWS))
+    assert len(Ledger.open(str(out)).completed()) == SHARDS
