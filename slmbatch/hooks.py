@@ -2,8 +2,8 @@
 
 The driver passes these points, in order, for every shard it writes:
 
-- ``batch``: a batch came back from the stages (rows in flight, nothing written);
-- ``writing``: a shard's temporary output file is written, not yet renamed;
+- ``batch``: a block of part records came back (rows staged as parts, nothing final written);
+- ``finishing``: all of a shard's rows are staged; the task that merges them into its file is not started yet;
 - ``written``: a shard's output file is complete but not yet recorded as done;
 - ``marked``: the shard is recorded as done.
 
@@ -13,7 +13,9 @@ comma-separated list of ``module:function`` callables, each called once with
 no argument when a run starts (:func:`load_observers`) so that it can
 register itself. The crash tests use this to SIGKILL a driver at an exact
 point (``tests/support/crash.py``); with nothing registered a checkpoint
-costs one empty-list check.
+costs one empty-list check. (``writing`` - a temporary file written, not yet
+renamed - is passed by whichever process writes a file: for output files, the
+finish task's worker.)
 """
 
 from __future__ import annotations

@@ -159,6 +159,34 @@ class StageStats:
             self.tally = QualityTally()
         self.tally.add(table, stage)
 
+    #: Counts and sums of the part of a run that :meth:`add` saw (what :meth:`merge` adds up).
+    SUMMED = (
+        "rows", "ran", "answered", "errored", "tokens_in", "tokens_out", "busy_s", "escalation_wanted",
+        "escalated", "not_sent", "frontier_failed", "frontier_tokens_in", "frontier_tokens_out",
+        "small_cost_usd", "frontier_cost_usd", "audited", "audit_failed", "audit_cost_usd",
+        "confidence_sum", "reused_run", "reused_cache", "frontier_reused_run", "frontier_reused_cache",
+        "frontier_paid", "batch_awaiting", "audit_awaiting",
+    )  # fmt: skip
+
+    def merge(self, other: StageStats) -> None:
+        """Add ``other``'s counts - the same stage's, :meth:`add`-ed over other rows (e.g. by a worker) - to these."""
+        for name in self.SUMMED:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        if other.small_tokens_at_frontier_price is not None:
+            self.small_tokens_at_frontier_price = (
+                self.small_tokens_at_frontier_price or 0.0
+            ) + other.small_tokens_at_frontier_price
+        self.histogram = [a + b for a, b in zip(self.histogram, other.histogram)]
+        for key, count in other.errors.items():
+            self.errors[key] = self.errors.get(key, 0) + count
+            self.error_examples.setdefault(key, other.error_examples[key])
+        self.engines = sorted(set(self.engines) | set(other.engines))
+        if other.tally is not None:
+            self.audit_rate = other.audit_rate
+            if self.tally is None:
+                self.tally = QualityTally()
+            self.tally.merge(other.tally)
+
     def finish(self) -> None:
         """Turn the run's sums into its quality estimates (after the last batch)."""
         if self.tally is not None:

@@ -2,8 +2,8 @@
 
 The pipeline, one Ray Data dataset::
 
-    row-group units ──read tasks──▶ rows + _row_id ──replica pool(s)──▶ stage columns ──▶ driver
-    (one item per row group)        (0.25 CPU each)   (one fixed ActorPool per model)    (per-shard writer)
+    row-group units ──read tasks──▶ rows + _row_id ──replica pool(s)──▶ stage columns ──write tasks──▶ records ──▶ driver
+    (one item per row group)        (0.25 CPU each)   (one fixed ActorPool per model)   (staged parts)              (commits)
 
 Why each piece:
 
@@ -14,11 +14,13 @@ Why each piece:
   many small files into one block, which defeated streaming.
 - *Fixed-size actor pools*: a vLLM replica takes seconds to minutes to start;
   autoscaling pools also starved the read tasks on small machines.
-- *Writing on the driver, one file per input shard*: the driver knows each
-  shard's row count from its footer, so it can write a shard the moment its
-  last row arrives, check that every row came back exactly once, and write
-  the file atomically. Model stages are the bottleneck by orders of magnitude,
-  so the driver is not.
+- *Writing on the workers, committing on the driver* (:mod:`.writer`): rows
+  are written next to the data, as staged parts, then merged into one file per
+  input shard by a Ray task; the driver gets a small record per part (row
+  ranges, not rows), checks that every row came back exactly once, and records
+  finished shards in the ledger. Replicas scale with GPUs and the driver does
+  not: no row passes through it, so its CPU and memory do not grow with the
+  rows (measured in ``benchmarks/driver_ceiling.py``).
 
 This module only wires: planning is :mod:`.plan`, what to process is the
 :class:`~slmbatch.ledger.Ledger`'s, the actors are :mod:`.worker`'s, the
@@ -56,7 +58,7 @@ from .report import RunSummary, StageStats
 from .reuse import cache_url, start_answer_table, write_cache
 from .routing import Router
 from .worker import FrontierActor, StageActor
-from .writer import ShardWriter, empty_output
+from .writer import ShardWriter, empty_output, remove_staging, staging_root, write_parts
 
 log = logging.getLogger("slmbatch")
 
@@ -64,6 +66,8 @@ log = logging.getLogger("slmbatch")
 READ_TASK_CPUS = 0.25
 #: CPU reserved per frontier actor: it mostly waits on HTTP.
 FRONTIER_ACTOR_CPUS = 0.1
+#: CPU reserved per write task (:func:`~slmbatch.writer.write_parts`): it encodes and stores a batch.
+WRITE_TASK_CPUS = 0.1
 
 
 def frontier_key_ref(job: Job) -> list:
@@ -98,8 +102,12 @@ def build_dataset(
     limiter: Any = None,
     api_key: Sequence[Any] = (),
     answers: Any = None,
+    *,
+    parts: str,
 ):
-    """The run's Ray Data pipeline: read tasks, then per replica pool its stages and, if routed, the frontier step.
+    """The run's Ray Data pipeline: read tasks, then per replica pool its stages and, if routed, the frontier
+    step, then the write tasks that stage the rows as parts under ``parts`` and pass on records
+    (:func:`~slmbatch.writer.write_parts`).
     ``answers``: the run's :class:`~slmbatch.reuse.AnswerTable` actor (``Job.dedup``)."""
     import ray.data
 
@@ -151,7 +159,15 @@ def build_dataset(
                 compute=ray.data.ActorPoolStrategy(size=job.frontier.actors),
                 num_cpus=FRONTIER_ACTOR_CPUS,
             )
-    return ds
+    return ds.map_batches(
+        write_parts,
+        fn_kwargs={"root": parts, "storage_options": dict(job.sink.storage_options)},
+        batch_size=None,  # each block the stages return is one part
+        batch_format="pyarrow",
+        num_cpus=WRITE_TASK_CPUS,
+        # No fixed task count: the stages decide how many blocks there are (Ray Data warns when a
+        # limit exceeds them), and blocks arrive at the replicas' pace, so few write tasks run at once.
+    )
 
 
 def resource_warnings(job: Job, resources: dict[str, float]) -> list[str]:
@@ -163,15 +179,16 @@ def resource_warnings(job: Job, resources: dict[str, float]) -> list[str]:
     """
     pools = job.model_groups()
     frontier = job.frontier.actors * FRONTIER_ACTOR_CPUS if job.frontier is not None and job.escalates else 0.0
-    cpus = sum(m.replicas * m.num_cpus for m, _ in pools) + frontier + READ_TASK_CPUS
+    cpus = sum(m.replicas * m.num_cpus for m, _ in pools) + frontier + READ_TASK_CPUS + WRITE_TASK_CPUS
     gpus = sum(m.replicas * m.num_gpus for m, _ in pools)
     threads = sum(m.replicas * (m.threads or max(1, math.floor(m.num_cpus))) for m, _ in pools if not m.on_gpu)
     have_cpus, have_gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     warnings = []
     if cpus > have_cpus:
         warnings.append(
-            f"the job reserves {cpus:g} CPUs (replicas x Model.num_cpus, frontier actors and a read task) but the "
-            f"cluster has {have_cpus:g}: replicas that do not fit wait until CPUs free up, on a fixed cluster never"
+            f"the job reserves {cpus:g} CPUs (replicas x Model.num_cpus, frontier actors, a read and a write task) "
+            f"but the cluster has {have_cpus:g}: replicas that do not fit wait until CPUs free up, on a fixed "
+            "cluster never"
         )
     if gpus > have_gpus:
         warnings.append(
@@ -379,6 +396,7 @@ def _run(
     ledger = Ledger(job)
     ledger.check_job(fresh=fresh)
     with ledger.run_lock(day, summary.run_id):
+        remove_staging(job.sink.path, job.sink.storage_options)  # crashed runs' parts: no run is using them
         todo = ledger.todo(the_plan, day, window)
         summary.rows_done_before, summary.files_done_before = todo.rows_done_before, todo.files_done_before
         if summary.files_done_before:
@@ -463,7 +481,8 @@ def _process(
                 answers, summary.cache_loaded = start_answer_table(job, summary.run_id)
             try:
                 key = frontier_key_ref(job) if job.escalates else []
-                dataset = build_dataset(job, live, the_plan.schema, limiter, key, answers)
+                parts = staging_root(job.sink.path, summary.run_id)
+                dataset = build_dataset(job, live, the_plan.schema, limiter, key, answers, parts=parts)
                 # prefetch_batches=0: with Ray Data's default (1) the driver got each batch only once
                 # the next one was ready - the first rows came back one frontier batch late (~4 s in
                 # the demo). The driver's work per batch is small; fetching ahead buys nothing.

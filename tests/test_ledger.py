@@ -83,26 +83,25 @@ def run_driver(job_file: Path, address: str, fault: str | None = None) -> subpro
 
 
 def test_driver_killed_at_each_point_of_a_run_then_rerun_writes_every_row_once(workdir, tiny_classifier, ray_local):
-    """One sink, four runs killed in turn - mid-stream, while writing a file, between a file and its
-    marker, after two markers - then a run that finishes: each run starts from what the last one left."""
+    """One sink, four runs killed in turn - mid-stream, with a shard's rows staged but not merged, between
+    a file and its marker, after two markers - then a run that finishes: each run starts from what the last one left."""
     job_file = write_job(workdir, tiny_classifier)
     address = ray_local.get_runtime_context().gcs_address
     out = workdir / "out"
-    for fault in ("batch:2", "writing:1", "written:1", "marked:2"):
+    for fault in ("batch:2", "finishing:1", "written:1", "marked:2"):
         crashed = run_driver(job_file, address, fault)
         assert crashed.returncode == -signal.SIGKILL, (fault, crashed.stderr[-2000:])
-        if fault == "writing:1":
-            # the crash left only a hidden temporary
-            assert list(out.glob(".*.tmp")) and not list(out.glob("*.parquet"))
+        if fault == "finishing:1":  # a shard's rows staged as parts by the workers, no output file yet
+            assert list((out / "_slmbatch" / "staging").rglob("*.parquet")) and not list(out.glob("*.parquet"))
         if fault == "written:1":
-            assert len(list(out.glob("*.parquet"))) == 1  # a whole file, not yet recorded
+            assert list(out.glob("*.parquet"))  # whole files, not yet recorded
     assert len(Ledger.open(str(out)).completed()) == 2
 
     summary = slmbatch.run(load_job(str(job_file)), progress=False)
     assert_every_row_once(out)
     assert summary.rows_in == summary.rows_out + summary.rows_done_before == ROWS
     assert summary.files_done_before == 2  # only recorded shards are skipped; the rest is redone
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*.tmp")) and not list((out / "_slmbatch" / "staging").rglob("*"))
 
 
 def test_rerun_of_a_finished_job_does_nothing(workdir, tiny_classifier, ray_local):
