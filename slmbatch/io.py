@@ -1,8 +1,9 @@
 """Parquet shards in and out, on local disk or S3 (through fsspec/s3fs).
 
-A *shard* is one input file. The driver lists shards and reads only their
-footers (row counts, row groups, schema); rows are read by Ray tasks one row
-group at a time, and written back one output file per input shard, atomically.
+A *shard* is one input file. The driver lists shards; their footers (row
+counts, row groups, schema) are read on the driver, or by Ray tasks when there
+are many files. Rows are read by Ray tasks one row group at a time, and written
+back one output file per input shard, atomically.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import os
 import posixpath
 import uuid
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -72,6 +73,14 @@ def list_parquet(path: str, storage_options: Mapping[str, Any] | None = None) ->
     skipping names that start with ``_`` or ``.`` (Spark/Hive convention for
     metadata and in-progress files).
     """
+    fs, root, sizes = list_parquet_sizes(path, storage_options)
+    return fs, root, list(sizes)
+
+
+def list_parquet_sizes(
+    path: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[Any, str, dict[str, int | None]]:
+    """:func:`list_parquet`, with each file's size in bytes as the listing gave it (None if it did not)."""
     fs, stripped = filesystem(path, storage_options)
     try:
         return _list_parquet(fs, path, stripped)
@@ -79,28 +88,111 @@ def list_parquet(path: str, storage_options: Mapping[str, Any] | None = None) ->
         raise InputError(f"cannot list source {path!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def _list_parquet(fs, path: str, stripped: str) -> tuple[Any, str, list[str]]:
+def _list_parquet(fs, path: str, stripped: str) -> tuple[Any, str, dict[str, int | None]]:
     if any(c in stripped for c in _GLOB_CHARS):
         root = stripped
         while any(c in root for c in _GLOB_CHARS):
             root = posixpath.dirname(root)
-        files = [f for f in fs.glob(stripped) if fs.isfile(f)]
+        found = {f: i for f, i in fs.glob(stripped, detail=True).items() if i.get("type") == "file"}
     elif fs.isdir(stripped):
         root = stripped
-        files = [f for f in fs.find(stripped) if f.endswith(".parquet")]
+        found = {f: i for f, i in fs.find(stripped, detail=True).items() if f.endswith(".parquet")}
     elif fs.isfile(stripped):
         root = posixpath.dirname(stripped)
-        files = [stripped]
+        found = {stripped: {}}
     else:
         raise InputError(f"source path {path!r} does not exist")
-    files = [f for f in files if not _hidden(posixpath.relpath(f, root))]
+    files = sorted(f for f in found if not _hidden(posixpath.relpath(f, root)))
     if not files:
         raise InputError(f"source path {path!r} holds no Parquet files")
-    return fs, root, sorted(files)
+    return fs, root, {f: found[f].get("size") for f in files}
 
 
 def _hidden(relpath: str) -> bool:
     return any(part.startswith(("_", ".")) for part in relpath.split("/"))
+
+
+#: From this many input files on, :func:`plan_shards` reads footers in Ray tasks (given ``connect``).
+REMOTE_FOOTERS_FROM = 2000
+#: Footers one planning task reads.
+FOOTERS_PER_TASK = 1000
+#: CPU reserved per planning task: it mostly waits on storage.
+FOOTER_TASK_CPUS = 0.25
+
+#: What planning keeps of one file's footer: rows, rows per row group, the index of its schema among
+#: the distinct schemas read (-1: unreadable) and, if unreadable, why.
+FooterRow = tuple[int, tuple[int, ...], int, str | None]
+
+
+class _Schemas:
+    """The distinct schemas (without schema-level metadata) of many files, each kept once."""
+
+    def __init__(self) -> None:
+        self.schemas: list[pa.Schema] = []
+        self._index: dict[bytes, int] = {}
+
+    def index(self, schema: pa.Schema) -> int:
+        schema = schema.remove_metadata()
+        key = schema.serialize().to_pybytes()
+        if key not in self._index:
+            self._index[key] = len(self.schemas)
+            self.schemas.append(schema)
+        return self._index[key]
+
+
+def read_footers(
+    path: str,
+    storage_options: Mapping[str, Any] | None,
+    files: Sequence[str],
+    sizes: Sequence[int | None] | None = None,
+    threads: int = 16,
+) -> tuple[list[pa.Schema], list[FooterRow]]:
+    """Read the footers of ``files`` (under source ``path``) in threads - object-store round trips
+    dominate - keeping only what planning needs: ``(distinct schemas, one FooterRow per file)``.
+    ``sizes`` (from the listing) spare a HEAD request per S3 file. Runs on the driver, or as a Ray task
+    per :data:`FOOTERS_PER_TASK` files (:func:`plan_shards`)."""
+    fs, _ = filesystem(path, storage_options)
+    remote = is_remote(path)
+
+    def footer(i: int) -> tuple[Any, str | None]:
+        try:
+            size = sizes[i] if sizes is not None and remote else None
+            with fs.open(files[i], "rb", **({"size": size} if size is not None else {})) as handle:
+                return pq.ParquetFile(handle).metadata, None
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not fatal
+            return None, f"unreadable Parquet: {type(exc).__name__}: {exc}"
+
+    schemas = _Schemas()
+    rows: list[FooterRow] = []
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
+        for meta, error in pool.map(footer, range(len(files))):
+            if meta is None:
+                rows.append((0, (), -1, error))
+            else:
+                groups = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+                rows.append((meta.num_rows, groups, schemas.index(meta.schema.to_arrow_schema()), None))
+    return schemas.schemas, rows
+
+
+def _read_footers_on_ray(
+    path: str, storage_options: Mapping[str, Any] | None, files: Sequence[str], sizes: Sequence[int | None] | None
+) -> tuple[list[pa.Schema], list[FooterRow]]:
+    """:func:`read_footers` in Ray tasks of :data:`FOOTERS_PER_TASK` files each, merged in file order."""
+    import ray
+
+    task = ray.remote(num_cpus=FOOTER_TASK_CPUS)(read_footers)
+    options = dict(storage_options or {})
+    refs = [
+        task.remote(path, options, files[i : i + FOOTERS_PER_TASK], sizes[i : i + FOOTERS_PER_TASK] if sizes else None)
+        for i in range(0, len(files), FOOTERS_PER_TASK)
+    ]
+    schemas = _Schemas()
+    rows: list[FooterRow] = []
+    for ref in refs:
+        chunk_schemas, chunk = ray.get(ref)
+        index = [schemas.index(s) for s in chunk_schemas]
+        rows += [(n, groups, index[i] if i >= 0 else -1, error) for n, groups, i, error in chunk]
+    return schemas.schemas, rows
 
 
 def plan_shards(
@@ -111,36 +203,35 @@ def plan_shards(
     *,
     text_columns: Collection[str] = (),
     threads: int = 16,
+    connect: Callable[[], None] | None = None,
 ) -> Plan:
-    """Read every shard's footer (in parallel threads: S3 round trips dominate)
-    and set aside files that cannot be read, lack a required column, or whose
-    ``columns`` (all columns if None) cannot be read into the one schema
-    :func:`~slmbatch.schemas.unify_schemas` chooses (``text_columns``: those
-    read as text)."""
-    fs, root, files = list_parquet(path, storage_options)
+    """Read every shard's footer and set aside files that cannot be read, lack a required column, or
+    whose ``columns`` (all columns if None) cannot be read into the one schema
+    :func:`~slmbatch.schemas.unify_schemas` chooses (``text_columns``: those read as text).
+
+    Footers are read by :func:`read_footers`: on this process (``threads`` at a time), or - from
+    :data:`REMOTE_FOOTERS_FROM` files on, when ``connect`` is given (it connects to Ray) - by Ray tasks
+    across the cluster. Either way the planner keeps a few numbers per file and each distinct schema
+    once, not the files' footers."""
+    fs, root, listed = list_parquet_sizes(path, storage_options)
+    files = list(listed)
+    sizes = list(listed.values())
     protocol = path.split("://", 1)[0] + "://" if is_remote(path) else ""
     required = sorted(set(required_columns))
-
-    def footer(f: str):
-        try:
-            with fs.open(f, "rb") as handle:
-                meta = pq.ParquetFile(handle).metadata
-                return meta, meta.schema.to_arrow_schema(), None
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not fatal
-            return None, None, f"unreadable Parquet: {type(exc).__name__}: {exc}"
-
-    with ThreadPoolExecutor(max_workers=min(threads, len(files))) as pool:
-        footers = list(pool.map(footer, files))
+    if connect is not None and len(files) >= REMOTE_FOOTERS_FROM:
+        connect()
+        schemas, footers = _read_footers_on_ray(path, storage_options, files, sizes)
+    else:
+        schemas, footers = read_footers(path, storage_options, files, sizes, threads)
+    missing = [[c for c in required if c not in s.names] for s in schemas]
     errors: dict[str, str] = {}
-    for f, (_, file_schema, error) in zip(files, footers):
-        if error is None:
-            missing = [c for c in required if c not in file_schema.names]
-            if missing:
-                error = f"missing column {missing[0]!r} (has: {', '.join(file_schema.names)})"
+    for f, (_, _, schema, error) in zip(files, footers):
+        if error is None and missing[schema]:
+            error = f"missing column {missing[schema][0]!r} (has: {', '.join(schemas[schema].names)})"
         if error is not None:
             errors[f] = error
     unified = unify_schemas(
-        [Footer(f, s, meta.num_rows) for f, (meta, s, _) in zip(files, footers) if f not in errors],
+        [Footer(f, schemas[schema], n) for f, (n, _, schema, _) in zip(files, footers) if f not in errors],
         columns,
         text_columns,
     )
@@ -148,21 +239,13 @@ def plan_shards(
     shards: list[Shard] = []
     skipped: list[tuple[str, str]] = []
     skipped_rows = uncounted = 0
-    for f, (meta, _, _) in zip(files, footers):
+    for f, (num_rows, groups, schema, _) in zip(files, footers):
         if f in errors:
             skipped.append((protocol + f, errors[f]))
-            skipped_rows += meta.num_rows if meta is not None else 0
-            uncounted += meta is None
+            skipped_rows += num_rows
+            uncounted += schema < 0
             continue
-        shards.append(
-            Shard(
-                index=len(shards),
-                path=protocol + f,
-                key=posixpath.relpath(f, root),
-                num_rows=meta.num_rows,
-                row_groups=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
-            )
-        )
+        shards.append(Shard(len(shards), protocol + f, posixpath.relpath(f, root), num_rows, groups))
     return Plan(shards, skipped, unified.schema, skipped_rows, uncounted)
 
 

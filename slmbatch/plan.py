@@ -9,7 +9,7 @@ writer accounts with.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,8 +44,9 @@ def text_source_columns(job: Job) -> set[str]:
     return text
 
 
-def plan(job: Job) -> Plan:
-    """List the job's shards and the files set aside.
+def plan(job: Job, connect: Callable[[], None] | None = None) -> Plan:
+    """List the job's shards and the files set aside (``connect``: connects to Ray, so that footers
+    of many files are read by Ray tasks; see :func:`~slmbatch.io.plan_shards`).
 
     Raises ConfigError if a column the job reads is in no input file,
     InputError for a strict source with files set aside. A plan with no
@@ -57,6 +58,7 @@ def plan(job: Job) -> Plan:
         required_source_columns(job),
         job.source.columns,
         text_columns=text_source_columns(job),
+        connect=connect,
     )
     if job.source.strict and result.skipped:
         raise InputError(

@@ -375,7 +375,7 @@ def _run(
     started: float,
     wait_s: float = 0.0,
 ) -> None:
-    the_plan = plan(job)
+    the_plan = plan(job, connect=lambda: ensure_ray(address))
     summary.files_in = len(the_plan.shards) + len(the_plan.skipped)
     summary.rows_in = the_plan.num_rows + the_plan.skipped_rows
     summary.rows_in_failed_files = the_plan.skipped_rows

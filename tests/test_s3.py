@@ -106,6 +106,33 @@ def test_plan_keys_shards_relative_to_the_prefix_with_row_counts_from_footers(s3
     assert reasons[f"{source_tree}/no-text.parquet"].startswith("missing column 'text'")
 
 
+def test_footers_read_in_ray_tasks_plan_what_the_driver_plans(s3_server, source_tree, ray_local, monkeypatch):
+    """Many files: planning fans the footer reads out to Ray tasks; the plan must not change."""
+    import slmbatch.io
+
+    fs = s3(s3_server)
+    fs.pipe_file(bare(f"{source_tree}/2026/garbage.parquet"), b"PAR1 not really parquet")
+    put_table(fs, f"{source_tree}/no-text.parquet", sample_table(5).drop_columns(["text"]))
+    odd = pa.table({"text": ["x"] * 4, "n": pa.array([[1]] * 4)})  # n: a list, not an integer
+    put_table(fs, f"{source_tree}/2026/03/odd.parquet", odd)
+    for i in range(3):  # same schema, other pandas-style metadata: still one schema to unify
+        table = sample_table(2, start=i).replace_schema_metadata({"written-by": f"writer {i}"})
+        put_table(fs, f"{source_tree}/more/{i}.parquet", table)
+    connected = []
+    on_driver = plan_shards(source_tree, s3_server.storage_options, ["text"], connect=lambda: connected.append(1))
+    assert not connected  # few files: read on the driver
+    monkeypatch.setattr(slmbatch.io, "REMOTE_FOOTERS_FROM", 2)
+    monkeypatch.setattr(slmbatch.io, "FOOTERS_PER_TASK", 3)  # 4 tasks for these 10 files
+    on_ray = plan_shards(source_tree, s3_server.storage_options, ["text"], connect=lambda: connected.append(1))
+    assert connected == [1]
+    assert on_ray == on_driver
+    assert len(on_ray.shards) == 6 and on_ray.num_rows == 23 and on_ray.uncounted == 1
+    reasons = dict(on_ray.skipped)
+    assert reasons[f"{source_tree}/2026/03/odd.parquet"].startswith("column 'n' is list<")
+    assert reasons[f"{source_tree}/no-text.parquet"].startswith("missing column 'text'")
+    assert reasons[f"{source_tree}/2026/garbage.parquet"].startswith("unreadable Parquet: ")
+
+
 def test_a_prefix_that_does_not_exist_is_an_input_error(s3_server, s3_prefix):
     with pytest.raises(InputError, match="does not exist"):
         list_parquet(s3_prefix, s3_server.storage_options)
