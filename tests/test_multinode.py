@@ -8,7 +8,10 @@ task (0.25), so two replicas must land on two nodes. Killing a node
 (``remove_node(allow_graceful=False)``: SIGKILL to its raylet and its workers)
 is what a lost spot instance does; a new node joins, as an autoscaler would
 bring one. The run then either finishes or fails; a rerun finishes it. Either
-way every input row must be in the output exactly once.
+way every input row must be in the output exactly once. The run's driver is
+either a process of its own that connects to the cluster (``RAY_ADDRESS``), or
+a job sent with ``ray job submit``'s SDK to the head's job server, which runs
+the driver on the head node.
 """
 
 from __future__ import annotations
@@ -44,9 +47,12 @@ job = Job(name="multinode", source=ParquetSource({src!r}),
 def cluster():
     from ray.cluster_utils import Cluster
 
+    from .test_ray_job_submit import free_ports
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     small = {"object_store_memory": 150 * 2**20, "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, **small})
+    head = {**small, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_ports(1)[0]}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, **head})
     workers = [cluster.add_node(num_cpus=1, **small) for _ in range(2)]
     try:
         yield cluster, workers, small
@@ -54,17 +60,70 @@ def cluster():
         cluster.shutdown()
 
 
-def start_driver(job_file: Path, address: str, log: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env["RAY_ADDRESS"] = address
-    with log.open("w") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", "slmbatch.cli", "run", "--no-progress", str(job_file)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+class Direct:
+    """The driver as a process of its own on this machine, connected to the cluster by ``RAY_ADDRESS``."""
+
+    def __init__(self, cluster, job_file: Path, log: Path):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        env["RAY_ADDRESS"] = cluster.address
+        self.log_path = log
+        with log.open("w") as out:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "slmbatch.cli", "run", "--no-progress", str(job_file)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 9)
+            self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-3000:]
+
+
+class Submitted:
+    """The driver as a Ray job: ``ray job submit`` (its SDK) to the head's job server."""
+
+    def __init__(self, cluster, job_file: Path, log: Path):
+        from ray.job_submission import JobSubmissionClient
+
+        from .test_ray_job_submit import wait_for_job_server
+
+        address = f"http://{cluster.head_node.address_info['webui_url']}"
+        wait_for_job_server(address)
+        self.client = JobSubmissionClient(address)
+        command = f"{sys.executable} -m slmbatch.cli run --no-progress {job_file}"
+        self.id = self.client.submit_job(entrypoint=command)
+
+    def poll(self) -> int | None:
+        status = str(self.client.get_job_status(self.id).value)
+        return None if status not in ("SUCCEEDED", "FAILED", "STOPPED") else int(status != "SUCCEEDED")
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.id} still running after {timeout} s")
+            time.sleep(1)
+        return code
+
+    def stop(self) -> None:
+        if self.poll() is None:
+            self.client.stop_job(self.id)
+            self.wait(timeout=60)
+
+    def log(self) -> str:
+        return self.client.get_job_logs(self.id)[-3000:]
 
 
 def replica_nodes(nodes) -> set[str]:
@@ -87,37 +146,34 @@ def replica_nodes(nodes) -> set[str]:
     return found
 
 
-def test_a_node_killed_mid_run_loses_no_row_and_duplicates_none(cluster, tiny_classifier, tmp_path):
+@pytest.mark.parametrize("driver", [Direct, Submitted], ids=["driver-process", "ray-job-submit"])
+def test_a_node_killed_mid_run_loses_no_row_and_duplicates_none(cluster, tiny_classifier, tmp_path, driver):
     cluster, workers, small = cluster
     write_shards(tmp_path / "in", banking_texts(ROWS), shards=SHARDS, row_group_size=10)
     job_file = tmp_path / "job.py"
     out = tmp_path / "out"
     job_file.write_text(textwrap.dedent(JOB.format(model=tiny_classifier, src=str(tmp_path / "in"), out=str(out))))
-    address = cluster.address
 
-    driver = start_driver(job_file, address, tmp_path / "run1.log")
+    run = driver(cluster, job_file, tmp_path / "run1.log")
     try:
         nodes: set[str] = set()
         deadline = time.monotonic() + 300
-        while driver.poll() is None and time.monotonic() < deadline:
+        while run.poll() is None and time.monotonic() < deadline:
             nodes |= replica_nodes(workers)
             done = len(Ledger.open(str(out)).completed()) if (out / "_slmbatch").exists() else 0
             if done >= 2 and len(nodes) == 2:
                 break
             time.sleep(0.5)
-        log = (tmp_path / "run1.log").read_text
-        assert driver.poll() is None, "the run ended before a node could be killed: " + log()[-3000:]
+        assert run.poll() is None, "the run ended before a node could be killed: " + run.log()
         assert nodes == {w.node_id for w in workers}, nodes  # two replicas, on the two worker nodes
         cluster.remove_node(workers[0], allow_graceful=False)  # SIGKILL: its raylet, replica and workers
         cluster.add_node(num_cpus=1, **small)  # the replacement node
-        first = driver.wait(timeout=400)
+        first = run.wait(timeout=400)
     finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, 9)
-            driver.wait()
+        run.stop()
     if first != 0:  # the run failed with the node: a rerun finishes it
-        rerun = start_driver(job_file, address, tmp_path / "run2.log")
-        assert rerun.wait(timeout=400) == 0, (tmp_path / "run2.log").read_text()[-3000:]
+        rerun = driver(cluster, job_file, tmp_path / "run2.log")
+        assert rerun.wait(timeout=400) == 0, rerun.log()
 
     df = pl.read_parquet(out / "*.parquet")
     assert df.height == ROWS and df["_row_id"].n_unique() == ROWS
