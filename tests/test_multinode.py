@@ -103,7 +103,15 @@ class Submitted:
         wait_for_job_server(address)
         self.client = JobSubmissionClient(address)
         command = f"{sys.executable} -m slmbatch.cli run --no-progress {job_file}"
-        self.id = self.client.submit_job(entrypoint=command)
+        deadline = time.monotonic() + 90
+        while True:  # the job server answers before the head's job agent has registered with it
+            try:
+                self.id = self.client.submit_job(entrypoint=command)
+                break
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
 
     def poll(self) -> int | None:
         status = str(self.client.get_job_status(self.id).value)
