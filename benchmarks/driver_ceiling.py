@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -231,12 +230,15 @@ def main() -> None:
         for arm in ("rows", "records")
     }
     print(f"driver CPU per extra output row (large - small), µs: {marginal}")
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.run import machine
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
                 "command": " ".join(["benchmarks/driver_ceiling.py", *sys.argv[1:]]),
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
+                "machine": machine(),
                 "stage_batch": args.stage_batch,
                 "results": results,
                 "peak_rss_large_over_small": ratios,
