@@ -51,11 +51,19 @@ def cluster():
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     small = {"object_store_memory": 150 * 2**20, "include_dashboard": False}
-    head = {**small, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_ports(1)[0]}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, **head})
-    workers = [cluster.add_node(num_cpus=1, **small) for _ in range(2)]
+
+    def node(**args):
+        # Every node's dashboard agent gets a port of its own: by default all of them (and any
+        # other Ray on this machine, such as the suite's own) would ask for 52365, and the head's
+        # agent, losing that race, never registers: "No available agent to submit job".
+        return {**small, "dashboard_agent_listen_port": free_ports(1)[0], **args}
+
+    dashboard_port = free_ports(1)[0]
+    head = node(num_cpus=0, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    workers = [cluster.add_node(**node(num_cpus=1)) for _ in range(2)]
     try:
-        yield cluster, workers, small
+        yield cluster, workers, node
     finally:
         cluster.shutdown()
 
@@ -156,7 +164,7 @@ def replica_nodes(nodes) -> set[str]:
 
 @pytest.mark.parametrize("driver", [Direct, Submitted], ids=["driver-process", "ray-job-submit"])
 def test_a_node_killed_mid_run_loses_no_row_and_duplicates_none(cluster, tiny_classifier, tmp_path, driver):
-    cluster, workers, small = cluster
+    cluster, workers, node = cluster
     write_shards(tmp_path / "in", banking_texts(ROWS), shards=SHARDS, row_group_size=10)
     job_file = tmp_path / "job.py"
     out = tmp_path / "out"
@@ -175,7 +183,7 @@ def test_a_node_killed_mid_run_loses_no_row_and_duplicates_none(cluster, tiny_cl
         assert run.poll() is None, "the run ended before a node could be killed: " + run.log()
         assert nodes == {w.node_id for w in workers}, nodes  # two replicas, on the two worker nodes
         cluster.remove_node(workers[0], allow_graceful=False)  # SIGKILL: its raylet, replica and workers
-        cluster.add_node(num_cpus=1, **small)  # the replacement node
+        cluster.add_node(**node(num_cpus=1))  # the replacement node
         first = run.wait(timeout=400)
     finally:
         run.stop()
