@@ -66,8 +66,14 @@ log = logging.getLogger("slmbatch")
 READ_TASK_CPUS = 0.25
 #: CPU reserved per frontier actor: it mostly waits on HTTP.
 FRONTIER_ACTOR_CPUS = 0.1
-#: CPU reserved per write task (:func:`~slmbatch.writer.write_parts`): it encodes and stores a batch.
-WRITE_TASK_CPUS = 0.1
+#: CPU reserved per write task (:func:`~slmbatch.writer.write_parts`): none, like the finish tasks;
+#: :func:`write_concurrency` bounds how many run at once. A write task encodes and stores one block,
+#: milliseconds of work. With a CPU reservation, Ray Data's resource allocator gave the write step no
+#: budget whenever replicas and read tasks filled the cluster (it reserves for upstream operators
+#: first, then checks a downstream one's default share, not its need, against what is left): every
+#: block then waited for the last read, and nothing was committed before it (seen on two 1-CPU nodes
+#: with a 0.75-CPU replica on each: first rows after 136 s instead of ~50).
+WRITE_TASK_CPUS = 0.0
 
 
 def frontier_key_ref(job: Job) -> list:
@@ -93,6 +99,25 @@ def read_concurrency(job: Job, units: int) -> int:
     """
     replicas = sum(model.replicas for model, _ in job.model_groups())
     return max(1, min(units, 2 * replicas))
+
+
+def write_concurrency(job: Job, units: Sequence[dict[str, Any]]) -> int:
+    """Write tasks at a time: two per replica, and never more than the blocks the stages can return.
+
+    Write tasks reserve no CPU, so without a limit Ray Data starts one per waiting block, each in a
+    Ray worker process of its own (41 at once on a 2-CPU cluster). The second bound keeps the limit
+    under Ray Data's input count, which it warns about: every map step after the read bundles
+    blocks until it has its ``batch_size`` rows, so a block reaching the writer holds at most the
+    largest unit plus those batch sizes, and there are at least ``rows / that`` of them.
+    """
+    pools = job.model_groups()
+    replicas = sum(model.replicas for model, _ in pools)
+    frontier = job.frontier is not None and job.escalates
+    steps = [model.batch_size * (2 if frontier and any(s.routed for s in stages) else 1) for model, stages in pools]
+    rows = sum(unit["rows"] for unit in units)
+    largest = max((unit["rows"] for unit in units), default=0)
+    fewest_blocks = -(-rows // max(1, largest + sum(steps)))
+    return max(1, min(2 * replicas, fewest_blocks))
 
 
 def build_dataset(
@@ -165,8 +190,7 @@ def build_dataset(
         batch_size=None,  # each block the stages return is one part
         batch_format="pyarrow",
         num_cpus=WRITE_TASK_CPUS,
-        # No fixed task count: the stages decide how many blocks there are (Ray Data warns when a
-        # limit exceeds them), and blocks arrive at the replicas' pace, so few write tasks run at once.
+        compute=ray.data.TaskPoolStrategy(size=write_concurrency(job, units)),
     )
 
 
@@ -179,14 +203,14 @@ def resource_warnings(job: Job, resources: dict[str, float]) -> list[str]:
     """
     pools = job.model_groups()
     frontier = job.frontier.actors * FRONTIER_ACTOR_CPUS if job.frontier is not None and job.escalates else 0.0
-    cpus = sum(m.replicas * m.num_cpus for m, _ in pools) + frontier + READ_TASK_CPUS + WRITE_TASK_CPUS
+    cpus = sum(m.replicas * m.num_cpus for m, _ in pools) + frontier + READ_TASK_CPUS
     gpus = sum(m.replicas * m.num_gpus for m, _ in pools)
     threads = sum(m.replicas * (m.threads or max(1, math.floor(m.num_cpus))) for m, _ in pools if not m.on_gpu)
     have_cpus, have_gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     warnings = []
     if cpus > have_cpus:
         warnings.append(
-            f"the job reserves {cpus:g} CPUs (replicas x Model.num_cpus, frontier actors, a read and a write task) "
+            f"the job reserves {cpus:g} CPUs (replicas x Model.num_cpus, frontier actors, a read task) "
             f"but the cluster has {have_cpus:g}: replicas that do not fit wait until CPUs free up, on a fixed "
             "cluster never"
         )
