@@ -21,7 +21,8 @@ Inputs: ``small`` (10,000 short Banking77 texts in 10 files) and ``large``
 one block is a whole row group). Figures per arm and input: rows/s, driver CPU
 seconds (``time.process_time`` of the driver process over the run: Ray Data's
 executor thread included), driver CPU per output row, driver peak RSS
-(``ru_maxrss``), peak RSS at the large input over the small, and the driver CPU
+during the run (``VmHWM``, reset once imports and the Ray connection are done,
+so an import's transient peak cannot hide the run's), peak RSS at the large input over the small, and the driver CPU
 per extra row (large minus small, over the rows between: the per-row cost
 without the fixed cost of planning and starting the dataset).
 
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # benchmarks.* in the arms' processes too
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "driver_ceiling.json"
 SMALL_ROWS, SMALL_FILES = 10_000, 10
 
@@ -99,15 +100,19 @@ def one_arm(arm: str, source: str, sink: str, address: str, stage_batch: int) ->
     from slmbatch.ledger import Ledger
     from slmbatch.plan import plan, read_schema, read_unit, read_units
     from slmbatch.report import RunSummary, StageStats
-    from slmbatch.runner import READ_TASK_CPUS, WRITE_TASK_CPUS, read_concurrency
+    from slmbatch.runner import READ_TASK_CPUS, WRITE_TASK_CPUS, read_concurrency, write_concurrency
     from slmbatch.writer import ShardWriter, staging_root, write_parts
 
     stage = Classify("intent", model=Model("stand-in"), input="text", labels=["ok", "other"])
     job = Job(name="ceiling", source=ParquetSource(source), stages=[stage], sink=ParquetSink(sink))
+    from benchmarks.procs import own_rss_mib, reset_own_peak_rss
+
     ray.init(address=address, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
+    base_rss = own_rss_mib()  # imports and the Ray connection done: the peak from here on is the run's
+    reset_own_peak_rss()
     cpu0, t0 = time.process_time(), time.perf_counter()
     the_plan = plan(job)
     summary = RunSummary(job="ceiling", run_id=f"bench-{arm}", sink=sink, started="", run_date="2026-01-01")
@@ -134,6 +139,7 @@ def one_arm(arm: str, source: str, sink: str, address: str, stage_batch: int) ->
             batch_size=None,
             batch_format="pyarrow",
             num_cpus=WRITE_TASK_CPUS,
+            compute=ray.data.TaskPoolStrategy(size=write_concurrency(job, units)),
         )
         writer = ShardWriter(job, the_plan.shards, summary, ledger)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
@@ -168,7 +174,8 @@ def one_arm(arm: str, source: str, sink: str, address: str, stage_batch: int) ->
         "rows_per_s": round(rows / wall),
         "driver_cpu_s": round(cpu, 2),
         "driver_cpu_us_per_row": round(cpu / rows * 1e6, 2),
-        "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "driver_rss_before_mib": round(base_rss),
+        "driver_peak_rss_mib": round(own_rss_mib("VmHWM")),
     }
 
 
@@ -230,7 +237,6 @@ def main() -> None:
         for arm in ("rows", "records")
     }
     print(f"driver CPU per extra output row (large - small), µs: {marginal}")
-    sys.path.insert(0, str(ROOT))
     from benchmarks.run import machine
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,23 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def own_rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident memory (``VmRSS``), or its peak since the last
+    :func:`reset_own_peak_rss` (``VmHWM``), in MiB (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def reset_own_peak_rss() -> None:
+    """Start this process's ``VmHWM`` afresh (``5`` to ``/proc/self/clear_refs``), so that a peak
+    measured afterwards is the measured work's, not an import's or a connection's transient."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
 def process_kind(proc: psutil.Process, root_pid: int) -> str:
     if proc.pid == root_pid:
         return "arm process (driver)"
