@@ -170,8 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per arm")
+    parser.add_argument(
+        "--workloads",
+        default="unique,dupmix,night2",
+        help="which of (a) unique, (b) dupmix, (c) night2 to run (default all); "
+        "`--workloads unique --rows 123200` is the end-to-end ratio on a job whose start-up is small",
+    )
+    parser.add_argument("--no-dedup-off", action="store_true", help="skip (a)'s second slmbatch arm, dedup off")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reuse.json")
     args = parser.parse_args(argv)
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if unknown := set(chosen) - {"unique", "dupmix", "night2"}:
+        parser.error(f"--workloads: unknown {sorted(unknown)}; choose from unique, dupmix, night2")
     check_models((CLASSIFIER,))
     started = time.time()
     data = workloads(args.rows, args.zipf, args.seed)
@@ -186,23 +196,27 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         work = WORK / "runs" / time.strftime("%Y%m%dT%H%M%S") / f"round-{r + 1}"
         arms = {}
+        table = []
         for name in ("unique", "dupmix"):
-            arms[f"{name}-raw"] = raw_arm(name, inputs[name], work, args.timeout)
-            arms[name] = slmbatch_arm(name, inputs[name], work, args.timeout)
-        arms["unique-nodedup"] = slmbatch_arm("unique-nodedup", inputs["unique"], work, args.timeout, dedup=False)
-        cache = str(work / "answers.parquet")
-        arms["night1"] = slmbatch_arm("night1", inputs["night1"], work, args.timeout, cache=cache)
-        arms["night2-raw"] = raw_arm("night2", inputs["night2"], work, args.timeout)
-        arms["night2"] = slmbatch_arm("night2", inputs["night2"], work, args.timeout, cache=cache)
+            if name in chosen:
+                arms[f"{name}-raw"] = raw_arm(name, inputs[name], work, args.timeout)
+                arms[name] = slmbatch_arm(name, inputs[name], work, args.timeout)
+        if "unique" in chosen:
+            table.append(compare("(a) unique, dedup on", rows["unique"], arms["unique-raw"], arms["unique"]))
+        if "unique" in chosen and not args.no_dedup_off:
+            arms["unique-nodedup"] = slmbatch_arm("unique-nodedup", inputs["unique"], work, args.timeout, dedup=False)
+            table.append(compare("(a) unique, dedup off", rows["unique"], arms["unique-raw"], arms["unique-nodedup"]))
+        if "dupmix" in chosen:
+            table.append(compare("(b) duplicate mix", rows["dupmix"], arms["dupmix-raw"], arms["dupmix"]))
+        if "night2" in chosen:
+            cache = str(work / "answers.parquet")
+            arms["night1"] = slmbatch_arm("night1", inputs["night1"], work, args.timeout, cache=cache)
+            arms["night2-raw"] = raw_arm("night2", inputs["night2"], work, args.timeout)
+            arms["night2"] = slmbatch_arm("night2", inputs["night2"], work, args.timeout, cache=cache)
+            table.append(compare("(c) night 2, half seen", rows["night2"], arms["night2-raw"], arms["night2"]))
         failed = {k: v["error"] for k, v in arms.items() if not v["ok"]}
         if failed:
             print(f"round {r + 1}: arms failed: {failed}", file=sys.stderr)
-        table = [
-            compare("(a) unique, dedup on", rows["unique"], arms["unique-raw"], arms["unique"]),
-            compare("(a) unique, dedup off", rows["unique"], arms["unique-raw"], arms["unique-nodedup"]),
-            compare("(b) duplicate mix", rows["dupmix"], arms["dupmix-raw"], arms["dupmix"]),
-            compare("(c) night 2, half seen", rows["night2"], arms["night2-raw"], arms["night2"]),
-        ]
         for arm in arms.values():
             arm.pop("answers", None)
         results.append({"round": r + 1, "table": table, "arms": arms, "work": str(work.relative_to(ROOT))})
