@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from slmbatch import Classify, Frontier, Job, Model, ParquetSink, ParquetSource
 from slmbatch.engine import default_cpu_dtype, engine_kwargs
-from slmbatch.runner import resource_warnings
+from slmbatch.runner import resource_warnings, write_concurrency
 
 NO_BF16 = "flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sse sse2 ssse3 fma avx avx2 avx512f avx512bw avx512vl\n"
 AVX512_BF16 = NO_BF16.rstrip() + " avx512_bf16 avx512_vnni\n"
@@ -55,3 +55,18 @@ def test_a_job_that_asks_for_more_than_the_cluster_has_is_told_what_and_how_much
 def test_more_engine_threads_than_cores_is_a_warning_even_when_the_reservations_fit():
     (warning,) = resource_warnings(job(Model("a", num_cpus=0.5, threads=2), Model("b", num_cpus=0.5)), {"CPU": 2.0})
     assert warning.startswith("the job's CPU replicas run 3 engine threads on 2 CPUs")
+
+
+def test_write_tasks_run_two_per_replica_and_never_more_than_the_blocks_the_stages_return():
+    def units(n: int, rows: int) -> list[dict]:
+        return [{"rows": rows}] * n
+
+    three = job(Model("a", replicas=3, batch_size=10))
+    assert write_concurrency(three, units(100, 10)) == 6  # two per replica
+    # A block reaching the writer holds at most the largest unit plus each step's batch (10 + 10
+    # rows), so 30 rows come in at least 2 blocks, and Ray Data warns about a limit above its inputs.
+    assert write_concurrency(three, units(3, 10)) == 2
+    assert write_concurrency(three, units(1, 1)) == 1
+    # Routed rows pass a frontier step too, which bundles once more: 30 rows may be one block.
+    routed = job(Model("a", replicas=3, batch_size=10), frontier=Frontier(base_url="http://127.0.0.1:1/v1", model="f"))
+    assert write_concurrency(routed, units(3, 10)) == 1
