@@ -20,10 +20,10 @@ Inputs: ``small`` (10,000 short Banking77 texts in 10 files) and ``large``
 (``--rows``, default 1,000,000, in one file of one row group - the case where
 one block is a whole row group). Figures per arm and input: rows/s, driver CPU
 seconds (``time.process_time`` of the driver process over the run: Ray Data's
-executor thread included), driver CPU per output row, driver peak RSS
-during the run (``VmHWM``, reset once imports and the Ray connection are done,
-so an import's transient peak cannot hide the run's), peak RSS at the large input over the small, and the driver CPU
-per extra row (large minus small, over the rows between: the per-row cost
+executor thread included), driver CPU per output row, driver peak RSS during
+the run (``VmHWM``, reset once imports and the Ray connection are done, so an
+import's transient peak cannot hide the run's), peak RSS at the large input
+over the small, and the driver CPU per extra row (large minus small, over the rows between: the per-row cost
 without the fixed cost of planning and starting the dataset).
 
 Run from the repository root: ``.venv/bin/python benchmarks/driver_ceiling.py``
@@ -94,6 +94,7 @@ def one_arm(arm: str, source: str, sink: str, address: str, stage_batch: int) ->
     import ray
     import ray.data
 
+    from benchmarks.procs import own_rss_mib, reset_own_peak_rss
     from slmbatch import Classify, Job, Model, ParquetSink, ParquetSource
     from slmbatch.columns import INTERNAL, ROW, SHARD
     from slmbatch.io import output_path, write_parquet_atomic
@@ -105,8 +106,6 @@ def one_arm(arm: str, source: str, sink: str, address: str, stage_batch: int) ->
 
     stage = Classify("intent", model=Model("stand-in"), input="text", labels=["ok", "other"])
     job = Job(name="ceiling", source=ParquetSource(source), stages=[stage], sink=ParquetSink(sink))
-    from benchmarks.procs import own_rss_mib, reset_own_peak_rss
-
     ray.init(address=address, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

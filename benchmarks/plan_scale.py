@@ -136,8 +136,6 @@ def put_files(server, prefix: str, n: int) -> None:
     data = buf.getvalue()
     fs = s3fs.S3FileSystem(**server.storage_options)
     paths = [f"{server.bucket}/{prefix}/p={i % PREFIXES:03d}/part-{i:06d}.parquet" for i in range(n)]
-    if n == 1:
-        paths = [f"{server.bucket}/{prefix}/part-0.parquet"]
     started = time.perf_counter()
     for i in range(0, n, 5000):
         fs.pipe({p: data for p in paths[i : i + 5000]})

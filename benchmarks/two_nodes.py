@@ -42,16 +42,9 @@ from typing import Any
 from benchmarks.procs import run_arm
 from benchmarks.run import machine
 from benchmarks.workloads import CLASSIFIER, ROOT, WORK, check_models, write_input
+from devkit.localserver import free_port
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "two_nodes.json"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_cluster():
@@ -137,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                         "num_cpus": 0.75,
                         "threads": 1,
                         "classifier_engine": {"max_model_len": 256},
-                    },  # fmt: skip
+                    },
                 }
                 started = time.monotonic()
                 print(f"[{time.strftime('%H:%M:%S')}] round {r}: {name} ...", end="", flush=True)
