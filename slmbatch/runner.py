@@ -74,6 +74,13 @@ FRONTIER_ACTOR_CPUS = 0.1
 #: block then waited for the last read, and nothing was committed before it (seen on two 1-CPU nodes
 #: with a 0.75-CPU replica on each: first rows after 136 s, 21 s without the reservation).
 WRITE_TASK_CPUS = 0.0
+#: Ray settings for a local Ray (the one slmbatch starts, and the tests'). Ray ends a worker process
+#: that has been idle for a second whenever a node has more of them than CPUs, as it always does next
+#: to the replicas and frontier actors, so a write task - or a read task after a pause - started a new
+#: process (~1.5 CPU-seconds): 3 s before the demo's first rows on 2 busy cores
+#: (``benchmarks/demo_start.py``). Idle workers now stay for a minute; at most the read, write and
+#: finish tasks' few (:func:`read_concurrency`, :func:`write_concurrency`) are ever idle at once.
+LOCAL_RAY_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
 def frontier_key_ref(job: Job) -> list:
@@ -245,7 +252,13 @@ def ensure_ray(address: str | None = None) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes a token under $HOME
     # "local": never silently join another `ray start` cluster on this machine.
-    ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=False,
+        _system_config=LOCAL_RAY_CONFIG,
+    )
 
 
 def _configure_ray_data() -> None:

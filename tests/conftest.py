@@ -42,6 +42,7 @@ def ray_local():
     import ray
 
     from devkit.localserver import free_port
+    from slmbatch.runner import LOCAL_RAY_CONFIG
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.metrics_port = free_port()  # Prometheus export of this node's metrics agent (tests read it)
@@ -51,6 +52,7 @@ def ray_local():
         configure_logging=False,
         log_to_driver=False,
         _metrics_export_port=ray.metrics_port,
+        _system_config=LOCAL_RAY_CONFIG,
     )
     yield ray
     ray.shutdown()
