@@ -841,6 +841,7 @@ def shared_rate_limiter(
     *,
     burst_s: float = BURST_S,
     namespace: str | None = None,
+    actor_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """The job's one :class:`RateLimiter` actor named ``name``: created, or fetched if it exists.
 
@@ -849,7 +850,9 @@ def shared_rate_limiter(
     the job (a limiter created by a frontier actor would die with that
     actor). ``namespace`` None means the current job's namespace, so two jobs
     never share a limiter by accident; give an explicit namespace to share
-    one API key's limits between concurrently running jobs.
+    one API key's limits between concurrently running jobs. ``actor_options``:
+    more Ray actor options for a limiter it creates (the run passes its
+    placement, :func:`slmbatch.runner.on_driver_node`).
 
     Both limits None still makes a limiter: no buckets until a 429 arrives,
     but a ``Retry-After`` pauses every actor and 429s cut the rate (from the
@@ -861,7 +864,7 @@ def shared_rate_limiter(
 
     check_optional_rate(requests_per_minute, "Frontier.requests_per_minute")
     check_optional_rate(tokens_per_minute, "Frontier.tokens_per_minute")
-    options: dict[str, Any] = {"name": name, "get_if_exists": True}
+    options: dict[str, Any] = {**(actor_options or {}), "name": name, "get_if_exists": True}
     if namespace is not None:
         options["namespace"] = namespace
     handle = _rate_limiter_actor_class().options(**options).remote(requests_per_minute, tokens_per_minute, burst_s)

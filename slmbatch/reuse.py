@@ -352,15 +352,17 @@ def table_name(job, run_id: str) -> str:
     return f"slmbatch-answers-{job.name}-{run_id}"
 
 
-def start_answer_table(job, run_id: str) -> tuple[Any, int | None]:
+def start_answer_table(job, run_id: str, actor_options: Mapping[str, Any] | None = None) -> tuple[Any, int | None]:
     """The run's :class:`AnswerTable` actor (owned by the driver, gone with it), seeded from the
-    job's answer cache if it has one; and how many entries the cache gave it (None: no cache)."""
+    job's answer cache if it has one; and how many entries the cache gave it (None: no cache).
+    ``actor_options``: more Ray actor options (the run's placement, :func:`slmbatch.runner.on_driver_node`)."""
     import ray
 
     bound = job.cache.max_entries if job.cache is not None else RUN_TABLE_ENTRIES
     cached = read_cache(job) if job.cache is not None else None
     # Seeded by its constructor: no lookup can come first, and the driver does not wait for it.
-    actor = ray.remote(num_cpus=0)(AnswerTable).options(name=table_name(job, run_id)).remote(bound, run_id, cached)
+    options = {**(actor_options or {}), "name": table_name(job, run_id)}
+    actor = ray.remote(num_cpus=0)(AnswerTable).options(**options).remote(bound, run_id, cached)
     if job.cache is None:
         return actor, None
     return actor, min(cached.num_rows, bound) if cached is not None else 0

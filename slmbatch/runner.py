@@ -96,6 +96,23 @@ def frontier_key_ref(job: Job) -> list:
     return []
 
 
+def on_driver_node() -> dict[str, Any]:
+    """Ray actor options that keep a run's own coordination actors - the shared frontier rate limiter,
+    the answer table - on the driver's node.
+
+    They take no CPU, so Ray put them on any node, and they live exactly as long as the run. On a worker
+    node they died with it: every frontier call then failed the run ("the shared frontier rate limiter
+    is unavailable") and the run's dedup stopped. The driver's node is the one node the run cannot lose
+    and go on. Hard affinity: a 0-CPU actor fits on any live node, and Ray 2.60's *soft* affinity still
+    spread them (a head node with no CPUs, the usual `ray job submit` driver's node, got none).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
+
+
 def read_concurrency(job: Job, units: int) -> int:
     """Read tasks at a time: two per replica, enough to keep every replica fed.
 
@@ -511,10 +528,11 @@ def _process(
                     f"slmbatch-{job.name}-{summary.run_id}",
                     job.frontier.requests_per_minute,
                     job.frontier.tokens_per_minute,
+                    actor_options=on_driver_node(),
                 )
             answers = None
             if job.dedup:
-                answers, summary.cache_loaded = start_answer_table(job, summary.run_id)
+                answers, summary.cache_loaded = start_answer_table(job, summary.run_id, on_driver_node())
             try:
                 key = frontier_key_ref(job) if job.escalates else []
                 parts = staging_root(job.sink.path, summary.run_id)

@@ -195,3 +195,40 @@ def test_a_node_killed_mid_run_loses_no_row_and_duplicates_none(cluster, tiny_cl
     assert df.height == ROWS and df["_row_id"].n_unique() == ROWS
     assert sorted(df["text"]) == sorted(banking_texts(ROWS))
     assert len(Ledger.open(str(out)).completed()) == SHARDS
+
+
+PLACEMENT = """
+import json, ray
+from slmbatch import Classify, Job, Model, ParquetSink, ParquetSource
+from slmbatch.frontier import shared_rate_limiter
+from slmbatch.reuse import start_answer_table
+from slmbatch.runner import ensure_ray, on_driver_node
+
+ensure_ray()
+job = Job(name="placement", source=ParquetSource({src!r}),
+          stages=[Classify("spam", model=Model({model!r}), input="text", labels=["ham", "spam"])],
+          sink=ParquetSink({out!r}), dedup=True)
+node_of = lambda actor: ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+actors = [shared_rate_limiter(f"limiter-{{i}}", 60, None, actor_options=on_driver_node()) for i in range(4)]
+actors += [start_answer_table(job, f"run-{{i}}", on_driver_node())[0] for i in range(4)]
+print(json.dumps({{"driver": ray.get_runtime_context().get_node_id(), "actors": [node_of(a) for a in actors]}}))
+"""
+
+
+def test_a_runs_coordination_actors_stay_on_the_drivers_node(cluster, tiny_classifier, tmp_path):
+    """The shared rate limiter and the answer table live as long as the run: on a worker node they died with
+    it (every frontier call then failed the run). Ray's scheduler spreads 0-CPU actors over the nodes; the
+    run keeps them on the driver's, here one of three."""
+    import json
+
+    cluster, _, _ = cluster
+    write_shards(tmp_path / "in", banking_texts(20), shards=1)
+    script = tmp_path / "placement.py"
+    script.write_text(PLACEMENT.format(src=str(tmp_path / "in"), out=str(tmp_path / "out"), model=tiny_classifier))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["RAY_ADDRESS"] = cluster.address
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    placed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(placed["actors"]) == 8
+    assert set(placed["actors"]) == {placed["driver"]}, placed
