@@ -198,37 +198,50 @@ def test_a_node_killed_mid_run_loses_no_row_and_duplicates_none(cluster, tiny_cl
 
 
 PLACEMENT = """
-import json, ray
-from slmbatch import Classify, Job, Model, ParquetSink, ParquetSource
-from slmbatch.frontier import shared_rate_limiter
-from slmbatch.reuse import start_answer_table
-from slmbatch.runner import ensure_ray, on_driver_node
+import json, ray, slmbatch
+from slmbatch import Classify, Frontier, Job, Model, ParquetSink, ParquetSource
+from slmbatch.hooks import add_observer
 
-ensure_ray()
-job = Job(name="placement", source=ParquetSource({src!r}),
-          stages=[Classify("spam", model=Model({model!r}), input="text", labels=["ham", "spam"])],
-          sink=ParquetSink({out!r}), dedup=True)
-node_of = lambda actor: ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
-actors = [shared_rate_limiter(f"limiter-{{i}}", 60, None, actor_options=on_driver_node()) for i in range(4)]
-actors += [start_answer_table(job, f"run-{{i}}", on_driver_node())[0] for i in range(4)]
-print(json.dumps({{"driver": ray.get_runtime_context().get_node_id(), "actors": [node_of(a) for a in actors]}}))
+placed = {{}}
+
+def where_the_runs_actors_are(point):  # the run's named actors, while it runs
+    if point == "batch" and not placed:
+        node_of = lambda actor: ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+        for name in ray.util.list_named_actors():
+            if name.startswith("slmbatch-"):
+                placed[name] = node_of(ray.get_actor(name))
+
+add_observer(where_the_runs_actors_are)
+clf = Model({model!r}, num_cpus=0.75, threads=1, batch_size=10, engine={{"max_model_len": 256, "dtype": "float32"}})
+job = Job(name="placement", source=ParquetSource({src!r}), sink=ParquetSink({out!r}), dedup=True,
+          stages=[Classify("spam", model=clf, input="text", labels=["ham", "spam"], threshold=1.0)],
+          frontier=Frontier(base_url={url!r}, model="m", api_key_env=None))
+slmbatch.run(job, progress=False, quiet=True)
+print(json.dumps({{"driver": ray.get_runtime_context().get_node_id(), "actors": placed}}))
 """
 
 
 def test_a_runs_coordination_actors_stay_on_the_drivers_node(cluster, tiny_classifier, tmp_path):
     """The shared rate limiter and the answer table live as long as the run: on a worker node they died with
-    it (every frontier call then failed the run). Ray's scheduler spreads 0-CPU actors over the nodes; the
-    run keeps them on the driver's, here one of three."""
+    it (every frontier call then failed the run). Ray's scheduler spreads 0-CPU actors over the nodes; a run
+    keeps them on its driver's, here the head, one of three nodes."""
     import json
 
+    from .faultserver import FaultServer
+
     cluster, _, _ = cluster
-    write_shards(tmp_path / "in", banking_texts(20), shards=1)
+    write_shards(tmp_path / "in", banking_texts(40), shards=2, row_group_size=10)
     script = tmp_path / "placement.py"
-    script.write_text(PLACEMENT.format(src=str(tmp_path / "in"), out=str(tmp_path / "out"), model=tiny_classifier))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["RAY_ADDRESS"] = cluster.address
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=180)
+    with FaultServer(reply=lambda body: '{"label": "spam"}') as server:
+        source = PLACEMENT.format(
+            src=str(tmp_path / "in"), out=str(tmp_path / "out"), model=tiny_classifier, url=server.base_url
+        )
+        script.write_text(source)
+        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     placed = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(placed["actors"]) == 8
-    assert set(placed["actors"]) == {placed["driver"]}, placed
+    names = sorted(placed["actors"])
+    assert len(names) == 2 and names[0].startswith("slmbatch-answers-"), names  # the answer table, the limiter
+    assert set(placed["actors"].values()) == {placed["driver"]}, placed
