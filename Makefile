@@ -22,14 +22,20 @@ lint: install
 	@$(VENV)/bin/ruff check $(LINTED)
 	@$(VENV)/bin/mypy
 
+# Two pytest processes (pytest-xdist), each test file whole in one of them (its module fixtures run
+# once), longest files first (tests/conftest.py). On 2 cores one process left a core idle for much of
+# the run: Python imports and engine start-ups are single-threaded. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: install
 	@bash scripts/install-test-tools.sh
-	@$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PYTEST) $(PYTEST_ARGS)
 
 # While working: everything but the tests marked slow.
 test-fast: install
 	@bash scripts/install-test-tools.sh
-	@$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	@$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -20,9 +20,11 @@ returned untouched, so fixtures and ``make demo`` build once.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -45,16 +47,23 @@ def _mark_finished(path: Path, what: str) -> None:
 
 
 def _tmp_dir(path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+    """A new folder beside ``path`` to build in: one per build, so processes that build the same
+    model at once (parallel test workers) never write into each other's files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
 
 
 def _publish(tmp: Path, path: Path, what: str) -> Path:
+    """Move the finished build ``tmp`` to ``path``, under a lock; if another process published
+    ``path`` meanwhile, keep theirs (something may be reading it) and drop this one."""
     _mark_finished(tmp, what)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _finished(path):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return path
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
     return path
 
 

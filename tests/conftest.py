@@ -99,9 +99,10 @@ def s3_prefix(s3_server, request) -> str:
 FRONTIER_KEY = "sk-slmbatch-test-4f1c9e"  # the local server requires it; no output may ever show it
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def frontier_server(tiny_lm):
-    """vLLM's own OpenAI-compatible server on 127.0.0.1 as a real frontier (requires an API key)."""
+    """vLLM's own OpenAI-compatible server on 127.0.0.1 as a real frontier (requires an API key),
+    stopped when the module that uses it ends."""
     from devkit.localserver import local_openai_server
 
     with local_openai_server(
@@ -124,7 +125,30 @@ _MARKERS_BY_FIXTURE = {
 }
 
 
+#: The test files that take longest (`--durations`, 2 cores), longest first. `make test` runs the files
+#: in two pytest-xdist workers, each file whole in one of them, in collection order: the long ones
+#: start first, so both workers finish about together. The other files follow in their usual order.
+LONGEST_FIRST = [
+    "test_multinode.py",
+    "test_ledger.py",
+    "test_batch.py",
+    "test_audit.py",
+    "test_routing.py",
+    "test_ray_job_submit.py",
+    "test_finetune.py",
+    "test_reuse.py",
+    "test_adapters.py",
+    "test_nightly.py",
+    "test_demo.py",
+    "test_runner.py",
+    "test_benchmark_smoke.py",
+    "test_cli.py",
+]
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
     for item in items:
         for fixture in getattr(item, "fixturenames", ()):
             for marker in _MARKERS_BY_FIXTURE.get(fixture, ()):
