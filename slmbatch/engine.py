@@ -139,7 +139,10 @@ def engine_kwargs(model: Model, lora_ranks: Sequence[int] = ()) -> dict[str, Any
 
 
 def check_engine_options(model: Model, field: str) -> None:
-    """Reject ``Model.engine`` keys that ``vllm.EngineArgs`` does not know (needs vLLM)."""
+    """Reject ``Model.engine`` keys that ``vllm.EngineArgs`` does not know (needs vLLM, imported
+    only when there are keys to check: importing it takes seconds)."""
+    if not model.engine:
+        return
     import dataclasses
 
     from vllm.engine.arg_utils import EngineArgs
