@@ -50,7 +50,9 @@ def _tmp_dir(path: Path) -> Path:
     """A new folder beside ``path`` to build in: one per build, so processes that build the same
     model at once (parallel test workers) never write into each other's files."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users of the machine
+    return tmp
 
 
 def _publish(tmp: Path, path: Path, what: str) -> Path:
