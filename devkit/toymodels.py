@@ -24,7 +24,6 @@ import fcntl
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -47,12 +46,27 @@ def _mark_finished(path: Path, what: str) -> None:
 
 
 def _tmp_dir(path: Path) -> Path:
-    """A new folder beside ``path`` to build in: one per build, so processes that build the same
-    model at once (parallel test workers) never write into each other's files."""
+    """A new folder beside ``path`` to build in, named after this process: processes that build the
+    same model at once (parallel test workers) never write into each other's files, and the folder
+    of a build that was interrupted (its process is gone) is removed by the next build."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users of the machine
+    for other in path.parent.glob(path.name + ".tmp-*"):
+        pid = other.name.rsplit("-", 1)[1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _process_exists(int(pid))):
+            shutil.rmtree(other, ignore_errors=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
     return tmp
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _publish(tmp: Path, path: Path, what: str) -> Path:
