@@ -84,6 +84,7 @@ def quiet(log_path: str, enabled: bool = True) -> Iterator[str | None]:
     try:
         yield log_path
     finally:
+        _flush_held_ray_lines(log_path)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -101,6 +102,31 @@ def quiet(log_path: str, enabled: bool = True) -> Iterator[str | None]:
             handler.removeFilter(own)
         console.close()
         _divert_late_ray_output(log_path)
+
+
+def _append_ray_lines(log_path: str, batches: list[dict[str, Any]]) -> None:
+    """Append actors' lines as Ray delivers them (one dict per batch) to the run's log, prefixed as Ray would."""
+    with open(log_path, "a", encoding="utf-8", errors="replace") as f:
+        for data in batches:
+            who = data.get("actor_name") or data.get("task_name") or ""
+            for line in data.get("lines", []):
+                f.write(f"({who} pid={data.get('pid')}) {line}\n")
+
+
+def _flush_held_ray_lines(log_path: str) -> None:
+    """Ray holds back a line that several actors print alike (two replicas' same torch warning) and
+    prints it once, as ``[repeated 2x across cluster]``, when the window passes or when Ray shuts down:
+    after the run, on the terminal. Such held lines are written to the run's log now. Uses Ray's log
+    deduplicators (private API): where they are missing, nothing changes."""
+    if "ray" not in sys.modules:
+        return
+    try:
+        from ray._private.ray_logging import stderr_deduplicator, stdout_deduplicator
+    except ImportError:
+        return
+    for deduplicator in (stdout_deduplicator, stderr_deduplicator):
+        with contextlib.suppress(Exception):  # Ray's log thread may be deduplicating at the same moment
+            _append_ray_lines(log_path, deduplicator.flush())
 
 
 #: Seconds after a quiet run during which actors' output that Ray is still streaming goes to its log.
@@ -126,12 +152,8 @@ def _divert_late_ray_output(log_path: str) -> None:
         return
 
     def to_log(data: dict[str, Any]) -> None:
-        if not os.path.exists(log_path):
-            return
-        who = data.get("actor_name") or data.get("task_name") or ""
-        with open(log_path, "a", encoding="utf-8", errors="replace") as f:
-            for line in data.get("lines", []):
-                f.write(f"({who} pid={data.get('pid')}) {line}\n")
+        if os.path.exists(log_path):
+            _append_ray_lines(log_path, [data])
 
     def give_back() -> None:
         if any(handler is to_log for _, handler in dispatcher.handlers):

@@ -174,3 +174,21 @@ def test_actor_output_ray_delivers_after_a_quiet_run_goes_to_its_log_not_the_ter
         assert [d["lines"] for d in printed] == [["later"]]  # Ray's printer is back
     finally:
         dispatcher.remove_handler("ray_print_logs")
+
+
+def test_a_line_ray_held_back_as_repeated_goes_to_the_runs_log_not_the_terminal_at_exit(tmp_path):
+    """Two replicas print the same torch warning: Ray prints it once and holds the repeat back, to print it
+    as ``[repeated 2x across cluster]`` when Ray shuts down - after the summary, on the terminal. A quiet
+    run ends by writing such held lines to its log."""
+    from ray._private.ray_logging import stdout_deduplicator
+
+    from slmbatch import console
+
+    warning = "dispatcher.py:139: FutureWarning: `torch.distributed.reduce_op` is deprecated"
+    log = tmp_path / "run.log"
+    with console.quiet(str(log)):
+        for pid in (101, 102):  # what Ray's log thread does with each replica's line
+            stdout_deduplicator.deduplicate({"lines": [warning], "pid": pid, "ip": "127.0.0.1", "actor_name": "A"})
+            # (Ray's printer would write the first at once; the second is held back)
+    assert stdout_deduplicator.flush() == []  # nothing left for Ray to print at shutdown,
+    assert f"(A pid=102) {warning}" in log.read_text()  # the held line is in the log
