@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +53,27 @@ def write_job(base: Path, model: str, threshold: float = 0.5, max_len: int = 256
 def workdir(tmp_path):
     write_shards(tmp_path / "in", banking_texts(ROWS), shards=SHARDS, row_group_size=10)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def _finished_once(tmp_path_factory, tiny_classifier, ray_local):
+    """One finished run of the threshold-0.5 job, and a copy of its sink as it was then."""
+    base = tmp_path_factory.mktemp("finished")
+    write_shards(base / "in", banking_texts(ROWS), shards=SHARDS, row_group_size=10)
+    summary = slmbatch.run(load_job(str(write_job(base, tiny_classifier))), progress=False)
+    shutil.copytree(base / "out", base / "out-as-finished")
+    return base, summary
+
+
+@pytest.fixture
+def finished(_finished_once):
+    """A sink that one run of the threshold-0.5 job has just finished, fresh for each test: the module's
+    single run, its sink put back as that run left it (same paths, file times kept)."""
+    base, summary = _finished_once
+    assert (summary.rows_out, summary.rows_done_before) == (ROWS, 0)
+    shutil.rmtree(base / "out")
+    shutil.copytree(base / "out-as-finished", base / "out")
+    return base
 
 
 def expected_ids() -> set[str]:
@@ -104,41 +126,38 @@ def test_driver_killed_at_each_point_of_a_run_then_rerun_writes_every_row_once(w
     assert not list(out.glob(".*.tmp")) and not list((out / "_slmbatch" / "staging").rglob("*"))
 
 
-def test_rerun_of_a_finished_job_does_nothing(workdir, tiny_classifier, ray_local):
-    job = load_job(str(write_job(workdir, tiny_classifier)))
-    first = slmbatch.run(job, progress=False)
-    mtimes = {p: p.stat().st_mtime_ns for p in (workdir / "out").glob("*.parquet")}
+def test_rerun_of_a_finished_job_does_nothing(finished, tiny_classifier):
+    job = load_job(str(write_job(finished, tiny_classifier)))
+    mtimes = {p: p.stat().st_mtime_ns for p in (finished / "out").glob("*.parquet")}
     second = slmbatch.run(job, progress=False)
-    assert (first.rows_out, second.rows_out, second.rows_done_before) == (ROWS, 0, ROWS)
-    assert {p: p.stat().st_mtime_ns for p in (workdir / "out").glob("*.parquet")} == mtimes
+    assert (second.rows_out, second.rows_done_before) == (0, ROWS)
+    assert {p: p.stat().st_mtime_ns for p in (finished / "out").glob("*.parquet")} == mtimes
     assert "already done by earlier runs: 120 rows (4 files)" in second.render()
 
 
-def test_changed_job_is_refused_unless_fresh(workdir, tiny_classifier, ray_local):
-    slmbatch.run(load_job(str(write_job(workdir, tiny_classifier, threshold=0.5))), progress=False)
-    changed = load_job(str(write_job(workdir, tiny_classifier, max_len=128)))  # truncates other rows
+def test_changed_job_is_refused_unless_fresh(finished, tiny_classifier):
+    changed = load_job(str(write_job(finished, tiny_classifier, max_len=128)))  # truncates other rows
     with pytest.raises(JobChangedError, match=r"max_model_len: 256 -> 128"):
         slmbatch.run(changed, progress=False)
     summary = slmbatch.run(changed, progress=False, fresh=True)
     assert summary.rows_out == ROWS and summary.rows_done_before == 0
-    assert_every_row_once(workdir / "out")
+    assert_every_row_once(finished / "out")
 
 
-def test_a_new_threshold_applies_to_new_input_without_fresh(workdir, tiny_classifier, ray_local, caplog):
-    slmbatch.run(load_job(str(write_job(workdir, tiny_classifier, threshold=0.5))), progress=False)
-    recalibrated = load_job(str(write_job(workdir, tiny_classifier, threshold=0.8)))
+def test_a_new_threshold_applies_to_new_input_without_fresh(finished, tiny_classifier, caplog):
+    recalibrated = load_job(str(write_job(finished, tiny_classifier, threshold=0.8)))
     summary = slmbatch.run(recalibrated, progress=False)  # e.g. after `slmbatch calibrate --from-runs`
     assert (summary.rows_out, summary.rows_done_before) == (0, ROWS)  # done rows keep their answers
     assert "stages[0].threshold: 0.5 -> 0.8" in caplog.text
-    recorded = json.loads((workdir / "out" / "_slmbatch" / "job.json").read_text())
+    recorded = json.loads((finished / "out" / "_slmbatch" / "job.json").read_text())
     assert recorded["config"]["stages"][0]["threshold"] == 0.8 and "changed_at" in recorded
-    assert_every_row_once(workdir / "out")
+    assert_every_row_once(finished / "out")
 
 
-def test_cli_refuses_a_changed_job_with_a_clear_message(workdir, tiny_classifier, ray_local):
+def test_cli_refuses_a_changed_job_with_a_clear_message(finished, tiny_classifier, ray_local):
     address = ray_local.get_runtime_context().gcs_address
-    assert run_driver(write_job(workdir, tiny_classifier, 0.5), address).returncode == 0
-    refused = run_driver(write_job(workdir, tiny_classifier, 0.5, max_len=128), address)
+    assert run_driver(write_job(finished, tiny_classifier, 0.5), address).returncode == 0  # nothing left to do
+    refused = run_driver(write_job(finished, tiny_classifier, 0.5, max_len=128), address)
     assert refused.returncode == 2
     assert "max_model_len: 256 -> 128" in refused.stderr and "--fresh" in refused.stderr
 
