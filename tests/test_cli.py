@@ -88,6 +88,18 @@ def test_validate_rejects_a_stage_column_the_input_files_lack(tmp_path, data_dir
     assert "Job.stages[0] ('spam')" in out.stderr and "'body'" in out.stderr
 
 
+@pytest.mark.vllm
+def test_engine_options_read_from_vllms_source_are_exactly_the_fields_of_its_engine_args():
+    """`slmbatch validate` checks `Model.engine` keys against vLLM's source, not an import of vLLM (~8 s)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from slmbatch.engine import engine_option_names
+
+    assert engine_option_names() == {f.name for f in dataclasses.fields(EngineArgs)}
+
+
 def test_validate_rejects_unknown_engine_options(tmp_path, data_dir, tiny_classifier):
     path = job_file(
         tmp_path,
