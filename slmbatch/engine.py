@@ -22,7 +22,7 @@ import functools
 import gc
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from .adapters import lora_rank_for, resolve, served_name
@@ -218,6 +218,28 @@ def prompt_ids(tokenizer: Any, runner: str, system: str, user: str) -> list[int]
     return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 
+@contextlib.contextmanager
+def _heap_frozen_after() -> Iterator[None]:
+    """Import torch and vLLM without garbage collection, then freeze what they left.
+
+    Importing them creates millions of objects that live as long as the process; Python's
+    collector walked them again and again during the import, and the engine's start-up runs
+    five full collections more (~0.25 s apiece on 2 cores). Collected once and frozen, the
+    later collections skip them. Measured on the test classifier, one process each, 2 cores:
+    10.0-10.4 CPU-seconds from ``import`` to a started ``LLM`` before, 7.7-8.2 after.
+    vLLM freezes its own heap the same way once its engine has started.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.collect()
+        gc.freeze()
+
+
 class Replica:
     """One vLLM engine for one :class:`~slmbatch.Model`, living in the calling process.
 
@@ -229,16 +251,17 @@ class Replica:
 
     def __init__(self, model: Model, adapters: Sequence[str] = ()):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # engine chatter drowns the job's own logs
-        if not model.on_gpu:
-            os.environ.update(cpu_engine_env(model))
-            if model.threads is not None:
-                set_engine_threads(model.threads)
-        try:
-            from vllm import LLM
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise EngineError(
-                "vLLM is not installed: pip install 'slmbatch[cpu]' (CPU) or 'slmbatch[gpu]' (GPU)"
-            ) from exc
+        with _heap_frozen_after():
+            if not model.on_gpu:
+                os.environ.update(cpu_engine_env(model))
+                if model.threads is not None:
+                    set_engine_threads(model.threads)
+            try:
+                from vllm import LLM
+            except ImportError as exc:  # pragma: no cover - depends on the environment
+                raise EngineError(
+                    "vLLM is not installed: pip install 'slmbatch[cpu]' (CPU) or 'slmbatch[gpu]' (GPU)"
+                ) from exc
         self.model = model
         self.model_name = model.name
         #: adapter (as the stage names it) -> (local directory, rank)
