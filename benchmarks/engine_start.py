@@ -3,7 +3,7 @@
 A measurement, not a test. Each arm runs in a fresh process, alternating, on the same model:
 
 * ``plain``: ``from vllm import LLM`` then ``LLM(...)``, Python's garbage collector as usual;
-* ``frozen``: the same inside :func:`slmbatch.engine._heap_frozen_after` (imports without the
+* ``frozen``: the same inside :func:`slmbatch.engine.heap_frozen_after` (imports without the
   collector, one collection, then ``gc.freeze()``), as ``Replica`` starts its engine.
 
 Run from the repository root (the test models come from ``make test`` or ``make demo``)::
@@ -22,13 +22,13 @@ import time
 
 
 def arm(name: str, model: str) -> dict:
-    from slmbatch.engine import _heap_frozen_after, cpu_engine_env
+    from slmbatch.engine import cpu_engine_env, heap_frozen_after
 
     os.environ.update(cpu_engine_env())
     os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"
     wall, cpu = time.time(), time.process_time()
     if name == "frozen":
-        with _heap_frozen_after():
+        with heap_frozen_after():
             from vllm import LLM
     else:
         from vllm import LLM

@@ -219,7 +219,7 @@ def prompt_ids(tokenizer: Any, runner: str, system: str, user: str) -> list[int]
 
 
 @contextlib.contextmanager
-def _heap_frozen_after() -> Iterator[None]:
+def heap_frozen_after() -> Iterator[None]:
     """Import torch and vLLM without garbage collection, then freeze what they left.
 
     Importing them creates millions of objects that live as long as the process; Python's
@@ -251,7 +251,7 @@ class Replica:
 
     def __init__(self, model: Model, adapters: Sequence[str] = ()):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # engine chatter drowns the job's own logs
-        with _heap_frozen_after():
+        with heap_frozen_after():
             if not model.on_gpu:
                 os.environ.update(cpu_engine_env(model))
                 if model.threads is not None:
