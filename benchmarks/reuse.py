@@ -100,6 +100,10 @@ def workloads(rows: int, zipf: float, seed: int) -> dict[str, Any]:
     }
 
 
+#: slmbatch's ``Model.batch_size`` in the slmbatch arms (``--batch-size``).
+BATCH_SIZE = 256
+
+
 def classify_job(**extra: Any) -> dict[str, Any]:
     # dtype by hardware (slmbatch's default), the same for both arms: they build the same Model.
     return {"classifier_engine": {"max_model_len": 128}, "threads": 2, **extra}
@@ -126,6 +130,7 @@ def raw_arm(name: str, inputs: Path, work: Path, timeout: float) -> dict[str, An
 
 
 def slmbatch_arm(name: str, inputs: Path, work: Path, timeout: float, **job: Any) -> dict[str, Any]:
+    job.setdefault("batch_size", BATCH_SIZE)
     spec = {
         "arm": "slmbatch",
         "stage": "classify",
@@ -177,8 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         "`--workloads unique --rows 123200` is the end-to-end ratio on a job whose start-up is small",
     )
     parser.add_argument("--no-dedup-off", action="store_true", help="skip (a)'s second slmbatch arm, dedup off")
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="slmbatch's Model.batch_size (the raw arm answers all rows in one call)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reuse.json")
     args = parser.parse_args(argv)
+    global BATCH_SIZE
+    BATCH_SIZE = args.batch_size
     chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if unknown := set(chosen) - {"unique", "dupmix", "night2"}:
         parser.error(f"--workloads: unknown {sorted(unknown)}; choose from unique, dupmix, night2")
