@@ -183,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-dedup-off", action="store_true", help="skip (a)'s second slmbatch arm, dedup off")
     parser.add_argument(
-        "--batch-size", type=int, default=256, help="slmbatch's Model.batch_size (the raw arm answers all rows in one call)"
+        "--batch-size",
+        type=int,
+        default=256,
+        help="slmbatch's Model.batch_size (the raw arm answers all rows in one call)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reuse.json")
     args = parser.parse_args(argv)
