@@ -49,24 +49,16 @@ def _tmp_dir(path: Path) -> Path:
     """A new folder beside ``path`` to build in, named after this process: processes that build the
     same model at once (parallel test workers) never write into each other's files, and the folder
     of a build that was interrupted (its process is gone) is removed by the next build."""
+    from slmbatch.ledger import pid_alive
+
     path.parent.mkdir(parents=True, exist_ok=True)
     for other in path.parent.glob(path.name + ".tmp-*"):
         pid = other.name.rsplit("-", 1)[1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _process_exists(int(pid))):
+        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
             shutil.rmtree(other, ignore_errors=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.mkdir()
     return tmp
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _publish(tmp: Path, path: Path, what: str) -> Path:

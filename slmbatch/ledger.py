@@ -383,7 +383,7 @@ class Ledger:
         holder = self._read_json(url)
         if holder is not None:
             same_host = holder.get("host") == socket.gethostname()
-            if same_host and not _pid_alive(holder.get("pid", -1)):
+            if same_host and not pid_alive(holder.get("pid", -1)):
                 log.warning(
                     "taking over the lock of run %s (run date %s): its process %s is gone",
                     holder.get("run_id"),
@@ -429,7 +429,8 @@ class Ledger:
         log.info("fresh run: forgot the completed work recorded under %s", self._url())
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
