@@ -100,10 +100,6 @@ def workloads(rows: int, zipf: float, seed: int) -> dict[str, Any]:
     }
 
 
-#: slmbatch's ``Model.batch_size`` in the slmbatch arms (``--batch-size``).
-BATCH_SIZE = 256
-
-
 def classify_job(**extra: Any) -> dict[str, Any]:
     # dtype by hardware (slmbatch's default), the same for both arms: they build the same Model.
     return {"classifier_engine": {"max_model_len": 128}, "threads": 2, **extra}
@@ -130,7 +126,6 @@ def raw_arm(name: str, inputs: Path, work: Path, timeout: float) -> dict[str, An
 
 
 def slmbatch_arm(name: str, inputs: Path, work: Path, timeout: float, **job: Any) -> dict[str, Any]:
-    job.setdefault("batch_size", BATCH_SIZE)
     spec = {
         "arm": "slmbatch",
         "stage": "classify",
@@ -190,8 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reuse.json")
     args = parser.parse_args(argv)
-    global BATCH_SIZE
-    BATCH_SIZE = args.batch_size
     chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if unknown := set(chosen) - {"unique", "dupmix", "night2"}:
         parser.error(f"--workloads: unknown {sorted(unknown)}; choose from unique, dupmix, night2")
@@ -213,19 +206,25 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("unique", "dupmix"):
             if name in chosen:
                 arms[f"{name}-raw"] = raw_arm(name, inputs[name], work, args.timeout)
-                arms[name] = slmbatch_arm(name, inputs[name], work, args.timeout)
+                arms[name] = slmbatch_arm(name, inputs[name], work, args.timeout, batch_size=args.batch_size)
         if "unique" in chosen:
             table.append(compare("(a) unique, dedup on", rows["unique"], arms["unique-raw"], arms["unique"]))
         if "unique" in chosen and not args.no_dedup_off:
-            arms["unique-nodedup"] = slmbatch_arm("unique-nodedup", inputs["unique"], work, args.timeout, dedup=False)
+            arms["unique-nodedup"] = slmbatch_arm(
+                "unique-nodedup", inputs["unique"], work, args.timeout, dedup=False, batch_size=args.batch_size
+            )
             table.append(compare("(a) unique, dedup off", rows["unique"], arms["unique-raw"], arms["unique-nodedup"]))
         if "dupmix" in chosen:
             table.append(compare("(b) duplicate mix", rows["dupmix"], arms["dupmix-raw"], arms["dupmix"]))
         if "night2" in chosen:
             cache = str(work / "answers.parquet")
-            arms["night1"] = slmbatch_arm("night1", inputs["night1"], work, args.timeout, cache=cache)
+            arms["night1"] = slmbatch_arm(
+                "night1", inputs["night1"], work, args.timeout, cache=cache, batch_size=args.batch_size
+            )
             arms["night2-raw"] = raw_arm("night2", inputs["night2"], work, args.timeout)
-            arms["night2"] = slmbatch_arm("night2", inputs["night2"], work, args.timeout, cache=cache)
+            arms["night2"] = slmbatch_arm(
+                "night2", inputs["night2"], work, args.timeout, cache=cache, batch_size=args.batch_size
+            )
             table.append(compare("(c) night 2, half seen", rows["night2"], arms["night2-raw"], arms["night2"]))
         failed = {k: v["error"] for k, v in arms.items() if not v["ok"]}
         if failed:
