@@ -58,6 +58,23 @@ def ray_local():
     ray.shutdown()
 
 
+def ray_workers_of_this_test(name: str) -> list:
+    """Live Ray worker processes whose title names ``name`` (``ray::FrontierActor``, ``ray::MapWorker(...StageActor)``)
+    among this test process's descendants: the Ray that ``ray_local`` started (its raylet is our child) and the
+    drivers this test started. Never by name machine-wide: the other pytest worker's jobs, or a developer's own,
+    run the same actors."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if name in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
 def write_shards(
     directory: Path, texts: list, *, shards: int, row_group_size: int = 16, extra: dict | None = None
 ) -> list[Path]:

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import polars as pl
-import psutil
 import pytest
 
 import slmbatch
@@ -30,7 +29,7 @@ from slmbatch.errors import JobChangedError
 from slmbatch.io import Plan, Shard
 from slmbatch.ledger import Ledger
 
-from .conftest import banking_texts, write_shards
+from .conftest import banking_texts, ray_workers_of_this_test, write_shards
 
 ROWS, SHARDS = 120, 4
 JOB = """
@@ -191,9 +190,7 @@ def test_replica_killed_mid_run_is_replaced_and_the_job_completes(tmp_path, tiny
     deadline = time.monotonic() + 300
     while killed is None and driver.poll() is None and time.monotonic() < deadline:
         if list((tmp_path / "out").glob("*.parquet")):  # the replica is mid-run: some shards done, most not
-            replicas = [
-                p for p in psutil.process_iter(["cmdline"]) if "StageActor" in " ".join(p.info["cmdline"] or [])
-            ]
+            replicas = ray_workers_of_this_test("StageActor")
             if replicas:
                 replicas[0].kill()
                 killed = replicas[0].pid

@@ -11,7 +11,7 @@ import slmbatch
 from slmbatch import Classify, ConfigError, Egress, Extract, Frontier, Job, Model, ParquetSink, ParquetSource
 from slmbatch.routing import Router
 
-from .conftest import FRONTIER_KEY, banking_texts, write_shards
+from .conftest import FRONTIER_KEY, banking_texts, ray_workers_of_this_test, write_shards
 
 ROWS = 60
 THRESHOLD = 0.55
@@ -218,8 +218,6 @@ def test_a_frontier_actor_killed_mid_run_loses_no_row(tmp_path, ray_local, tiny_
     import threading
     import time
 
-    import psutil
-
     from .faultserver import FaultServer
 
     rows = 120
@@ -231,11 +229,10 @@ def test_a_frontier_actor_killed_mid_run_loses_no_row(tmp_path, ray_local, tiny_
         deadline = time.monotonic() + 240
         while not killed and time.monotonic() < deadline:
             if len(server.seen) >= 10:  # the pool is mid-run
-                for proc in psutil.process_iter(["cmdline"]):
-                    if "FrontierActor" in " ".join(proc.info["cmdline"] or []):
-                        proc.kill()
-                        killed.append(proc.pid)
-                        return
+                for proc in ray_workers_of_this_test("FrontierActor"):
+                    proc.kill()
+                    killed.append(proc.pid)
+                    return
             time.sleep(0.05)
 
     with FaultServer(reply=lambda body: '{"label": "spam"}', delay_s=0.1) as server:
