@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .columns import READ_ERROR, ROW, ROW_ID, SHARD
+from .columns import INTERNAL, READ_ERROR, ROW, ROW_ID, SHARD
 from .errors import ConfigError, InputError
 from .io import Plan, Shard, plan_shards, read_row_group
 from .job import Job
@@ -60,6 +60,14 @@ def plan(job: Job, connect: Callable[[], None] | None = None) -> Plan:
         text_columns=text_source_columns(job),
         connect=connect,
     )
+    written = {ROW_ID} | {c for stage in job.stages for c in stage.output_columns()}
+    for name in result.schema.names if result.schema is not None else ():
+        if name in written or name.startswith(INTERNAL):
+            raise ConfigError(
+                "Job.source.columns",
+                f"input column {name!r} has the name of a column the job writes: list the input columns to read, "
+                "without it (ParquetSource(columns=[...])), or rename the stage that writes it",
+            )
     if job.source.strict and result.skipped:
         raise InputError(
             "strict source: input files that cannot be used: " + "; ".join(f"{p}: {r}" for p, r in result.skipped)

@@ -24,9 +24,13 @@ conflict, so none of it sets a file aside. :func:`unify_schemas` decides:
 * What is left is a real conflict (text vs integer, say). The *kind* held by
   the most rows wins (ties: the alphabetically first kind), so the result
   never depends on the order files are listed in and one odd file cannot
-  outvote the rest. The same majority decides which columns every file must
-  have when the source reads all columns. A file set aside is told the type
-  it had and the type expected.
+  outvote the rest. A file set aside is told the type it had and the type
+  expected.
+* A source that reads all columns reads every column any file has (by name,
+  as Spark's ``mergeSchema`` and DuckDB's ``union_by_name``): a file without
+  one of them has nulls there, so no file's column is dropped and no file is
+  set aside for lacking a column no stage reads. A source that lists its
+  ``columns`` needs each of them in every file.
 
 :func:`conform` then casts each row group read to the one schema.
 """
@@ -134,13 +138,13 @@ def unify_schemas(
         first = min(footers, key=lambda f: f.path, default=None)
         return Unified(first.schema if first else None, {})
     total = sum(f.num_rows for f in voters)
-    names = list(columns) if columns is not None else _majority_columns(voters, total)
+    names = list(columns) if columns is not None else _all_columns(voters)
     conflicts: dict[str, str] = {}
     fields = []
     for name in names:
         holders = [f for f in voters if name in f.schema.names]
         for f in voters:
-            if name not in f.schema.names:
+            if name not in f.schema.names and columns is not None:
                 conflicts.setdefault(
                     f.path, f"no column {name!r}, which files holding {_share(holders, total)} rows have"
                 )
@@ -154,14 +158,9 @@ def unify_schemas(
     return Unified(pa.schema(fields), conflicts)
 
 
-def _majority_columns(voters: Sequence[Footer], total: int) -> list[str]:
-    """Columns held by files with more than half the rows, in the largest file's order."""
-    rows: dict[str, int] = {}
-    for f in voters:
-        for name in f.schema.names:
-            rows[name] = rows.get(name, 0) + f.num_rows
-    order = list(voters[0].schema.names) + [n for f in voters[1:] for n in f.schema.names]
-    return [n for n in dict.fromkeys(order) if 2 * rows[n] > total]
+def _all_columns(voters: Sequence[Footer]) -> list[str]:
+    """Every column any file has, in the largest file's order, then each other file's new ones."""
+    return list(dict.fromkeys(n for f in voters for n in f.schema.names))
 
 
 def _column_type(name: str, holders: Sequence[Footer], text: bool) -> tuple[pa.DataType | None, dict[str, str]]:
@@ -202,6 +201,9 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """
     arrays = []
     for field in schema:
+        if field.name not in table.column_names:  # a column other files have: nulls here
+            arrays.append(pa.nulls(table.num_rows, field.type))
+            continue
         column = table.column(field.name)
         if column.type != field.type:
             if pa.types.is_dictionary(column.type):
@@ -211,3 +213,22 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
             column = pc.cast(column, options=options)
         arrays.append(column)
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def binary_where_not_utf8(table: pa.Table) -> pa.Table:
+    """``table`` with each text column that holds bytes which are not UTF-8 typed ``binary``.
+
+    Binary input read as text (:func:`conform`) keeps its bytes as they were; a text column
+    holding invalid UTF-8 would make an output file that readers refuse, so such a column is
+    written as binary - what it was in its input - and its rows carry the reason in their
+    stage's error column. Every other column keeps its type.
+    """
+    for i, field in enumerate(table.schema):
+        if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+            continue
+        try:
+            table.column(i).validate(full=True)
+        except pa.ArrowInvalid:
+            binary = pa.large_binary() if pa.types.is_large_string(field.type) else pa.binary()
+            table = table.set_column(i, pa.field(field.name, binary), table.column(i).cast(binary))
+    return table

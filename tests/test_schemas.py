@@ -141,17 +141,57 @@ def test_a_binary_column_only_a_stage_reads_as_text_is_text(tmp_path):
     assert table["text"].to_pylist() == ["hello"]
 
 
-def test_with_all_columns_a_column_most_rows_have_is_required_and_a_rare_one_is_left_out(tmp_path):
+def test_with_all_columns_every_column_of_any_file_is_kept_and_a_file_without_one_has_nulls(tmp_path):
     d = tmp_path / "in"
     for i in range(3):
         write(d / f"part-{i}.parquet", text=pa.array(TEXTS), lang=pa.array(["en"] * 100))
     write(d / "no-lang.parquet", text=pa.array(TEXTS[:10]))
-    write(d / "extra.parquet", text=pa.array(TEXTS[:10]), lang=pa.array(["de"] * 10), rare=pa.array([1] * 10))
-    plan, _ = read_all(str(d))
+    write(d / "rare.parquet", text=pa.array(TEXTS[:10]), lang=pa.array(["de"] * 10), rare=pa.array([1] * 10))
+    plan, table = read_all(str(d))
+    assert plan.schema.names == ["text", "lang", "rare"] and plan.skipped == []
+    assert table.num_rows == 320
+    by_file = {s.key: s for s in plan.shards}
+    assert set(by_file) == {"part-0.parquet", "part-1.parquet", "part-2.parquet", "no-lang.parquet", "rare.parquet"}
+    rare = conform(read_row_group(by_file["rare.parquet"].path, 0, plan.schema.names, None), plan.schema)
+    assert rare["rare"].to_pylist() == [1] * 10 and rare["lang"].to_pylist() == ["de"] * 10
+    no_lang = conform(read_row_group(by_file["no-lang.parquet"].path, 0, plan.schema.names, None), plan.schema)
+    assert no_lang["lang"].null_count == 10 and no_lang["rare"].null_count == 10
+
+
+def test_listed_columns_are_required_in_every_file(tmp_path):
+    d = tmp_path / "in"
+    write(d / "a.parquet", text=pa.array(TEXTS), lang=pa.array(["en"] * 100))
+    write(d / "b.parquet", text=pa.array(TEXTS[:10]))
+    plan, _ = read_all(str(d), required=("text", "lang"), columns=["text", "lang"])
     assert plan.schema.names == ["text", "lang"]
-    assert plan.skipped == [
-        (str(d / "no-lang.parquet"), "no column 'lang', which files holding 310 of 320 rows have"),
+    assert [(p.rsplit("/", 1)[-1], r.split(" (")[0]) for p, r in plan.skipped] == [
+        ("b.parquet", "missing column 'lang'")
     ]
+
+
+def test_an_input_column_named_like_a_column_the_job_writes_is_refused_naming_it(tmp_path):
+    from slmbatch import Job, ParquetSink, ParquetSource
+    from slmbatch.errors import ConfigError
+    from slmbatch.plan import plan
+
+    for clash in ("_row_id", "intent_confidence"):
+        d = tmp_path / clash
+        write(d / "a.parquet", text=pa.array(TEXTS[:3]), **{clash: pa.array(["x"] * 3)})
+        job = Job(
+            name="j",
+            source=ParquetSource(str(d)),
+            stages=[Classify("intent", model=Model("any/model"), input="text", labels=["a", "b"])],
+            sink=ParquetSink(str(tmp_path / "out")),
+        )
+        with pytest.raises(ConfigError, match=rf"Job\.source\.columns.*{clash!r}"):
+            plan(job)
+        listed = Job(  # the same input, reading only what the job needs
+            name="j",
+            source=ParquetSource(str(d), columns=["text"]),
+            stages=[Classify("intent", model=Model("any/model"), input="text", labels=["a", "b"])],
+            sink=ParquetSink(str(tmp_path / "out")),
+        )
+        assert plan(listed).schema.names == ["text"]
 
 
 @pytest.mark.parametrize("columns", [None, ["text"]])
