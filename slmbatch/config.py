@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .columns import ROW_ID
+from .paths import canonical_path, is_remote
 from .spec import (
     check_non_negative,
     check_optional_rate,
@@ -231,6 +232,11 @@ class ParquetSink:
             isinstance(self.path, str) and self.path.strip() != "",
             "ParquetSink.path",
             f"must be a directory or s3:// prefix, got {self.path!r}",
+        )
+        require(
+            is_remote(self.path) or not os.path.isfile(canonical_path(self.path)),
+            "ParquetSink.path",
+            f"{self.path!r} is a file; the output is a directory (one file per input file, and its records)",
         )
         require(
             self.compression in ("zstd", "snappy", "gzip", "lz4", "brotli", "none"),

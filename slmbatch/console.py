@@ -169,7 +169,7 @@ def _divert_late_ray_output(log_path: str) -> None:
 
 def local_log_path(sink: str, run_id: str) -> tuple[str, str | None]:
     """``(local file, URL to upload it to or None)`` for a run's log under ``<sink>/_slmbatch/logs/<run id>/``."""
-    from .io import is_remote
+    from .paths import is_remote
 
     relative = f"_slmbatch/logs/{run_id}/run.log"
     if not is_remote(sink):

@@ -21,9 +21,8 @@ import pyarrow.parquet as pq
 
 from .errors import InputError
 from .hooks import checkpoint
+from .paths import GLOB_CHARS, is_remote
 from .schemas import Footer, unify_schemas
-
-_GLOB_CHARS = set("*?[")
 
 
 def filesystem(path: str, storage_options: Mapping[str, Any] | None = None):
@@ -34,10 +33,6 @@ def filesystem(path: str, storage_options: Mapping[str, Any] | None = None):
     if path.startswith("s3://"):
         options.setdefault("use_listings_cache", False)
     return fsspec.core.url_to_fs(path, **options)
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +84,9 @@ def list_parquet_sizes(
 
 
 def _list_parquet(fs, path: str, stripped: str) -> tuple[Any, str, dict[str, int | None]]:
-    if any(c in stripped for c in _GLOB_CHARS):
+    if any(c in stripped for c in GLOB_CHARS):
         root = stripped
-        while any(c in root for c in _GLOB_CHARS):
+        while any(c in root for c in GLOB_CHARS):
             root = posixpath.dirname(root)
         found = {f: i for f, i in fs.glob(stripped, detail=True).items() if i.get("type") == "file"}
     elif fs.isdir(stripped):

@@ -9,14 +9,15 @@ work on a laptop with no engine installed. The building blocks are in
 from __future__ import annotations
 
 import dataclasses
-import os
 import textwrap
 from collections.abc import Sequence
 
 from .config import AnswerCache, Egress, Frontier, Model, ParquetSink, ParquetSource
 from .errors import ConfigError
+from .paths import overlap
 from .spec import check_identifier, require, set_field, spec
 from .stages.base import Stage
+from .stages.classify import Classify
 
 
 @spec
@@ -90,6 +91,9 @@ class Job:
         set_field(self, "stages", tuple(self.stages))
         available: set[str] | None = set(self.source.columns) if self.source.columns is not None else None
         names: set[str] = set()
+        from_source: set[str] = set()  # columns a stage reads from the input (no earlier stage writes them)
+        produced: set[str] = set()
+        labels: dict[str, Sequence[str]] = {}  # classify stage -> its labels: the values its column can hold
         for i, stage in enumerate(self.stages):
             require(
                 isinstance(stage, Stage),
@@ -104,7 +108,22 @@ class Job:
             )
             names.add(stage.name)
             stage.check_columns(available, f"Job.stages[{i}]")
+            from_source |= stage.required_columns() - produced
             outputs = set(stage.output_columns())
+            produced |= outputs
+            if clash := sorted(outputs & from_source):
+                raise ConfigError(
+                    f"Job.stages[{i}].name", f"output column {clash[0]!r} would overwrite an input column a stage reads"
+                )
+            for column, allowed in (stage.when or {}).items():
+                if unknown := [v for v in allowed if column in labels and v not in labels[column]]:
+                    raise ConfigError(
+                        f"Job.stages[{i}].when.{column}",
+                        f"{unknown[0]!r} is not a label of stage {column!r} ({', '.join(labels[column])}): "
+                        "no row would ever match it",
+                    )
+            if isinstance(stage, Classify):
+                labels[stage.name] = stage.labels
             if available is not None:
                 clash = sorted(outputs & available)
                 if clash:
@@ -112,11 +131,8 @@ class Job:
                         f"Job.stages[{i}].name", f"output column {clash[0]!r} would overwrite an input column"
                     )
                 available |= outputs
-        require(
-            os.path.normpath(self.sink.path) != os.path.normpath(self.source.path),
-            "Job.sink.path",
-            "must differ from the source path",
-        )
+        overlaps = overlap(self.source.path, self.sink.path)
+        require(overlaps is None, "Job.sink.path", f"{self.sink.path!r} {overlaps}; write the output elsewhere")
 
     @property
     def escalates(self) -> bool:

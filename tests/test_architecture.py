@@ -20,6 +20,7 @@ CONFIG_MODULES = {
     "slmbatch.columns",
     "slmbatch.config",
     "slmbatch.job",
+    "slmbatch.paths",
     "slmbatch.stages",
     "slmbatch.stages.base",
     "slmbatch.stages.classify",

@@ -132,7 +132,7 @@ def test_thresholds_file_round_trips_into_a_job_and_its_run_report(tmp_path, tin
     model = Model(tiny_classifier)
     job = Job(
         name="j",
-        source=ParquetSource(str(tmp_path)),
+        source=ParquetSource(str(tmp_path / "in")),
         sink=ParquetSink(str(tmp_path / "out")),
         stages=[Classify("intent", model=model, input="text", labels=["ham", "spam"], threshold=thresholds["intent"])],
     )

@@ -169,3 +169,62 @@ def test_secrets_in_storage_options_are_not_printed():
     )
     text = str(job)
     assert "AKIA123" not in text and "shh" not in text and "127.0.0.1" in text
+
+
+@pytest.mark.parametrize(
+    ("source", "sink", "why"),
+    [
+        ("data/in", "data/in/", "is the source path"),
+        ("data/in", "./data//in/out", "inside the source"),
+        ("data/in/part.parquet", "data/in", "contains the source"),
+        ("data/in", "data", "contains the source"),
+        ("data/**/*.parquet", "data/out", "source glob"),
+        ("data/2026-*/*.parquet", "data/2026-out", "source glob"),
+        ("data/2026-*", "data/2026-out", None),  # the glob matches that directory, not the files in it
+        ("s3://bucket/raw/", "s3://bucket/raw/enriched", "inside the source"),
+        ("s3://bucket/raw/a.parquet", "s3://bucket/raw", "contains the source"),
+        ("data/in", "data/in-enriched", None),
+        ("data/*.parquet", "data/out", None),
+        ("data/2026-*", "data/out", None),
+        ("s3://bucket/raw/", "s3://bucket/raw-enriched/", None),
+        ("s3://bucket/raw/", "data/raw", None),
+    ],
+)
+def test_the_output_may_not_overlap_the_input(source, sink, why):
+    def job():
+        return Job(
+            name="t",
+            source=ParquetSource(source),
+            stages=[Classify("label", model=M, input="text", labels=["a", "b"])],
+            sink=ParquetSink(sink),
+        )
+
+    if why is None:
+        job()
+    else:
+        with pytest.raises(ConfigError, match=rf"Job\.sink\.path.*{why}"):
+            job()
+
+
+def test_a_stage_may_not_write_the_column_it_reads_even_when_the_source_reads_all_columns():
+    with pytest.raises(ConfigError, match=r"Job\.stages\[0\]\.name.*'text'"):
+        make_job(Classify("text", model=M, input="text", labels=["a", "b"]), columns=None)
+    make_job(  # a later stage may read an earlier one's answer, and nothing is overwritten
+        Classify("kind", model=M, input="text", labels=["a", "b"]),
+        Summarize("gist", model=M, input="text", when={"kind": "a"}),
+        columns=None,
+    )
+
+
+def test_a_when_value_that_is_not_a_label_of_that_stage_is_refused():
+    with pytest.raises(ConfigError, match=r"Job\.stages\[1\]\.when\.kind.*'eggs' is not a label"):
+        make_job(
+            Classify("kind", model=M, input="text", labels=["card", "money"]),
+            Summarize("gist", model=M, input="text", when={"kind": ["card", "eggs"]}),
+        )
+
+
+def test_a_sink_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"ParquetSink\.path.*is a file"):
+        ParquetSink(str(tmp_path / "afile"))
