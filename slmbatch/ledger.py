@@ -49,6 +49,7 @@ from .config import Model
 from .errors import ConcurrentRunError, JobChangedError
 from .io import Plan, Shard, filesystem, output_path, remove_stale_temporaries, write_text
 from .job import Job
+from .paths import canonical_path
 
 log = logging.getLogger("slmbatch")
 
@@ -250,21 +251,15 @@ class Ledger:
         if fresh:
             self.forget()
         recorded = self._read_json(url)
-        if recorded is not None and recorded.get("source", job.source.path) != job.source.path:
-            raise JobChangedError(
-                "Job.source.path",
-                f"{self.sink} holds output of source {recorded['source']!r}, not {job.source.path!r}: shards are "
-                "recorded by their path relative to the source, so files of two sources would be mistaken for "
-                "each other. Use one source path per sink (e.g. a sink per input date), or --fresh.",
-            )
+        refusal = None if recorded is None else self._refusal(recorded)
+        if refusal is not None:
+            if self._has_completed():
+                raise refusal
+            # The runs of the job recorded completed no file (the first one crashed, say, on a bad
+            # engine option): nothing to mix with, so the job as it is now is the one the sink records.
+            log.info("the job changed since the last run on %s, which completed no file: recording it anew", self.sink)
+            recorded = None
         changes = [] if recorded is None else _differences(recorded["config"], self.config)
-        answers = [str(c) for c in changes if not c.allowed]
-        if recorded is not None and recorded["fingerprint"] != self.fingerprint and answers:
-            raise JobChangedError(
-                "Job.stages",
-                f"the job differs from the one that wrote {self.sink} ({'; '.join(answers[:4])}); "
-                "mixing their outputs would be wrong. Use a new sink, or rerun with --fresh to discard that output.",
-            )
         if changes:
             # A new threshold (e.g. from `slmbatch calibrate --from-runs`) routes new input differently, a
             # promoted model version answers it; every row written so far keeps its answer and says in its
@@ -290,7 +285,7 @@ class Ledger:
                         "job": job.name,
                         "fingerprint": self.fingerprint,
                         "config": self.config,
-                        "source": job.source.path,
+                        "source": canonical_path(job.source.path),
                         "recorded_at": recorded.get("recorded_at", _now()) if recorded else _now(),
                         **({"changed_at": _now()} if recorded else {}),
                     },
@@ -299,6 +294,30 @@ class Ledger:
                 ),
                 self.options,
             )
+
+    def _refusal(self, recorded: dict) -> JobChangedError | None:
+        """Why this job cannot add to the output of the ``recorded`` one, or None if it can."""
+        source = self._job().source.path
+        if canonical_path(recorded.get("source", source)) != canonical_path(source):
+            return JobChangedError(
+                "Job.source.path",
+                f"{self.sink} holds output of source {recorded['source']!r}, not {source!r}: shards are "
+                "recorded by their path relative to the source, so files of two sources would be mistaken for "
+                "each other. Use one source path per sink (e.g. a sink per input date), or --fresh.",
+            )
+        answers = [str(c) for c in _differences(recorded["config"], self.config) if not c.allowed]
+        if recorded["fingerprint"] != self.fingerprint and answers:
+            return JobChangedError(
+                "Job.stages",
+                f"the job differs from the one that wrote {self.sink} ({'; '.join(answers[:4])}); "
+                "mixing their outputs would be wrong. Use a new sink, or rerun with --fresh to discard that output.",
+            )
+        return None
+
+    def _has_completed(self) -> bool:
+        """Whether any shard is recorded done (one listing, no marker read)."""
+        fs, root = filesystem(self._url("done"), self.options)
+        return fs.exists(root) and any(path.endswith(".json") for path in fs.find(root))
 
     def completed(self) -> dict[str, dict]:
         """Shard key -> its marker, for every completed shard."""
@@ -420,13 +439,22 @@ class Ledger:
                 pass
 
     def forget(self) -> None:
-        """Discard the record of completed work (outputs are overwritten as shards are redone)."""
+        """Discard the completed work: the output files the markers name (only those inside the sink),
+        then the markers and the recorded job. Output of a file since removed from the source, or of a
+        date partition, would otherwise stay next to the new output, mixing two jobs."""
+        sink = canonical_path(self.sink)
+        for marker in self.completed().values():
+            output = marker.get("output")
+            if isinstance(output, str) and canonical_path(output).startswith(sink + "/"):
+                fs, path = filesystem(output, self.options)
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm(path)
         fs, root = filesystem(self._url(), self.options)
         for name in ("done", "job.json"):
             path = posixpath.join(root, name)
             if fs.exists(path):
                 fs.rm(path, recursive=True)
-        log.info("fresh run: forgot the completed work recorded under %s", self._url())
+        log.info("fresh run: discarded the output and the completed work recorded under %s", self._url())
 
 
 def pid_alive(pid: int) -> bool:

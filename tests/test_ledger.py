@@ -311,6 +311,7 @@ def test_an_option_added_by_a_later_slmbatch_at_its_default_is_no_change_but_a_r
     del recorded["config"]["stages"][0]["overflow"]
     recorded["fingerprint"] = "written-by-an-older-version"
     url.write_text(json.dumps(recorded))
+    ledger.mark_done("a.parquet", source="/in/a.parquet", rows=3, output="x", run_id="r1", run_date="2026-11-28")
     ledger.check_job()  # same job: nothing to refuse
     changed = Job(
         name="l",
@@ -320,3 +321,47 @@ def test_an_option_added_by_a_later_slmbatch_at_its_default_is_no_change_but_a_r
     )
     with pytest.raises(JobChangedError, match=r"stages\[0\]\.overflow: null -> \"truncate\""):
         Ledger(changed).check_job()
+
+
+def _job_on(source: str, sink: Path, labels=("a", "b")) -> Job:
+    return Job(
+        name="l",
+        source=ParquetSource(source, columns=["text"]),
+        sink=ParquetSink(str(sink)),
+        stages=[Classify("c", model=Model("some/model"), input="text", labels=list(labels))],
+    )
+
+
+def test_one_source_spelled_another_way_is_the_same_source(tmp_path, monkeypatch):
+    ledger = _ledger(tmp_path)
+    ledger.mark_done("a.parquet", source="/in/a.parquet", rows=3, output="x", run_id="r1", run_date="2026-11-28")
+    monkeypatch.chdir(tmp_path)
+    for spelling in (f"{tmp_path}/in/", f"{tmp_path}//in", f"{tmp_path}/in/../in", "in", "./in/"):
+        Ledger(_job_on(spelling, tmp_path / "out")).check_job()
+    with pytest.raises(JobChangedError, match="holds output of source"):
+        Ledger(_job_on(str(tmp_path / "other"), tmp_path / "out")).check_job()
+
+
+def test_a_changed_job_is_refused_only_once_a_run_completed_a_file(tmp_path):
+    _ledger(tmp_path)  # a first run recorded the job, then crashed before completing any file
+    changed = Ledger(_job_on(str(tmp_path / "in"), tmp_path / "out", labels=("a", "b", "c")))
+    changed.check_job()  # nothing to mix with: the fixed job is recorded
+    assert json.loads((tmp_path / "out" / "_slmbatch" / "job.json").read_text())["fingerprint"] == changed.fingerprint
+    changed.mark_done("a.parquet", source="/in/a.parquet", rows=3, output="x", run_id="r1", run_date="2026-11-28")
+    with pytest.raises(JobChangedError, match=r"labels"):
+        Ledger(_job_on(str(tmp_path / "in"), tmp_path / "out", labels=("a", "b"))).check_job()
+
+
+def test_fresh_discards_the_output_files_the_ledger_recorded_and_nothing_else(tmp_path):
+    ledger = _ledger(tmp_path)
+    out = tmp_path / "out"
+    recorded = [out / "a.parquet", out / "run_date=2026-11-27" / "gone.parquet"]
+    elsewhere = tmp_path / "elsewhere.parquet"  # a marker naming a file outside the sink: never deleted
+    for i, path in enumerate([*recorded, elsewhere]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"old output")
+        ledger.mark_done(f"k{i}", source=f"/in/k{i}", rows=1, output=str(path), run_id="r1", run_date="2026-11-27")
+    (out / "notes.txt").write_text("the user's own file")
+    Ledger(_job_on(str(tmp_path / "in"), out, labels=("a", "b", "c"))).check_job(fresh=True)
+    assert not any(p.exists() for p in recorded) and elsewhere.exists() and (out / "notes.txt").exists()
+    assert Ledger.open(str(out)).completed() == {}
