@@ -305,17 +305,23 @@ class RunSummary:
     def failed_fraction(self) -> float:
         """Share of this run's input rows that failed: in files set aside or with a stage error.
 
-        A file whose footer cannot be read holds rows nobody can count; each
-        counts as an average file of the run (all of the run, if no file could be read).
+        A file whose footer cannot be read holds rows nobody can count
+        (:attr:`rows_guessed`).
         """
-        files = self.files_in - self.files_done_before
         rows = self.rows_in - self.rows_done_before
-        counted = files - self.files_uncounted
+        counted = self.files_in - self.files_done_before - self.files_uncounted
         if self.files_uncounted and not counted:
             return 1.0
-        guess = self.files_uncounted * (rows / counted if counted else 0.0)
-        total = rows + guess
-        return (self.rows_in_failed_files + self.rows_errored + guess) / total if total else 0.0
+        total = rows + self.rows_guessed
+        return (self.rows_in_failed_files + self.rows_errored + self.rows_guessed) / total if total else 0.0
+
+    @property
+    def rows_guessed(self) -> float:
+        """The rows of the files whose footer could not be read: an average file of the run each, and at
+        least one row (a run whose other files are empty still set input aside)."""
+        counted = self.files_in - self.files_done_before - self.files_uncounted
+        rows = self.rows_in - self.rows_done_before
+        return self.files_uncounted * max(rows / counted if counted else 0.0, 1.0)
 
     @property
     def over_budget(self) -> bool:
@@ -323,17 +329,18 @@ class RunSummary:
 
     def render_budget(self) -> str:
         """One line: how many rows failed against the budget, and what that means for the run."""
-        failed = self.rows_in_failed_files + self.rows_errored
+        failed = f"{self.rows_in_failed_files + self.rows_errored:,}"
         where = f"{self.rows_in_failed_files:,} in files set aside + {self.rows_errored:,} with a stage error"
         if self.files_uncounted:
-            where += f" + {self.files_uncounted} unreadable file(s)"
+            failed = f"~{self.rows_in_failed_files + self.rows_errored + self.rows_guessed:,.0f}"
+            where += f" + ~{self.rows_guessed:,.0f} in {self.files_uncounted} unreadable file(s), an average file each"
         verdict = (
             f"OVER the failure budget of {self.max_failed_fraction:.2%}: the run FAILED (exit 3); "
             "what could be written is, and a rerun resumes"
             if self.over_budget
             else f"within the failure budget of {self.max_failed_fraction:.2%}"
         )
-        return f"  failed rows: {failed:,} ({where}) = {self.failed_fraction:.2%} of this run's rows, {verdict}"
+        return f"  failed rows: {failed} ({where}) = {self.failed_fraction:.2%} of this run's rows, {verdict}"
 
     @property
     def rows_per_s(self) -> float:

@@ -265,6 +265,7 @@ def ensure_ray(address: str | None = None) -> None:
             "`ray job submit --address`, or give slmbatch the cluster's host:6379 address",
         )
     if address:
+        _check_reachable(address)
         ray.init(address=address, log_to_driver=True)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes a token under $HOME
@@ -276,6 +277,24 @@ def ensure_ray(address: str | None = None) -> None:
         configure_logging=False,
         _system_config=LOCAL_RAY_CONFIG,
     )
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail at once, naming the address, when nothing listens at a ``host:port`` / ``ray://host:port``
+    cluster address: ``ray.init`` would retry for minutes without a word."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():  # "auto", "local" or a form Ray resolves itself
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(
+            "--address",
+            f"nothing answers at {address} ({type(exc).__name__}: {exc}): is the cluster up "
+            "(`ray start --head` prints its address), and is this its host:port?",
+        ) from exc
 
 
 def _configure_ray_data() -> None:

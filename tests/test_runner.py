@@ -151,6 +151,10 @@ def test_a_source_without_usable_files_fails_its_budget_without_starting_a_repli
     summary = failed.value.summary
     assert summary.rows_out == 0 and summary.failed_fraction == 1.0 and summary.files_uncounted == 1
     assert [Path(p).name for p, _ in summary.skipped_files] == ["bad.parquet"]
+    # Next to an empty file, an unreadable one still holds rows nobody can count: at least one each.
+    write_shards(tmp_path / "in", [], shards=1)
+    with pytest.raises(FailureBudgetError, match=r"~1 in 1 unreadable file.*100\.00% of this run's rows"):
+        slmbatch.run(two_stage_job(tmp_path / "in", tmp_path / "out2", tiny_lm, tiny_classifier))
     with pytest.raises(InputError, match="does not exist"):
         slmbatch.run(two_stage_job(tmp_path / "missing", tmp_path / "out", tiny_lm, tiny_classifier))
 
@@ -184,3 +188,18 @@ def test_replica_engine_threads_follow_model_threads_not_the_cpu_reservation(fir
         lines = exported(ray_local, "ray_slmbatch_engine_threads{", 'job="runner-test"', f'stage="{stage}"')
         threads[stage] = {float(line.rsplit(" ", 1)[1]) for line in lines}
     assert threads == {"spam": {1.0}, "gist": {2.0}}
+
+
+def test_a_cluster_address_where_nothing_listens_fails_at_once_naming_it():
+    import socket
+
+    from slmbatch.errors import ConfigError
+    from slmbatch.runner import _check_reachable
+
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        port = listening.getsockname()[1]
+        _check_reachable(f"127.0.0.1:{port}")  # something answers: Ray is left to connect
+        _check_reachable(f"ray://127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match=rf"--address: nothing answers at 127\.0\.0\.1:{port}"):
+        _check_reachable(f"127.0.0.1:{port}")
+    _check_reachable("auto")  # Ray resolves these itself
