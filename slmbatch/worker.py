@@ -296,6 +296,8 @@ class StageActor:
                 for s in self.stages
             }
         self.metrics = StageMetrics(job_name)
+        for stage in self.stages:  # a stage this replica cannot serve fails its start, the job's error
+            self.engine_thread.submit(stage.check_replica, self.replica.serving(stage.adapter)).result()
         seconds = self.engine_thread.submit(warm_up, self.stages, self.replica).result()
         for stage in self.stages:
             self.metrics.record_replica([stage], stage.served_model(self.replica.model_name), self.replica.threads)

@@ -176,6 +176,89 @@ def test_summarize_marks_truncated_input_and_respects_output_budget(lm_model, lm
     assert len(lm_replica.encode(request.text.removesuffix(TRUNCATION_MARK))) <= 9
 
 
+def test_summarize_truncate_cuts_input_to_what_the_context_leaves_when_its_budget_is_larger(lm_model, lm_replica):
+    """max_input_tokens (1024) is more than a 1024-token context leaves after the prompt and 128 answer
+    tokens: the input is cut to fit the context, marked once, and the row answered, not errored."""
+    stage = Summarize("gist", model=lm_model, input="text", max_output_tokens=128)
+    long_text = " ".join(banking_texts(200))
+    assert len(lm_replica.encode(long_text)) > 2 * stage.max_input_tokens
+    out = apply_stage(stage, batch([long_text, "my card payment failed"]), lm_replica)
+    assert out["gist_error"].to_pylist() == [None, None]
+    assert out["gist_input_truncated"].to_pylist() == [True, False]
+    assert out["gist"][0].as_py() is not None
+    request = stage.prepare(0, {"text": long_text}, lm_replica)
+    budget = lm_replica.max_model_len - 128
+    assert budget - 3 <= len(request.prompt_ids) <= budget
+    assert out["gist_tokens_in"][0].as_py() == len(request.prompt_ids)
+    head = request.text.removesuffix(TRUNCATION_MARK)
+    assert TRUNCATION_MARK not in head and long_text.startswith(head.rstrip())
+    assert len(lm_replica.encode(head)) < stage.max_input_tokens
+
+
+def test_generative_classify_truncate_keeps_room_for_its_longest_label(lm_model, lm_replica):
+    """Scoring appends each label (and end-of-turn) to the prompt: a long label must still fit after
+    the input is cut, or the row fails in the engine."""
+    long_label = "a transfer to another account that failed twice and was then refunded in part"
+    labels = ["card", long_label]
+    stage = Classify("topic", model=lm_model, input="text", labels=labels, overflow="truncate")
+    ending = len(lm_replica.encode(long_label)) + 1
+    assert ending > 8
+    long_text = " ".join(banking_texts(200))
+    out = apply_stage(stage, batch([long_text]), lm_replica)
+    assert out["topic_error"].to_pylist() == [None]
+    assert out["topic_input_truncated"].to_pylist() == [True] and out["topic"][0].as_py() in labels
+    request = stage.prepare(0, {"text": long_text}, lm_replica)
+    assert len(request.prompt_ids) + ending < lm_replica.max_model_len  # and one token to generate
+    errored = apply_stage(
+        Classify("topic", model=lm_model, input="text", labels=labels), batch([long_text]), lm_replica
+    )
+    assert errored["topic_error"][0].as_py().startswith("prompt is ")
+
+
+@pytest.mark.parametrize("family", ["classify", "extract", "summarize"])
+def test_stage_that_leaves_the_context_no_room_for_input_fails_the_job_once_with_the_numbers(
+    family, lm_model, lm_replica
+):
+    """When even an empty input cannot fit (prompt around it + answer budget >= the context), every row
+    would fail: the stage fails the batch with a ConfigError naming the stage, the option and the numbers."""
+    n = lm_replica.max_model_len
+    if family == "classify":
+        stage = Classify("c", model=lm_model, input="text", labels=LABELS, prompt="card " * n + "{input}")
+        field = "Classify.prompt"
+    elif family == "extract":
+        stage = Extract("c", model=lm_model, input="text", schema=BOUNDED, max_output_tokens=n)
+        field = "Extract.max_output_tokens"
+    else:
+        stage = Summarize("c", model=lm_model, input="text", max_output_tokens=n)
+        field = "Summarize.max_output_tokens"
+    fixed = len(stage.fixed_prompt_ids(lm_replica))
+    reserved = stage.reserved_tokens(lm_replica)
+    with pytest.raises(ConfigError) as caught:
+        apply_stage(stage, batch(["my card payment failed"]), lm_replica)
+    assert caught.value.field == field
+    assert f"stage 'c' leaves no room for input on model {lm_replica.model_name}" in str(caught.value)
+    assert f"is {fixed} tokens" in str(caught.value) and f"{fixed + reserved} of max_model_len {n}" in str(caught.value)
+
+
+def test_summarize_with_room_for_one_input_token_cuts_to_it_and_one_less_fails_the_job(lm_model, lm_replica):
+    n = lm_replica.max_model_len
+    probe = Summarize("gist", model=lm_model, input="text")
+    fixed = len(probe.fixed_prompt_ids(lm_replica))  # the prompt around a cut input, its mark included
+    fits = Summarize("gist", model=lm_model, input="text", max_output_tokens=n - fixed - 1)
+    fits.check_replica(lm_replica)
+    request = fits.prepare(0, {"text": " ".join(banking_texts(20))}, lm_replica)
+    assert request.extras == {"gist_input_truncated": True} and request.text.endswith(TRUNCATION_MARK)
+    assert len(request.prompt_ids) <= n - fits.max_output_tokens
+    with pytest.raises(ConfigError, match="Summarize.max_output_tokens"):
+        Summarize("gist", model=lm_model, input="text", max_output_tokens=n - fixed).check_replica(lm_replica)
+
+
+def test_classify_needs_at_least_two_labels(lm_model):
+    with pytest.raises(ConfigError, match=r"Classify.labels: needs at least two labels, got \['ham'\]"):
+        Classify("spam", model=lm_model, input="text", labels=["ham"])
+    Classify("spam", model=lm_model, input="text", labels=["ham", "spam"])
+
+
 def test_summarize_overflow_error_mode_errors_the_row(lm_model, lm_replica):
     stage = Summarize("gist", model=lm_model, input="text", max_input_tokens=8, overflow="error")
     out = apply_stage(stage, batch([" ".join(banking_texts(6))]), lm_replica)
@@ -184,7 +267,9 @@ def test_summarize_overflow_error_mode_errors_the_row(lm_model, lm_replica):
 
 
 def test_bad_rows_get_a_reason_and_the_batch_goes_on(lm_model, lm_replica):
-    stage = Summarize("gist", model=lm_model, input="text", max_input_tokens=10_000, max_output_tokens=4)
+    stage = Summarize(
+        "gist", model=lm_model, input="text", max_input_tokens=10_000, max_output_tokens=4, overflow="error"
+    )
     invisible = ["\u200b\u200d", "\ufeff \u2060\u200c", "\u3164\u200e"]
     texts = [None, "", "   \n", "a fine row", "word " * 1200, *invisible, "caf\u00e9\u200b"]
     out = apply_stage(stage, batch(texts), lm_replica)

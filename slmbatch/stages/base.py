@@ -177,6 +177,12 @@ class Stage:
     default_system: ClassVar[str] = ""
     default_prompt: ClassVar[str] = "{input}"
     template_extras: ClassVar[tuple[str, ...]] = ()
+    #: Appended to an input cut to fit (a family budget or the context), so the model and a reader
+    #: of the prompt can see that the text does not end there; "" appends nothing.
+    truncation_mark: ClassVar[str] = ""
+    #: The option that sets :meth:`reserved_output_tokens` ("" if none does), named when the
+    #: tokens kept for the answer leave the context no room for input.
+    output_budget_field: ClassVar[str] = ""
 
     name: str
     _: KW_ONLY
@@ -336,9 +342,12 @@ class Stage:
 
     # -- the same task, asked of the frontier ------------------------------------------
 
+    def system_message(self) -> str:
+        return self.system if self.system is not None else self.default_system
+
     def frontier_messages(self, row: Mapping[str, Any], text: str) -> list[dict[str, str]]:
         """The small model's instructions, as chat messages for the frontier."""
-        system = self.system if self.system is not None else self.default_system
+        system = self.system_message()
         user = self.prompt_template("generate").format(**self.template_values(row, text))
         return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
 
@@ -424,9 +433,9 @@ class Stage:
         request = Request(index=index, row=row, text=self.input_text(row) if text is None else text)
         self.fit_input(request, replica)
         user = self.render_user(row, request.text, replica.runner)
-        system = self.system if self.system is not None else self.default_system
+        system = self.system_message()
         request.prompt_ids = replica.encode_chat(system, user)
-        reserved = self.reserved_output_tokens(replica.runner)
+        reserved = self.reserved_tokens(replica)
         budget = replica.max_model_len - reserved
         if len(request.prompt_ids) > budget and self.truncates_to_context():
             self._truncate_to(budget, request, replica, system)
@@ -439,18 +448,26 @@ class Stage:
         return request
 
     def _truncate_to(self, budget: int, request: Request, replica: ReplicaProtocol, system: str) -> None:
-        """Cut the input text's tail until the prompt fits ``budget`` tokens; flag the row."""
-        ids = replica.encode(request.text)
+        """Cut the input text's tail until the prompt fits ``budget`` tokens; flag the row.
+
+        The cut text ends with :attr:`truncation_mark`; an input :meth:`fit_input` already cut (and
+        marked) is cut further, keeping one mark at the end."""
+        flag = self.columns.extra("input_truncated")
+        mark = self.truncation_mark
+        marked = bool(request.extras.get(flag))
+        ids = replica.encode(request.text.removesuffix(mark) if marked else request.text)
+        pending = 0 if marked or not mark else len(replica.encode(mark))  # the mark this cut adds
         for _ in range(4):  # decode/encode round trips can shift a token or two
             excess = len(request.prompt_ids) - budget
             if excess <= 0 or not ids:
                 break
-            ids = ids[: max(0, len(ids) - excess)]
-            request.text = replica.decode(ids)
+            ids = ids[: max(0, len(ids) - excess - pending)]
+            pending = 0
+            request.text = replica.decode(ids) + mark
             request.prompt_ids = replica.encode_chat(
                 system, self.render_user(request.row, request.text, replica.runner)
             )
-        request.extras[self.columns.extra("input_truncated")] = True
+        request.extras[flag] = True
 
     def truncates_to_context(self) -> bool:
         """Hook: cut overlong input to the model's context (flagged per row) instead of erroring the row."""
@@ -460,11 +477,45 @@ class Stage:
         """Hook: enforce a family's input budget on ``request.text`` (may set extras)."""
 
     def check_replica(self, replica: ReplicaProtocol) -> None:
-        """Hook: fail the job (ConfigError) if this replica cannot serve the stage."""
+        """Fail the job (ConfigError) if this replica cannot serve the stage (families may check more).
+
+        Here: its context must leave room for input once the prompt around the input (template,
+        system message, the :attr:`truncation_mark` of a cut input) and the answer's reserved tokens
+        are counted. Without it every row would fail, or be cut to nothing, one by one; a job
+        cannot see it before a replica starts (the context and the tokenizer are the engine's)."""
+        fixed = len(self.fixed_prompt_ids(replica))
+        reserved = self.reserved_tokens(replica)
+        if fixed + reserved < replica.max_model_len:
+            return
+        option = self.output_budget_field
+        kept = f" and {reserved} are kept for the answer" if reserved else ""
+        lower = ""
+        if option:
+            kept, lower = f"{kept} ({option})", f", lower {option}"
+        raise ConfigError(
+            f"{type(self).__name__}.{option or 'prompt'}",
+            f"stage {self.name!r} leaves no room for input on model {replica.model_name}: the prompt around "
+            f"the input is {fixed} tokens{kept}, {fixed + reserved} of max_model_len {replica.max_model_len}; "
+            f"shorten the prompt or system message{lower} or raise the model's max_model_len (Model.engine)",
+        )
+
+    def fixed_prompt_ids(self, replica: ReplicaProtocol) -> list[int]:
+        """The prompt no row can make shorter: no input (only the :attr:`truncation_mark` where inputs
+        are cut to the context), every other column placeholder empty."""
+        template = self.prompt_template(replica.runner)
+        blanks = dict.fromkeys(self._placeholders(template, "prompt"), "")
+        text = self.truncation_mark if self.truncates_to_context() else ""
+        return replica.encode_chat(self.system_message(), template.format(**self.template_values(blanks, text)))
 
     def reserved_output_tokens(self, runner: str = "generate") -> int:
-        """Context tokens kept free for the answer (``runner``: the replica's, ``"pooling"`` generates nothing)."""
+        """Tokens the answer may take: its generation budget (``runner``: the replica's), also the
+        frontier's ``max_tokens``."""
         return 1
+
+    def reserved_tokens(self, replica: ReplicaProtocol) -> int:
+        """Context tokens a prompt must leave free on ``replica`` (:meth:`prepare` cuts or errors
+        prompts to fit the rest): :meth:`reserved_output_tokens`, unless the family knows better."""
+        return self.reserved_output_tokens(replica.runner)
 
     def infer(self, requests: list[Request], replica: ReplicaProtocol) -> list[Answer]:
         raise NotImplementedError

@@ -40,15 +40,18 @@ class Classify(Stage):
       label sets in the dozens.
 
     Args:
-        labels: the label set (unique, non-empty strings).
+        labels: the label set (at least two unique, non-empty strings).
         escalate_labels: labels whose rows always go to the frontier when the
             small model picks them, whatever its confidence (e.g. a costly
             class to get wrong). Needs a ``threshold`` (routing on).
-        overflow: a prompt over the model's context is a row error
-            (``"error"``, the default), or with ``"truncate"`` its input is cut
-            at the end to fit - how BERT-style classifiers are usually run -
-            and the row's ``<name>_input_truncated`` is true. Escalated rows
-            still send the frontier the whole input.
+        overflow: a prompt over the model's context (less, for a generative
+            model, the longest label's tokens, end-of-turn and one more) is a
+            row error (``"error"``, the default), or with ``"truncate"`` its
+            input is cut at the end to fit - how BERT-style classifiers are
+            usually run - and the row's ``<name>_input_truncated`` is true.
+            Escalated rows still send the frontier the whole input. A context
+            too small for any input at all fails the job when a replica
+            starts, not row by row.
 
     Escalated rows ask the frontier the same question with the label set as a
     JSON-schema enum (``response_format``); an answer outside the set is an error.
@@ -68,6 +71,12 @@ class Classify(Stage):
     def __post_init__(self):
         super().__post_init__()
         set_field(self, "labels", check_strings(self.labels, "Classify.labels"))
+        require(
+            len(self.labels) >= 2,
+            "Classify.labels",
+            f"needs at least two labels, got {list(self.labels)!r}: with one, every row gets it with confidence 1 "
+            "and no threshold can escalate",
+        )
         set_field(
             self, "escalate_labels", check_strings(self.escalate_labels, "Classify.escalate_labels", allow_empty=True)
         )
@@ -151,19 +160,25 @@ class Classify(Stage):
         return {**row, "input": text, "labels": ", ".join(self.labels)}
 
     def check_replica(self, replica: ReplicaProtocol) -> None:
-        if replica.runner != "pooling":
-            return
-        known = set(replica.id2label.values())
-        missing = [label for label in self.labels if label not in known]
-        if missing:
-            raise ConfigError(
-                "Classify.labels",
-                f"label {missing[0]!r} is not among model {replica.model_name}'s labels (id2label: {sorted(known)[:10]}...)",
-            )
+        if replica.runner == "pooling":
+            known = set(replica.id2label.values())
+            missing = [label for label in self.labels if label not in known]
+            if missing:
+                raise ConfigError(
+                    "Classify.labels",
+                    f"label {missing[0]!r} is not among model {replica.model_name}'s labels (id2label: {sorted(known)[:10]}...)",
+                )
+        super().check_replica(replica)
 
-    def reserved_output_tokens(self, runner: str = "generate") -> int:
-        # Label tokens are appended to the prompt when scoring; a pooling head generates nothing.
-        return 0 if runner == "pooling" else 8
+    def reserved_tokens(self, replica: ReplicaProtocol) -> int:
+        # Scoring appends each label's tokens and end-of-turn to the prompt, and vLLM wants room to
+        # generate one token after them; a pooling head generates nothing.
+        if replica.runner == "pooling":
+            return 0
+        key = (replica.model_name, tuple(self.labels))
+        if key not in _LONGEST_ENDING:
+            _LONGEST_ENDING[key] = max(len(replica.encode(label)) for label in self.labels) + 1
+        return _LONGEST_ENDING[key] + 1
 
     def infer(self, requests: list[Request], replica: ReplicaProtocol) -> list[Answer]:
         if not requests:
@@ -219,6 +234,10 @@ class Classify(Stage):
     @classmethod
     def metrics(cls, predictions: Sequence[Any], golds: Sequence[Any]) -> dict[str, float]:
         return {"accuracy": accuracy(predictions, golds), "macro_f1": macro_f1(predictions, golds)}
+
+
+#: Tokens of the longest label plus end-of-turn, per (model, label set): prepare asks for it every row.
+_LONGEST_ENDING: dict[tuple[str, tuple[str, ...]], int] = {}
 
 
 def _is_sequence_classifier(config: dict) -> bool:

@@ -37,7 +37,9 @@ class Extract(Stage):
     Args:
         schema: a pydantic model class or a JSON-schema dict (an object with
             ``properties``). Stored as its JSON schema.
-        max_output_tokens: generation budget for the JSON answer.
+        max_output_tokens: generation budget for the JSON answer, kept free in
+            the model's context: if the prompt (with the schema) and it leave no
+            room for input, the job fails when a replica starts.
     """
 
     kind = "extract"
@@ -45,6 +47,7 @@ class Extract(Stage):
     default_system = "You extract structured data. Reply with a single JSON object and nothing else."
     default_prompt = "Extract these fields as JSON following this schema:\n{schema}\n\nText: {input}"
     template_extras = ("schema",)
+    output_budget_field = "max_output_tokens"
 
     _: KW_ONLY
     schema: Any

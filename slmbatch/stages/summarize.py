@@ -21,18 +21,23 @@ TRUNCATION_MARK = " [... input truncated]"
 class Summarize(Stage):
     """Summarise each row's input within token budgets.
 
-    Input over ``max_input_tokens`` (counted with the model's tokenizer) is never
-    cut silently: with ``overflow="truncate"`` the first ``max_input_tokens``
-    tokens are kept, :data:`TRUNCATION_MARK` is appended and the row's
-    ``<name>_input_truncated`` is true; with ``overflow="error"`` the row gets
-    an error instead. The summary stops at ``max_output_tokens``.
+    Input over its budget (counted with the model's tokenizer) is never cut
+    silently. The budget is ``max_input_tokens`` or what the model's context
+    (``max_model_len``) leaves after the prompt around the input and
+    ``max_output_tokens``, whichever is less. With ``overflow="truncate"`` the
+    head of the input that fits is kept, :data:`TRUNCATION_MARK` is appended
+    and the row's ``<name>_input_truncated`` is true; with ``overflow="error"``
+    the row gets an error instead. A context too small for any input at all
+    fails the job when a replica starts, not row by row.
+    The summary stops at ``max_output_tokens``.
 
     Confidence is the geometric-mean token probability, ``exp(mean log p)``:
     length-normalised, so a long summary is not judged less sure than a short
     one; for free text the minimum would be dominated by stylistic choices.
 
     Args:
-        max_input_tokens: budget for the input text, in the model's tokens.
+        max_input_tokens: budget for the input text, in the model's tokens
+            (the context may allow less: see above).
         max_output_tokens: budget for the summary, in tokens.
         overflow: ``"truncate"`` (mark and cut) or ``"error"``.
     """
@@ -41,6 +46,8 @@ class Summarize(Stage):
     headline_metric = "rouge_l"
     default_system = "You write short, faithful summaries."
     default_prompt = "Summarize the following text in a few sentences.\n\n{input}"
+    truncation_mark = TRUNCATION_MARK
+    output_budget_field = "max_output_tokens"
 
     _: KW_ONLY
     max_input_tokens: int = 1024
@@ -70,6 +77,9 @@ class Summarize(Stage):
     def reserved_output_tokens(self, runner: str = "generate") -> int:
         return self.max_output_tokens
 
+    def truncates_to_context(self) -> bool:
+        return self.overflow == "truncate"
+
     def fit_input(self, request: Request, replica: ReplicaProtocol) -> None:
         ids = replica.encode(request.text)
         flag = self.columns.extra("input_truncated")
@@ -78,7 +88,7 @@ class Summarize(Stage):
             return
         if self.overflow == "error":
             raise RowError(f"input is {len(ids)} tokens, over max_input_tokens={self.max_input_tokens}")
-        request.text = replica.decode(ids[: self.max_input_tokens]) + TRUNCATION_MARK
+        request.text = replica.decode(ids[: self.max_input_tokens]) + self.truncation_mark
         request.extras[flag] = True
 
     def infer(self, requests: list[Request], replica: ReplicaProtocol) -> list[Answer]:
