@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,12 @@ from .audit import QualityTally, rate_interval
 from .columns import FRONTIER, REUSED_CACHE, REUSED_RUN, ROW_ID, awaiting_batch
 
 BINS = 10  # confidence histogram bins over [0, 1]
+
+
+def error_kind(reason: str) -> str:
+    """``reason`` as a kind of error: its numbers as ``N`` (not those inside a name, such as a
+    model's), cut to 80 characters - "prompt is 1102 tokens" and "prompt is 990 tokens" are one kind."""
+    return re.sub(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", "N", reason)[:80]
 
 
 @dataclasses.dataclass
@@ -73,7 +80,7 @@ class StageStats:
         for row_id, reason in zip(table[ROW_ID].to_pylist(), errors.to_pylist()):
             if reason is None:
                 continue
-            key = reason[:80]
+            key = error_kind(reason)
             self.errors[key] = self.errors.get(key, 0) + 1
             self.error_examples.setdefault(key, row_id)
         conf = table[c.confidence].drop_null()
@@ -410,8 +417,15 @@ class RunSummary:
             if s.reused_run or s.reused_cache or s.frontier_reused_run or s.frontier_reused_cache:
                 lines.append(f"    {s.render_reuse()}")
             lines += render_quality(s)
-            for reason, count in sorted(s.errors.items(), key=lambda kv: -kv[1])[:3]:
+            kinds = sorted(s.errors.items(), key=lambda kv: -kv[1])
+            for reason, count in kinds[:3]:
                 lines.append(f"    error x{count}: {reason}")
+            if len(kinds) > 3:
+                rest = sum(count for _, count in kinds[3:])
+                lines.append(
+                    f"    ... and {len(kinds) - 3} more kind(s) of error on {rest:,} row(s): "
+                    f"each row says why in {s.name}_error"
+                )
         lines += self.render_cost()
         for reason in self.degraded:
             lines.append(f"  WARNING: run DEGRADED: {reason}")

@@ -160,6 +160,8 @@ def test_the_failure_budget_counts_files_set_aside_and_row_errors(bad_run):
     assert summary.failed_fraction == pytest.approx((31 + 3 * average) / (37 + 3 * average))
     assert summary.over_budget
     assert "OVER the failure budget of 1.00%: the run FAILED (exit 3)" in summary.render()
+    # five kinds of error: the three most frequent shown, the rest counted
+    assert "... and 2 more kind(s) of error on 2 row(s): each row says why in booking_error" in summary.render()
     report = (Path(summary.sink) / "_slmbatch" / "runs" / f"{summary.run_id}.html").read_text()
     assert "Run FAILED" in report
 
