@@ -137,8 +137,9 @@ class ParquetSource:
     """Parquet input, streamed shard (file) by shard.
 
     Args:
-        path: a file, a directory (all ``*.parquet`` below it), a glob, or an
-            ``s3://bucket/prefix`` (all ``*.parquet`` below it).
+        path: a file, a directory (every ``*.parquet``, ``*.parq`` or ``*.pq``
+            file below it, in any case; names starting with ``_`` or ``.`` are
+            skipped), a glob, or an ``s3://bucket/prefix`` (as a directory).
         columns: columns to read and carry to the output; None carries every
             column of the files. Stages may only read these (and earlier
             stages' outputs).

@@ -61,10 +61,14 @@ class Plan:
         return sum(s.num_rows for s in self.shards)
 
 
+#: File names a directory source reads (any case): the suffixes writers give Parquet files.
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+
+
 def list_parquet(path: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str, list[str]]:
     """``(fs, root, files)``: the Parquet files a source path names, sorted.
 
-    A directory (or S3 prefix) is searched recursively for ``*.parquet``,
+    A directory (or S3 prefix) is searched recursively for :data:`PARQUET_SUFFIXES`,
     skipping names that start with ``_`` or ``.`` (Spark/Hive convention for
     metadata and in-progress files).
     """
@@ -91,7 +95,7 @@ def _list_parquet(fs, path: str, stripped: str) -> tuple[Any, str, dict[str, int
         found = {f: i for f, i in fs.glob(stripped, detail=True).items() if i.get("type") == "file"}
     elif fs.isdir(stripped):
         root = stripped
-        found = {f: i for f, i in fs.find(stripped, detail=True).items() if f.endswith(".parquet")}
+        found = {f: i for f, i in fs.find(stripped, detail=True).items() if f.lower().endswith(PARQUET_SUFFIXES)}
     elif fs.isfile(stripped):
         root = posixpath.dirname(stripped)
         found = {stripped: {}}

@@ -201,3 +201,12 @@ def test_empty_files_never_vote_and_are_never_set_aside_for_types(tmp_path, colu
     write(d / "a.parquet", text=pa.array(TEXTS[:2]))
     plan, table = read_all(str(d), columns=columns)
     assert plan.skipped == [] and plan.schema == pa.schema([("text", pa.string())]) and table.num_rows == 2
+
+
+def test_a_directory_source_reads_every_parquet_suffix_in_any_case_and_skips_hidden_names(tmp_path):
+    d = tmp_path / "in"
+    for name in ("a.parquet", "B.PARQUET", "c.parq", "d.pq", "_SUCCESS.parquet", ".tmp.parquet", "notes.txt"):
+        write(d / name, text=pa.array(TEXTS[:2]))
+    plan, table = read_all(str(d))
+    assert sorted(s.key for s in plan.shards) == ["B.PARQUET", "a.parquet", "c.parq", "d.pq"]
+    assert table.num_rows == 8
