@@ -13,9 +13,9 @@ conflict, so none of it sets a file aside. :func:`unify_schemas` decides:
   Types of one *kind* widen to the smallest type that holds every file's
   values exactly: integers (``int32`` + ``int64`` -> ``int64``, ``uint32`` +
   ``int32`` -> ``int64``; ``uint64`` + a signed type has no such type and
-  conflicts), floats, dates (``date32``), timestamps (the finest unit; time
-  zones must agree on being set, and differing zones become UTC - the same
-  instants).
+  conflicts), floats, decimals (the larger integer part and the larger
+  scale), dates (``date32``), timestamps (the finest unit; time zones must
+  agree on being set, and differing zones become UTC - the same instants).
 * A binary column is text - read as ``string`` - where a stage reads it as
   its input or another file has it as text. Its bytes are not validated at
   read time: a row that is not UTF-8 gets that reason in its stage's error
@@ -66,6 +66,8 @@ def kind(t: pa.DataType, text: bool = False) -> str:
         return "integer"
     if pa.types.is_floating(t):
         return "float"
+    if pa.types.is_decimal(t):
+        return "decimal"
     if pa.types.is_date(t):
         return "date"
     if pa.types.is_timestamp(t):
@@ -94,6 +96,8 @@ def widen(a: pa.DataType, b: pa.DataType, text: bool = False) -> pa.DataType | N
         return _widen_integers(a, b)
     if k == "float":
         return max(a, b, key=lambda t: t.bit_width)
+    if k == "decimal":
+        return _widen_decimals(a, b)
     if k == "date":
         return pa.date32()
     if k.startswith("timestamp"):
@@ -110,6 +114,15 @@ def _widen_integers(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
         return max(a, b, key=lambda t: t.bit_width)
     width = max(signed[0].bit_width, 2 * unsigned[0].bit_width)
     return {8: pa.int8(), 16: pa.int16(), 32: pa.int32(), 64: pa.int64()}.get(width)
+
+
+def _widen_decimals(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The decimal holding both: the larger integer part and the larger scale (38 digits in 128 bits, 76 in 256)."""
+    scale = max(a.scale, b.scale)
+    precision = max(a.precision - a.scale, b.precision - b.scale) + scale
+    if precision <= 38 and not (pa.types.is_decimal256(a) or pa.types.is_decimal256(b)):
+        return pa.decimal128(precision, scale)
+    return pa.decimal256(precision, scale) if precision <= 76 else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -111,6 +111,8 @@ def test_types_that_cannot_hold_each_other_are_real_conflicts():
     assert widen(pa.timestamp("ms", "Europe/Paris"), pa.timestamp("s", "UTC")) == pa.timestamp("ms", "UTC")
     assert widen(pa.uint32(), pa.int8()) == pa.int64()
     assert widen(pa.date64(), pa.date32()) == pa.date32()
+    assert widen(pa.decimal128(10, 2), pa.decimal128(12, 3)) == pa.decimal128(12, 3)
+    assert widen(pa.decimal128(38, 0), pa.decimal128(10, 5)) == pa.decimal256(43, 5)
 
 
 def test_a_binary_text_column_is_text_and_only_rows_that_are_not_utf8_fail(tmp_path):
@@ -210,3 +212,14 @@ def test_a_directory_source_reads_every_parquet_suffix_in_any_case_and_skips_hid
     plan, table = read_all(str(d))
     assert sorted(s.key for s in plan.shards) == ["B.PARQUET", "a.parquet", "c.parq", "d.pq"]
     assert table.num_rows == 8
+
+
+def test_decimals_of_different_widths_are_one_column_and_keep_every_value(tmp_path):
+    from decimal import Decimal
+
+    d = tmp_path / "in"
+    write(d / "a.parquet", text=pa.array(TEXTS[:2]), price=pa.array([Decimal("12345678.91")] * 2, pa.decimal128(10, 2)))
+    write(d / "b.parquet", text=pa.array(TEXTS[:1]), price=pa.array([Decimal("123456789.123")], pa.decimal128(12, 3)))
+    plan, table = read_all(str(d))
+    assert plan.skipped == [] and plan.schema.field("price").type == pa.decimal128(12, 3)
+    assert sorted(table["price"].to_pylist()) == [Decimal("12345678.910")] * 2 + [Decimal("123456789.123")]
