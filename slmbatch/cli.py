@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import importlib.util
 import logging
 import runpy
 import sys
+import traceback
 from pathlib import Path
 
 from .errors import (
@@ -25,6 +27,7 @@ from .errors import (
     ConfigError,
     FailureBudgetError,
     SlmbatchError,
+    slmbatch_error,
 )
 from .job import Job
 
@@ -96,9 +99,33 @@ def _validate(args) -> int:
     return 0
 
 
-def _run(args) -> int:
+def _run_logs(sink: str) -> set[str]:
+    """The run logs in a local sink (``<sink>/_slmbatch/logs/<run id>/run.log``); none for a remote
+    sink, whose run uploads its log when it ends."""
+    from .console import local_log_path
+
+    pattern, upload_to = local_log_path(glob.escape(sink), "*")
+    return set() if upload_to else set(glob.glob(pattern))
+
+
+def _run_job(job: Job, args, **options):
+    """:func:`slmbatch.run` for a command. An error that stops the run has its traceback appended to
+    the run's log (``args.run_log`` then names it): the terminal gets one line from :func:`main`."""
     from .runner import run
 
+    logs = _run_logs(job.sink.path)
+    try:
+        return run(job, **options)
+    except Exception:
+        new = _run_logs(job.sink.path) - logs
+        if len(new) == 1:  # not with -v (no log), nor when a concurrent run started one too
+            args.run_log = new.pop()
+            with open(args.run_log, "a", encoding="utf-8") as f:
+                f.write(f"slmbatch: the run stopped:\n{traceback.format_exc()}")
+        raise
+
+
+def _run(args) -> int:
     job = load_job(args.job_file, args.job)
     if args.max_failed_fraction is not None:
         source = dataclasses.replace(job.source, max_failed_fraction=args.max_failed_fraction)
@@ -107,8 +134,9 @@ def _run(args) -> int:
     backfill = tuple(args.backfill.split(":", 1)) if args.backfill else None
     if backfill is not None and len(backfill) != 2:
         raise ConfigError("--backfill", f"must be FIRST:LAST dates, got {args.backfill!r}")
-    summary = run(
+    summary = _run_job(
         job,
+        args,
         address=args.address,
         progress=not args.no_progress,
         fresh=args.fresh,
@@ -182,10 +210,8 @@ def _labelled_output(job, labels, args, gold, stages=None):
     from .evaluate import read_output, with_gold
 
     if not args.no_run:
-        from .runner import run
-
-        summary = run(
-            job, address=args.address, progress=not args.no_progress, fresh=args.fresh, quiet=not args.verbose
+        summary = _run_job(
+            job, args, address=args.address, progress=not args.no_progress, fresh=args.fresh, quiet=not args.verbose
         )
         print(summary.render(), flush=True)
     return with_gold(job, read_output(job), labels, args.key, gold, stages)
@@ -402,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fresh",
         action="store_true",
-        help="forget the work recorded in the sink by earlier runs and process everything again "
+        help="delete the output files the sink recorded, forget that work and process everything again "
         "(needed after changing the stages, models or frontier of a job whose sink has output; a new "
         "threshold alone applies to input not yet done)",
     )
@@ -448,8 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
         "validate",
         help="check a job definition (and its input) without running it",
         description="Load the job file, print the job, check vLLM engine options (if vLLM is "
-        "installed) and read the input files' footers. Exit 2 on any problem, "
-        "with a message naming the field.",
+        "installed: their names and dtype against vLLM, max_model_len against a local model's "
+        "config.json; a replica can still refuse more when it starts: `slmbatch run` exits 2 then) "
+        "and read the input files' footers. Exit 2 on any problem, with a message naming the field.",
     )
     job_args(p)
     p.add_argument("--skip-input", action="store_true", help="do not look at the input files")
@@ -642,19 +669,34 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("slmbatch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
-    except FailureBudgetError as exc:
+    except Exception as exc:
+        error = slmbatch_error(exc)  # raised here, or in a replica or task and wrapped by Ray
+        if error is None:
+            raise
+        wrapped = error is not exc  # by Ray: dozens of lines of its own frames around one line of ours
+        if wrapped and args.verbose:
+            traceback.print_exception(exc)
+        code = _exit_status(error)
+        if wrapped and not args.verbose:
+            log = getattr(args, "run_log", None)
+            print(f"slmbatch: traceback in {log}" if log else "slmbatch: -v shows the traceback", file=sys.stderr)
+        return code
+
+
+def _exit_status(exc: SlmbatchError) -> int:
+    """Say what stopped the command, on one line, and return the exit status it means."""
+    if isinstance(exc, FailureBudgetError):
         print(exc.summary.render(), flush=True)
         print(f"slmbatch: run failed: {exc}", file=sys.stderr)
         return EXIT_OVER_BUDGET
-    except ConcurrentRunError as exc:
+    if isinstance(exc, ConcurrentRunError):
         print(f"slmbatch: {exc}", file=sys.stderr)
         return EXIT_BUSY
-    except ConfigError as exc:
+    if isinstance(exc, ConfigError):
         print(f"slmbatch: invalid job: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except SlmbatchError as exc:
-        print(f"slmbatch: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_CRASH
+    print(f"slmbatch: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return EXIT_CRASH
 
 
 if __name__ == "__main__":

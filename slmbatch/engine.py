@@ -27,7 +27,7 @@ from typing import Any
 
 from .adapters import lora_rank_for, resolve, served_name
 from .config import Model
-from .errors import ConfigError, EngineError
+from .errors import ConfigError, EngineError, EngineOptionsError
 
 log = logging.getLogger(__name__)
 
@@ -147,25 +147,18 @@ def engine_option_names() -> frozenset[str]:
     only where its source does not say it plainly (another layout, a base class).
     """
     import ast
-    import importlib.util
 
-    spec = importlib.util.find_spec("vllm")  # a top-level package: found, not imported
-    if spec is not None and spec.origin:
-        path = os.path.join(os.path.dirname(spec.origin), "engine", "arg_utils.py")
-        with contextlib.suppress(OSError, SyntaxError, ValueError):
-            with open(path, encoding="utf-8") as f:
-                tree = ast.parse(f.read())
-            for node in tree.body:
-                if isinstance(node, ast.ClassDef) and node.name == "EngineArgs" and not node.bases:
-                    names = {
-                        item.target.id
-                        for item in node.body
-                        if isinstance(item, ast.AnnAssign)
-                        and isinstance(item.target, ast.Name)
-                        and "ClassVar" not in ast.unparse(item.annotation)
-                    }
-                    if "model" in names:
-                        return frozenset(names)
+    for node in _vllm_source("engine", "arg_utils.py"):
+        if isinstance(node, ast.ClassDef) and node.name == "EngineArgs" and not node.bases:
+            names = {
+                item.target.id
+                for item in node.body
+                if isinstance(item, ast.AnnAssign)
+                and isinstance(item.target, ast.Name)
+                and "ClassVar" not in ast.unparse(item.annotation)
+            }
+            if "model" in names:
+                return frozenset(names)
     import dataclasses
 
     from vllm.engine.arg_utils import EngineArgs
@@ -173,14 +166,112 @@ def engine_option_names() -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(EngineArgs))
 
 
+def _vllm_source(*path: str) -> list[Any]:
+    """The top-level statements of a module of vLLM's (``path`` below its package), parsed from its
+    source without importing vLLM; [] where the file is not there or does not parse."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")  # a top-level package: found, not imported
+    if spec is None or not spec.origin:
+        return []
+    with contextlib.suppress(OSError, SyntaxError, ValueError):
+        with open(os.path.join(os.path.dirname(spec.origin), *path), encoding="utf-8") as f:
+            return ast.parse(f.read()).body
+    return []
+
+
+def engine_dtypes() -> frozenset[str] | None:
+    """The ``dtype`` strings ``vllm.LLM`` accepts (vLLM's ``ModelDType``, read from its source like
+    :func:`engine_option_names`); None where its source does not say it plainly."""
+    import ast
+
+    for node in _vllm_source("config", "model.py"):
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == "ModelDType" for t in targets):
+                with contextlib.suppress(ValueError):
+                    value = node.value
+                    if isinstance(value, ast.Subscript) and ast.unparse(value.value) == "Literal":
+                        dtypes = ast.literal_eval(value.slice)
+                        if isinstance(dtypes, tuple) and all(isinstance(d, str) for d in dtypes):
+                            return frozenset(dtypes)
+    return None
+
+
+#: config.json keys vLLM takes a model's context length from: the smallest one present, or
+#: ``model_max_length`` where set (``vllm/transformers_utils/model_arch_config_convertor.py``).
+CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+
+
+def model_context(model: Model) -> tuple[str, int] | None:
+    """``(config.json key, tokens)``: the longest ``max_model_len`` vLLM starts ``model`` with, read from
+    its local config.json (:meth:`Model.local_config`). None where that cannot be told without vLLM: a
+    model that is not a local directory, a RoPE scaling factor (vLLM scales the context by it), a
+    Sentence Transformers config (vLLM takes its ``max_seq_length`` instead), or a model
+    whose config names no context length (vLLM then accepts any)."""
+    import glob
+
+    try:
+        config = model.local_config()
+    except (OSError, ValueError):  # unreadable: the replica's start will say so
+        return None
+    if not isinstance(config, dict) or glob.glob(
+        os.path.join(os.path.expanduser(model.name), "sentence_*_config.json")
+    ):
+        return None
+    text = config.get("text_config")
+    text = text if isinstance(text, dict) else config
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = text.get(key)
+        if isinstance(rope, dict) and any(
+            isinstance(p, dict) and p.get("factor") is not None for p in (rope, *rope.values())
+        ):
+            return None
+    found = {
+        key: text[key] for key in CONTEXT_KEYS if isinstance(text.get(key), int) and not isinstance(text[key], bool)
+    }
+    if "model_max_length" in found:
+        return "model_max_length", found["model_max_length"]
+    return min(found.items(), key=lambda item: item[1]) if found else None
+
+
 def check_engine_options(model: Model, field: str) -> None:
-    """Reject ``Model.engine`` keys that ``vllm.EngineArgs`` does not know (:func:`engine_option_names`)."""
+    """Reject, without starting an engine, ``Model.engine`` options vLLM would refuse when a replica
+    starts: keys ``vllm.EngineArgs`` does not know (:func:`engine_option_names`), a ``dtype`` it does
+    not know (:func:`engine_dtypes`), a ``max_model_len`` over the model's context (:func:`model_context`,
+    unless ``VLLM_ALLOW_LONG_MAX_MODEL_LEN`` is set). ``field``: where ``model`` is in the job."""
     if not model.engine:
         return
     known = engine_option_names()
     for key in model.engine:
         if key not in known:
             raise ConfigError(f"{field}.engine.{key}", f"vllm.LLM has no option {key!r}")
+    dtype = model.engine.get("dtype")
+    dtypes = engine_dtypes() if isinstance(dtype, str) else None
+    if dtypes is not None and dtype not in dtypes:
+        raise ConfigError(f"{field}.engine.dtype", f"vLLM knows no dtype {dtype!r} (it takes {sorted(dtypes)})")
+    length = model.engine.get("max_model_len")
+    allowed = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").strip().lower() in ("1", "true")  # as vLLM reads it
+    if not isinstance(length, int) or isinstance(length, bool) or allowed:
+        return
+    context = model_context(model)
+    if context is not None and length > context[1]:
+        raise ConfigError(
+            f"{field}.engine.max_model_len",
+            f"{length} is more than model {model.name}'s context, {context[0]}={context[1]} in its config.json; "
+            "vLLM would refuse to start it",
+        )
 
 
 def sampling_params(
@@ -242,6 +333,32 @@ def heap_frozen_after() -> Iterator[None]:
         gc.freeze()
 
 
+def options_refused(exc: BaseException) -> bool:
+    """Whether vLLM refused to start because of the options it was given: its configs are pydantic
+    dataclasses, and a value they do not take (a dtype it does not know, a ``max_model_len`` over
+    the model's) fails their validation. Any other failure (memory, a missing model, a bug) is not."""
+    try:
+        from pydantic import ValidationError
+    except ImportError:  # pragma: no cover - a dependency of vLLM
+        return False
+    return isinstance(exc, ValidationError)
+
+
+def start_failure(exc: BaseException) -> str:
+    """Why an engine did not start, on one line: the reasons a pydantic validation gives (without its
+    boilerplate: the input repeated, a documentation link), else the exception's type and message."""
+    reason = f"{type(exc).__name__}: {exc}"
+    if options_refused(exc):
+        parts: dict[str, str] = {}
+        for error in exc.errors(include_url=False, include_input=False):  # type: ignore[attr-defined]
+            cause = (error.get("ctx") or {}).get("error")
+            where = ".".join(str(part) for part in error["loc"][:1])
+            text = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else error["msg"]
+            parts.setdefault(where, f"{where}: {text}" if where else text)
+        reason = f"{type(exc).__name__} ({exc.title}): {'; '.join(parts.values())}"  # type: ignore[attr-defined]
+    return " ".join(reason.split())
+
+
 class Replica:
     """One vLLM engine for one :class:`~slmbatch.Model`, living in the calling process.
 
@@ -275,7 +392,10 @@ class Replica:
         try:
             self.llm = LLM(**engine_kwargs(model, [r for _, r in self.adapters.values()]))
         except Exception as exc:
-            raise EngineError(f"could not start vLLM for model {model.name!r}: {type(exc).__name__}: {exc}") from exc
+            message = f"could not start vLLM for model {model.name!r}: {start_failure(exc)}"
+            if options_refused(exc):
+                raise EngineOptionsError("Model.engine", message) from exc
+            raise EngineError(message) from exc
         #: Intra-op threads the CPU engine runs on (None on GPU): Model.threads,
         #: or what Ray gave the actor (OMP_NUM_THREADS = floor(num_cpus), at least 1).
         self.threads: int | None = None if model.on_gpu else engine_threads()

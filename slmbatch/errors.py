@@ -9,7 +9,9 @@ The hierarchy::
     │   └── ConcurrentRunError   another run of the job is active on the same sink
     ├── InputError           the input cannot be read as the job says (no files,
     │                        a file without the job's columns); names the file
-    ├── EngineError          a model replica failed for a whole batch
+    ├── EngineError          a model replica failed for a whole batch, or could not start
+    │   └── EngineOptionsError   vLLM refused the model's options when a replica started
+    │                            (also a ConfigError: the job is what is wrong)
     ├── FrontierError        the frontier endpoint cannot be used at all (the shared
     │                        rate limiter is gone or was made with other limits, a
     │                        client used after close); one request's failure is
@@ -20,6 +22,10 @@ The hierarchy::
                              ParquetSource.max_failed_fraction allows
 
 ``slmbatch`` exits with one of :data:`EXIT_CODES` (the README lists them).
+An error raised in a Ray actor or task reaches the driver wrapped by Ray
+(``ActorDiedError``, ``RayTaskError``, a Ray Data exception);
+:func:`slmbatch_error` finds the slmbatch error inside, so it is reported as
+if it had been raised on the driver.
 
 Per-row failures never raise: they become a reason string in the stage's
 ``<stage>_error`` column (see :class:`RowError`) and the row is still written.
@@ -37,7 +43,13 @@ class ConfigError(SlmbatchError, ValueError):
 
     def __init__(self, field: str, message: str):
         self.field = field
+        self.message = message
         super().__init__(f"{field}: {message}")
+
+    def __reduce__(self):
+        # Pickled the default way (``cls(*args)``) it came back as a TypeError: an actor's
+        # ConfigError reached the driver as Ray's UnserializableException.
+        return type(self), (self.field, self.message)
 
 
 class JobChangedError(ConfigError):
@@ -53,7 +65,13 @@ class InputError(SlmbatchError):
 
 
 class EngineError(SlmbatchError):
-    """A model replica failed for a whole batch."""
+    """A model replica failed for a whole batch, or could not start."""
+
+
+class EngineOptionsError(ConfigError, EngineError):
+    """vLLM refused the options a replica started with (``Model.engine``, or the model's own
+    config.json: a ``max_model_len`` over the model's, an unknown ``dtype``). A job error, found
+    only when a replica starts: ``slmbatch validate`` checks what it can without an engine."""
 
 
 class FrontierError(SlmbatchError):
@@ -75,26 +93,55 @@ class FailureBudgetError(SlmbatchError):
 
     def __init__(self, summary, message: str):
         self.summary = summary
+        self.message = message
         super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (self.summary, self.message)
 
 
 #: What ``slmbatch`` exits with; schedulers (CronJob, systemd, ``ray job
 #: submit``) alert on anything but 0.
 EXIT_OK = 0  # finished; failed rows, if any, within the failure budget
 EXIT_CRASH = 1  # could not finish (engine, frontier, storage, any unexpected error); a rerun resumes
-EXIT_CONFIG = 2  # the job or the command line is invalid; nothing was processed
+EXIT_CONFIG = 2  # the job or the command line is invalid (or vLLM refused Model.engine); nothing was processed
 EXIT_OVER_BUDGET = 3  # finished, but more rows failed than ParquetSource.max_failed_fraction allows
 EXIT_BUSY = 4  # another run of the job holds the sink; nothing was done - try again later
 EXIT_DEGRADED = 5  # finished and wrote everything, but degraded (``--fail-on-degraded``): quality needs a look
 EXIT_CODES = {
     EXIT_OK: "finished; failed rows, if any, within the failure budget",
-    EXIT_CRASH: "could not finish (engine, frontier, storage or an unexpected error); a rerun resumes",
-    EXIT_CONFIG: "the job or the command line is invalid; nothing was processed",
+    EXIT_CRASH: "could not finish (a model replica failed, or could not start for a reason other than its "
+    "options; frontier, storage or an unexpected error); a rerun resumes",
+    EXIT_CONFIG: "the job or the command line is invalid (also: vLLM refused a model's engine options when its "
+    "replica started); nothing was processed",
     EXIT_OVER_BUDGET: "finished, but more rows failed than the failure budget allows; a rerun resumes",
     EXIT_BUSY: "another run of the job is active on the same sink; nothing was done",
     EXIT_DEGRADED: "with --fail-on-degraded: finished and wrote everything, but the run is degraded "
     "(escalation, estimated quality or confidences moved from calibration)",
 }
+
+
+def slmbatch_error(exc: BaseException) -> SlmbatchError | None:
+    """The slmbatch error ``exc`` is or wraps, outermost first; None when there is none.
+
+    Follows what Ray wraps a remote error in: a ``RayTaskError`` (and the class Ray derives
+    from both it and the error) keeps the error as ``cause``; an ``ActorDiedError`` from a
+    failed ``__init__`` holds that ``RayTaskError`` as its argument; Ray Data re-raises either
+    ``from`` its own exception. Explicit causes (``raise ... from``) are followed, the context
+    of an error raised while another was handled is not: that one is a different failure.
+    """
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        error = todo.pop(0)
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        inner = getattr(error, "cause", None)
+        if isinstance(error, SlmbatchError) and not isinstance(inner, SlmbatchError):
+            return error
+        todo += [e for e in (inner, *error.args, error.__cause__) if isinstance(e, BaseException)]
+    return None
 
 
 class RowError(Exception):

@@ -118,6 +118,64 @@ def test_validate_rejects_unknown_engine_options(tmp_path, data_dir, tiny_classi
     assert "Job.stages[0].model.engine.max_num_seq" in out.stderr
 
 
+@pytest.mark.parametrize(
+    "option, field",
+    [
+        ('"max_model_len": 100000', "Job.stages[0].model.engine.max_model_len: 100000 is more than model "),
+        ('"dtype": "float17"', "Job.stages[0].model.engine.dtype: vLLM knows no dtype 'float17'"),
+    ],
+)
+def test_validate_refuses_engine_options_vllm_would_refuse_naming_the_field(
+    tmp_path, data_dir, tiny_classifier, option, field
+):
+    """What the model's own config.json (max_position_embeddings 4096) and vLLM's source tell, without an engine."""
+    path = render(tmp_path, data_dir, tiny_classifier)
+    replaced = '"max_model_len": 256' if "max_model_len" in option else '"dtype": "float32"'
+    path.write_text(path.read_text().replace(replaced, option))
+    out = slmbatch_cmd("validate", "--skip-input", str(path))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"invalid job: {field}" in out.stderr
+    if "max_model_len" in option:
+        assert "max_position_embeddings=4096 in its config.json" in out.stderr
+
+
+@pytest.mark.parametrize("cause", ["options", "weights"])
+def test_a_replica_that_cannot_start_stops_the_run_with_one_line_and_the_traceback_in_the_log(
+    tmp_path, data_dir, tiny_classifier, ray_local, cause
+):
+    """The replica's EngineError reaches the driver inside Ray's ActorDiedError (its __init__ failed in
+    Ray Data's actor pool): the terminal gets slmbatch's one line, exit 2 when vLLM refused the job's
+    engine options, 1 for any other reason; Ray's traceback goes to the run's log."""
+    import shutil
+
+    model = tiny_classifier
+    if cause == "weights":  # a model whose weights file was cut short
+        model = str(tmp_path / "model")
+        shutil.copytree(tiny_classifier, model)
+        weights = Path(model) / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    path = render(tmp_path, data_dir, model)
+    if cause == "options":  # over the model's max_position_embeddings (4096): `slmbatch validate` says so
+        path.write_text(path.read_text().replace('"max_model_len": 256', '"max_model_len": 100000'))
+    address = ray_local.get_runtime_context().gcs_address
+    out = slmbatch_cmd("run", "--address", address, "--no-progress", str(path))
+    seen = out.stdout + out.stderr
+    assert "Traceback" not in seen, seen[-3000:]
+    said = [line for line in out.stderr.splitlines() if line.startswith("slmbatch: ")]
+    assert len(said) == 2, out.stderr[-3000:]
+    if cause == "options":
+        assert out.returncode == 2, seen[-3000:]
+        assert said[0].startswith(f"slmbatch: invalid job: Model.engine: could not start vLLM for model {model!r}: ")
+        assert "max_model_len (100000) is greater than" in said[0]
+    else:
+        assert out.returncode == 1, seen[-3000:]
+        assert said[0].startswith(f"slmbatch: EngineError: could not start vLLM for model {model!r}: ")
+    log = said[1].removeprefix("slmbatch: traceback in ")
+    assert log.endswith("/run.log") and str(tmp_path / "out" / "_slmbatch" / "logs") in log
+    logged = Path(log).read_text()
+    assert "Traceback" in logged and "ActorDiedError" in logged and said[0].split(": ", 2)[2] in logged
+
+
 def test_run_writes_every_row_and_prints_the_summary(tmp_path, data_dir, tiny_classifier, ray_local):
     address = ray_local.get_runtime_context().gcs_address
     out = slmbatch_cmd("run", "--address", address, str(render(tmp_path, data_dir, tiny_classifier)))
