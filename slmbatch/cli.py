@@ -63,9 +63,19 @@ EXIT_STATUS = "exit status:\n" + "\n".join(f"  {code}  {meaning}" for code, mean
 def load_job(path: str, name: str = "job") -> Job:
     """Execute a job file and return its ``Job`` (ConfigError if it defines none)."""
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError("JOB", f"{path!r} is a directory; give the job's Python file, e.g. jobs/x.py")
     if not file.is_file():
         raise ConfigError("JOB", f"job file {path!r} does not exist")
-    namespace = runpy.run_path(str(file), run_name="__slmbatch_job__")
+    try:
+        namespace = runpy.run_path(str(file), run_name="__slmbatch_job__")
+    except SlmbatchError:
+        raise  # a job definition's own error names its field
+    except Exception as exc:  # the file itself: a syntax error, a missing import, a bad expression
+        lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == file]
+        line = exc.lineno if isinstance(exc, SyntaxError) else lines[-1] if lines else None
+        where = f", line {line}" if line else ""
+        raise ConfigError("JOB", f"{path}{where} fails to load: {type(exc).__name__}: {exc}") from exc
     job = namespace.get(name)
     if not isinstance(job, Job):
         found = sorted(k for k, v in namespace.items() if isinstance(v, Job))
@@ -76,6 +86,7 @@ def load_job(path: str, name: str = "job") -> Job:
 
 def _validate(args) -> int:
     from .plan import plan, required_source_columns
+    from .report import RunSummary
 
     job = load_job(args.job_file, args.job)
     print(job.describe())
@@ -85,16 +96,33 @@ def _validate(args) -> int:
         for i, stage in enumerate(job.stages):
             check_engine_options(stage.model, f"Job.stages[{i}].model")
     if not args.skip_input:
-        readers = required_source_columns(job)
-        the_plan = plan(job)
-        print(f"input: {len(the_plan.shards)} files, {the_plan.num_rows:,} rows; needs columns {sorted(readers)}")
+        the_plan = plan(job)  # what a run reads: the same files set aside, for the same reasons
+        files = len(the_plan.shards) + len(the_plan.skipped)
+        print(
+            f"input: {files} files, {the_plan.num_rows + the_plan.skipped_rows:,} rows"
+            + (f" and {the_plan.uncounted} unreadable file(s)" if the_plan.uncounted else "")
+            + f"; needs columns {sorted(required_source_columns(job))}"
+        )
         for path, reason in the_plan.skipped:
-            for column, field in readers.items():
-                if f"missing column {column!r}" in reason:
-                    raise ConfigError(field, f"reads column {column!r}, which input file {path} lacks: {reason}")
-            print(f"  will skip {path}: {reason}")
-        if not the_plan.shards:
-            print("warning: no input file is usable: a run would fail its failure budget (exit 3)")
+            print(f"  will set aside {path}: {reason}")
+        if the_plan.skipped:
+            estimate = RunSummary(
+                job=job.name,
+                run_id="",
+                sink=job.sink.path,
+                started="",
+                files_in=files,
+                rows_in=the_plan.num_rows + the_plan.skipped_rows,
+                rows_in_failed_files=the_plan.skipped_rows,
+                files_uncounted=the_plan.uncounted,
+                max_failed_fraction=job.source.max_failed_fraction,
+            )
+            if estimate.over_budget:
+                print(
+                    f"warning: the files set aside hold {estimate.failed_fraction:.2%} of the input's rows, over the "
+                    f"failure budget of {estimate.max_failed_fraction:.2%}: a run would fail (exit 3) after writing "
+                    "the rest; fix or remove them, or raise ParquetSource.max_failed_fraction"
+                )
     print("ok: job is valid")
     return 0
 
@@ -175,8 +203,12 @@ def _collect(args) -> int:
 
 
 def _status(args) -> int:
+    from .ledger import META, Ledger
     from .status import status_text
 
+    if Ledger.open(args.output_dir).recorded_job() is None:
+        print(f"slmbatch: {args.output_dir}: no slmbatch output here (no {META}/job.json)", file=sys.stderr)
+        return EXIT_CONFIG
     print(status_text(args.output_dir))
     return 0
 

@@ -88,6 +88,39 @@ def test_validate_rejects_a_stage_column_the_input_files_lack(tmp_path, data_dir
     assert "Job.stages[0] ('spam')" in out.stderr and "'body'" in out.stderr
 
 
+def test_validate_says_which_files_a_run_would_set_aside_and_that_the_run_would_fail(tmp_path, tiny_classifier):
+    # Like a run: a file without a column a stage reads is set aside (not a job error), here half the rows.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "in"
+    write_shards(data, banking_texts(40), shards=1)
+    pq.write_table(pa.table({"body": banking_texts(40)}), data / "zz-other.parquet")
+    out = slmbatch_cmd("validate", "--skip-engine", str(render(tmp_path, data, tiny_classifier, columns=None)))
+    assert out.returncode == 0, out.stderr
+    assert "input: 2 files, 80 rows" in out.stdout
+    assert f"will set aside {data / 'zz-other.parquet'}: missing column 'text'" in out.stdout
+    assert "hold 50.00% of the input's rows, over the failure budget of 1.00%: a run would fail (exit 3)" in out.stdout
+
+
+def test_a_job_file_that_cannot_load_is_one_line_naming_the_file_and_line(tmp_path):
+    broken = job_file(tmp_path, "from slmbatch import Job\n\njob = Job(name=\n")
+    out = slmbatch_cmd("validate", str(broken))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"invalid job: JOB: {broken}, line 3 fails to load: SyntaxError" in out.stderr
+    raising = job_file(tmp_path, "import os\n\nlabels = load_labels()\n")
+    out = slmbatch_cmd("run", str(raising))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"{raising}, line 3 fails to load: NameError: name 'load_labels' is not defined" in out.stderr
+    out = slmbatch_cmd("validate", str(tmp_path))
+    assert out.returncode == 2 and "is a directory; give the job's Python file" in out.stderr
+
+
+def test_status_of_a_directory_without_slmbatch_output_exits_2(tmp_path):
+    out = slmbatch_cmd("status", str(tmp_path / "nothing"))
+    assert out.returncode == 2 and "no slmbatch output here" in out.stderr
+
+
 @pytest.mark.vllm
 def test_engine_options_read_from_vllms_source_are_exactly_the_fields_of_its_engine_args():
     """`slmbatch validate` checks `Model.engine` keys against vLLM's source, not an import of vLLM (~8 s)."""
