@@ -285,7 +285,7 @@ def test_bad_rows_get_a_reason_and_the_batch_goes_on(lm_model, lm_replica):
     assert out["gist"].to_pylist()[5:8] == [None] * 3
     assert errors[8] is None  # visible text with a zero-width space in it is text
     numbers = apply_stage(stage, pa.table({"text": [1, 2]}), lm_replica)["gist_error"].to_pylist()
-    assert numbers == ["input column 'text' is int, not text"] * 2
+    assert numbers == ["input column 'text' is an integer, not text"] * 2
 
 
 def test_when_skips_rows_with_all_null_outputs(lm_model, lm_replica):

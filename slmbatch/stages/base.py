@@ -23,6 +23,8 @@ Rows the stage does not apply to (``when``) get nulls in every column.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import decimal
 import math
 import string
 import unicodedata
@@ -409,7 +411,7 @@ class Stage:
             except UnicodeDecodeError:
                 raise RowError(f"input column {self.input!r} is not valid UTF-8") from None
         if not isinstance(value, str):
-            raise RowError(f"input column {self.input!r} is {type(value).__name__}, not text")
+            raise RowError(f"input column {self.input!r} is {_kind_of(value)}, not text")
         if value.strip() == "":
             raise RowError(f"input column {self.input!r} is empty")
         if not any(_visible(ch) for ch in value):
@@ -549,3 +551,22 @@ __all__ = [
     "mean_logprob_confidence",
     "sampled_logprobs",
 ]
+
+
+def _kind_of(value: Any) -> str:
+    """What a non-text cell holds, in the words of its Parquet/Arrow type: ``a struct``, ``an integer``."""
+    for kinds, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (decimal.Decimal, "a decimal"),
+        (dt.datetime, "a timestamp"),
+        (dt.date, "a date"),
+        (dt.time, "a time of day"),
+        (dt.timedelta, "a duration"),
+        (dict, "a struct (or map)"),
+        ((list, tuple), "a list"),
+    ):
+        if isinstance(value, kinds):
+            return name
+    return f"a {type(value).__name__}"
