@@ -217,6 +217,12 @@ def build_dataset(
     )
 
 
+def reserved_cpus(job: Job) -> float:
+    """CPUs the job's actors and a read task reserve at once: replicas x ``Model.num_cpus``, frontier actors."""
+    frontier = job.frontier.actors * FRONTIER_ACTOR_CPUS if job.frontier is not None and job.escalates else 0.0
+    return sum(m.replicas * m.num_cpus for m, _ in job.model_groups()) + frontier + READ_TASK_CPUS
+
+
 def resource_warnings(job: Job, resources: dict[str, float]) -> list[str]:
     """What the job asks of the cluster that it does not have (``resources``: ``ray.cluster_resources()``).
 
@@ -225,8 +231,7 @@ def resource_warnings(job: Job, resources: dict[str, float]) -> list[str]:
     beyond the cores make replicas slow each other down.
     """
     pools = job.model_groups()
-    frontier = job.frontier.actors * FRONTIER_ACTOR_CPUS if job.frontier is not None and job.escalates else 0.0
-    cpus = sum(m.replicas * m.num_cpus for m, _ in pools) + frontier + READ_TASK_CPUS
+    cpus = reserved_cpus(job)
     gpus = sum(m.replicas * m.num_gpus for m, _ in pools)
     threads = sum(m.replicas * (m.threads or max(1, math.floor(m.num_cpus))) for m, _ in pools if not m.on_gpu)
     have_cpus, have_gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
@@ -537,6 +542,17 @@ def _process(
             _configure_ray_data()
             import ray
 
+            # No cluster address: the Ray in this process, of a fixed size (no autoscaler grows it).
+            local = not (address or os.environ.get("RAY_ADDRESS"))
+            have = ray.cluster_resources().get("CPU", 0.0)
+            if local and reserved_cpus(job) > have:  # replicas that do not fit would wait for ever
+                raise ConfigError(
+                    "Model.num_cpus",
+                    f"the job reserves {reserved_cpus(job):g} CPUs (replicas x Model.num_cpus, frontier actors, a "
+                    f"read task) and the local Ray on this machine has {have:g}: the replicas that do not fit "
+                    "would wait for ever. Lower Model.num_cpus (a replica may take a fraction, e.g. 0.75) or "
+                    "Model.replicas, or run on a cluster (--address)",
+                )
             for warning in resource_warnings(job, ray.cluster_resources()):
                 log.warning("%s", warning)
             limiter = None

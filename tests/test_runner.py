@@ -203,3 +203,25 @@ def test_a_cluster_address_where_nothing_listens_fails_at_once_naming_it():
     with pytest.raises(ConfigError, match=rf"--address: nothing answers at 127\.0\.0\.1:{port}"):
         _check_reachable(f"127.0.0.1:{port}")
     _check_reachable("auto")  # Ray resolves these itself
+
+
+def test_a_job_the_local_ray_cannot_hold_is_refused_instead_of_waiting_for_ever(
+    tmp_path, ray_local, tiny_lm, tiny_classifier
+):
+    # Two models at the default 1 CPU each, and a read task, on the 2-CPU local Ray: the second pool's
+    # replica, or the read task, would never be scheduled.
+    from slmbatch.errors import ConfigError
+
+    write_shards(tmp_path / "in", banking_texts(10), shards=1)
+    job = Job(
+        name="too-big",
+        source=ParquetSource(str(tmp_path / "in")),
+        stages=[
+            Classify("spam", model=Model(tiny_classifier), input="text", labels=["ham", "spam"]),
+            Summarize("gist", model=Model(tiny_lm), input="text"),
+        ],
+        sink=ParquetSink(str(tmp_path / "out")),
+    )
+    with pytest.raises(ConfigError, match=r"Model\.num_cpus: the job reserves 2\.25 CPUs .* local Ray .* has 2"):
+        slmbatch.run(job, progress=False)
+    assert not list((tmp_path / "out").glob("*.parquet"))
