@@ -71,6 +71,11 @@ def test_unknown_prompt_placeholder_is_rejected():
         make_job(Summarize("s", model=M, input="text", prompt="{customer} said {input}"))
     with pytest.raises(ConfigError, match=r"Summarize\.prompt"):
         Summarize("s", model=M, input="text", prompt="positional {} placeholder")
+    # a format would meet a null, or text where it wants a number, in some row: the run would crash there
+    with pytest.raises(ConfigError, match=r"Summarize\.prompt: placeholder \{n:03d\} has a format.*write \{n\}"):
+        Summarize("s", model=M, input="text", prompt="n={n:03d}: {input}")
+    with pytest.raises(ConfigError, match=r"placeholder \{input!r\} has a format"):
+        Classify("c", model=M, input="text", labels=["a", "b"], prompt="{input!r}")
 
 
 def test_output_column_may_not_overwrite_an_input_column():

@@ -273,13 +273,20 @@ class Stage:
         except ValueError as exc:
             raise_config(field, f"is not a valid template ({exc}); write literal braces as {{{{ and }}}}")
         names = set()
-        for _, name, _, _ in parsed:
+        for _, name, spec, conversion in parsed:
             if name is None:
                 continue
             require(
                 name != "" and name.isidentifier(),
                 field,
                 f"placeholder {{{name}}} must be a column name (or {{input}}), not positional or an expression",
+            )
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            require(
+                not spec and not conversion,
+                field,
+                f"placeholder {{{shown}}} has a format: a placeholder takes its column's value as it is, "
+                f"so write {{{name}}}",
             )
             names.add(name)
         return names
