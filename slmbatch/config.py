@@ -158,7 +158,7 @@ class ParquetSource:
             written with a stage error and no answer from that stage; a row
             the frontier answered after the small model failed has one)
             before the run counts as failed: it still writes everything it
-            can (a rerun resumes), then ``slmbatch run`` exits 3 and
+            can, then ``slmbatch run`` exits 3 and
             :func:`slmbatch.run` raises :class:`~slmbatch.errors.FailureBudgetError`.
             The default, 0.01, is far above the share of unusable rows in
             real inputs (none of the 23,388 input texts of the public

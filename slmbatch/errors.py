@@ -87,8 +87,9 @@ class RowAccountingError(SlmbatchError):
 
 class FailureBudgetError(SlmbatchError):
     """The run finished - everything that could be written is written and
-    recorded, so a rerun resumes - but the share of rows that failed (in files
-    set aside, or with a stage error) is over ``ParquetSource.max_failed_fraction``.
+    recorded - but the share of rows that failed (in files set aside, or with a
+    stage error) is over ``ParquetSource.max_failed_fraction``. A rerun reads the
+    files set aside again (once fixed); rows written with a stage error are final.
     ``summary`` is the run's :class:`~slmbatch.report.RunSummary`."""
 
     def __init__(self, summary, message: str):
@@ -114,7 +115,8 @@ EXIT_CODES = {
     "options; frontier, storage or an unexpected error); a rerun resumes",
     EXIT_CONFIG: "the job or the command line is invalid (also: vLLM refused a model's engine options when its "
     "replica started); nothing was processed",
-    EXIT_OVER_BUDGET: "finished, but more rows failed than the failure budget allows; a rerun resumes",
+    EXIT_OVER_BUDGET: "finished, but more rows failed than the failure budget allows; a rerun reads the files "
+    "set aside again (once fixed), rows written with a stage error are final",
     EXIT_BUSY: "another run of the job is active on the same sink; nothing was done",
     EXIT_DEGRADED: "with --fail-on-degraded: finished and wrote everything, but the run is degraded "
     "(escalation, estimated quality or confidences moved from calibration)",

@@ -214,7 +214,7 @@ def _budget_banner(data: dict[str, Any]) -> list[str]:
     budget = f"{data['failed_fraction']:.2%} of this run's rows failed (budget {data['max_failed_fraction']:.2%})"
     if data.get("over_budget"):
         return [
-            f'<p class="bad"><b>Run FAILED: {budget}.</b> Everything that could be written is; a rerun resumes.</p>'
+            f'<p class="bad"><b>Run FAILED: {budget}.</b> Everything that could be written is; a rerun reads the files set aside again (once fixed), rows written with a stage error are final.</p>'
         ]
     return [f"<p>{budget}: within the failure budget.</p>"]
 

@@ -343,7 +343,8 @@ class RunSummary:
             where += f" + ~{self.rows_guessed:,.0f} in {self.files_uncounted} unreadable file(s), an average file each"
         verdict = (
             f"OVER the failure budget of {self.max_failed_fraction:.2%}: the run FAILED (exit 3); "
-            "what could be written is, and a rerun resumes"
+            "everything else is written; a rerun reads the files set aside again (once fixed), "
+            "rows written with a stage error are final"
             if self.over_budget
             else f"within the failure budget of {self.max_failed_fraction:.2%}"
         )
