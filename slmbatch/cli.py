@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import importlib.util
 import logging
 import runpy
@@ -127,33 +126,9 @@ def _validate(args) -> int:
     return 0
 
 
-def _run_logs(sink: str) -> set[str]:
-    """The run logs in a local sink (``<sink>/_slmbatch/logs/<run id>/run.log``); none for a remote
-    sink, whose run uploads its log when it ends."""
-    from .console import local_log_path
-
-    pattern, upload_to = local_log_path(glob.escape(sink), "*")
-    return set() if upload_to else set(glob.glob(pattern))
-
-
-def _run_job(job: Job, args, **options):
-    """:func:`slmbatch.run` for a command. An error that stops the run has its traceback appended to
-    the run's log (``args.run_log`` then names it): the terminal gets one line from :func:`main`."""
+def _run(args) -> int:
     from .runner import run
 
-    logs = _run_logs(job.sink.path)
-    try:
-        return run(job, **options)
-    except Exception:
-        new = _run_logs(job.sink.path) - logs
-        if len(new) == 1:  # not with -v (no log), nor when a concurrent run started one too
-            args.run_log = new.pop()
-            with open(args.run_log, "a", encoding="utf-8") as f:
-                f.write(f"slmbatch: the run stopped:\n{traceback.format_exc()}")
-        raise
-
-
-def _run(args) -> int:
     job = load_job(args.job_file, args.job)
     if args.max_failed_fraction is not None:
         source = dataclasses.replace(job.source, max_failed_fraction=args.max_failed_fraction)
@@ -162,9 +137,8 @@ def _run(args) -> int:
     backfill = tuple(args.backfill.split(":", 1)) if args.backfill else None
     if backfill is not None and len(backfill) != 2:
         raise ConfigError("--backfill", f"must be FIRST:LAST dates, got {args.backfill!r}")
-    summary = _run_job(
+    summary = run(
         job,
-        args,
         address=args.address,
         progress=not args.no_progress,
         fresh=args.fresh,
@@ -206,8 +180,12 @@ def _status(args) -> int:
     from .ledger import META, Ledger
     from .status import status_text
 
-    if Ledger.open(args.output_dir).recorded_job() is None:
-        print(f"slmbatch: {args.output_dir}: no slmbatch output here (no {META}/job.json)", file=sys.stderr)
+    ledger = Ledger.open(args.output_dir)
+    if ledger.recorded_job() is None:
+        if ledger.stopped():  # runs stopped before recording the job (say, the source was missing)
+            print(status_text(args.output_dir), file=sys.stderr)
+        else:
+            print(f"slmbatch: {args.output_dir}: no slmbatch output here (no {META}/job.json)", file=sys.stderr)
         return EXIT_CONFIG
     print(status_text(args.output_dir))
     return 0
@@ -240,10 +218,11 @@ def _labelled(args):
 
 def _labelled_output(job, labels, args, gold, stages=None):
     from .evaluate import read_output, with_gold
+    from .runner import run
 
     if not args.no_run:
-        summary = _run_job(
-            job, args, address=args.address, progress=not args.no_progress, fresh=args.fresh, quiet=not args.verbose
+        summary = run(
+            job, address=args.address, progress=not args.no_progress, fresh=args.fresh, quiet=not args.verbose
         )
         print(summary.render(), flush=True)
     return with_gold(job, read_output(job), labels, args.key, gold, stages)
@@ -710,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exception(exc)
         code = _exit_status(error)
         if wrapped and not args.verbose:
-            log = getattr(args, "run_log", None)
+            log = getattr(exc, "run_log", None)  # slmbatch.run appended the traceback there
             print(f"slmbatch: traceback in {log}" if log else "slmbatch: -v shows the traceback", file=sys.stderr)
         return code
 

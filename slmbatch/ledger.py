@@ -6,6 +6,7 @@ Layout under the sink (local directory or S3 prefix)::
     <sink>/_slmbatch/job.json             what the outputs were produced with (fingerprint)
     <sink>/_slmbatch/done/<shard key>.json  one marker per completed shard
     <sink>/_slmbatch/runs/<run id>.json   run summaries
+    <sink>/_slmbatch/stopped/<run id>.json  what stopped a run that an error ended (no summary)
 
 Resume after a crash and nightly incremental runs ask the same question -
 *which input shards already have a whole output?* - so both use this ledger.
@@ -213,6 +214,15 @@ class Ledger:
     def runs(self) -> dict[str, dict]:
         """Run id -> its summary, for every run that finished."""
         return self._read_all("runs")
+
+    def stopped(self) -> dict[str, dict]:
+        """Run id -> what stopped it, for every run that an error ended before its summary
+        (:meth:`record_stop`). A run killed outright leaves nothing: its date stays incomplete."""
+        return self._read_all("stopped")
+
+    def record_stop(self, run_id: str, record: dict) -> None:
+        """Record what stopped run ``run_id`` (the error, its run date, its log), for ``slmbatch status``."""
+        write_text(self._url("stopped", run_id + ".json"), json.dumps(record, indent=2), self.options)
 
     def _read_all(self, prefix: str) -> dict[str, dict]:
         fs, root = filesystem(self._url(prefix), self.options)

@@ -37,6 +37,7 @@ import math
 import os
 import sys
 import time
+import traceback
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -46,7 +47,7 @@ import pyarrow as pa
 from . import console
 from .audit import drift_reasons
 from .console import local_log_path
-from .errors import ConfigError, FailureBudgetError, FrontierError, RowAccountingError
+from .errors import ConfigError, FailureBudgetError, FrontierError, RowAccountingError, slmbatch_error
 from .hooks import checkpoint, load_observers
 from .html_report import write_run_report
 from .io import Plan, Shard, write_text
@@ -387,19 +388,18 @@ def run(
     try:
         with console.quiet(path, enabled=quiet) as captured:
             summary.log_file = upload_to or captured
-            _run(job, summary, fresh, day, window, address, progress, started, wait_s)
+            try:
+                _run(job, summary, fresh, day, window, address, progress, started, wait_s)
+                _check_accounting(summary)
+            except Exception as exc:
+                _record_stop(job, summary, exc, captured, time.monotonic() - started)
+                raise
     finally:
         if quiet and upload_to and os.path.exists(path):
             with open(path) as f:
                 write_text(upload_to, f.read(), job.sink.storage_options)
             os.unlink(path)
     summary.wall_s = round(time.monotonic() - started, 3)
-    if summary.rows_out + summary.rows_done_before + summary.rows_in_failed_files != summary.rows_in:
-        raise RowAccountingError(
-            f"rows in {summary.rows_in} != rows written {summary.rows_out} "
-            f"+ rows done by earlier runs {summary.rows_done_before} "
-            f"+ rows in files set aside {summary.rows_in_failed_files}"
-        )
     for stats in summary.stages:
         stats.finish()
         summary.degraded += drift_reasons(stats)
@@ -410,6 +410,43 @@ def run(
     if summary.over_budget:
         raise FailureBudgetError(summary, summary.render_budget().strip())
     return summary
+
+
+def _check_accounting(summary: RunSummary) -> None:
+    """Every row in is written, was done by an earlier run, or is in a file set aside."""
+    if summary.rows_out + summary.rows_done_before + summary.rows_in_failed_files != summary.rows_in:
+        raise RowAccountingError(
+            f"rows in {summary.rows_in} != rows written {summary.rows_out} "
+            f"+ rows done by earlier runs {summary.rows_done_before} "
+            f"+ rows in files set aside {summary.rows_in_failed_files}"
+        )
+
+
+def _record_stop(job: Job, summary: RunSummary, exc: BaseException, log_path: str | None, wall_s: float) -> None:
+    """A run that ``exc`` stopped: its traceback goes to the run's log (``log_path``, the local file
+    that is uploaded next to an ``s3://`` sink's output), and what stopped it to the ledger
+    (:meth:`~slmbatch.ledger.Ledger.record_stop`) for ``slmbatch status``. The log is named on the
+    error as ``run_log`` (the CLI prints it under its one line). Best effort: the sink itself may be
+    what failed."""
+    error = slmbatch_error(exc) or exc
+    if log_path is not None:
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write("slmbatch: the run stopped:\n" + "".join(traceback.format_exception(exc)))
+        with contextlib.suppress(AttributeError, TypeError):
+            exc.run_log = summary.log_file  # type: ignore[attr-defined]
+    record = {
+        "run_id": summary.run_id,
+        "run_date": summary.run_date,
+        "started": summary.started,
+        "wall_s": round(wall_s, 3),
+        "error": f"{type(error).__name__}: {error}"[:2000],
+        "rows_written": summary.rows_out,
+        "log_file": summary.log_file,
+    }
+    try:
+        Ledger.open(job.sink.path, job.sink.storage_options).record_stop(summary.run_id, record)
+    except Exception as failed:  # noqa: BLE001 - the run's own error is the one to report
+        log.debug("could not record what stopped run %s: %s", summary.run_id, failed)
 
 
 def _finish_answers(job: Job, answers: Any, summary: RunSummary) -> None:

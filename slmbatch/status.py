@@ -15,8 +15,12 @@ def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
     """What ran when, which run dates are complete, what input is pending."""
     ledger = Ledger.open(sink, options)
     job = ledger.recorded_job()
+    stopped = ledger.stopped()
     if job is None:
-        return f"{sink}: no slmbatch output here (no {META}/job.json)"
+        lines = [f"{sink}: no slmbatch output here (no {META}/job.json)"]
+        if stopped:
+            lines += ["  runs:", *(line for run_id in sorted(stopped) for line in _stop_lines(stopped[run_id]))]
+        return "\n".join(lines)
     done = ledger.completed()
     runs = ledger.runs()
     active = ledger.active_run()
@@ -33,25 +37,19 @@ def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
     lines.append("  run dates:")
     for day in sorted(by_date):
         records = by_date[day]
+        stops = [r for r in stopped.values() if r.get("run_date") == day]
         state = (
             "complete"
             if day in finished and not (active and active.get("run_date") == day)
+            else f"incomplete (run {stops[-1]['run_id']} stopped: rerun this date to resume)"
+            if stops
             else "incomplete (a run crashed: rerun this date to resume)"
         )
         lines.append(f"    {day}: {len(records)} files, {sum(r['rows'] for r in records):,} rows - {state}")
     lines.append("  runs:")
-    for run_id, r in sorted(runs.items()):
-        aside = f", {len(r['skipped_files'])} files set aside" if r.get("skipped_files") else ""
-        if r.get("over_budget"):
-            aside += f", FAILED its failure budget ({r['failed_fraction']:.2%} of rows failed)"
-        if r.get("degraded"):
-            aside += ", DEGRADED"
-        lines.append(
-            f"    {run_id} (run date {r.get('run_date')}): {r['rows_out']:,} rows written, "
-            f"{r['rows_done_before']:,} done before, {r['wall_s']:.1f} s{aside}"
-        )
-        for reason in r.get("degraded") or []:
-            lines.append(f"      degraded: {reason}")
+    listed = {run_id: _run_lines(run_id, r) for run_id, r in runs.items()}
+    listed.update((run_id, _stop_lines(r)) for run_id, r in stopped.items() if run_id not in runs)
+    lines += [line for run_id in sorted(listed) for line in listed[run_id]]
     lines += _batch_lines(sink, options)
     source = job.get("source")
     if source:
@@ -65,6 +63,29 @@ def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
         except Exception as exc:  # noqa: BLE001 - status must still print the rest
             lines.append(f"  pending: unknown ({type(exc).__name__}: {exc})")
     return "\n".join(lines)
+
+
+def _run_lines(run_id: str, r: dict) -> list[str]:
+    """A finished run: what it wrote, set aside, and whether it failed its budget or degraded."""
+    aside = f", {len(r['skipped_files'])} files set aside" if r.get("skipped_files") else ""
+    if r.get("over_budget"):
+        aside += f", FAILED its failure budget ({r['failed_fraction']:.2%} of rows failed)"
+    if r.get("degraded"):
+        aside += ", DEGRADED"
+    lines = [
+        f"    {run_id} (run date {r.get('run_date')}): {r['rows_out']:,} rows written, "
+        f"{r['rows_done_before']:,} done before, {r['wall_s']:.1f} s{aside}"
+    ]
+    return lines + [f"      degraded: {reason}" for reason in r.get("degraded") or []]
+
+
+def _stop_lines(r: dict) -> list[str]:
+    """A run that an error stopped (:meth:`~slmbatch.ledger.Ledger.record_stop`): the error and its log."""
+    lines = [
+        f"    {r.get('run_id')} (run date {r.get('run_date')}): STOPPED after {r.get('wall_s', 0):.1f} s, "
+        f"{r.get('rows_written', 0):,} rows written: {r.get('error')}"
+    ]
+    return lines + ([f"      log: {r['log_file']}"] if r.get("log_file") else [])
 
 
 def _batch_lines(sink: str, options: Mapping[str, Any] | None) -> list[str]:

@@ -207,6 +207,10 @@ def test_a_replica_that_cannot_start_stops_the_run_with_one_line_and_the_traceba
     assert log.endswith("/run.log") and str(tmp_path / "out" / "_slmbatch" / "logs") in log
     logged = Path(log).read_text()
     assert "Traceback" in logged and "ActorDiedError" in logged and said[0].split(": ", 2)[2] in logged
+    status = slmbatch_cmd("status", str(tmp_path / "out"))  # says what stopped the run, and where its log is
+    assert status.returncode == 0, status.stderr[-3000:]
+    assert "STOPPED after" in status.stdout and said[0].split(": ", 2)[2] in status.stdout, status.stdout
+    assert f"log: {log}" in status.stdout
 
 
 def test_run_writes_every_row_and_prints_the_summary(tmp_path, data_dir, tiny_classifier, ray_local):

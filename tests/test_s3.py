@@ -307,6 +307,29 @@ def test_a_wrong_secret_fails_the_job_before_any_work_with_the_servers_refusal(s
     assert not s3(s3_server).exists(bare(f"{s3_prefix}/out"))
 
 
+def test_a_stopped_run_uploads_its_traceback_and_status_says_what_stopped_it(s3_server, s3_prefix, tiny_classifier):
+    """An ``s3://`` sink's log is uploaded when the run ends: the traceback of the error that stopped it
+    is in it, and ``slmbatch status`` names the error (here the nightly export has not arrived)."""
+    from slmbatch.ledger import Ledger
+    from slmbatch.status import status_text
+
+    sink = f"{s3_prefix}/out"
+    job = s3_job(s3_server, f"{s3_prefix}/in", sink, tiny_classifier)
+    with pytest.raises(InputError, match="does not exist") as err:
+        slmbatch.run(job, progress=False, quiet=True)
+    log = err.value.run_log
+    assert log.startswith(f"{sink}/_slmbatch/logs/") and log.endswith("/run.log")
+    with s3(s3_server).open(bare(log), "r") as f:
+        logged = f.read()
+    assert "slmbatch: the run stopped:" in logged and "Traceback" in logged and "InputError" in logged
+    (stop,) = Ledger.open(sink, s3_server.storage_options).stopped().values()
+    assert stop["error"].startswith("InputError: ") and "does not exist" in stop["error"]
+    assert stop["log_file"] == log and stop["rows_written"] == 0
+    said = status_text(sink, s3_server.storage_options)
+    assert f"{stop['run_id']} (run date {stop['run_date']}): STOPPED after" in said
+    assert stop["error"] in said and f"log: {log}" in said
+
+
 def test_the_answer_cache_lives_next_to_an_s3_sink_and_round_trips(s3_server, s3_prefix):
     """``Job(cache=AnswerCache())`` on an ``s3://`` sink: written whole (one PUT), read back by the next run."""
     from slmbatch import AnswerCache
