@@ -236,7 +236,14 @@ def render_html(data: dict[str, Any], history: dict[str, dict[str, Any]] | None 
         *_degraded_banner(data),
         "<h2>Rows</h2>",
         _table(
-            ["rows in", "rows written", "done by earlier runs", "in files set aside", "with a stage error", "rows/s"],
+            [
+                "rows in",
+                "rows written",
+                "outside the backfill dates" if data.get("backfill") else "done by earlier runs",
+                "in files set aside",
+                "with a stage error",
+                "rows/s",
+            ],
             [
                 [
                     data["rows_in"],

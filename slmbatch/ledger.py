@@ -168,8 +168,10 @@ class Todo:
 
     shards: list[Shard]
     out_keys: dict[int, tuple[str, str]]  # shard index -> (output key under the sink, run date)
-    rows_done_before: int = 0
+    rows_done_before: int = 0  # not taken: done by earlier runs (in a backfill: outside its dates)
     files_done_before: int = 0
+    rows_never_run: int = 0  # ... of which, in a backfill, in shards no run has processed yet
+    files_never_run: int = 0
 
 
 def partitioned(job: Job, key: str, day: dt.date) -> str:
@@ -351,6 +353,9 @@ class Ledger:
                 if recorded is None or not window[0] <= recorded <= window[1]:
                     todo.rows_done_before += shard.num_rows
                     todo.files_done_before += 1
+                    if record is None:  # new input: a run without a backfill processes it
+                        todo.rows_never_run += shard.num_rows
+                        todo.files_never_run += 1
                     continue
                 todo.out_keys[shard.index] = (partitioned(job, shard.key, recorded), recorded.isoformat())
                 todo.shards.append(shard)

@@ -275,6 +275,8 @@ class RunSummary:
     files_uncounted: int = 0  # files set aside whose footer could not be read: rows unknown
     max_failed_fraction: float = 1.0  # the failure budget (ParquetSource.max_failed_fraction)
     files_done_before: int = 0
+    rows_never_run: int = 0  # backfill: of rows_done_before, those in files no run has processed yet
+    files_never_run: int = 0
     ledger_s: float = 0.0  # time spent recording completed shards
     run_date: str = ""
     backfill: list[str] | None = None
@@ -376,7 +378,17 @@ class RunSummary:
             f"({len(self.files_out)} files) at {self.rows_per_s:,.1f} rows/s"
             + (f", first rows after {self.first_row_s:.1f} s" if self.first_row_s is not None else ""),
         ]
-        if self.files_done_before:
+        if self.files_done_before and self.backfill:
+            lines.append(
+                f"  outside the backfill dates: {self.rows_done_before:,} rows ({self.files_done_before} files), "
+                "skipped"
+            )
+            if self.files_never_run:
+                lines.append(
+                    f"    {self.rows_never_run:,} of them ({self.files_never_run} files) no run has processed yet: "
+                    "a run without --backfill processes them"
+                )
+        elif self.files_done_before:
             lines.append(
                 f"  already done by earlier runs: {self.rows_done_before:,} rows ({self.files_done_before} files), "
                 "skipped"

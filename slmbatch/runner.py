@@ -361,6 +361,12 @@ def run(
     started = time.monotonic()
     now = dt.datetime.now(dt.timezone.utc)
     day = run_date if isinstance(run_date, dt.date) else parse_date(run_date) if run_date else now.date()
+    if day > now.date() + dt.timedelta(days=1):  # a day ahead is a scheduler east of UTC
+        log.warning(
+            "run date %s is after today (%s, UTC): its outputs and ledger records carry that date",
+            day,
+            now.date(),
+        )
     window: tuple[dt.date, dt.date] | None = None
     if backfill is not None:
         first, last = (d if isinstance(d, dt.date) else parse_date(d, "--backfill") for d in backfill)
@@ -513,12 +519,20 @@ def _run(
         remove_staging(job.sink.path, job.sink.storage_options)  # crashed runs' parts: no run is using them
         todo = ledger.todo(the_plan, day, window)
         summary.rows_done_before, summary.files_done_before = todo.rows_done_before, todo.files_done_before
+        summary.rows_never_run, summary.files_never_run = todo.rows_never_run, todo.files_never_run
         if summary.files_done_before:
             log.info(
-                "not processed in this run (done earlier%s): %d files, %d rows",
-                " or outside the backfill dates" if window else "",
+                "not processed in this run (%s): %d files, %d rows",
+                "outside the backfill dates" if window else "done earlier",
                 summary.files_done_before,
                 summary.rows_done_before,
+            )
+        if summary.files_never_run:
+            log.warning(
+                "%d input files (%d rows) no run has processed yet are left alone by the backfill: "
+                "a run without --backfill processes them",
+                summary.files_never_run,
+                summary.rows_never_run,
             )
         _process(job, the_plan, todo, summary, ledger, address, progress, started)
         if job.frontier is not None and job.frontier.batched:

@@ -72,9 +72,11 @@ def _run_lines(run_id: str, r: dict) -> list[str]:
         aside += f", FAILED its failure budget ({r['failed_fraction']:.2%} of rows failed)"
     if r.get("degraded"):
         aside += ", DEGRADED"
+    backfill = r.get("backfill")
     lines = [
-        f"    {run_id} (run date {r.get('run_date')}): {r['rows_out']:,} rows written, "
-        f"{r['rows_done_before']:,} done before, {r['wall_s']:.1f} s{aside}"
+        f"    {run_id} (run date {r.get('run_date')}{', backfill ' + ' to '.join(backfill) if backfill else ''}): "
+        f"{r['rows_out']:,} rows written, {r['rows_done_before']:,} {'outside its dates' if backfill else 'done before'}, "
+        f"{r['wall_s']:.1f} s{aside}"
     ]
     return lines + [f"      degraded: {reason}" for reason in r.get("degraded") or []]
 

@@ -290,6 +290,7 @@ def test_todo_in_a_backfill_takes_exactly_the_shards_of_those_dates_back_into_th
     assert [s.key for s in todo.shards] == ["b.parquet", "c.parquet"]
     assert todo.out_keys[1] == ("run_date=2026-11-05/b.parquet", "2026-11-05")
     assert todo.files_done_before == 2  # a (outside the dates) and new (never processed) are left alone
+    assert (todo.files_never_run, todo.rows_never_run) == (1, 4)  # new: a run without a backfill takes it
 
 
 def test_a_ledger_opened_from_the_sink_path_reads_what_runs_left_and_refuses_to_run(tmp_path):

@@ -68,8 +68,18 @@ def test_a_late_file_is_processed_exactly_once_by_the_next_date(nights):
 def test_backfill_reprocesses_a_date_into_its_own_partition(nights):
     base, job, *_ = nights
     before = read_all(base / "out")
+    write_shards(base / "new", banking_texts(5), shards=1)  # new input, that no run has processed yet
+    shutil.move(base / "new" / "part-00.parquet", base / "in" / "part-09-new.parquet")
     summary = slmbatch.run(job, run_date="2026-11-29", backfill=("2026-11-27", "2026-11-27"), progress=False)
-    assert (summary.rows_out, summary.rows_done_before) == (40, 20)
+    (base / "in" / "part-09-new.parquet").unlink()
+    assert (summary.rows_out, summary.rows_done_before) == (40, 25)
+    assert (summary.files_never_run, summary.rows_never_run) == (1, 5)
+    said = summary.render()
+    assert "outside the backfill dates: 25 rows (2 files), skipped" in said
+    assert "5 of them (1 files) no run has processed yet: a run without --backfill processes them" in said
+    assert ", backfill 2026-11-27 to 2026-11-27): 40 rows written, 25 outside its dates" in status_text(
+        str(base / "out")
+    )
     after = read_all(base / "out")
     assert after.height == 60 and after["_row_id"].n_unique() == 60
     assert not (base / "out" / "run_date=2026-11-29").exists()

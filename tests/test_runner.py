@@ -159,6 +159,23 @@ def test_a_source_without_usable_files_fails_its_budget_without_starting_a_repli
         slmbatch.run(two_stage_job(tmp_path / "missing", tmp_path / "out", tiny_lm, tiny_classifier))
 
 
+def test_a_run_date_after_tomorrow_is_warned_about(tmp_path, tiny_lm, tiny_classifier, caplog):
+    """A run date past today (UTC) is most likely a typo: the run says so (a day ahead is a scheduler east of UTC)."""
+    import datetime as dt
+
+    job = two_stage_job(tmp_path / "missing", tmp_path / "out", tiny_lm, tiny_classifier)
+    today = dt.datetime.now(dt.timezone.utc).date()
+    for ahead, warned in ((1, False), (400, True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="slmbatch"), pytest.raises(InputError, match="does not exist"):
+            slmbatch.run(job, run_date=(today + dt.timedelta(days=ahead)).isoformat(), progress=False)
+        said = [r.getMessage() for r in caplog.records if "is after today" in r.getMessage()]
+        assert bool(said) == warned, said
+    assert said == [
+        f"run date {today + dt.timedelta(days=400)} is after today ({today}, UTC): its outputs and ledger records carry that date"
+    ]
+
+
 def exported(ray_local, wanted: str, *tags: str, timeout_s: float = 60) -> list[str]:
     """Lines of Ray's Prometheus export starting with ``wanted`` and holding every tag (waits for them)."""
     import time
