@@ -11,7 +11,9 @@ import dataclasses
 import importlib.util
 import logging
 import runpy
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -22,11 +24,14 @@ from .errors import (
     EXIT_CRASH,
     EXIT_DEGRADED,
     EXIT_OVER_BUDGET,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
     ConcurrentRunError,
     ConfigError,
     FailureBudgetError,
     SlmbatchError,
     slmbatch_error,
+    stopped_by_signal,
 )
 from .job import Job
 
@@ -678,8 +683,23 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("slmbatch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C (a run records its stop, releases its lock, uploads its log) rather than
+        # ending the process where it stands: what ray.init's own handler does, before Ray is up too.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
     try:
         return args.func(args)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        signum = stopped_by_signal(exc)
+        if signum is None:
+            raise
+        name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else "SIGTERM"
+        said = f"slmbatch: stopped by {name}"
+        if hasattr(exc, "run_log"):  # a run: slmbatch.run recorded the stop (and its traceback, in the log)
+            said += "; whole files written so far are kept, a rerun resumes"
+            said += f" (log: {exc.run_log})" if exc.run_log else ""
+        print(said, file=sys.stderr)
+        return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
     except Exception as exc:
         error = slmbatch_error(exc)  # raised here, or in a replica or task and wrapped by Ray
         if error is None:

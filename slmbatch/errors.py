@@ -33,6 +33,8 @@ Per-row failures never raise: they become a reason string in the stage's
 
 from __future__ import annotations
 
+import signal
+
 
 class SlmbatchError(Exception):
     """Base class of every slmbatch error."""
@@ -109,6 +111,8 @@ EXIT_CONFIG = 2  # the job or the command line is invalid (or vLLM refused Model
 EXIT_OVER_BUDGET = 3  # finished, but more rows failed than ParquetSource.max_failed_fraction allows
 EXIT_BUSY = 4  # another run of the job holds the sink; nothing was done - try again later
 EXIT_DEGRADED = 5  # finished and wrote everything, but degraded (``--fail-on-degraded``): quality needs a look
+EXIT_SIGINT = 130  # stopped by Ctrl-C (SIGINT), the shells' 128 + signal number; a rerun resumes
+EXIT_SIGTERM = 143  # stopped by SIGTERM (a scheduler's timeout, ``ray job stop``); a rerun resumes
 EXIT_CODES = {
     EXIT_OK: "finished; failed rows, if any, within the failure budget",
     EXIT_CRASH: "could not finish (a model replica failed, or could not start for a reason other than its "
@@ -120,7 +124,21 @@ EXIT_CODES = {
     EXIT_BUSY: "another run of the job is active on the same sink; nothing was done",
     EXIT_DEGRADED: "with --fail-on-degraded: finished and wrote everything, but the run is degraded "
     "(escalation, estimated quality or confidences moved from calibration)",
+    EXIT_SIGINT: "stopped by Ctrl-C (SIGINT); whole files written so far are kept, a rerun resumes",
+    EXIT_SIGTERM: "stopped by SIGTERM (a scheduler's timeout, `ray job stop`); whole files written so far are "
+    "kept, a rerun resumes",
 }
+
+
+def stopped_by_signal(exc: BaseException) -> int | None:
+    """The signal that ``exc`` means stopped the process: SIGINT for Ctrl-C (``KeyboardInterrupt``),
+    SIGTERM for the ``SystemExit(15)`` that Ray's driver handler (installed by ``ray.init``) raises
+    on it; None for anything else."""
+    if isinstance(exc, KeyboardInterrupt):
+        return signal.SIGINT
+    if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
+        return signal.SIGTERM
+    return None
 
 
 def slmbatch_error(exc: BaseException) -> SlmbatchError | None:

@@ -35,6 +35,7 @@ import datetime as dt
 import logging
 import math
 import os
+import signal
 import sys
 import time
 import traceback
@@ -47,7 +48,14 @@ import pyarrow as pa
 from . import console
 from .audit import drift_reasons
 from .console import local_log_path
-from .errors import ConfigError, FailureBudgetError, FrontierError, RowAccountingError, slmbatch_error
+from .errors import (
+    ConfigError,
+    FailureBudgetError,
+    FrontierError,
+    RowAccountingError,
+    slmbatch_error,
+    stopped_by_signal,
+)
 from .hooks import checkpoint, load_observers
 from .html_report import write_run_report
 from .io import Plan, Shard, write_text
@@ -397,7 +405,7 @@ def run(
             try:
                 _run(job, summary, fresh, day, window, address, progress, started, wait_s)
                 _check_accounting(summary)
-            except Exception as exc:
+            except BaseException as exc:  # Ctrl-C and SIGTERM (Ray's handler: SystemExit) stop a run too
                 _record_stop(job, summary, exc, captured, time.monotonic() - started)
                 raise
     finally:
@@ -435,17 +443,19 @@ def _record_stop(job: Job, summary: RunSummary, exc: BaseException, log_path: st
     error as ``run_log`` (the CLI prints it under its one line). Best effort: the sink itself may be
     what failed."""
     error = slmbatch_error(exc) or exc
+    signum = stopped_by_signal(exc)
+    said = f"{type(error).__name__}: {error}" if signum is None else f"stopped by {signal.Signals(signum).name}"
     if log_path is not None:
         with open(log_path, "a", encoding="utf-8") as f:
             f.write("slmbatch: the run stopped:\n" + "".join(traceback.format_exception(exc)))
-        with contextlib.suppress(AttributeError, TypeError):
-            exc.run_log = summary.log_file  # type: ignore[attr-defined]
+    with contextlib.suppress(AttributeError, TypeError):
+        exc.run_log = summary.log_file if log_path is not None else None  # type: ignore[attr-defined]
     record = {
         "run_id": summary.run_id,
         "run_date": summary.run_date,
         "started": summary.started,
         "wall_s": round(wall_s, 3),
-        "error": f"{type(error).__name__}: {error}"[:2000],
+        "error": said[:2000],
         "rows_written": summary.rows_out,
         "log_file": summary.log_file,
     }

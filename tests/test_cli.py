@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -211,6 +212,42 @@ def test_a_replica_that_cannot_start_stops_the_run_with_one_line_and_the_traceba
     assert status.returncode == 0, status.stderr[-3000:]
     assert "STOPPED after" in status.stdout and said[0].split(": ", 2)[2] in status.stdout, status.stdout
     assert f"log: {log}" in status.stdout
+
+
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_run_stopped_by_ctrl_c_or_sigterm_says_so_in_one_line_and_a_rerun_resumes(
+    tmp_path, tiny_classifier, signame, code
+):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM, here after the first of two files is recorded: one line (no
+    traceback), the shells' exit status, the lock released, ``status`` says STOPPED; a rerun does the rest.
+    (Empty input files: they are written without Ray, so the signal arrives at an exact point.)"""
+    write_shards(tmp_path / "in", [], shards=2)
+    job = render(tmp_path, tmp_path / "in", tiny_classifier)
+    env = {**os.environ, "SLMBATCH_OBSERVERS": "tests.support.crash:install"}
+    env |= {"SLMBATCH_CRASH_AT": "marked:1", "SLMBATCH_CRASH_SIGNAL": signame}
+    out = slmbatch_cmd("run", "--no-progress", str(job), env=env)
+    assert out.returncode == code, out.stderr[-3000:]
+    assert "Traceback" not in out.stdout + out.stderr, out.stderr[-3000:]
+    said = [line for line in out.stderr.splitlines() if line.startswith("slmbatch: ")]
+    name = "Ctrl-C (SIGINT)" if signame == "SIGINT" else "SIGTERM"
+    assert said == [
+        f"slmbatch: stopped by {name}; whole files written so far are kept, a rerun resumes (log: {said[0].split('(log: ')[1]}"
+    ], out.stderr[-3000:]
+    log = Path(said[0].split("(log: ")[1].removesuffix(")"))
+    assert (
+        "slmbatch: the run stopped:" in log.read_text()
+        and ("KeyboardInterrupt" if code == 130 else "SystemExit") in log.read_text()
+    )
+    sink = tmp_path / "out"
+    assert not (sink / "_slmbatch" / "active.json").exists()  # the lock went with the run
+    status = slmbatch_cmd("status", str(sink))
+    assert status.returncode == 0, status.stderr[-3000:]
+    assert "STOPPED after" in status.stdout and f": stopped by {signame}" in status.stdout, status.stdout
+    assert "incomplete (run " in status.stdout and "stopped: rerun this date to resume)" in status.stdout
+    again = slmbatch_cmd("run", "--no-progress", str(job))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already done by earlier runs: 0 rows (1 files)" in again.stdout, again.stdout
+    assert sorted(p.name for p in sink.glob("*.parquet")) == ["part-00.parquet", "part-01.parquet"]
 
 
 def test_run_writes_every_row_and_prints_the_summary(tmp_path, data_dir, tiny_classifier, ray_local):

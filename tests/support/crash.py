@@ -5,7 +5,8 @@ A test starts ``slmbatch run`` with::
     SLMBATCH_OBSERVERS=tests.support.crash:install  SLMBATCH_CRASH_AT=<point>:<n>
 
 and the driver kills itself, with a real signal, the n-th time it passes
-``point`` (``batch``, ``writing``, ``written``, ``marked``).
+``point`` (``batch``, ``writing``, ``written``, ``marked``). ``SLMBATCH_CRASH_SIGNAL`` (default
+``SIGKILL``) names another signal: ``SIGINT`` is a Ctrl-C, ``SIGTERM`` a scheduler's timeout.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def install() -> None:
     if not point:
         return
     seen = 0
+    signum = signal.Signals[os.environ.get("SLMBATCH_CRASH_SIGNAL", "SIGKILL")]
 
     def crash(name: str) -> None:
         nonlocal seen
@@ -28,6 +30,6 @@ def install() -> None:
             return
         seen += 1
         if seen == int(nth or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signum)
 
     add_observer(crash)
