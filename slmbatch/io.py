@@ -44,6 +44,7 @@ class Shard:
     key: str  # path relative to the source root: names the output file and the row ids
     num_rows: int
     row_groups: tuple[int, ...]  # rows per row group
+    size: int | None = None  # bytes, as the listing gave them: the ledger tells a file rewritten in place by it
 
 
 @dataclasses.dataclass
@@ -98,7 +99,7 @@ def _list_parquet(fs, path: str, stripped: str) -> tuple[Any, str, dict[str, int
         found = {f: i for f, i in fs.find(stripped, detail=True).items() if f.lower().endswith(PARQUET_SUFFIXES)}
     elif fs.isfile(stripped):
         root = posixpath.dirname(stripped)
-        found = {stripped: {}}
+        found = {stripped: fs.info(stripped)}
     else:
         raise InputError(f"source path {path!r} does not exist")
     files = sorted(f for f in found if not _hidden(posixpath.relpath(f, root)))
@@ -238,13 +239,13 @@ def plan_shards(
     shards: list[Shard] = []
     skipped: list[tuple[str, str]] = []
     skipped_rows = uncounted = 0
-    for f, (num_rows, groups, schema, _) in zip(files, footers):
+    for f, size, (num_rows, groups, schema, _) in zip(files, sizes, footers):
         if f in errors:
             skipped.append((protocol + f, errors[f]))
             skipped_rows += num_rows
             uncounted += schema < 0
             continue
-        shards.append(Shard(len(shards), protocol + f, posixpath.relpath(f, root), num_rows, groups))
+        shards.append(Shard(len(shards), protocol + f, posixpath.relpath(f, root), num_rows, groups, size))
     return Plan(shards, skipped, unified.schema, skipped_rows, uncounted)
 
 

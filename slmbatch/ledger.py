@@ -174,6 +174,18 @@ class Todo:
     files_never_run: int = 0
 
 
+def _change(record: dict | None, shard: Shard) -> str | None:
+    """How input ``shard`` differs from what its marker ``record`` says was processed (rows, or bytes: a file
+    rewritten in place with as many rows), or None when it does not (or was never processed)."""
+    if record is None:
+        return None
+    if record["rows"] != shard.num_rows:
+        return f"{record['rows']} -> {shard.num_rows} rows"
+    if record.get("bytes") is not None and shard.size is not None and record["bytes"] != shard.size:
+        return f"{record['bytes']:,} -> {shard.size:,} bytes, as many rows"
+    return None
+
+
 def partitioned(job: Job, key: str, day: dt.date) -> str:
     """Output key of a shard: under ``run_date=<day>/`` when the sink partitions by run date."""
     return f"run_date={day.isoformat()}/{key}" if job.sink.partition_by_run_date else key
@@ -338,8 +350,9 @@ class Ledger:
     def todo(self, plan: Plan, day: dt.date, window: tuple[dt.date, dt.date] | None = None) -> Todo:
         """The shards of ``plan`` this run processes, and where each one's output goes.
 
-        Without ``window``: every shard with no marker, or whose row count
-        changed since it was processed (logged), into run date ``day``. With a
+        Without ``window``: every shard with no marker, into run date ``day``, and every shard whose
+        row count or size in bytes changed since it was processed (logged), back into the run date
+        that first processed it (its output there is replaced, not left beside a new one). With a
         backfill ``window`` (first, last): exactly the shards that runs of those
         dates processed, back into their original partitions.
         """
@@ -360,18 +373,21 @@ class Ledger:
                 todo.out_keys[shard.index] = (partitioned(job, shard.key, recorded), recorded.isoformat())
                 todo.shards.append(shard)
                 continue
-            if record is not None and record["rows"] == shard.num_rows:
+            change = _change(record, shard)
+            if record is not None and change is None:
                 todo.rows_done_before += shard.num_rows
                 todo.files_done_before += 1
                 continue
-            if record is not None:
+            into = day
+            if record is not None:  # back where its first output went: a new partition would hold its rows twice
+                into = dt.date.fromisoformat(record["run_date"]) if record.get("run_date") else day
                 log.warning(
-                    "input %s changed since it was processed (%d -> %d rows): processing it again",
+                    "input %s changed since it was processed (%s): processing it again, into run date %s",
                     shard.path,
-                    record["rows"],
-                    shard.num_rows,
+                    change,
+                    into,
                 )
-            todo.out_keys[shard.index] = (partitioned(job, shard.key, day), day.isoformat())
+            todo.out_keys[shard.index] = (partitioned(job, shard.key, into), into.isoformat())
             todo.shards.append(shard)
         return todo
 

@@ -8,6 +8,7 @@ equality with the input), whatever point the crash hit.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -279,6 +280,28 @@ def test_todo_skips_recorded_shards_and_redoes_a_shard_whose_row_count_changed(t
     assert [s.key for s in todo.shards] == ["b.parquet", "c.parquet"]
     assert (todo.files_done_before, todo.rows_done_before) == (1, 10)
     assert todo.out_keys[2] == ("run_date=2026-11-28/c.parquet", "2026-11-28")
+    assert todo.out_keys[1] == ("run_date=2026-11-27/b.parquet", "2026-11-27")  # replaces its first output
+
+
+def test_todo_redoes_a_file_rewritten_in_place_with_as_many_rows_by_its_size(tmp_path, caplog):
+    ledger = _ledger(tmp_path, partition_by_run_date=True)
+    common = dict(source="/in/a.parquet", rows=10, output="x", run_id="r1", run_date="2026-11-27")
+    ledger.mark_done("a.parquet", bytes=1200, **common)
+    ledger.mark_done("b.parquet", **common)  # by a slmbatch that did not record sizes: rows alone decide
+    shards = [
+        Shard(0, "/in/a.parquet", "a.parquet", 10, (10,), 1200),
+        Shard(1, "/in/b.parquet", "b.parquet", 10, (10,), 9),
+    ]
+    plan = Plan(shards=shards, skipped=[], schema=None)
+    assert ledger.todo(plan, dt.date(2026, 11, 28)).shards == []
+    rewritten = dataclasses.replace(shards[0], size=1234)
+    with caplog.at_level("WARNING", logger="slmbatch"):
+        todo = ledger.todo(Plan(shards=[rewritten, shards[1]], skipped=[], schema=None), dt.date(2026, 11, 28))
+    assert todo.shards == [rewritten] and todo.out_keys[0] == ("run_date=2026-11-27/a.parquet", "2026-11-27")
+    assert (
+        "input /in/a.parquet changed since it was processed (1,200 -> 1,234 bytes, as many rows): processing it "
+        "again, into run date 2026-11-27" in caplog.text
+    )
 
 
 def test_todo_in_a_backfill_takes_exactly_the_shards_of_those_dates_back_into_their_partitions(tmp_path):
@@ -366,3 +389,37 @@ def test_fresh_discards_the_output_files_the_ledger_recorded_and_nothing_else(tm
     Ledger(_job_on(str(tmp_path / "in"), out, labels=("a", "b", "c"))).check_job(fresh=True)
     assert not any(p.exists() for p in recorded) and elsewhere.exists() and (out / "notes.txt").exists()
     assert Ledger.open(str(out)).completed() == {}
+
+
+def test_an_input_file_rewritten_in_place_is_processed_again_into_its_first_partition(tmp_path, tiny_classifier):
+    """Its size changed, not its row count: the next night processes it again and its output replaces the first
+    (empty input files are written without Ray, so this runs the whole run path quickly)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in" / "a.parquet"
+    src.parent.mkdir()
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), src)
+    clf = Model(tiny_classifier, num_cpus=0.5, engine={"max_model_len": 256, "dtype": "float32"})
+    job = Job(
+        name="inplace",
+        source=ParquetSource(str(src.parent)),
+        stages=[Classify("spam", model=clf, input="text", labels=["ham", "spam"])],
+        sink=ParquetSink(str(tmp_path / "out"), partition_by_run_date=True),
+    )
+    slmbatch.run(job, run_date="2026-11-27", progress=False)
+    (marker,) = Ledger.open(str(tmp_path / "out")).completed().values()
+    assert marker["bytes"] == src.stat().st_size
+    assert slmbatch.run(job, run_date="2026-11-28", progress=False).files_done_before == 1  # unchanged: skipped
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), src, compression="none")
+    src_bytes = src.stat().st_size
+    assert src_bytes != marker["bytes"]
+    again = slmbatch.run(job, run_date="2026-11-29", progress=False)
+    assert again.files_done_before == 0 and [Path(f).parent.name for f in again.files_out] == ["run_date=2026-11-27"]
+    assert sorted(
+        p.relative_to(tmp_path / "out").as_posix()
+        for p in (tmp_path / "out").rglob("*.parquet")
+        if "_slmbatch" not in p.parts
+    ) == ["run_date=2026-11-27/a.parquet"]
+    (marker,) = Ledger.open(str(tmp_path / "out")).completed().values()
+    assert marker["bytes"] == src_bytes and marker["run_date"] == "2026-11-27"
