@@ -110,6 +110,12 @@ class Job:
             stage.check_columns(available, f"Job.stages[{i}]")
             from_source |= stage.required_columns() - produced
             outputs = set(stage.output_columns())
+            if clash := sorted(outputs & produced):
+                raise ConfigError(
+                    f"Job.stages[{i}].name",
+                    f"output column {clash[0]!r} of stage {stage.name!r} is also an earlier stage's output column "
+                    "(a stage writes <name>, <name>_confidence, <name>_error, ...): rename one of the stages",
+                )
             produced |= outputs
             if clash := sorted(outputs & from_source):
                 raise ConfigError(

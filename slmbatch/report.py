@@ -20,8 +20,9 @@ BINS = 10  # confidence histogram bins over [0, 1]
 
 def error_kind(reason: str) -> str:
     """``reason`` as a kind of error: its numbers as ``N`` (not those inside a name, such as a
-    model's), cut to 80 characters - "prompt is 1102 tokens" and "prompt is 990 tokens" are one kind."""
-    return re.sub(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", "N", reason)[:80]
+    model's, ``UTF-8`` or ``gpt-4``), cut to 80 characters - "prompt is 1102 tokens" and "prompt is
+    990 tokens" are one kind."""
+    return re.sub(r"(?<![\w.])(?<![A-Za-z]-)\d+(?:\.\d+)?(?![\w.])", "N", reason)[:80]
 
 
 @dataclasses.dataclass

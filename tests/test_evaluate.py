@@ -217,3 +217,12 @@ def test_gold_comes_from_a_labels_file_or_the_output_and_may_be_a_record_of_colu
         with_gold(job, output, labels, None, {})
     with pytest.raises(ConfigError, match="--gold: column 'nope'"):
         with_gold(job, output, None, None, {"intent": "nope"})
+
+
+def test_error_kinds_group_numbers_but_keep_those_in_names():
+    from slmbatch.report import error_kind
+
+    assert error_kind("prompt is 1102 tokens, max 512") == error_kind("prompt is 990 tokens, max 512")
+    assert error_kind("prompt is 1102 tokens, max 512") == "prompt is N tokens, max N"
+    assert error_kind("input column 'text' is not valid UTF-8") == "input column 'text' is not valid UTF-8"
+    assert error_kind("gpt-4 said 3 things about Qwen2.5-0.5B") == "gpt-4 said N things about Qwen2.5-0.5B"

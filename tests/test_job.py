@@ -88,6 +88,17 @@ def test_duplicate_stage_names_are_rejected():
         make_job(Summarize("s", model=M, input="text"), Summarize("s", model=M, input="text"))
 
 
+def test_a_stage_whose_columns_collide_with_another_stages_is_rejected_naming_it():
+    """A stage named ``spam_error`` next to ``Classify("spam")`` (whose error column that is), in either order."""
+    spam = Classify("spam", model=M, input="text", labels=["a", "b"])
+    clash = Classify("spam_error", model=M, input="text", labels=["a", "b"])
+    for stages, index in (((spam, clash), 1), ((clash, spam), 1)):
+        with pytest.raises(ConfigError) as caught:
+            make_job(*stages)
+        assert caught.value.field == f"Job.stages[{index}].name"
+        assert "'spam_error'" in str(caught.value) and "rename one of the stages" in str(caught.value)
+
+
 def test_model_values_are_checked():
     with pytest.raises(ConfigError, match=r"Model\.replicas"):
         Model("m", replicas=0)
