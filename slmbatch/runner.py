@@ -49,6 +49,7 @@ from . import console
 from .audit import drift_reasons
 from .console import local_log_path
 from .errors import (
+    ConcurrentRunError,
     ConfigError,
     FailureBudgetError,
     FrontierError,
@@ -405,6 +406,8 @@ def run(
             try:
                 _run(job, summary, fresh, day, window, address, progress, started, wait_s)
                 _check_accounting(summary)
+            except ConcurrentRunError:  # refused, not stopped: the run that holds the sink goes on
+                raise
             except BaseException as exc:  # Ctrl-C and SIGTERM (Ray's handler: SystemExit) stop a run too
                 _record_stop(job, summary, exc, captured, time.monotonic() - started)
                 raise

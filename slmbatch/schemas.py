@@ -21,6 +21,9 @@ conflict, so none of it sets a file aside. :func:`unify_schemas` decides:
   read time: a row that is not UTF-8 gets that reason in its stage's error
   column, like invalid bytes in a string column, and the rest of the file is
   processed.
+* A column a stage reads as its input is text: a file holding another kind
+  there (integers, say) is set aside with that reason, even when every file
+  does - its rows could only fail, and a rerun reads it again once fixed.
 * What is left is a real conflict (text vs integer, say). The *kind* held by
   the most rows wins (ties: the alphabetically first kind), so the result
   never depends on the order files are listed in and one odd file cannot
@@ -162,7 +165,7 @@ def unify_schemas(
                     f.path, f"no column {name!r}, which files holding {_share(holders, total)} rows have"
                 )
         text = name in text_columns or any(kind(f.schema.field(name).type) == "text" for f in holders)
-        target, odd = _column_type(name, holders, text)
+        target, odd = _column_type(name, holders, text, must_be_text=name in text_columns)
         if target is None:
             continue
         fields.append(pa.field(name, target))
@@ -176,10 +179,24 @@ def _all_columns(voters: Sequence[Footer]) -> list[str]:
     return list(dict.fromkeys(n for f in voters for n in f.schema.names))
 
 
-def _column_type(name: str, holders: Sequence[Footer], text: bool) -> tuple[pa.DataType | None, dict[str, str]]:
-    """The column's type, widened over the majority kind; the files that do not fit, with why."""
+def _column_type(
+    name: str, holders: Sequence[Footer], text: bool, must_be_text: bool = False
+) -> tuple[pa.DataType | None, dict[str, str]]:
+    """The column's type, widened over the majority kind; the files that do not fit, with why.
+    ``must_be_text`` (a stage's input): text, whatever most rows have - a file holding numbers
+    there is set aside, not read into rows that could only fail."""
     if not holders:
         return None, {}
+    if must_be_text:
+        odd = {
+            f.path: f"column {name!r} is {f.schema.field(name).type}, not text: a stage reads it as its input"
+            for f in holders
+            if kind(f.schema.field(name).type, text=True) not in ("text", "null")
+        }
+        if odd:
+            rest = [f for f in holders if f.path not in odd]
+            fit = _column_type(name, rest, text)[0] if rest else None
+            return (pa.string() if fit is None or pa.types.is_null(fit) else fit), odd
     by_kind: dict[str, int] = {}
     for f in holders:
         k = kind(f.schema.field(name).type, text)
@@ -228,13 +245,14 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def binary_where_not_utf8(table: pa.Table) -> pa.Table:
-    """``table`` with each text column that holds bytes which are not UTF-8 typed ``binary``.
+def replace_invalid_utf8(table: pa.Table) -> pa.Table:
+    """``table`` with each text cell whose bytes are not UTF-8 decoded with U+FFFD in their place.
 
-    Binary input read as text (:func:`conform`) keeps its bytes as they were; a text column
-    holding invalid UTF-8 would make an output file that readers refuse, so such a column is
-    written as binary - what it was in its input - and its rows carry the reason in their
-    stage's error column. Every other column keeps its type.
+    Binary input read as text (:func:`conform`) keeps its bytes as they were until it is written;
+    a text column holding invalid UTF-8 would make an output file that readers refuse, and writing
+    such a column as binary made the sink's files disagree on its type (no reader takes them as one
+    table). So every output file types it as text; the row carries the reason in its stage's error
+    column, and its input file keeps the original bytes. Every other column is left as it is.
     """
     for i, field in enumerate(table.schema):
         if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
@@ -242,6 +260,7 @@ def binary_where_not_utf8(table: pa.Table) -> pa.Table:
         try:
             table.column(i).validate(full=True)
         except pa.ArrowInvalid:
-            binary = pa.large_binary() if pa.types.is_large_string(field.type) else pa.binary()
-            table = table.set_column(i, pa.field(field.name, binary), table.column(i).cast(binary))
+            raw = table.column(i).cast(pa.large_binary() if pa.types.is_large_string(field.type) else pa.binary())
+            text = [None if b is None else b.decode("utf-8", "replace") for b in raw.to_pylist()]
+            table = table.set_column(i, field, pa.array(text, field.type))
     return table

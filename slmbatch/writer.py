@@ -51,7 +51,7 @@ from .job import Job
 from .ledger import Ledger
 from .plan import read_schema
 from .report import RunSummary, StageStats
-from .schemas import binary_where_not_utf8
+from .schemas import replace_invalid_utf8
 
 log = logging.getLogger("slmbatch")
 
@@ -136,7 +136,7 @@ def finish(job: Job, table: pa.Table, url: str, run_id: str, shard_key: str) -> 
         if engine_column(stage.name) in table.column_names:
             s.engines = sorted({e for e in pc.unique(table[engine_column(stage.name)]).to_pylist() if e})
         stats.append(s)
-    table = binary_where_not_utf8(table.drop_columns([c for c in table.column_names if c.startswith(INTERNAL)]))
+    table = replace_invalid_utf8(table.drop_columns([c for c in table.column_names if c.startswith(INTERNAL)]))
     write_parquet_atomic(table, url, job.sink.storage_options, job.sink.compression)
     done = Finished(url, table.num_rows, int(failed.sum()), stats)
     if requests:  # before the marker: a shard is done only with its requests kept (slmbatch.batch)

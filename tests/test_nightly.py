@@ -119,6 +119,7 @@ def test_a_second_concurrent_run_is_refused_and_a_dead_ones_lock_is_taken_over(t
     )
     with pytest.raises(ConcurrentRunError, match="run other .* is still active"):
         slmbatch.run(job, run_date="2026-11-28", progress=False)
+    assert not (tmp_path / "out" / "_slmbatch" / "stopped").exists()  # refused, not stopped: nothing recorded
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     lock.write_text(

@@ -94,12 +94,33 @@ def test_the_majority_of_rows_decides_a_real_conflict_whatever_the_listing_order
         write(d / odd_name, text=pa.array([1, 2, 3], pa.int64()))
         for i in range(3):
             write(d / f"part-{i}.parquet", text=pa.array(TEXTS))
-        plan, table = read_all(str(d))
+        plan, table = read_all(str(d), text_columns=())  # a column no stage reads as its input
         assert [Path(p).name for p, _ in plan.skipped] == [odd_name]
         assert plan.skipped[0][1] == (
             "column 'text' is int64, expected string (the type of files holding 300 of 303 rows)"
         )
         assert plan.schema == pa.schema([("text", pa.string())]) and table.num_rows == 300
+
+
+def test_a_stage_input_that_is_not_text_sets_its_file_aside_even_when_every_file_has_it(tmp_path):
+    """Numbers where a stage reads text: set aside with the reason (a rerun reads the file again once
+    fixed), not read into rows that could only fail - whether most rows, or all, have numbers there."""
+    write(tmp_path / "all" / "a.parquet", text=pa.array([1, 2, 3], pa.int64()))
+    plan, table = read_all(str(tmp_path / "all"))
+    assert plan.shards == [] and table is None and plan.skipped_rows == 3
+    assert plan.skipped == [
+        (str(tmp_path / "all" / "a.parquet"), "column 'text' is int64, not text: a stage reads it as its input")
+    ]
+    d = tmp_path / "most"
+    for i in range(3):
+        write(d / f"num-{i}.parquet", text=pa.array(list(range(50)), pa.int32()))
+    write(d / "words.parquet", text=pa.array(TEXTS[:4]))
+    write(d / "nulls.parquet", text=pa.nulls(2))
+    plan, table = read_all(str(d))
+    assert sorted(Path(p).name for p, _ in plan.skipped) == ["num-0.parquet", "num-1.parquet", "num-2.parquet"]
+    assert {r for _, r in plan.skipped} == {"column 'text' is int32, not text: a stage reads it as its input"}
+    assert plan.schema == pa.schema([("text", pa.string())])
+    assert table["text"].to_pylist() == [None, None, *TEXTS[:4]]
 
 
 def test_types_that_cannot_hold_each_other_are_real_conflicts():
