@@ -23,7 +23,8 @@ stands for ``1 / p`` rows of the run (``p`` = 1 escalated, ``r`` audited):
   frontier (``frontier_gap``). Rows whose frontier call failed and rows the
   egress policy keeps home are not observed: the estimate covers the rest.
 
-:func:`drift_reasons` compares a run with what calibration promised; any
+:func:`drift_reasons` compares a run with what calibration promised, and
+with what the cascade is for - rows sent to the frontier answered by it; any
 reason marks the run *degraded* (see ``slmbatch run --fail-on-degraded``).
 """
 
@@ -43,6 +44,9 @@ Z95 = 1.959963984540054
 #: Population stability index above which the confidence distribution has shifted
 #: (the usual reading: < 0.1 stable, 0.1-0.2 moderate, > 0.2 significant).
 PSI_LIMIT = 0.2
+#: Share of the rows sent to the frontier that may go without its answer (after its retries) before a
+#: run is degraded: an outage, a wrong URL or key, or a model the endpoint does not serve.
+FRONTIER_FAILURE_LIMIT = 0.01
 BINS = 10  # confidence histogram bins over [0, 1], as the run report
 
 
@@ -223,13 +227,23 @@ def drift_reasons(stats: Any) -> list[str]:
       quality interval below a quality target (or the gap to the frontier
       above a ``frontier_gap`` target); without, the cascade's agreement with
       the frontier below the agreement calibration measured;
-    - the small model's confidences moved: PSI against the calibration rows above :data:`PSI_LIMIT`.
+    - the small model's confidences moved: PSI against the calibration rows above :data:`PSI_LIMIT`;
+    - calibrated or not: more than :data:`FRONTIER_FAILURE_LIMIT` of the rows sent to the frontier got no
+      answer from it (they keep the small model's).
     """
+    reasons = []
+    sent = stats.escalated + stats.frontier_failed
+    if stats.frontier_failed > FRONTIER_FAILURE_LIMIT * sent:
+        common = max(stats.frontier_errors.items(), key=lambda kv: kv[1])[0] if stats.frontier_errors else None
+        reasons.append(
+            f"stage {stats.name}: {stats.frontier_failed:,} of the {sent:,} rows sent to the frontier got no answer "
+            f"from it{f' (most often: {common})' if common else ''}; they keep the small model's answer, and "
+            f"{stats.name}_frontier_error says why"
+        )
     cal = stats.calibration
     if not cal or not stats.ran:
-        return []
+        return reasons
     chosen = cal.get("chosen", {})
-    reasons = []
     lo, hi = chosen.get("escalation_interval", [0.0, 1.0])
     run_lo, run_hi = rate_interval(stats.escalation_wanted, stats.ran)
     rate = stats.escalation_wanted / stats.ran

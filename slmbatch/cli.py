@@ -696,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else "SIGTERM"
         said = f"slmbatch: stopped by {name}"
         if hasattr(exc, "run_log"):  # a run: slmbatch.run recorded the stop (and its traceback, in the log)
-            said += "; whole files written so far are kept, a rerun resumes"
+            said += f" after recording {getattr(exc, 'files_recorded', 0)} output file(s); a rerun does the rest"
             said += f" (log: {exc.run_log})" if exc.run_log else ""
         print(said, file=sys.stderr)
         return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM

@@ -124,9 +124,9 @@ EXIT_CODES = {
     EXIT_BUSY: "another run of the job is active on the same sink; nothing was done",
     EXIT_DEGRADED: "with --fail-on-degraded: finished and wrote everything, but the run is degraded "
     "(escalation, estimated quality or confidences moved from calibration)",
-    EXIT_SIGINT: "stopped by Ctrl-C (SIGINT); whole files written so far are kept, a rerun resumes",
-    EXIT_SIGTERM: "stopped by SIGTERM (a scheduler's timeout, `ray job stop`); whole files written so far are "
-    "kept, a rerun resumes",
+    EXIT_SIGINT: "stopped by Ctrl-C (SIGINT); the output files it recorded are kept, a rerun does the rest",
+    EXIT_SIGTERM: "stopped by SIGTERM (a scheduler's timeout, `ray job stop`); the output files it recorded are "
+    "kept, a rerun does the rest",
 }
 
 

@@ -57,6 +57,7 @@ class StageStats:
     histogram: list[int] = dataclasses.field(default_factory=lambda: [0] * BINS)
     confidence_sum: float = 0.0
     errors: dict[str, int] = dataclasses.field(default_factory=dict)  # reason (first 80 chars) -> rows
+    frontier_errors: dict[str, int] = dataclasses.field(default_factory=dict)  # why sent rows got no answer -> rows
     error_examples: dict[str, str] = dataclasses.field(default_factory=dict)  # reason -> one row id
     calibration: dict[str, Any] | None = None  # how the threshold was chosen (``slmbatch calibrate``), if it was
     engines: list[str] = dataclasses.field(default_factory=list)  # what its replicas ran on (dtype, device, threads)
@@ -128,6 +129,7 @@ class StageStats:
         """Forget the routing counts, to count them again from rewritten output (Batch API answers merged)."""
         for name in self.ROUTING_FIELDS:
             setattr(self, name, 0.0 if name.endswith("_usd") else 0)
+        self.frontier_errors = {}
         self.tally = None
         self.quality = None
 
@@ -155,6 +157,9 @@ class StageStats:
             cost = pc.sum(rows[c.frontier_cost_usd]).as_py() or 0.0
             if sent:
                 self.frontier_failed += failed
+                for reason in rows[c.frontier_error].drop_null().to_pylist():
+                    key = error_kind(reason)
+                    self.frontier_errors[key] = self.frontier_errors.get(key, 0) + 1
                 self.frontier_tokens_in += pc.sum(rows[c.frontier_tokens_in]).as_py() or 0
                 self.frontier_tokens_out += pc.sum(rows[c.frontier_tokens_out]).as_py() or 0
                 self.frontier_cost_usd += cost
@@ -188,6 +193,8 @@ class StageStats:
         for key, count in other.errors.items():
             self.errors[key] = self.errors.get(key, 0) + count
             self.error_examples.setdefault(key, other.error_examples[key])
+        for key, count in other.frontier_errors.items():
+            self.frontier_errors[key] = self.frontier_errors.get(key, 0) + count
         self.engines = sorted(set(self.engines) | set(other.engines))
         if other.tally is not None:
             self.audit_rate = other.audit_rate

@@ -453,6 +453,7 @@ def _record_stop(job: Job, summary: RunSummary, exc: BaseException, log_path: st
             f.write("slmbatch: the run stopped:\n" + "".join(traceback.format_exception(exc)))
     with contextlib.suppress(AttributeError, TypeError):
         exc.run_log = summary.log_file if log_path is not None else None  # type: ignore[attr-defined]
+        exc.files_recorded = len(summary.files_out)  # type: ignore[attr-defined]
     record = {
         "run_id": summary.run_id,
         "run_date": summary.run_date,
@@ -649,6 +650,9 @@ def _process(
                     with contextlib.suppress(Exception):
                         ray.kill(answers)
         writer.close()
+    except BaseException:
+        writer.commit_finished()
+        raise
     finally:
         bar.close()
         summary.timeline = bar.timeline

@@ -30,6 +30,7 @@ its parts are never written.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import logging
 import posixpath
@@ -247,6 +248,22 @@ class ShardWriter:
                     self._start_finish(index)
         self.poll()
         return rows
+
+    def commit_finished(self, wait_s: float = 30.0) -> None:
+        """As a run that stops (an error, Ctrl-C, SIGTERM) ends: let the shards being finished finish (up
+        to ``wait_s``; a merge takes about a second) and record them, so that a rerun does not do them
+        again. Best effort: Ray may be what failed, and a file not recorded is redone by the rerun."""
+        import ray
+
+        deadline = time.monotonic() + wait_s
+        with contextlib.suppress(Exception):
+            while self.finishing and (left := deadline - time.monotonic()) > 0:
+                ready, _ = ray.wait(list(self.finishing), num_returns=1, timeout=left)
+                for ref in ready:
+                    index = self.finishing.pop(ref)
+                    self._commit(index, ray.get(ref))
+                if not ready:
+                    break
 
     def _set_aside(self, index: int) -> None:
         shard = self.shards[index]

@@ -275,6 +275,22 @@ def test_a_run_is_degraded_when_escalation_quality_or_confidences_leave_the_cali
     assert drift_reasons(uncalibrated) == []
 
 
+def test_a_run_whose_frontier_left_rows_unanswered_is_degraded_calibrated_or_not():
+    """A frontier outage, a wrong URL or key: the rows keep the small model's answer, and the run says so."""
+    stats = _calibrated_stats(225, 1000, agreement=0.97)
+    stats.calibration = None
+    stats.escalated, stats.frontier_failed = 198, 2  # 1% of the rows sent: within the allowance
+    stats.frontier_errors = {"HTTP N: content policy": 2}
+    assert drift_reasons(stats) == []
+    stats.escalated, stats.frontier_failed = 0, 200
+    stats.frontier_errors = {"ConnectError: All connection attempts failed": 199, "HTTP N: content policy": 1}
+    assert drift_reasons(stats) == [
+        f"stage {stats.name}: 200 of the 200 rows sent to the frontier got no answer from it (most often: "
+        f"ConnectError: All connection attempts failed); they keep the small model's answer, and "
+        f"{stats.name}_frontier_error says why"
+    ]
+
+
 # -- a real job ------------------------------------------------------------------------------------------
 
 ROWS = 90

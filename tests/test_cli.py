@@ -231,7 +231,7 @@ def test_a_run_stopped_by_ctrl_c_or_sigterm_says_so_in_one_line_and_a_rerun_resu
     said = [line for line in out.stderr.splitlines() if line.startswith("slmbatch: ")]
     name = "Ctrl-C (SIGINT)" if signame == "SIGINT" else "SIGTERM"
     assert said == [
-        f"slmbatch: stopped by {name}; whole files written so far are kept, a rerun resumes (log: {said[0].split('(log: ')[1]}"
+        f"slmbatch: stopped by {name} after recording 1 output file(s); a rerun does the rest (log: {said[0].split('(log: ')[1]}"
     ], out.stderr[-3000:]
     log = Path(said[0].split("(log: ")[1].removesuffix(")"))
     assert (

@@ -88,12 +88,16 @@ def assert_every_row_once(out: Path) -> pl.DataFrame:
     return df
 
 
-def run_driver(job_file: Path, address: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    """`slmbatch run` as its own process (own session, so a crash can be cleaned up whole)."""
+def run_driver(
+    job_file: Path, address: str, fault: str | None = None, signame: str = "SIGKILL"
+) -> subprocess.CompletedProcess:
+    """`slmbatch run` as its own process (own session, so a crash can be cleaned up whole), sent
+    ``signame`` at ``fault`` (tests/support/crash.py)."""
     env = {**os.environ, "RAY_ADDRESS": address}
     if fault:
         env["SLMBATCH_OBSERVERS"] = "tests.support.crash:install"
         env["SLMBATCH_CRASH_AT"] = fault
+        env["SLMBATCH_CRASH_SIGNAL"] = signame
     return subprocess.run(
         [sys.executable, "-m", "slmbatch.cli", "run", "--no-progress", str(job_file)],
         env=env,
@@ -106,23 +110,30 @@ def run_driver(job_file: Path, address: str, fault: str | None = None) -> subpro
 
 def test_driver_killed_at_each_point_of_a_run_then_rerun_writes_every_row_once(workdir, tiny_classifier, ray_local):
     """One sink, four runs killed in turn - mid-stream, with a shard's rows staged but not merged, between
-    a file and its marker, after two markers - then a run that finishes: each run starts from what the last one left."""
+    a file and its marker, after two markers - and one Ctrl-C'd as its second shard is being finished, then a
+    run that finishes: each run starts from what the last one left."""
     job_file = write_job(workdir, tiny_classifier)
     address = ray_local.get_runtime_context().gcs_address
     out = workdir / "out"
-    for fault in ("batch:2", "finishing:1", "written:1", "marked:2"):
-        crashed = run_driver(job_file, address, fault)
-        assert crashed.returncode == -signal.SIGKILL, (fault, crashed.stderr[-2000:])
+    faults = [("batch:2", "SIGKILL"), ("finishing:1", "SIGKILL"), ("written:1", "SIGKILL")]
+    faults += [("finishing:2", "SIGINT"), ("marked:2", "SIGKILL")]
+    for fault, signame in faults:
+        crashed = run_driver(job_file, address, fault, signame)
+        expected = -signal.SIGKILL if signame == "SIGKILL" else 130
+        assert crashed.returncode == expected, (fault, crashed.stderr[-2000:])
         if fault == "finishing:1":  # a shard's rows staged as parts by the workers, no output file yet
             assert list((out / "_slmbatch" / "staging").rglob("*.parquet")) and not list(out.glob("*.parquet"))
         if fault == "written:1":
             assert list(out.glob("*.parquet"))  # whole files, not yet recorded
-    assert len(Ledger.open(str(out)).completed()) == 2
+        if signame == "SIGINT":  # the first shard, being finished when Ctrl-C came, finished and was recorded
+            assert "stopped by Ctrl-C (SIGINT) after recording 1 output file(s)" in crashed.stderr, crashed.stderr
+            assert len(Ledger.open(str(out)).completed()) == 1
+    assert len(Ledger.open(str(out)).completed()) == 3
 
     summary = slmbatch.run(load_job(str(job_file)), progress=False)
     assert_every_row_once(out)
     assert summary.rows_in == summary.rows_out + summary.rows_done_before == ROWS
-    assert summary.files_done_before == 2  # only recorded shards are skipped; the rest is redone
+    assert summary.files_done_before == 3  # only recorded shards are skipped; the rest is redone
     assert not list(out.glob(".*.tmp")) and not list((out / "_slmbatch" / "staging").rglob("*"))
 
 

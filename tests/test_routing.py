@@ -206,6 +206,9 @@ def test_frontier_faults_end_every_row_answered_or_failed_with_its_reason(tmp_pa
     reasons = " ".join(failed["gist_frontier_error"].to_list())
     assert any(word in reasons for word in ("429", "500", "timed out", "malformed", "not valid JSON"))
     assert summary.stages[0].escalated == answered.height and summary.stages[0].frontier_failed == failed.height
+    (degraded,) = summary.degraded  # rows the frontier left unanswered: the cascade did not do its job there
+    assert degraded.startswith(f"stage gist: {failed.height} of the 40 rows sent to the frontier got no answer")
+    assert "WARNING: run DEGRADED" in summary.render()
     # Retry-After: 1 was honoured: a 429's retry of the same row came at least ~1 s later.
     by_key: dict[str, list] = {}
     for s in seen:
