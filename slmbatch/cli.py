@@ -183,8 +183,11 @@ def _collect(args) -> int:
 
 def _status(args) -> int:
     from .ledger import META, Ledger
-    from .status import status_text
+    from .status import not_a_sink, status_text
 
+    if problem := not_a_sink(args.output_dir):
+        print(f"slmbatch: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     ledger = Ledger.open(args.output_dir)
     if ledger.recorded_job() is None:
         if ledger.stopped():  # runs stopped before recording the job (say, the source was missing)
@@ -197,13 +200,16 @@ def _status(args) -> int:
 
 
 def _report(args) -> int:
-    from .status import rerender_report, trend_text
+    from .status import not_a_sink, rerender_report, trend_text
 
+    if problem := not_a_sink(args.output_dir):
+        print(f"slmbatch: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         summary, url = rerender_report(args.output_dir, args.run)
     except FileNotFoundError as exc:
         print(f"slmbatch: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
     print(summary.render())
     trend = trend_text(args.output_dir)
     if trend:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import posixpath
+import socket
 from collections.abc import Mapping
 from typing import Any
 
-from .io import list_parquet, output_path, write_text
-from .ledger import META, Ledger
+from .io import filesystem, list_parquet, output_path, write_text
+from .ledger import META, Ledger, pid_alive
 from .report import RunSummary
 
 
@@ -25,7 +26,13 @@ def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
     runs = ledger.runs()
     active = ledger.active_run()
     lines = [f"job {job['job']} -> {sink} (fingerprint {job['fingerprint']}, first run {job['recorded_at']})"]
-    if active:
+    if active and active.get("host") == socket.gethostname() and not pid_alive(active.get("pid", -1)):
+        lines.append(
+            f"  CRASHED: run {active['run_id']} for {active['run_date']} (pid {active['pid']}, since "
+            f"{active['started']}) is gone without finishing: the next run takes over its lock and resumes"
+        )
+        active = None
+    elif active:
         lines.append(
             f"  ACTIVE: run {active['run_id']} for {active['run_date']} on {active['host']} "
             f"(pid {active['pid']}) since {active['started']}"
@@ -110,15 +117,28 @@ def trend_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
     return render_trend(Ledger.open(sink, options).runs())
 
 
+def not_a_sink(sink: str, options: Mapping[str, Any] | None = None) -> str | None:
+    """Why ``sink`` cannot be a job's output (it does not exist, or is a file), or None."""
+    fs, path = filesystem(sink, options)
+    if not fs.exists(path):
+        return f"{sink} does not exist"
+    if not fs.isdir(path):
+        return f"{sink} is a file, not a job's output directory"
+    return None
+
+
 def rerender_report(
     sink: str, run_id: str | None = None, options: Mapping[str, Any] | None = None
 ) -> tuple[RunSummary, str]:
     """Re-render a run's HTML report from its JSON (the latest run by default)."""
     from .html_report import render_html
 
-    runs = Ledger.open(sink, options).runs()
+    ledger = Ledger.open(sink, options)
+    runs = ledger.runs()
     if not runs:
-        raise FileNotFoundError(f"no run summaries under {output_path(sink, META + '/runs')}")
+        stopped = ledger.stopped()
+        said = f"; {len(stopped)} run(s) stopped before their summary: slmbatch status {sink}" if stopped else ""
+        raise FileNotFoundError(f"no finished run in {sink} (no summaries under {META}/runs){said}")
     run_id = run_id or max(runs)
     if run_id not in runs:
         raise FileNotFoundError(f"no run {run_id!r} in {sink}; runs: {', '.join(sorted(runs))}")

@@ -329,13 +329,13 @@ class ShardWriter:
         self.summary.ledger_s += time.perf_counter() - started
         seconds = time.monotonic() - self.first_seen.get(index, time.monotonic())
         self.summary.shard_seconds.append((shard.key, round(seconds, 3), done.rows))
-        checkpoint("marked")
         self.summary.rows_out += done.rows
         self.summary.rows_errored += done.errored
         for stats, part in zip(self.stats, done.stats):
             stats.merge(part)
         self.summary.files_out.append(done.url)
         log.debug("wrote %s (%d rows)", done.url, done.rows)
+        checkpoint("marked")  # the shard is recorded, and counted in the summary
 
     def close(self) -> None:
         """Wait for the last shards to finish and commit them; fail if any shard has rows missing."""

@@ -117,9 +117,18 @@ def test_a_job_file_that_cannot_load_is_one_line_naming_the_file_and_line(tmp_pa
     assert out.returncode == 2 and "is a directory; give the job's Python file" in out.stderr
 
 
-def test_status_of_a_directory_without_slmbatch_output_exits_2(tmp_path):
-    out = slmbatch_cmd("status", str(tmp_path / "nothing"))
+def test_status_and_report_of_a_path_without_slmbatch_output_exit_2_saying_what_it_is(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    for command in ("status", "report"):
+        out = slmbatch_cmd(command, str(tmp_path / "nothing"))
+        assert out.returncode == 2 and f"slmbatch: {tmp_path / 'nothing'} does not exist" in out.stderr, out.stderr
+        out = slmbatch_cmd(command, str(tmp_path / "a-file"))
+        assert out.returncode == 2 and "is a file, not a job's output directory" in out.stderr, out.stderr
+    out = slmbatch_cmd("status", str(tmp_path / "empty"))
     assert out.returncode == 2 and "no slmbatch output here" in out.stderr
+    out = slmbatch_cmd("report", str(tmp_path / "empty"))
+    assert out.returncode == 2 and f"no finished run in {tmp_path / 'empty'}" in out.stderr, out.stderr
 
 
 @pytest.mark.vllm

@@ -29,6 +29,7 @@ from slmbatch.cli import load_job
 from slmbatch.errors import JobChangedError
 from slmbatch.io import Plan, Shard
 from slmbatch.ledger import Ledger
+from slmbatch.status import status_text
 
 from .conftest import banking_texts, ray_workers_of_this_test, write_shards
 
@@ -129,6 +130,8 @@ def test_driver_killed_at_each_point_of_a_run_then_rerun_writes_every_row_once(w
             assert "stopped by Ctrl-C (SIGINT) after recording 1 output file(s)" in crashed.stderr, crashed.stderr
             assert len(Ledger.open(str(out)).completed()) == 1
     assert len(Ledger.open(str(out)).completed()) == 3
+    said = status_text(str(out))  # the SIGKILLed run left its lock: status tells it from a live run
+    assert "  CRASHED: run " in said and "is gone without finishing" in said and "ACTIVE" not in said
 
     summary = slmbatch.run(load_job(str(job_file)), progress=False)
     assert_every_row_once(out)
