@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import importlib.util
 import logging
+import math
 import runpy
 import signal
 import sys
@@ -129,6 +130,17 @@ def _validate(args) -> int:
                 )
     print("ok: job is valid")
     return 0
+
+
+def _seconds(value: str) -> float:
+    """An argument that is a number of seconds: finite and not negative."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {value!r}")
+    return seconds
 
 
 def _run(args) -> int:
@@ -471,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--wait",
-        type=float,
+        type=_seconds,
         default=0.0,
         metavar="SECONDS",
         help='with Frontier(mode="batch"): wait up to this long for the run\'s batches and merge their '
@@ -488,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     job_args(p)
     p.add_argument(
-        "--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for running batches"
+        "--wait", type=_seconds, default=0.0, metavar="SECONDS", help="wait up to this long for running batches"
     )
     p.set_defaults(func=_collect)
 

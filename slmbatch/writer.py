@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import logging
 import posixpath
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -58,6 +59,8 @@ log = logging.getLogger("slmbatch")
 
 #: Finish tasks in flight at once (each holds one shard's rows while it merges them).
 MAX_FINISHING = 4
+#: Seconds between the committer thread's looks at the finish tasks (:class:`ShardWriter`).
+COMMIT_POLL_S = 0.5
 #: The records :func:`write_parts` passes on, one per part written.
 RECORD_SCHEMA = pa.schema(
     [
@@ -218,9 +221,16 @@ class ShardWriter:
         self.finishing: dict[Any, int] = {}  # finish task -> shard
         self._job_ref: Any = None
         self._finish_task: Any = None
+        # Commits come from the driver's loop and from a thread that records each shard as its finish task
+        # ends, also while the loop waits for the next batch (a slow frontier): one lock for both.
+        self._lock = threading.RLock()
+        self._committer: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._failure: BaseException | None = None
 
     def add(self, records: pa.Table) -> int:
         """One block of :func:`write_parts` records; returns the rows they stand for."""
+        self._raise_failure()
         rows = 0
         for record in records.to_pylist():
             index = record[SHARD]
@@ -256,7 +266,8 @@ class ShardWriter:
         import ray
 
         deadline = time.monotonic() + wait_s
-        with contextlib.suppress(Exception):
+        self._stop_committer(wait_s)
+        with contextlib.suppress(Exception), self._lock:
             while self.finishing and (left := deadline - time.monotonic()) > 0:
                 ready, _ = ray.wait(list(self.finishing), num_returns=1, timeout=left)
                 for ref in ready:
@@ -293,20 +304,46 @@ class ShardWriter:
         checkpoint("finishing")
         url, _ = self._url(shard)
         parts = posixpath.join(self.parts, str(index))
-        self.finishing[self._finish_task.remote(self._job_ref, shard, parts, url, self.summary.run_id)] = index
+        with self._lock:
+            self.finishing[self._finish_task.remote(self._job_ref, shard, parts, url, self.summary.run_id)] = index
+        if self._committer is None:
+            self._committer = threading.Thread(target=self._commit_loop, name="slmbatch-commit", daemon=True)
+            self._committer.start()
+        checkpoint("submitted")
+
+    def _commit_loop(self) -> None:
+        """The committer thread: every :data:`COMMIT_POLL_S`, record the shards whose finish task ended. A
+        failure (a finish task that failed, the ledger unwritable) is raised by the driver's next call."""
+        while not self._stopping.wait(COMMIT_POLL_S):
+            try:
+                self.poll()
+            except BaseException as exc:  # noqa: BLE001 - handed to the driver's thread
+                self._failure = exc
+                return
+
+    def _stop_committer(self, timeout_s: float | None = None) -> None:
+        self._stopping.set()
+        if self._committer is not None:
+            self._committer.join(timeout_s)
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
 
     def poll(self, wait: bool = False) -> None:
         """Commit the shards whose finish task is done (``wait``: at least one, if any is in flight)."""
-        if not self.finishing:
-            return
-        import ray
+        with self._lock:
+            if not self.finishing:
+                return
+            import ray
 
-        ready, _ = ray.wait(
-            list(self.finishing), num_returns=1 if wait else len(self.finishing), timeout=None if wait else 0
-        )
-        for ref in ready:
-            index = self.finishing.pop(ref)
-            self._commit(index, ray.get(ref))
+            ready, _ = ray.wait(
+                list(self.finishing), num_returns=1 if wait else len(self.finishing), timeout=None if wait else 0
+            )
+            for ref in ready:
+                index = self.finishing.pop(ref)
+                self._commit(index, ray.get(ref))
 
     def _commit(self, index: int, done: Finished) -> None:
         shard = self.shards[index]
@@ -339,6 +376,8 @@ class ShardWriter:
 
     def close(self) -> None:
         """Wait for the last shards to finish and commit them; fail if any shard has rows missing."""
+        self._stop_committer()
+        self._raise_failure()
         while self.finishing:
             self.poll(wait=True)
         missing = {

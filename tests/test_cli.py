@@ -117,6 +117,13 @@ def test_a_job_file_that_cannot_load_is_one_line_naming_the_file_and_line(tmp_pa
     assert out.returncode == 2 and "is a directory; give the job's Python file" in out.stderr
 
 
+def test_a_wait_that_is_not_a_number_of_seconds_is_refused_naming_the_option(tmp_path):
+    for command, value in (("run", "-5"), ("collect", "nan"), ("run", "soon")):
+        out = slmbatch_cmd(command, "--wait", value, str(tmp_path / "job.py"))
+        assert out.returncode == 2, out.stderr
+        assert f"argument --wait: must be a number of seconds >= 0, got {value!r}" in out.stderr
+
+
 def test_status_and_report_of_a_path_without_slmbatch_output_exit_2_saying_what_it_is(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file").write_text("x")

@@ -90,15 +90,16 @@ def assert_every_row_once(out: Path) -> pl.DataFrame:
 
 
 def run_driver(
-    job_file: Path, address: str, fault: str | None = None, signame: str = "SIGKILL"
+    job_file: Path, address: str, fault: str | None = None, signame: str = "SIGKILL", pause_s: float = 0
 ) -> subprocess.CompletedProcess:
     """`slmbatch run` as its own process (own session, so a crash can be cleaned up whole), sent
-    ``signame`` at ``fault`` (tests/support/crash.py)."""
+    ``signame`` at ``fault``, ``pause_s`` after the driver's loop got there (tests/support/crash.py)."""
     env = {**os.environ, "RAY_ADDRESS": address}
     if fault:
         env["SLMBATCH_OBSERVERS"] = "tests.support.crash:install"
         env["SLMBATCH_CRASH_AT"] = fault
         env["SLMBATCH_CRASH_SIGNAL"] = signame
+        env["SLMBATCH_CRASH_PAUSE_S"] = str(pause_s)
     return subprocess.run(
         [sys.executable, "-m", "slmbatch.cli", "run", "--no-progress", str(job_file)],
         env=env,
@@ -110,16 +111,16 @@ def run_driver(
 
 
 def test_driver_killed_at_each_point_of_a_run_then_rerun_writes_every_row_once(workdir, tiny_classifier, ray_local):
-    """One sink, four runs killed in turn - mid-stream, with a shard's rows staged but not merged, between
-    a file and its marker, after two markers - and one Ctrl-C'd as its second shard is being finished, then a
-    run that finishes: each run starts from what the last one left."""
+    """One sink, runs killed in turn - mid-stream, with a shard's rows staged but not merged, between a file
+    and its marker; one Ctrl-C'd as its second shard is being finished; one killed after its loop waited
+    there (a slow frontier, say) - then a run that finishes: each run starts from what the last one left."""
     job_file = write_job(workdir, tiny_classifier)
     address = ray_local.get_runtime_context().gcs_address
     out = workdir / "out"
-    faults = [("batch:2", "SIGKILL"), ("finishing:1", "SIGKILL"), ("written:1", "SIGKILL")]
-    faults += [("finishing:2", "SIGINT"), ("marked:2", "SIGKILL")]
-    for fault, signame in faults:
-        crashed = run_driver(job_file, address, fault, signame)
+    faults = [("batch:2", "SIGKILL", 0), ("finishing:1", "SIGKILL", 0), ("written:1", "SIGKILL", 0)]
+    faults += [("finishing:2", "SIGINT", 0), ("submitted:1", "SIGKILL", 10)]
+    for fault, signame, pause_s in faults:
+        crashed = run_driver(job_file, address, fault, signame, pause_s)
         expected = -signal.SIGKILL if signame == "SIGKILL" else 130
         assert crashed.returncode == expected, (fault, crashed.stderr[-2000:])
         if fault == "finishing:1":  # a shard's rows staged as parts by the workers, no output file yet
@@ -129,14 +130,16 @@ def test_driver_killed_at_each_point_of_a_run_then_rerun_writes_every_row_once(w
         if signame == "SIGINT":  # the first shard, being finished when Ctrl-C came, finished and was recorded
             assert "stopped by Ctrl-C (SIGINT) after recording 1 output file(s)" in crashed.stderr, crashed.stderr
             assert len(Ledger.open(str(out)).completed()) == 1
-    assert len(Ledger.open(str(out)).completed()) == 3
+        if pause_s:  # the loop held 10 s once a shard's merge was submitted: it was recorded meanwhile
+            assert len(Ledger.open(str(out)).completed()) == 2
+    assert len(Ledger.open(str(out)).completed()) == 2
     said = status_text(str(out))  # the SIGKILLed run left its lock: status tells it from a live run
     assert "  CRASHED: run " in said and "is gone without finishing" in said and "ACTIVE" not in said
 
     summary = slmbatch.run(load_job(str(job_file)), progress=False)
     assert_every_row_once(out)
     assert summary.rows_in == summary.rows_out + summary.rows_done_before == ROWS
-    assert summary.files_done_before == 3  # only recorded shards are skipped; the rest is redone
+    assert summary.files_done_before == 2  # only recorded shards are skipped; the rest is redone
     assert not list(out.glob(".*.tmp")) and not list((out / "_slmbatch" / "staging").rglob("*"))
 
 
