@@ -45,6 +45,7 @@ class Shard:
     num_rows: int
     row_groups: tuple[int, ...]  # rows per row group
     size: int | None = None  # bytes, as the listing gave them: the ledger tells a file rewritten in place by it
+    etag: str | None = None  # S3's ETag (a digest of the content): tells a rewrite even of as many bytes
 
 
 @dataclasses.dataclass
@@ -73,14 +74,15 @@ def list_parquet(path: str, storage_options: Mapping[str, Any] | None = None) ->
     skipping names that start with ``_`` or ``.`` (Spark/Hive convention for
     metadata and in-progress files).
     """
-    fs, root, sizes = list_parquet_sizes(path, storage_options)
-    return fs, root, list(sizes)
+    fs, root, listed = list_parquet_sizes(path, storage_options)
+    return fs, root, list(listed)
 
 
 def list_parquet_sizes(
     path: str, storage_options: Mapping[str, Any] | None = None
-) -> tuple[Any, str, dict[str, int | None]]:
-    """:func:`list_parquet`, with each file's size in bytes as the listing gave it (None if it did not)."""
+) -> tuple[Any, str, dict[str, tuple[int | None, str | None]]]:
+    """:func:`list_parquet`, with each file's size in bytes and its ETag (S3: a digest of its content) as
+    the listing gave them (None where it did not)."""
     fs, stripped = filesystem(path, storage_options)
     try:
         return _list_parquet(fs, path, stripped)
@@ -88,7 +90,7 @@ def list_parquet_sizes(
         raise InputError(f"cannot list source {path!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def _list_parquet(fs, path: str, stripped: str) -> tuple[Any, str, dict[str, int | None]]:
+def _list_parquet(fs, path: str, stripped: str) -> tuple[Any, str, dict[str, tuple[int | None, str | None]]]:
     if any(c in stripped for c in GLOB_CHARS):
         root = stripped
         while any(c in root for c in GLOB_CHARS):
@@ -105,7 +107,7 @@ def _list_parquet(fs, path: str, stripped: str) -> tuple[Any, str, dict[str, int
     files = sorted(f for f in found if not _hidden(posixpath.relpath(f, root)))
     if not files:
         raise InputError(f"source path {path!r} holds no Parquet files")
-    return fs, root, {f: found[f].get("size") for f in files}
+    return fs, root, {f: (found[f].get("size"), found[f].get("ETag")) for f in files}
 
 
 def _hidden(relpath: str) -> bool:
@@ -215,7 +217,8 @@ def plan_shards(
     once, not the files' footers."""
     fs, root, listed = list_parquet_sizes(path, storage_options)
     files = list(listed)
-    sizes = list(listed.values())
+    sizes = [size for size, _ in listed.values()]
+    etags = [etag for _, etag in listed.values()]
     protocol = path.split("://", 1)[0] + "://" if is_remote(path) else ""
     required = sorted(set(required_columns))
     if connect is not None and len(files) >= REMOTE_FOOTERS_FROM:
@@ -239,13 +242,13 @@ def plan_shards(
     shards: list[Shard] = []
     skipped: list[tuple[str, str]] = []
     skipped_rows = uncounted = 0
-    for f, size, (num_rows, groups, schema, _) in zip(files, sizes, footers):
+    for f, size, etag, (num_rows, groups, schema, _) in zip(files, sizes, etags, footers):
         if f in errors:
             skipped.append((protocol + f, errors[f]))
             skipped_rows += num_rows
             uncounted += schema < 0
             continue
-        shards.append(Shard(len(shards), protocol + f, posixpath.relpath(f, root), num_rows, groups, size))
+        shards.append(Shard(len(shards), protocol + f, posixpath.relpath(f, root), num_rows, groups, size, etag))
     return Plan(shards, skipped, unified.schema, skipped_rows, uncounted)
 
 

@@ -175,14 +175,16 @@ class Todo:
 
 
 def _change(record: dict | None, shard: Shard) -> str | None:
-    """How input ``shard`` differs from what its marker ``record`` says was processed (rows, or bytes: a file
-    rewritten in place with as many rows), or None when it does not (or was never processed)."""
+    """How input ``shard`` differs from what its marker ``record`` says was processed (rows, bytes, or on S3
+    the ETag: a file rewritten in place), or None when it does not (or was never processed)."""
     if record is None:
         return None
     if record["rows"] != shard.num_rows:
         return f"{record['rows']} -> {shard.num_rows} rows"
     if record.get("bytes") is not None and shard.size is not None and record["bytes"] != shard.size:
         return f"{record['bytes']:,} -> {shard.size:,} bytes, as many rows"
+    if record.get("etag") is not None and shard.etag is not None and record["etag"] != shard.etag:
+        return f"ETag {record['etag']} -> {shard.etag}, as many rows and bytes"
     return None
 
 

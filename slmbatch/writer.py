@@ -351,8 +351,10 @@ class ShardWriter:
         started = time.perf_counter()
         _, run_date = self._url(shard)
         extra: dict[str, Any] = {"pending": done.pending} if done.requests else {}
-        if shard.size is not None:  # the input's size: a file rewritten in place is processed again
+        if shard.size is not None:  # the input's size (and ETag): a file rewritten in place is processed again
             extra["bytes"] = shard.size
+        if shard.etag is not None:
+            extra["etag"] = shard.etag
         self.summary.batch_requests += done.requests
         self.ledger.mark_done(
             shard.key,

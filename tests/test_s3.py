@@ -106,6 +106,27 @@ def test_plan_keys_shards_relative_to_the_prefix_with_row_counts_from_footers(s3
     assert reasons[f"{source_tree}/no-text.parquet"].startswith("missing column 'text'")
 
 
+def test_a_rewrite_of_as_many_bytes_changes_the_shards_etag_and_the_same_bytes_keep_it(s3_server, s3_prefix):
+    """The ledger tells an object rewritten in place by its ETag (``card`` -> ``cord``: the same size)."""
+    from slmbatch.ledger import _change
+
+    fs = s3(s3_server)
+    url = f"{s3_prefix}/etag/a.parquet"
+
+    def upload(word: str):
+        put_table(fs, url, pa.table({"text": [f"where is my {word}?"] * 3}))
+        (shard,) = plan_shards(f"{s3_prefix}/etag", s3_server.storage_options, ["text"]).shards
+        return shard
+
+    first = upload("card")
+    assert first.size == fs.size(bare(url)) and first.etag
+    marker = {"rows": 3, "bytes": first.size, "etag": first.etag}
+    assert _change(marker, upload("card")) is None  # the same content again: not a change
+    changed = upload("cord")
+    assert changed.size == first.size and changed.etag != first.etag
+    assert _change(marker, changed) == f"ETag {first.etag} -> {changed.etag}, as many rows and bytes"
+
+
 def test_footers_read_in_ray_tasks_plan_what_the_driver_plans(s3_server, source_tree, ray_local, monkeypatch):
     """Many files: planning fans the footer reads out to Ray tasks; the plan must not change."""
     import slmbatch.io
