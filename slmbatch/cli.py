@@ -194,18 +194,14 @@ def _collect(args) -> int:
 
 
 def _status(args) -> int:
-    from .ledger import META, Ledger
+    from .ledger import Ledger
     from .status import not_a_sink, status_text
 
     if problem := not_a_sink(args.output_dir):
         print(f"slmbatch: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    ledger = Ledger.open(args.output_dir)
-    if ledger.recorded_job() is None:
-        if ledger.stopped():  # runs stopped before recording the job (say, the source was missing)
-            print(status_text(args.output_dir), file=sys.stderr)
-        else:
-            print(f"slmbatch: {args.output_dir}: no slmbatch output here (no {META}/job.json)", file=sys.stderr)
+    if Ledger.open(args.output_dir).recorded_job() is None:  # it says so, with runs stopped before that
+        print(f"slmbatch: {status_text(args.output_dir)}", file=sys.stderr)
         return EXIT_CONFIG
     print(status_text(args.output_dir))
     return 0

@@ -74,11 +74,11 @@ def list_parquet(path: str, storage_options: Mapping[str, Any] | None = None) ->
     skipping names that start with ``_`` or ``.`` (Spark/Hive convention for
     metadata and in-progress files).
     """
-    fs, root, listed = list_parquet_sizes(path, storage_options)
+    fs, root, listed = list_parquet_entries(path, storage_options)
     return fs, root, list(listed)
 
 
-def list_parquet_sizes(
+def list_parquet_entries(
     path: str, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[Any, str, dict[str, tuple[int | None, str | None]]]:
     """:func:`list_parquet`, with each file's size in bytes and its ETag (S3: a digest of its content) as
@@ -215,7 +215,7 @@ def plan_shards(
     :data:`REMOTE_FOOTERS_FROM` files on, when ``connect`` is given (it connects to Ray) - by Ray tasks
     across the cluster. Either way the planner keeps a few numbers per file and each distinct schema
     once, not the files' footers."""
-    fs, root, listed = list_parquet_sizes(path, storage_options)
+    fs, root, listed = list_parquet_entries(path, storage_options)
     files = list(listed)
     sizes = [size for size, _ in listed.values()]
     etags = [etag for _, etag in listed.values()]

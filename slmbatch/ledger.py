@@ -353,7 +353,7 @@ class Ledger:
         """The shards of ``plan`` this run processes, and where each one's output goes.
 
         Without ``window``: every shard with no marker, into run date ``day``, and every shard whose
-        row count or size in bytes changed since it was processed (logged), back into the run date
+        row count, size in bytes or ETag changed since it was processed (logged), back into the run date
         that first processed it (its output there is replaced, not left beside a new one). With a
         backfill ``window`` (first, last): exactly the shards that runs of those
         dates processed, back into their original partitions.

@@ -48,7 +48,7 @@ def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
         state = (
             "complete"
             if day in finished and not (active and active.get("run_date") == day)
-            else f"incomplete (run {stops[-1]['run_id']} stopped: rerun this date to resume)"
+            else f"incomplete (run {max(r['run_id'] for r in stops)} stopped: rerun this date to resume)"
             if stops
             else "incomplete (a run crashed: rerun this date to resume)"
         )

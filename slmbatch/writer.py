@@ -263,17 +263,11 @@ class ShardWriter:
         """As a run that stops (an error, Ctrl-C, SIGTERM) ends: let the shards being finished finish (up
         to ``wait_s``; a merge takes about a second) and record them, so that a rerun does not do them
         again. Best effort: Ray may be what failed, and a file not recorded is redone by the rerun."""
-        import ray
-
         deadline = time.monotonic() + wait_s
         self._stop_committer(wait_s)
-        with contextlib.suppress(Exception), self._lock:
+        with contextlib.suppress(Exception):
             while self.finishing and (left := deadline - time.monotonic()) > 0:
-                ready, _ = ray.wait(list(self.finishing), num_returns=1, timeout=left)
-                for ref in ready:
-                    index = self.finishing.pop(ref)
-                    self._commit(index, ray.get(ref))
-                if not ready:
+                if not self.poll(wait=True, timeout_s=left):
                     break
 
     def _set_aside(self, index: int) -> None:
@@ -331,19 +325,21 @@ class ShardWriter:
             failure, self._failure = self._failure, None
             raise failure
 
-    def poll(self, wait: bool = False) -> None:
-        """Commit the shards whose finish task is done (``wait``: at least one, if any is in flight)."""
+    def poll(self, wait: bool = False, timeout_s: float | None = None) -> int:
+        """Commit the shards whose finish task is done (``wait``: at least one, if any is in flight, for up
+        to ``timeout_s``); returns how many."""
         with self._lock:
             if not self.finishing:
-                return
+                return 0
             import ray
 
             ready, _ = ray.wait(
-                list(self.finishing), num_returns=1 if wait else len(self.finishing), timeout=None if wait else 0
+                list(self.finishing), num_returns=1 if wait else len(self.finishing), timeout=timeout_s if wait else 0
             )
             for ref in ready:
                 index = self.finishing.pop(ref)
                 self._commit(index, ray.get(ref))
+            return len(ready)
 
     def _commit(self, index: int, done: Finished) -> None:
         shard = self.shards[index]
