@@ -389,6 +389,12 @@ class Frontier:
             cancelled or failed batch) is submitted again; after that the row
             keeps the small model's answer with the reason in
             ``<stage>_frontier_error``.
+        max_input_tokens: the longest request sent, in tokens estimated as its
+            messages' characters / 4 (the estimate ``tokens_per_minute`` uses).
+            A row whose request is longer - an input far over the small model's
+            context, say - is not sent: it keeps the small model's answer (or
+            error) and its ``<stage>_escalation`` says ``not sent: request is ~N
+            tokens ...``, counted with the summary's "not sent". None: no cap.
     """
 
     base_url: str
@@ -412,6 +418,7 @@ class Frontier:
     batch_max_bytes: int = 200_000_000
     batch_poll_s: float = 30.0
     batch_resubmits: int = 1
+    max_input_tokens: int | None = None
 
     def __post_init__(self):
         require(isinstance(self.base_url, str), "Frontier.base_url", f"must be an http(s) URL, got {self.base_url!r}")
@@ -492,6 +499,8 @@ class Frontier:
             "Frontier.batch_resubmits",
             f"must be an integer >= 0, got {self.batch_resubmits!r}",
         )
+        if self.max_input_tokens is not None:
+            check_positive_int(self.max_input_tokens, "Frontier.max_input_tokens")
         if self.batch_price_in_per_mtok is None:
             set_field(self, "batch_price_in_per_mtok", self.price_in_per_mtok / 2)
         if self.batch_price_out_per_mtok is None:

@@ -155,13 +155,16 @@ def _content_chars(messages: Sequence[Mapping[str, Any]]) -> int:
     return total
 
 
-def estimate_tokens(messages: Sequence[Mapping[str, Any]], max_tokens: int) -> int:
-    """What one attempt counts against ``tokens_per_minute``: prompt characters / 4 + ``max_tokens``.
+def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    """Prompt tokens estimated as the messages' characters / 4: the usual rule of thumb for English
+    with BPE tokenizers, used where the server's count is not known (yet)."""
+    return math.ceil(_content_chars(messages) / 4)
 
-    Characters / 4 is the usual rule of thumb for English with BPE tokenizers;
-    ``max_tokens`` is added because providers reserve it when the request arrives.
-    """
-    return math.ceil(_content_chars(messages) / 4) + max_tokens
+
+def estimate_tokens(messages: Sequence[Mapping[str, Any]], max_tokens: int) -> int:
+    """What one attempt counts against ``tokens_per_minute``: :func:`estimate_prompt_tokens` +
+    ``max_tokens``, added because providers reserve it when the request arrives."""
+    return estimate_prompt_tokens(messages) + max_tokens
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -470,7 +473,7 @@ def completion_outcome(
     completion_tokens = _usage_count(usage, "completion_tokens")
     estimated = prompt_tokens is None or completion_tokens is None
     if prompt_tokens is None:
-        prompt_tokens = math.ceil(_content_chars(messages) / 4)
+        prompt_tokens = estimate_prompt_tokens(messages)
     if completion_tokens is None:
         completion_tokens = math.ceil(len(content) / 4)
     return _Outcome(

@@ -2,7 +2,8 @@
 
 A routed stage's rows are kept (``"small"``), escalated (``"pending"`` until
 the frontier step answers them), or kept with the reason they could not be
-escalated (no frontier configured, egress policy). :class:`Router` only
+escalated (no frontier configured, egress policy, a request over
+``Frontier.max_input_tokens``). :class:`Router` only
 decides; :mod:`slmbatch.worker` writes the decision into the row
 (:func:`~slmbatch.worker.append_routing`), and its
 :class:`~slmbatch.worker.FrontierActor` answers the pending rows and merges
@@ -22,6 +23,7 @@ from typing import Any
 from .audit import audit_sampled
 from .columns import PENDING, ROW_ID, SMALL
 from .config import Egress, Frontier
+from .frontier import estimate_prompt_tokens
 from .stages.base import Answer, Stage
 
 
@@ -32,8 +34,8 @@ class Router:
         self.frontier = frontier
         self.egress = egress or Egress()
 
-    def route(self, row: Mapping[str, Any], reason: str) -> tuple[str, str]:
-        """``(routed_to, escalation)`` for a row that should be escalated for ``reason``."""
+    def route(self, row: Mapping[str, Any], reason: str, stage: Stage | None = None) -> tuple[str, str]:
+        """``(routed_to, escalation)`` for a row of ``stage`` that should be escalated for ``reason``."""
         if self.frontier is None:
             return SMALL, f"{reason}; not sent: no frontier configured"
         if not self.egress.allow:
@@ -41,7 +43,24 @@ class Router:
         excluded = self.egress.excludes(row)
         if excluded:
             return SMALL, f"{reason}; not sent: egress policy excludes rows with {excluded}"
+        oversized = self.oversized(stage, row) if stage is not None else None
+        if oversized:
+            return SMALL, f"{reason}; not sent: {oversized}"
         return PENDING, reason
+
+    def oversized(self, stage: Stage, row: Mapping[str, Any]) -> str | None:
+        """Why ``row``'s frontier request is too long to send (``Frontier.max_input_tokens``), or None."""
+        cap = self.frontier.max_input_tokens if self.frontier is not None else None
+        if cap is None:
+            return None
+        try:
+            messages = stage.frontier_request(row)["messages"]
+        except Exception:  # noqa: BLE001 - a row with no usable request: the frontier step says why
+            return None
+        tokens = estimate_prompt_tokens(messages)
+        if tokens <= cap:
+            return None
+        return f"request is ~{tokens:,} tokens (characters / 4), over Frontier.max_input_tokens {cap:,}"
 
     def decide(
         self, stage: Stage, rows: Sequence[Mapping[str, Any]], answers: Sequence[Answer | None]
@@ -58,7 +77,7 @@ class Router:
                 audit.append(None)
                 continue
             reason = stage.escalation_reason(answer)
-            route, why = (SMALL, None) if reason is None else self.route(row, reason)
+            route, why = (SMALL, None) if reason is None else self.route(row, reason, stage)
             routed_to.append(route)
             reasons.append(why)
             audit.append(self.audit(stage, row) if reason is None else None)
@@ -66,10 +85,10 @@ class Router:
 
     def audit(self, stage: Stage, row: Mapping[str, Any]) -> float | None:
         """For a row the small model keeps: its audit probability if the sample picked it, 0 if the
-        egress policy keeps it from the frontier, else None."""
+        egress policy (or ``Frontier.max_input_tokens``) keeps it from the frontier, else None."""
         if not stage.audit_rate:
             return None
-        if self.route(row, "audit")[0] != PENDING:
+        if self.route(row, "audit", stage)[0] != PENDING:
             return 0.0
         return (
             float(stage.audit_rate)

@@ -151,6 +151,22 @@ def test_router_decisions():
     assert Router(frontier, Egress(exclude_when={"pii": True})).route({"pii": False}, "r") == ("pending", "r")
 
 
+def test_a_request_over_max_input_tokens_keeps_the_small_answer():
+    frontier = Frontier(base_url="http://127.0.0.1:9/v1", model="m", max_input_tokens=200)
+    stage = Classify("spam", model=Model("m"), input="text", labels=["ham", "spam"], threshold=0.5, audit_rate=1.0)
+    router = Router(frontier)
+    assert router.route({"text": "where is my card?"}, "r", stage) == ("pending", "r")
+    route, why = router.route({"text": "card " * 1000}, "r", stage)  # 5,000 characters: ~1,250 tokens and more
+    assert route == "small"
+    assert why.startswith("r; not sent: request is ~1,2") and why.endswith("over Frontier.max_input_tokens 200")
+    assert router.route({"text": None}, "r", stage) == ("pending", "r")  # no request at all: the frontier step says why
+    # the audit sample cannot pick a row it could not send either
+    assert router.audit(stage, {"_row_id": "a:0", "text": "card " * 1000}) == 0.0
+    assert router.audit(stage, {"_row_id": "a:0", "text": "card"}) == 1.0
+    with pytest.raises(ConfigError, match=r"Frontier\.max_input_tokens: must be a positive integer, got 0"):
+        Frontier(base_url="http://127.0.0.1:9/v1", model="m", max_input_tokens=0)
+
+
 def test_egress_endpoints_are_checked_when_the_job_is_defined(tmp_path):
     m = Model("m")
     with pytest.raises(ConfigError, match=r"Job\.frontier\.base_url: host 'api\.example\.com' is not in"):
