@@ -241,12 +241,12 @@ def drift_reasons(stats: Any) -> list[str]:
             f"{stats.name}_frontier_error says why"
         )
     cal = stats.calibration
-    if not cal or not stats.ran:
+    rate, interval = stats.escalation_rate, stats.escalation_interval
+    if not cal or rate is None or interval is None:
         return reasons
     chosen = cal.get("chosen", {})
     lo, hi = chosen.get("escalation_interval", [0.0, 1.0])
-    run_lo, run_hi = rate_interval(stats.escalation_wanted, stats.ran)
-    rate = stats.escalation_wanted / stats.ran
+    run_lo, run_hi = interval
     if run_lo > hi or run_hi < lo:
         reasons.append(
             f"stage {stats.name}: escalation {rate:.1%} [{run_lo:.1%}, {run_hi:.1%}] is outside the calibrated "

@@ -430,19 +430,21 @@ def submit(job: Job, run_id: str, api: BatchAPI, store: BatchStore | None = None
     if prepared:
         checkpoint("batch-prepared")
     for record in prepared:
-        _send_or_refuse(job, record, api, store, resumed=False)
+        _send_or_refuse(job, record, api, store, run_id, resumed=False)
         out.append(record)
     return out
 
 
-def _send_or_refuse(job: Job, record: dict[str, Any], api: BatchAPI, store: BatchStore, *, resumed: bool) -> None:
+def _send_or_refuse(
+    job: Job, record: dict[str, Any], api: BatchAPI, store: BatchStore, run_id: str, *, resumed: bool
+) -> None:
     """:func:`send`; a batch the API refuses for good (say, a file over its limits) is finished as
     failed: its requests are resubmitted (``batch_resubmits``) or their rows get the reason."""
     try:
         send(record, api, store, resumed=resumed)
     except BatchRejected as exc:
         log.warning("batch %s refused: %s", record["id"], exc)
-        finish(job, record, {"id": record["id"], "status": f"refused ({exc})"}, api, store)
+        finish(job, record, {"id": record["id"], "status": f"refused ({exc})"}, api, store, run_id)
 
 
 def send(record: dict[str, Any], api: BatchAPI, store: BatchStore, *, resumed: bool) -> None:
@@ -540,7 +542,7 @@ def read_results(
 
 
 def _resubmit(
-    job: Job, record: dict[str, Any], cids: Sequence[str], api: BatchAPI, store: BatchStore
+    job: Job, record: dict[str, Any], cids: Sequence[str], api: BatchAPI, store: BatchStore, run_id: str
 ) -> dict[str, Any]:
     """A new batch of the lines ``cids`` of ``record`` (same custom_ids, one attempt more)."""
     wanted = set(cids)
@@ -557,14 +559,15 @@ def _resubmit(
         return existing
     store.write_input(retry["id"], text)
     store.save(retry)
-    _send_or_refuse(job, retry, api, store, resumed=False)
+    _send_or_refuse(job, retry, api, store, run_id, resumed=False)
     return retry
 
 
 def finish(
-    job: Job, record: dict[str, Any], batch: Mapping[str, Any], api: BatchAPI, store: BatchStore
+    job: Job, record: dict[str, Any], batch: Mapping[str, Any], api: BatchAPI, store: BatchStore, run_id: str
 ) -> dict[str, Any]:
-    """Merge a finished batch into its rows; resubmit what it did not answer. Returns its outcome."""
+    """Merge a finished batch into its rows; resubmit what it did not answer. Returns its outcome.
+    ``run_id``: the run (or ``slmbatch collect``) merging it, which the answer cache dates its entries by."""
     from .frontier import FrontierReply
 
     assert job.frontier is not None
@@ -573,7 +576,7 @@ def finish(
     retry = None
     again = [cid for cid in record["members"] if cid in got.unanswered]
     if again and record["attempt"] <= f.batch_resubmits:
-        retry = _resubmit(job, record, again, api, store)
+        retry = _resubmit(job, record, again, api, store, run_id)
         log.info(
             "batch %s: %d request(s) without an answer submitted again as %s", record["id"], len(again), retry["id"]
         )
@@ -597,10 +600,13 @@ def finish(
 
     ledger = Ledger(job)
     shards = sorted(key for key, rows in record["shards"].items() if any(row in replies for row in rows))
+    valid: set[str] = set()  # row custom_ids whose reply the stage accepted
     for key in shards:
-        merge_shard(job, ledger, key, replies)
+        valid |= merge_shard(job, ledger, key, replies)
         checkpoint("batch-merging")
-    remember(job, store.read_input(record["id"]), got.replies, record["run_id"])
+    # Only answers a stage accepted are remembered: an answer outside the label set is asked again.
+    accepted = {cid: r for cid, r in got.replies.items() if valid.intersection(record["members"].get(cid, ()))}
+    remember(job, store.read_input(record["id"]), accepted, run_id)
     paid = list(got.replies.values())
     by_run: dict[str, float] = {}
     for cid, reply in got.replies.items():
@@ -616,6 +622,8 @@ def finish(
         cost_usd=round(sum(r.cost_usd for r in paid), 8),
         online_cost_usd=round(sum(f.cost_usd(r.prompt_tokens, r.completion_tokens) for r in paid), 8),
         cost_by_run={run: round(cost, 8) for run, cost in by_run.items()},  # whose rows the $ answered
+        # whose rows were merged, answered or failed (a refused batch pays nothing and changes rows too)
+        merged_runs=sorted({row.split("/", 1)[0] for row in replies}),
         turnaround_s=_turnaround(batch, record),
     )
     store.save(record)
@@ -665,8 +673,9 @@ def _turnaround(batch: Mapping[str, Any], record: Mapping[str, Any]) -> float | 
     return round(age, 1) if age is not None else None
 
 
-def merge_shard(job: Job, ledger, key: str, replies: Mapping[str, tuple[Any, str | None]]) -> int:
-    """Merge ``replies`` (row custom_id -> reply, reused) into shard ``key``'s output; rows merged.
+def merge_shard(job: Job, ledger, key: str, replies: Mapping[str, tuple[Any, str | None]]) -> set[str]:
+    """Merge ``replies`` (row custom_id -> reply, reused) into shard ``key``'s output; returns the row
+    custom_ids merged with an answer the stage accepted (a label in its set, JSON of its schema).
 
     The file is rewritten whole at its path, then the marker says how many rows
     still await. Only rows still awaiting their custom_id take a reply, so a
@@ -677,10 +686,11 @@ def merge_shard(job: Job, ledger, key: str, replies: Mapping[str, tuple[Any, str
 
     marker = ledger.marker(key)
     if marker is None:
-        return 0  # the shard was forgotten (--fresh) or is being redone: nothing of this batch is in it
+        return set()  # the shard was forgotten (--fresh) or is being redone: nothing of this batch is in it
     fs, path = filesystem(marker["output"], job.sink.storage_options)
     table = pq.read_table(path, filesystem=fs)
     merged = 0
+    accepted: set[str] = set()
     for stage in job.stages:
         if not stage.routed or stage.columns.frontier_batch not in table.column_names:
             continue
@@ -700,10 +710,12 @@ def merge_shard(job: Job, ledger, key: str, replies: Mapping[str, tuple[Any, str
             [replies[ids[i]][1] for i in rows],
         )
         merged += len(rows)
+        errors = table[c.frontier_error].to_pylist()
+        accepted.update(ids[i] for i in rows if errors[i] is None)
     if merged:
         write_parquet_atomic(table, marker["output"], job.sink.storage_options, job.sink.compression)
         ledger.update_marker(key, pending=awaiting_rows(table, job), merged_at=_now())
-    return merged
+    return accepted
 
 
 def _drop_finished_requests(store: BatchStore) -> None:
@@ -731,7 +743,7 @@ def collect(job: Job, run_id: str, *, wait_s: float = 0.0, api: BatchAPI | None 
     try:
         for record in store.records().values():
             if record["state"] == "prepared":
-                _send_or_refuse(job, record, api, store, resumed=True)
+                _send_or_refuse(job, record, api, store, run_id, resumed=True)
         submit(job, run_id, api, store)
         deadline = time.monotonic() + wait_s
         delay = 1.0
@@ -739,7 +751,7 @@ def collect(job: Job, run_id: str, *, wait_s: float = 0.0, api: BatchAPI | None 
             for record in [r for r in store.records().values() if r["state"] == "submitted"]:
                 batch = api.get(record["batch_id"])
                 if batch.get("status") in FINISHED:
-                    finish(job, record, batch, api, store)
+                    finish(job, record, batch, api, store, run_id)
                 elif batch.get("status") != record.get("status"):
                     record["status"] = batch.get("status")
                     store.save(record)

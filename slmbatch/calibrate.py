@@ -125,6 +125,13 @@ class Curve:
     resamples: int
 
 
+#: Most candidate thresholds a curve has: with more distinct confidences, evenly spaced ones in rank.
+MAX_CANDIDATES = 5000
+#: Bootstrap work bound, resamples x rows; and the fewest resamples however many rows there are.
+BOOTSTRAP_WORK = 2e8
+MIN_RESAMPLES = 200
+
+
 def build_curve(
     small_score: Sequence[float],
     frontier_score: Sequence[float],
@@ -159,6 +166,8 @@ def build_curve(
     k_min = int(np.sum(c < 0))
     steps = [k_min] + [k for k in range(k_min + 1, n) if c[k] > c[k - 1]] + ([n] if n > k_min else [])
     ks = np.array(sorted(set(steps)))
+    if len(ks) > MAX_CANDIDATES:  # evenly spaced in rank, the first (escalate none) and last kept
+        ks = ks[np.unique(np.linspace(0, len(ks) - 1, MAX_CANDIDATES).round().astype(int))]
     thresholds = np.array([0.0 if k == k_min else 1.0 if k == n else (c[k - 1] + c[k]) / 2 for k in ks])
 
     def prefix(values, weights):
@@ -169,15 +178,20 @@ def build_curve(
     fa, aa, xa, wa = prefix(f, w), prefix(a, w), prefix(x, w), prefix(np.ones(n), w)
     quality = (fa[ks] + aa[n] - aa[ks]) / total
     usd = ((s * w).sum() + xa[ks]) / total
-    # Bootstrap: B resamples as multinomial row counts, all thresholds at once.
+    # Bootstrap: B resamples as multinomial row counts, all thresholds at once, a chunk of resamples
+    # at a time (memory: resamples x rows). B is cut only where B x rows would pass BOOTSTRAP_WORK,
+    # never below MIN_RESAMPLES.
     rng = np.random.default_rng(seed)
-    b = max(1, min(bootstrap, int(5e6 // max(n, 1))))  # bounds memory: resamples x rows
-    counts = rng.multinomial(n, np.full(n, 1 / n), size=b).astype(float) * w
-    fw, aw, cw = prefix(f, counts), prefix(a, counts), prefix(np.ones(n), counts)
-    totals = cw[:, [n]]
-    q_b = (fw[:, ks] + aw[:, [n]] - aw[:, ks]) / totals
-    e_b = cw[:, ks] / totals
-    gap_b = fw[:, [n]] / totals - q_b
+    b = bootstrap if n * bootstrap <= BOOTSTRAP_WORK else max(min(bootstrap, MIN_RESAMPLES), int(BOOTSTRAP_WORK // n))
+    chunk = max(1, int(5e6 // n))
+    parts = []
+    for start in range(0, b, chunk):
+        counts = rng.multinomial(n, np.full(n, 1 / n), size=min(chunk, b - start)).astype(float) * w
+        fw, aw, cw = prefix(f, counts), prefix(a, counts), prefix(np.ones(n), counts)
+        totals = cw[:, [n]]
+        q = (fw[:, ks] + aw[:, [n]] - aw[:, ks]) / totals
+        parts.append((q, cw[:, ks] / totals, fw[:, [n]] / totals - q))
+    q_b, e_b, gap_b = (np.concatenate(p) for p in zip(*parts))
     lo, hi = np.percentile(q_b, [2.5, 97.5], axis=0)
     e_lo, e_hi = np.percentile(e_b, [2.5, 97.5], axis=0)
     return Curve(

@@ -183,7 +183,8 @@ def _collect(args) -> int:
     job = load_job(args.job_file, args.job)
     if job.frontier is None or not job.frontier.batched:
         raise ConfigError("Job.frontier.mode", 'slmbatch collect is for jobs whose Frontier has mode="batch"')
-    run_id = dt.datetime.now(dt.timezone.utc).strftime("collect-%Y%m%dT%H%M%SZ")
+    # Sorts among run ids by time (the answer cache dates entries by it), and says what it was.
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-collect")
     with Ledger(job).run_lock(dt.datetime.now(dt.timezone.utc).date(), run_id):
         records = collect(job, run_id, wait_s=args.wait)
     for line in render_batches(records) or ["  no Batch API batches to submit or merge"]:
@@ -250,7 +251,7 @@ def _labelled_output(job, labels, args, gold, stages=None):
 def _eval(args) -> int:
     import json
 
-    from .evaluate import escalate_all, evaluate_stage, render_eval, stage_rows
+    from .evaluate import escalate_all, evaluate_stage, render_eval, sibling_sink, stage_rows
 
     if args.candidate:
         return _eval_candidate(args)
@@ -265,7 +266,7 @@ def _eval(args) -> int:
         )
     every = None
     if args.frontier_all:
-        every = escalate_all(job, job.sink.path + "-frontier-all")
+        every = escalate_all(job, sibling_sink(job, "-frontier-all"))
         every_frame, _ = _labelled_output(every, labels, args, gold)
     results = []
     for stage in job.stages:
@@ -287,8 +288,10 @@ def _eval(args) -> int:
 def _calibrate(args) -> int:
     from pathlib import Path
 
+    import polars as pl
+
     from .calibrate import calibrate_stage, calibration_file, parse_target, render_calibration, write_json
-    from .evaluate import escalate_all, stage_rows
+    from .evaluate import escalate_all, sibling_sink, stage_rows
     from .html_report import cost_quality_figure
     from .runner import parse_date
 
@@ -311,6 +314,19 @@ def _calibrate(args) -> int:
             parse_date(args.since, "--since")
         every = job
         frame, sources = with_gold(job, read_production(job, args.from_runs, args.since), labels, args.key, gold)
+        stages = {s.name: s for s in job.stages}
+        unaudited = [
+            name
+            for name in chosen
+            if (audit := stages[name].columns.audit) not in frame.columns or frame.filter(pl.col(audit) > 0).is_empty()
+        ]
+        if unaudited:
+            raise ConfigError(
+                "--from-runs",
+                f"no row of stage(s) {', '.join(unaudited)} in these runs was audited (audit_rate 0): their "
+                "escalated rows are all the runs hold, and a threshold learnt from those alone would be biased; "
+                "give the stage an audit_rate and let it run, or calibrate on labelled input without --from-runs",
+            )
         validation = {"from_runs": args.from_runs, "since": args.since}
         print(
             f"calibrate: learning from {frame.height:,} escalated and audited rows of past runs in "
@@ -318,7 +334,7 @@ def _calibrate(args) -> int:
             "sampling probability)"
         )
     else:
-        sink = args.sink_all or job.sink.path + "-calibration"
+        sink = args.sink_all or sibling_sink(job, "-calibration")
         every = escalate_all(job, sink)
         frame, sources = _labelled_output(every, labels, args, gold, list(chosen))
         validation = {"source": job.source.path, "sink": sink}

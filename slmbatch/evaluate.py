@@ -341,9 +341,18 @@ def _pct(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.1%}"
 
 
+def sibling_sink(job: Job, suffix: str) -> str:
+    """A sink beside the job's, its path plus ``suffix`` (``s3://b/out/`` -> ``s3://b/out-calibration``)."""
+    return job.sink.path.rstrip("/") + suffix
+
+
 def escalate_all(job: Job, sink: str) -> Job:
     """The job with every routed stage at threshold 1 (every row also gets the
-    frontier's answer), writing to ``sink``: how calibration collects both answers."""
+    frontier's answer), writing to ``sink``: how calibration collects both answers.
+    ``sink`` may not be the job's sink or inside it, where its rows would be read as the job's."""
+    own = job.sink.path.rstrip("/")
+    if sink.rstrip("/") == own or sink.startswith(own + "/"):
+        raise ConfigError("--sink-all", f"{sink} is inside the job's sink {job.sink.path}: give a path beside it")
     if job.frontier is None:
         raise ConfigError("Job.frontier", "calibration and --frontier-all need a frontier to ask")
     stages = [dataclasses.replace(s, threshold=1.0) if s.routed else s for s in job.stages]

@@ -132,7 +132,7 @@ def export_feedback(
     }
     for stage in found:
         examples = collect_examples(fs, files, stage, holdout)
-        escalated = sum(e.times_seen for e in examples)
+        answered = sum(e.times_seen for e in examples)  # escalated and audited rows
         target = os.path.join(out_dir, stage)
         os.makedirs(target, exist_ok=True)
         counts = {"train": 0, "heldout": 0}
@@ -156,9 +156,9 @@ def export_feedback(
         for split in ("train", "heldout"):
             os.replace(os.path.join(target, f"{split}.jsonl.tmp"), os.path.join(target, f"{split}.jsonl"))
         manifest["stages"][stage] = {
-            "escalated_rows": escalated,
+            "frontier_rows": answered,
             "examples": len(examples),
-            "duplicates_removed": escalated - len(examples),
+            "duplicates_removed": answered - len(examples),
             "prompts_with_conflicting_answers": sum(e.conflicting for e in examples),
             **counts,
             "files": {split: os.path.join(target, f"{split}.jsonl") for split in ("train", "heldout")},
@@ -172,7 +172,8 @@ def render_manifest(manifest: Mapping[str, Any]) -> str:
     lines = [f"feedback from {manifest['sink']} (held out: {manifest['holdout']:.0%} by prompt hash)"]
     for stage, m in manifest["stages"].items():
         lines.append(
-            f"  {stage}: {m['escalated_rows']:,} escalated rows -> {m['examples']:,} examples "
+            f"  {stage}: {m['frontier_rows']:,} rows the frontier answered (escalated or audited) -> "
+            f"{m['examples']:,} examples "
             f"({m['duplicates_removed']:,} duplicates removed, {m['prompts_with_conflicting_answers']:,} "
             f"prompts with conflicting answers): train {m['train']:,} -> {m['files']['train']}, "
             f"held out {m['heldout']:,} -> {m['files']['heldout']}"

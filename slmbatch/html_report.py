@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from .io import output_path, write_text
-from .report import BINS, QUALITY_LABELS, RunSummary, trend
+from .report import BINS, QUALITY_LABELS, RunSummary, escalation_rate_of, trend
 
 
 def _png(fig) -> str:
@@ -330,7 +330,7 @@ def render_html(data: dict[str, Any], history: dict[str, dict[str, Any]] | None 
     if calibrated:
         parts.append("</div><h2>Cost-quality curves (thresholds from calibration)</h2><div class='plots'>")
         for s in calibrated:
-            observed = s["escalation_wanted"] / s["ran"] if s["ran"] else None
+            observed = escalation_rate_of(s)[0]
             parts.append(
                 f"<img alt='cost-quality curve of {html.escape(s['name'])}' "
                 f"src='{cost_quality_plot(s['calibration'], observed)}'>"

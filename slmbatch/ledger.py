@@ -57,6 +57,24 @@ log = logging.getLogger("slmbatch")
 META = "_slmbatch"
 #: Model options that change throughput, never answers: not part of the fingerprint.
 _RUNTIME_ONLY = {"replicas", "num_cpus", "num_gpus", "threads", "batch_size", "price_in_per_mtok", "price_out_per_mtok"}
+#: ``Model.engine`` options (``vllm.LLM`` keywords) that change speed and memory, never answers: a change
+#: of one is no job change, and the answer cache's keys leave them out (:func:`slmbatch.reuse.answer_config`).
+RUNTIME_ENGINE_OPTIONS = frozenset(
+    {
+        "gpu_memory_utilization",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "enforce_eager",
+        "swap_space",
+        "cpu_offload_gb",
+        "kv_cache_memory_bytes",
+        "enable_prefix_caching",
+        "enable_chunked_prefill",
+        "disable_log_stats",
+        "block_size",
+        "max_seq_len_to_capture",
+    }
+)
 #: Stage options that change what is measured (:mod:`slmbatch.audit`), never answers.
 _MEASUREMENT_ONLY = {"audit_rate", "audit_seed", "gold"}
 
@@ -121,6 +139,12 @@ class Change:
         return f"{self.path}: {json.dumps(self.old, default=str)[:60]} -> {json.dumps(self.new, default=str)[:60]}"
 
     @property
+    def runtime_only(self) -> bool:
+        """An engine option that changes speed or memory, not answers (:data:`RUNTIME_ENGINE_OPTIONS`)."""
+        head, _, key = self.path.rpartition(".")
+        return head.endswith(".engine") and key in RUNTIME_ENGINE_OPTIONS
+
+    @property
     def routing_only(self) -> bool:
         """Changes only which rows go to the frontier: a routed stage's threshold, from one number to
         another (adding or removing routing changes the columns)."""
@@ -145,7 +169,7 @@ class Change:
 
     @property
     def allowed(self) -> bool:
-        return self.routing_only or self.promotion
+        return self.routing_only or self.promotion or self.runtime_only
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[Change]:

@@ -21,8 +21,23 @@ BINS = 10  # confidence histogram bins over [0, 1]
 def error_kind(reason: str) -> str:
     """``reason`` as a kind of error: its numbers as ``N`` (not those inside a name, such as a
     model's, ``UTF-8`` or ``gpt-4``), cut to 80 characters - "prompt is 1102 tokens" and "prompt is
-    990 tokens" are one kind."""
-    return re.sub(r"(?<![\w.])(?<![A-Za-z]-)\d+(?:\.\d+)?(?![\w.])", "N", reason)[:80]
+    990 tokens" are one kind. A longer reason is cut at a word, with "..."."""
+    kind = re.sub(r"(?<![\w.])(?<![A-Za-z]-)\d+(?:\.\d+)?(?![\w.])", "N", reason)
+    if len(kind) <= 80:
+        return kind
+    cut = kind[:77]
+    return (cut.rsplit(" ", 1)[0] if " " in cut[40:] else cut) + "..."
+
+
+def escalation_rate_of(stats: Mapping[str, Any]) -> tuple[float | None, list[float] | None]:
+    """A stage's escalation rate and its 95% (Wilson) interval, from its counts (a run record's or
+    :class:`StageStats`'): rows that wanted the frontier over rows that could go to it - what calibration
+    predicts, where rows with no usable input are left out. A record without ``escalatable`` (an older
+    slmbatch's) is over every row the stage ran on; (None, None) where there is none."""
+    base = stats.get("escalatable") or stats.get("ran") or 0
+    if not base:
+        return None, None
+    return stats["escalation_wanted"] / base, rate_interval(stats["escalation_wanted"], base)
 
 
 @dataclasses.dataclass
@@ -40,6 +55,9 @@ class StageStats:
     tokens_out: int = 0
     busy_s: float = 0.0  # replica seconds spent in this stage (summed over replicas)
     escalation_wanted: int = 0  # rows the small model was not trusted with
+    # rows that could go to the frontier: answered, or failed in a way a bigger model can fix (not a null
+    # input): the population calibration predicts the escalation rate over (escalation_rate_of)
+    escalatable: int = 0
     escalated: int = 0  # rows answered by the frontier
     not_sent: int = 0  # wanted escalation, not sent (no frontier, egress policy)
     frontier_failed: int = 0  # sent, but no usable frontier answer: small answer kept
@@ -65,7 +83,7 @@ class StageStats:
     reused_cache: int = 0  # ... from an earlier run (answer cache)
     frontier_reused_run: int = 0  # sent rows (escalated or audited) whose frontier reply was another's
     frontier_reused_cache: int = 0
-    frontier_paid: int = 0  # escalated rows the frontier answered and billed (not reused)
+    frontier_paid: int = 0  # escalated rows whose frontier reply was billed (not reused; valid or not)
     batch_awaiting: int = 0  # escalated rows awaiting a Batch API answer (Frontier(mode="batch"))
     audit_awaiting: int = 0  # audited rows awaiting one
 
@@ -86,6 +104,7 @@ class StageStats:
             self.errors[key] = self.errors.get(key, 0) + 1
             self.error_examples.setdefault(key, row_id)
         conf = table[c.confidence].drop_null()
+        conf = conf.filter(pc.is_finite(conf))  # none from a stage (worker.finite_confidence); a hand-made file's
         self.answered += len(conf)
         if len(conf):
             self.confidence_sum += pc.sum(conf).as_py()
@@ -109,6 +128,7 @@ class StageStats:
     #: What :meth:`add_routing` counts (:meth:`reset_routing` zeroes it).
     ROUTING_FIELDS = (
         "escalation_wanted",
+        "escalatable",
         "escalated",
         "not_sent",
         "frontier_failed",
@@ -140,10 +160,12 @@ class StageStats:
             return
         wanted = table[c.escalation].drop_null()
         self.escalation_wanted += len(wanted)
+        ran = pc.is_valid(table[c.model])
+        fixable = pc.or_(pc.is_null(table[c.error]), pc.is_valid(table[c.escalation]))
+        self.escalatable += pc.sum(pc.and_(ran, fixable)).as_py() or 0
         self.not_sent += sum(1 for w in wanted.to_pylist() if "; not sent: " in w)
         escalated = pc.equal(table[c.routed_to], FRONTIER)
         self.escalated += pc.sum(escalated).as_py() or 0
-        self.frontier_paid += pc.sum(pc.and_(escalated, pc.is_null(table[c.frontier_reused]))).as_py() or 0
         reused = _counts(table[c.frontier_reused])
         self.frontier_reused_run += reused.get(REUSED_RUN, 0)
         self.frontier_reused_cache += reused.get(REUSED_CACHE, 0)
@@ -160,6 +182,11 @@ class StageStats:
                 for reason in rows[c.frontier_error].drop_null().to_pylist():
                     key = error_kind(reason)
                     self.frontier_errors[key] = self.frontier_errors.get(key, 0) + 1
+                # Billed replies, an answer outside the label set included: what the $ above paid for.
+                billed = pc.greater(pc.fill_null(rows[c.frontier_cost_usd], 0.0), 0.0)
+                for tokens in (c.frontier_tokens_in, c.frontier_tokens_out):
+                    billed = pc.or_(billed, pc.greater(pc.fill_null(rows[tokens], 0), 0))
+                self.frontier_paid += pc.sum(pc.and_(billed, pc.is_null(rows[c.frontier_reused]))).as_py() or 0
                 self.frontier_tokens_in += pc.sum(rows[c.frontier_tokens_in]).as_py() or 0
                 self.frontier_tokens_out += pc.sum(rows[c.frontier_tokens_out]).as_py() or 0
                 self.frontier_cost_usd += cost
@@ -175,7 +202,7 @@ class StageStats:
     #: Counts and sums of the part of a run that :meth:`add` saw (what :meth:`merge` adds up).
     SUMMED = (
         "rows", "ran", "answered", "errored", "tokens_in", "tokens_out", "busy_s", "escalation_wanted",
-        "escalated", "not_sent", "frontier_failed", "frontier_tokens_in", "frontier_tokens_out",
+        "escalatable", "escalated", "not_sent", "frontier_failed", "frontier_tokens_in", "frontier_tokens_out",
         "small_cost_usd", "frontier_cost_usd", "audited", "audit_failed", "audit_cost_usd",
         "confidence_sum", "reused_run", "reused_cache", "frontier_reused_run", "frontier_reused_cache",
         "frontier_paid", "batch_awaiting", "audit_awaiting",
@@ -222,9 +249,17 @@ class StageStats:
         return line
 
     @property
+    def escalation_rate(self) -> float | None:
+        """The share of the rows that could go to the frontier that wanted it (:func:`escalation_rate_of`)."""
+        return escalation_rate_of(self._rate_counts())[0]
+
+    @property
     def escalation_interval(self) -> list[float] | None:
-        """95% (Wilson) interval of the share of rows that wanted the frontier."""
-        return rate_interval(self.escalation_wanted, self.ran) if self.ran else None
+        """95% (Wilson) interval of :attr:`escalation_rate`."""
+        return escalation_rate_of(self._rate_counts())[1]
+
+    def _rate_counts(self) -> dict[str, int]:
+        return {"escalation_wanted": self.escalation_wanted, "escalatable": self.escalatable, "ran": self.ran}
 
     @property
     def mean_confidence(self) -> float | None:
@@ -425,7 +460,7 @@ class RunSummary:
                     f"    calibrated for {s.calibration['target']} on {s.calibration['rows']:,} rows: predicted "
                     f"escalation {c['escalation_rate']:.1%} [{c['escalation_interval'][0]:.1%}, "
                     f"{c['escalation_interval'][1]:.1%}], {s.calibration['metric']} {c['quality']:.3f}; "
-                    f"this run wanted {s.escalation_wanted / s.ran:.1%}"
+                    f"this run wanted {s.escalation_rate:.1%}"
                 )
             if s.escalation_wanted:
                 lines.append(
@@ -575,9 +610,8 @@ def trend(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict[str, Any
                 {
                     "run_id": run_id,
                     "run_date": data.get("run_date") or "-",
-                    "escalation": s["escalation_wanted"] / s["ran"],
-                    "escalation_interval": s.get("escalation_interval")
-                    or rate_interval(s["escalation_wanted"], s["ran"]),
+                    "escalation": escalation_rate_of(s)[0],
+                    "escalation_interval": s.get("escalation_interval") or escalation_rate_of(s)[1],
                     "quality_measure": measure,
                     "quality": quality.get(measure),
                     "calibrated_escalation": chosen.get("escalation_interval"),

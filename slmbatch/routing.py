@@ -80,7 +80,8 @@ class Router:
             route, why = (SMALL, None) if reason is None else self.route(row, reason, stage)
             routed_to.append(route)
             reasons.append(why)
-            audit.append(self.audit(stage, row) if reason is None else None)
+            # Only an answer can be audited: a row the small model failed on (a null input, say) has none.
+            audit.append(self.audit(stage, row) if reason is None and answer.error is None else None)
         return routed_to, reasons, audit
 
     def audit(self, stage: Stage, row: Mapping[str, Any]) -> float | None:

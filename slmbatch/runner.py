@@ -565,7 +565,7 @@ def batch_phase(job: Job, summary: RunSummary, wait_s: float) -> None:
         summary.batch_error = str(exc)
         log.warning("Batch API: %s", exc)
     summary.batch_awaiting_rows, _ = awaiting_in_sink(BatchStore(job.sink.path, job.sink.storage_options))
-    if any(summary.run_id in (r.get("cost_by_run") or {}) for r in summary.batches):
+    if any(summary.run_id in (r.get("merged_runs") or ()) for r in summary.batches):
         recount_routing(job, summary)
 
 

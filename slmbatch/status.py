@@ -26,7 +26,9 @@ def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
     runs = ledger.runs()
     active = ledger.active_run()
     lines = [f"job {job['job']} -> {sink} (fingerprint {job['fingerprint']}, first run {job['recorded_at']})"]
+    crashed = None
     if active and active.get("host") == socket.gethostname() and not pid_alive(active.get("pid", -1)):
+        crashed = active
         lines.append(
             f"  CRASHED: run {active['run_id']} for {active['run_date']} (pid {active['pid']}, since "
             f"{active['started']}) is gone without finishing: the next run takes over its lock and resumes"
@@ -40,16 +42,22 @@ def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
     by_date: dict[str, list[dict]] = {}
     for record in done.values():
         by_date.setdefault(record.get("run_date") or "-", []).append(record)
-    finished = {r.get("run_date") for r in runs.values()}
+    finished: dict[str, str] = {}  # run date -> its latest finished run's id (run ids sort by time)
+    for run_id, r in runs.items():
+        finished[r.get("run_date") or "-"] = max(finished.get(r.get("run_date") or "-", ""), run_id)
     lines.append("  run dates:")
     for day in sorted(by_date):
         records = by_date[day]
-        stops = [r for r in stopped.values() if r.get("run_date") == day]
+        stop = max((r["run_id"] for r in stopped.values() if r.get("run_date") == day), default="")
+        crash = crashed["run_id"] if crashed and crashed.get("run_date") == day else ""
+        # Complete once the date's latest run finished: a later run of it that stopped or crashed is not.
         state = (
-            "complete"
-            if day in finished and not (active and active.get("run_date") == day)
-            else f"incomplete (run {max(r['run_id'] for r in stops)} stopped: rerun this date to resume)"
-            if stops
+            f"in progress (run {active['run_id']})"
+            if active and active.get("run_date") == day
+            else "complete"
+            if finished.get(day, "") > max(stop, crash)
+            else f"incomplete (run {stop} stopped: rerun this date to resume)"
+            if stop > crash
             else "incomplete (a run crashed: rerun this date to resume)"
         )
         lines.append(f"    {day}: {len(records)} files, {sum(r['rows'] for r in records):,} rows - {state}")

@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -84,19 +85,30 @@ def infer_isolating_failures(stage: Stage, requests: list[Request], replica: Rep
     """Run the batch; if it fails as a whole, retry row by row so one bad row
     costs only itself. A dead engine is not a row problem: it raises."""
     try:
-        return stage.infer(requests, replica)
+        return [finite_confidence(a) for a in stage.infer(requests, replica)]
     except Exception as exc:  # noqa: BLE001 - isolate per row below
         if _is_dead(exc):
             raise EngineError(f"replica of {replica.model_name} died in stage {stage.name!r}: {exc}") from exc
-    answers = []
+    answers: list[Answer] = []
     for request in requests:
         try:
-            answers.extend(stage.infer([request], replica))
+            answers.extend(finite_confidence(a) for a in stage.infer([request], replica))
         except Exception as exc:  # noqa: BLE001
             if _is_dead(exc):
                 raise EngineError(f"replica of {replica.model_name} died in stage {stage.name!r}: {exc}") from exc
             answers.append(Answer(error=f"engine error: {type(exc).__name__}: {exc}"))
     return answers
+
+
+def finite_confidence(answer: Answer) -> Answer:
+    """``answer``, or a row error (escalated like any failed answer) where its confidence is not a
+    finite number: NaN would pass every threshold (``nan < t`` is false) and break the statistics."""
+    confidence = answer.confidence
+    if answer.error is None and confidence is not None and not math.isfinite(confidence):
+        return dataclasses.replace(
+            answer, value=None, confidence=None, error=f"the model's confidence is {confidence!r}, not a number"
+        )
+    return answer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,9 +399,21 @@ class FrontierActor:
             pending = [i for i, (r, a) in enumerate(zip(routed, audit)) if r == PENDING or (a is not None and a > 0)]
             if not pending:
                 continue
-            rows = rows_of(batch.take(pending))
-            asked = [stage.frontier_request(row) for row in rows]
-            replies, reused = self._complete(asked)
+            asked, unasked = [], []
+            for i, row in zip(list(pending), rows_of(batch.take(pending))):
+                try:
+                    asked.append(stage.frontier_request(row))
+                except RowError as exc:  # no request to send: the row says why, the batch goes on
+                    pending.remove(i)
+                    unasked.append((i, f"no frontier request: {exc}"))
+            if unasked:
+                from .frontier import FrontierReply
+
+                failed = [FrontierReply(None, 0, 0, attempts=0, error=why) for _, why in unasked]
+                batch = merge_frontier_answers(batch, stage, [i for i, _ in unasked], failed, [[]] * len(failed))
+            if not pending:
+                continue
+            replies, reused = self._complete(asked, stage)
             now = [n for n, reply in enumerate(replies) if reply is not DEFERRED]
             later = [n for n, reply in enumerate(replies) if reply is DEFERRED]
             if later:  # batch mode: answered when the Batch API is (slmbatch.batch)
@@ -415,20 +439,31 @@ class FrontierActor:
             return [DEFERRED] * len(todo)
         return self._run(self.client.complete_many([FrontierRequest(**asked[i]) for i in todo]))
 
-    def _complete(self, asked: list[dict[str, Any]]) -> tuple[list[Any], list[str | None]]:
-        """Replies to ``asked``, each distinct request sent once (with dedup), and per request
-        whether its reply was another's (``"run"`` / ``"cache"``, as :func:`infer_once` marks answers).
-        In batch mode a request whose answer is not known yet gets :data:`DEFERRED`."""
+    def _complete(self, asked: list[dict[str, Any]], stage: Stage) -> tuple[list[Any], list[str | None]]:
+        """Replies to ``asked`` (``stage``'s requests), each distinct request sent once (with dedup), and
+        per request whether its reply was another's (``"run"`` / ``"cache"``, as :func:`infer_once` marks
+        answers). Only replies ``stage`` accepts are shared: an answer outside its label set or schema is
+        asked again. In batch mode a request whose answer is not known yet gets :data:`DEFERRED`."""
         from .frontier import FrontierReply
 
         if not self.dedup:
             return self._ask(asked, list(range(len(asked)))), [None] * len(asked)
+
+        def shared(reply: Any) -> str | None:
+            if reply is DEFERRED or reply.error is not None:
+                return None
+            try:
+                stage.parse_frontier(reply.text or "")
+            except RowError:
+                return None
+            return json.dumps({"text": reply.text})
+
         keys = [frontier_key(self.frontier.base_url, self.frontier.model, r) for r in asked]
         replies, origins = answer_once(
             keys,
             self.answers,
             lambda todo: self._ask(asked, todo),
-            lambda reply: json.dumps({"text": reply.text}) if reply is not DEFERRED and reply.error is None else None,
+            shared,
             lambda payload: FrontierReply(
                 text=json.loads(payload)["text"], prompt_tokens=0, completion_tokens=0, attempts=0
             ),

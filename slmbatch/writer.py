@@ -51,6 +51,7 @@ from .hooks import checkpoint
 from .io import Shard, filesystem, output_path, write_parquet_atomic
 from .job import Job
 from .ledger import Ledger
+from .paths import canonical_path, is_remote
 from .plan import read_schema
 from .report import RunSummary, StageStats
 from .schemas import replace_invalid_utf8
@@ -277,7 +278,10 @@ class ShardWriter:
 
     def _url(self, shard: Shard) -> tuple[str, str]:
         key, run_date = self.out_keys.get(shard.index, (shard.key, self.summary.run_date))
-        return output_path(self.job.sink.path, key), run_date
+        # A local sink's files by absolute path: a marker (calibrate --from-runs, batch merges) and a
+        # worker whose working directory is not the driver's find them wherever they run.
+        sink = self.job.sink.path
+        return output_path(sink if is_remote(sink) else canonical_path(sink), key), run_date
 
     def write_empty(self, shard: Shard, table: pa.Table) -> None:
         """A shard with no rows: written here (nothing flows through the pipeline for it)."""

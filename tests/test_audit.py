@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from slmbatch.audit import (
@@ -273,6 +276,11 @@ def test_a_run_is_degraded_when_escalation_quality_or_confidences_leave_the_cali
     uncalibrated = _calibrated_stats(900, 1000)
     uncalibrated.calibration = None
     assert drift_reasons(uncalibrated) == []
+    # the rate is over the rows that could go to the frontier, as calibration's: 250 empty inputs are not
+    bad_input = _calibrated_stats(200, 1250, agreement=0.97)
+    assert "escalation 16.0%" in drift_reasons(bad_input)[0]  # a record that does not count them
+    bad_input.escalatable = 1000
+    assert drift_reasons(bad_input) == [] and bad_input.escalation_rate == 0.2
 
 
 def test_a_run_whose_frontier_left_rows_unanswered_is_degraded_calibrated_or_not():
@@ -392,6 +400,7 @@ def test_the_run_reports_audit_cost_and_a_quality_estimate_that_covers_the_truth
     audit = df.filter(pl.col("spam_audit").is_not_null())
     escalated = df.filter(pl.col("spam_routed_to") == "frontier")
     assert stage["audited"] == audit.height and stage["escalated"] == escalated.height
+    assert stage["escalatable"] == stage["ran"] == df.height  # every input usable: every row could go
     assert stage["audit_cost_usd"] == pytest.approx(audit["spam_frontier_cost_usd"].sum())
     assert stage["frontier_cost_usd"] == pytest.approx(escalated["spam_frontier_cost_usd"].sum())
     quality = stage["quality"]
@@ -516,6 +525,26 @@ def test_calibrate_from_runs_learns_from_escalated_and_audited_rows(audited, tmp
     assert record["chosen"]["escalation_rate"] == pytest.approx(escalated)
     assert record["gold"] == "frontier" and "agreement with the frontier" in " ".join(record["warnings"])
     assert "learning from" in capsys.readouterr().out
+
+
+def test_calibrate_from_runs_refuses_runs_with_no_audited_row(audited, tmp_path, capsys):
+    """Without an audit sample the runs hold only their escalated rows: a threshold learnt from those
+    alone would stand for the wrong population."""
+    from slmbatch.cli import main
+
+    base, job_file, _, _, _ = audited
+    unaudited = tmp_path / "unaudited"
+    shutil.copytree(base / "whole", unaudited)
+    for marker in (unaudited / "_slmbatch" / "done").glob("*.json"):  # the copy's markers name the copy's files
+        marker.write_text(marker.read_text().replace(str(base / "whole"), str(unaudited)))
+    for path in unaudited.glob("*.parquet"):
+        table = pq.read_table(path)
+        column = table.schema.get_field_index("spam_audit")
+        pq.write_table(table.set_column(column, "spam_audit", pa.nulls(table.num_rows, pa.float64())), path)
+    args = ["calibrate", str(job_file), "--from-runs", str(unaudited), "--target", "frontier_gap<=5pt"]
+    assert main([*args, "--out", str(tmp_path / "t.json")]) == 2
+    assert "no row of stage(s) spam in these runs was audited" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
 
 
 def test_report_shows_each_runs_escalation_and_estimate(audited, capsys):

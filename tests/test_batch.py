@@ -352,6 +352,10 @@ def test_a_batch_the_api_refuses_is_tried_again_once_then_its_rows_keep_the_smal
     assert set(sent["spam_routed_to"]) == {"small"} and sent["spam"].to_list() == sent["spam_small"].to_list()
     assert summary.batch_awaiting_rows == 0 and [r["attempt"] for r in summary.batches] == [1, 2]
     assert summary.batch_error is None  # a refusal is the rows' outcome, not an outage
+    # ... and the run's own counts say so: recounted from the merged rows, though nothing was paid
+    spam = summary.stages[0]
+    assert (spam.frontier_failed + spam.audit_failed, spam.batch_awaiting) == (sent.height, 0)
+    assert any("got no answer from it" in reason for reason in summary.degraded), summary.degraded
 
 
 def run_driver(job_file: Path, address: str, fault: str) -> subprocess.CompletedProcess:

@@ -156,7 +156,7 @@ def test_feedback_exports_escalated_rows_as_chat_jsonl_that_chat_templates_accep
         rendered = tokenizer.apply_chat_template(record["messages"], tokenize=False)
         assert rendered.endswith(f"<|im_start|>assistant\n{rule(row['text'])}<|im_end|>\n")
     manifest = json.loads((out / "manifest.json").read_text())["stages"]["spam"]
-    assert manifest["escalated_rows"] == ROWS and manifest["train"] + manifest["heldout"] == len(lines)
+    assert manifest["frontier_rows"] == ROWS and manifest["train"] + manifest["heldout"] == len(lines)
 
 
 def test_without_labels_calibration_measures_agreement_with_the_frontier(calibrated, tmp_path):

@@ -226,3 +226,68 @@ def test_error_kinds_group_numbers_but_keep_those_in_names():
     assert error_kind("prompt is 1102 tokens, max 512") == "prompt is N tokens, max N"
     assert error_kind("input column 'text' is not valid UTF-8") == "input column 'text' is not valid UTF-8"
     assert error_kind("gpt-4 said 3 things about Qwen2.5-0.5B") == "gpt-4 said N things about Qwen2.5-0.5B"
+
+
+def test_long_error_kinds_are_cut_at_a_word():
+    from slmbatch.report import error_kind
+
+    reason = "batch slm-9bd04a85 ended refused (Batch API POST /batches: HTTP 400: file too large) without answering it"
+    kind = error_kind(reason)
+    assert len(kind) <= 80 and kind.endswith("...") and reason.replace("400", "N").startswith(kind[:-3])
+    assert kind[:-3].endswith(("HTTP N:", "file", "too"))  # a whole word before the "..."
+
+
+def test_a_derived_sink_is_beside_the_jobs_never_inside_it():
+    from slmbatch import Frontier
+    from slmbatch.evaluate import escalate_all, sibling_sink
+
+    job = Job(
+        name="j",
+        source=ParquetSource("s3://acme/in/"),
+        sink=ParquetSink("s3://acme/out/"),
+        stages=[Classify("c", model=Model("m"), input="text", labels=["a", "b"], threshold=0.5)],
+        frontier=Frontier(base_url="http://127.0.0.1:9/v1", model="f", api_key_env=None),
+    )
+    assert sibling_sink(job, "-calibration") == "s3://acme/out-calibration"
+    assert escalate_all(job, sibling_sink(job, "-frontier-all")).sink.path == "s3://acme/out-frontier-all"
+    for inside in ("s3://acme/out/-frontier-all", "s3://acme/out", "s3://acme/out/x/"):
+        with pytest.raises(ConfigError, match="inside the job's sink"):
+            escalate_all(job, inside)
+
+
+def test_the_all_frontier_estimate_prices_every_billed_reply_an_unusable_one_included():
+    import pyarrow as pa
+
+    from slmbatch.columns import ROW_ID
+
+    stage = Classify("c", model=Model("m"), input="t", labels=["a", "b"], threshold=0.5)
+    c, n = stage.columns, 10
+    columns = {f.name: pa.nulls(n, f.type) for f in stage.output_schema()}
+    columns[c.model] = pa.array(["m"] * n)
+    columns[c.tokens_in], columns[c.tokens_out] = pa.array([0] * n), pa.array([0] * n)
+    columns[c.confidence] = pa.array([0.1] * 4 + [0.9] * 6)
+    columns[c.escalation] = pa.array(["confidence 0.100 < threshold 0.5"] * 4 + [None] * 6)
+    columns[c.routed_to] = pa.array(["frontier", "frontier", "small", "small"] + ["small"] * 6)
+    bad = "frontier answered 'zzz', which is not one of the labels"
+    columns[c.frontier_error] = pa.array([None, None, bad, bad] + [None] * 6)
+    columns[c.frontier_tokens_in] = pa.array([40] * 4 + [None] * 6, pa.int64())
+    columns[c.frontier_cost_usd] = pa.array([1.0] * 4 + [None] * 6)
+    stats = StageStats("c", "classify")
+    stats.add(pa.table({ROW_ID: [f"f:{i}" for i in range(n)], **columns}), stage)
+    assert (stats.frontier_paid, stats.frontier_failed, stats.escalated) == (4, 2, 2)
+    assert stats.all_frontier_cost_usd == pytest.approx(10.0)  # $1 a reply, 10 rows
+
+
+def test_the_bootstrap_keeps_its_resamples_on_many_rows_and_its_interval_holds_the_estimate():
+    import numpy as np
+
+    from slmbatch.calibrate import MAX_CANDIDATES, MIN_RESAMPLES
+
+    rng = np.random.default_rng(1)
+    n = 300_000  # 16 resamples would fit the old memory bound
+    confidence = rng.random(n)
+    small = (rng.random(n) < 0.5 + 0.4 * confidence).astype(float)
+    curve = build_curve(small, np.ones(n), confidence, np.zeros(n), np.full(n, 1e-5), bootstrap=MIN_RESAMPLES)
+    assert curve.resamples == MIN_RESAMPLES and len(curve.thresholds) <= MAX_CANDIDATES
+    inside = (curve.quality_lo <= curve.quality + 1e-12) & (curve.quality <= curve.quality_hi + 1e-12)
+    assert inside.all() and (curve.quality_hi - curve.quality_lo)[1:-1].min() > 0

@@ -288,6 +288,28 @@ def _ledger(tmp_path, **sink) -> Ledger:
     return ledger
 
 
+def test_a_date_is_complete_only_while_its_latest_run_finished(tmp_path):
+    ledger = _ledger(tmp_path)
+    runs = tmp_path / "out" / "_slmbatch" / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+
+    def finished(run_id: str) -> None:
+        record = {"run_date": "2026-11-28", "rows_out": 3, "rows_done_before": 0, "wall_s": 1.0}
+        (runs / f"{run_id}.json").write_text(json.dumps(record))
+
+    day = "2026-11-28"
+    ledger.mark_done("a.parquet", source="/in/a.parquet", rows=3, output="x", run_id="20261128T01Z-a", run_date=day)
+    finished("20261128T01Z-a")
+    assert f"{day}: 1 files, 3 rows - complete" in status_text(str(tmp_path / "out"))
+    # new input that night; the run that took it was stopped after its first file
+    ledger.mark_done("b.parquet", source="/in/b.parquet", rows=3, output="y", run_id="20261128T02Z-b", run_date=day)
+    ledger.record_stop("20261128T02Z-b", {"run_id": "20261128T02Z-b", "run_date": day, "error": "stopped by SIGINT"})
+    said = status_text(str(tmp_path / "out"))
+    assert f"{day}: 2 files, 6 rows - incomplete (run 20261128T02Z-b stopped: rerun this date to resume)" in said
+    finished("20261128T03Z-c")  # the rerun finished it
+    assert f"{day}: 2 files, 6 rows - complete" in status_text(str(tmp_path / "out"))
+
+
 def test_todo_skips_recorded_shards_and_redoes_a_shard_whose_row_count_changed(tmp_path):
     ledger = _ledger(tmp_path, partition_by_run_date=True)
     night = dt.date(2026, 11, 28)
@@ -364,13 +386,23 @@ def test_an_option_added_by_a_later_slmbatch_at_its_default_is_no_change_but_a_r
         Ledger(changed).check_job()
 
 
-def _job_on(source: str, sink: Path, labels=("a", "b")) -> Job:
+def _job_on(source: str, sink: Path, labels=("a", "b"), engine=None) -> Job:
     return Job(
         name="l",
         source=ParquetSource(source, columns=["text"]),
         sink=ParquetSink(str(sink)),
-        stages=[Classify("c", model=Model("some/model"), input="text", labels=list(labels))],
+        stages=[Classify("c", model=Model("some/model", engine=engine or {}), input="text", labels=list(labels))],
     )
+
+
+def test_an_engine_option_of_speed_or_memory_is_no_change_but_one_of_answers_is(tmp_path):
+    first = Ledger(_job_on(str(tmp_path / "in"), tmp_path / "out", engine={"max_num_seqs": 256}))
+    first.check_job()
+    first.mark_done("a.parquet", source="/in/a.parquet", rows=3, output="x", run_id="r1", run_date="2026-11-28")
+    tuned = {"max_num_seqs": 32, "gpu_memory_utilization": 0.8, "enforce_eager": True}
+    Ledger(_job_on(str(tmp_path / "in"), tmp_path / "out", engine=tuned)).check_job()
+    with pytest.raises(JobChangedError, match=r"engine\.dtype"):
+        Ledger(_job_on(str(tmp_path / "in"), tmp_path / "out", engine={"dtype": "float32"})).check_job()
 
 
 def test_one_source_spelled_another_way_is_the_same_source(tmp_path, monkeypatch):

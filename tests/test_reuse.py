@@ -48,6 +48,9 @@ def test_a_key_changes_with_what_decides_the_answer_and_only_with_that():
     assert answer_namespace(_classify(threshold=0.3), "v1", "float32") == base
     assert answer_namespace(_classify(threshold=0.9, audit_rate=0.1, gold="g"), "v1", "float32") == base
     assert answer_namespace(dataclasses.replace(_classify(), name="other"), "v1", "float32") == base
+    # engine options of speed and memory, not answers
+    tuned = Model("m", engine={"gpu_memory_utilization": 0.8, "max_num_seqs": 64, "enforce_eager": True})
+    assert answer_namespace(dataclasses.replace(_classify(), model=tuned), "v1", "float32") == base
     # anything that can change an answer: a new namespace
     changed = [
         answer_namespace(_classify(), "v2", "float32"),  # the model's weights
@@ -56,8 +59,11 @@ def test_a_key_changes_with_what_decides_the_answer_and_only_with_that():
         answer_namespace(_classify(system="Be brief."), "v1", "float32"),
         answer_namespace(Classify("intent", model=Model("m"), input="text", labels=["a", "c"]), "v1", "float32"),
         answer_namespace(_classify("other-model"), "v1", "float32"),
+        answer_namespace(
+            dataclasses.replace(_classify(), model=Model("m", engine={"max_model_len": 64})), "v1", "float32"
+        ),
     ]
-    assert base not in changed and len(set(changed)) == 6
+    assert base not in changed and len(set(changed)) == 7
     key = request_key(base, [1, 2, 3], {})
     assert key == request_key(base, [1, 2, 3], {})
     assert len({key, request_key(base, [1, 2, 4], {}), request_key(base, [1, 2, 3], {"t": True})}) == 3
@@ -290,6 +296,25 @@ def test_a_second_night_answers_the_rows_seen_before_from_the_cache_and_still_au
     assert "answer cache:" in summary.render()
     cache = pq.read_table(base / "cache" / "answers.parquet")
     assert cache.num_rows == summary.answer_table["entries"]
+
+
+def test_a_frontier_answer_outside_the_label_set_is_never_shared_or_cached(two_nights, tmp_path, tiny_classifier):
+    """An answer the stage refuses is a failure of that row alone: later batches and nights ask again."""
+    base, _ = two_nights
+    cache = tmp_path / "answers.parquet"
+    with FaultServer(reply=lambda body: json.dumps({"label": "maybe"})) as server:
+        job = cached_job(base, "night1", tiny_classifier, server.base_url, str(tmp_path / "out"))
+        job = dataclasses.replace(job, cache=AnswerCache(path=str(cache)))
+        summary = slmbatch.run(job, progress=False)
+        asked = len(server.seen)
+    df = pl.read_parquet(tmp_path / "out" / "*.parquet")
+    sent = df.filter(pl.col("spam_frontier_messages").is_not_null())
+    assert sent.height > sent["spam_frontier_messages"].n_unique() > 0  # the escalations repeat
+    assert sent["spam_frontier_error"].str.contains("not one of the labels").all()
+    assert set(sent["spam_frontier_reused"].drop_nulls()) <= {"run"}  # shared within its batch at most
+    assert asked > sent["spam_frontier_messages"].n_unique()  # asked again by each later batch
+    assert summary.answer_table["entries"] == DISTINCT  # the small model's answers only
+    assert pq.read_table(cache).num_rows == DISTINCT
 
 
 def test_a_changed_model_misses_the_cache(two_nights, tmp_path, tiny_classifier):

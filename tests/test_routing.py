@@ -167,6 +167,28 @@ def test_a_request_over_max_input_tokens_keeps_the_small_answer():
         Frontier(base_url="http://127.0.0.1:9/v1", model="m", max_input_tokens=0)
 
 
+def test_the_audit_sample_takes_only_rows_the_small_model_answered():
+    """A row with no usable input has no answer to audit, nor a request to send: never sampled."""
+    from slmbatch.stages.base import Answer
+    from slmbatch.worker import finite_confidence
+
+    stage = Classify("spam", model=Model("m"), input="text", labels=["ham", "spam"], threshold=0.5, audit_rate=1.0)
+    rows = [{"_row_id": f"f:{i}", "text": t} for i, t in enumerate(["card lost", None, "", "hello"])]
+    answers = [
+        Answer(value="spam", confidence=0.9),
+        Answer(error="input column 'text' is null", escalatable=False),
+        Answer(error="input column 'text' is empty", escalatable=False),
+        finite_confidence(Answer(value="ham", confidence=float("nan"))),
+    ]
+    routed_to, reasons, audit = Router(Frontier(base_url="http://127.0.0.1:9/v1", model="m")).decide(
+        stage, rows, answers
+    )
+    assert audit == [1.0, None, None, None] and routed_to[:3] == ["small"] * 3 and reasons[:3] == [None] * 3
+    # a confidence that is not a number is a failed answer, escalated like one (NaN passes every threshold)
+    assert answers[3].error == "the model's confidence is nan, not a number" and answers[3].value is None
+    assert routed_to[3] == "pending" and reasons[3].startswith("small model failed: the model's confidence is nan")
+
+
 def test_egress_endpoints_are_checked_when_the_job_is_defined(tmp_path):
     m = Model("m")
     with pytest.raises(ConfigError, match=r"Job\.frontier\.base_url: host 'api\.example\.com' is not in"):
