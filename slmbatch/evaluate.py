@@ -40,14 +40,24 @@ from .stages import family
 
 def read_output(job: Job, columns: Sequence[str] | None = None) -> pl.DataFrame:
     """Every row the job's sink holds (all ``*.parquet`` outside ``_slmbatch``)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .io import list_parquet
 
     fs, _, files = list_parquet(job.sink.path, job.sink.storage_options)
     tables = [pq.read_table(f, filesystem=fs, columns=list(columns) if columns else None) for f in files]
-    return pl.DataFrame(pa.concat_tables(tables, promote_options="default"))
+    return one_frame(tables, job.sink.path)
+
+
+def one_frame(tables: Sequence[Any], where: str) -> pl.DataFrame:
+    """Output files of several runs as one frame: a column's type widened where runs differ (an input
+    id that was int32 one night and int64 the next); an InputError naming it where no type holds both."""
+    import pyarrow as pa
+
+    try:
+        return pl.DataFrame(pa.concat_tables(tables, promote_options="permissive"))
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+        raise InputError(f"the output files in {where} cannot be read as one table: {exc}") from None
 
 
 WEIGHT_PREFIX = "_weight_"
@@ -86,7 +96,7 @@ def read_production(job: Job, sinks: Sequence[str], since: str | None = None) ->
                 weights = row_weights(table, stage.columns)
                 table = table.append_column(WEIGHT_PREFIX + stage.name, pa.array(weights, pa.float64()))
         tables.append(table)
-    frame = pl.DataFrame(pa.concat_tables(tables, promote_options="default"))
+    frame = one_frame(tables, named)
     weight_columns = [c for c in frame.columns if c.startswith(WEIGHT_PREFIX)]
     if not weight_columns:
         raise InputError(f"{named} holds no output of a routed stage of job {job.name!r}")

@@ -137,6 +137,14 @@ class Job:
                         f"Job.stages[{i}].name", f"output column {clash[0]!r} would overwrite an input column"
                     )
                 available |= outputs
+        for column in self.egress.exclude_when or ():
+            # A column the job does not read would be missing from every row: the policy would never apply.
+            require(
+                available is None or column in available,
+                f"Job.egress.exclude_when.{column}",
+                f"column {column!r} is not in Job.source.columns {list(self.source.columns or ())} nor a stage's "
+                "output: add it to the columns read, or the rows it marks would be sent",
+            )
         overlaps = overlap(self.source.path, self.sink.path)
         require(overlaps is None, "Job.sink.path", f"{self.sink.path!r} {overlaps}; write the output elsewhere")
 

@@ -396,7 +396,7 @@ class Ledger:
                         todo.rows_never_run += shard.num_rows
                         todo.files_never_run += 1
                     continue
-                todo.out_keys[shard.index] = (partitioned(job, shard.key, recorded), recorded.isoformat())
+                todo.out_keys[shard.index] = (self._again(record or {}, shard.key, recorded), recorded.isoformat())
                 todo.shards.append(shard)
                 continue
             change = _change(record, shard)
@@ -413,9 +413,20 @@ class Ledger:
                     change,
                     into,
                 )
-            todo.out_keys[shard.index] = (partitioned(job, shard.key, into), into.isoformat())
+            key = partitioned(job, shard.key, into) if record is None else self._again(record, shard.key, into)
+            todo.out_keys[shard.index] = (key, into.isoformat())
             todo.shards.append(shard)
         return todo
+
+    def _again(self, record: dict, key: str, day: dt.date) -> str:
+        """The output key of a shard processed again: the file its marker names, which the new output
+        replaces - whatever the sink's layout is now (``partition_by_run_date`` switched since, say) - so
+        that the sink never holds its rows twice; where the marker names no file in this sink, the key
+        the layout gives ``day``."""
+        root, output = canonical_path(self.sink), canonical_path(record.get("output") or "")
+        if output.startswith(root + "/"):
+            return output[len(root) + 1 :]
+        return partitioned(self._job(), key, day)
 
     def mark_done(self, key: str, *, source: str, rows: int, output: str, run_id: str, **extra: Any) -> None:
         record = {

@@ -30,6 +30,10 @@ def required_source_columns(job: Job) -> dict[str, str]:
         for column in sorted(stage.required_columns() - produced):
             needed.setdefault(column, f"Job.stages[{i}] ({stage.name!r})")
         produced |= set(stage.output_columns())
+    # The egress policy's columns: a file without one could not keep its marked rows home.
+    for column in job.egress.exclude_when or ():
+        if column not in produced:
+            needed.setdefault(column, f"Job.egress.exclude_when.{column}")
     return needed
 
 

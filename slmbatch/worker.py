@@ -85,19 +85,45 @@ def infer_isolating_failures(stage: Stage, requests: list[Request], replica: Rep
     """Run the batch; if it fails as a whole, retry row by row so one bad row
     costs only itself. A dead engine is not a row problem: it raises."""
     try:
-        return [finite_confidence(a) for a in stage.infer(requests, replica)]
+        return [checked_answer(stage, a) for a in stage.infer(requests, replica)]
     except Exception as exc:  # noqa: BLE001 - isolate per row below
         if _is_dead(exc):
             raise EngineError(f"replica of {replica.model_name} died in stage {stage.name!r}: {exc}") from exc
     answers: list[Answer] = []
     for request in requests:
         try:
-            answers.extend(finite_confidence(a) for a in stage.infer([request], replica))
+            answers.extend(checked_answer(stage, a) for a in stage.infer([request], replica))
         except Exception as exc:  # noqa: BLE001
             if _is_dead(exc):
                 raise EngineError(f"replica of {replica.model_name} died in stage {stage.name!r}: {exc}") from exc
             answers.append(Answer(error=f"engine error: {type(exc).__name__}: {exc}"))
     return answers
+
+
+def unfit(stage: Stage, value: Any) -> str | None:
+    """Why ``value`` cannot be stored in ``stage``'s answer column (an integer past int64, text with a lone
+    surrogate from a JSON escape), or None: a row error then, never a failed batch."""
+    try:
+        pa.array([value], type=stage.answer_type())
+    except (pa.ArrowException, OverflowError, UnicodeError, TypeError, ValueError) as exc:
+        return f"answer does not fit column {stage.columns.answer!r} ({stage.answer_type()}): {exc}"
+    return None
+
+
+def accepted_frontier_answer(stage: Stage, text: str) -> Any:
+    """The frontier's answer ``text`` as ``stage``'s value, checked as the small model's (RowError if not)."""
+    value = stage.parse_frontier(text)
+    if why := unfit(stage, value):
+        raise RowError(f"frontier {why}")
+    return value
+
+
+def checked_answer(stage: Stage, answer: Answer) -> Answer:
+    """``answer`` with a confidence that is a number and a value its column can hold, else a row error."""
+    answer = finite_confidence(answer)
+    if answer.error is None and (why := unfit(stage, answer.value)):
+        return dataclasses.replace(answer, value=None, confidence=None, error=why)
+    return answer
 
 
 def finite_confidence(answer: Answer) -> Answer:
@@ -453,7 +479,7 @@ class FrontierActor:
             if reply is DEFERRED or reply.error is not None:
                 return None
             try:
-                stage.parse_frontier(reply.text or "")
+                accepted_frontier_answer(stage, reply.text or "")
             except RowError:
                 return None
             return json.dumps({"text": reply.text})
@@ -531,7 +557,7 @@ def merge_frontier_answers(
         error = reply.error
         if error is None:
             try:
-                value = stage.parse_frontier(reply.text or "")
+                value = accepted_frontier_answer(stage, reply.text or "")
             except RowError as exc:
                 error = str(exc)
         if error is None:

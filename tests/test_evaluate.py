@@ -291,3 +291,17 @@ def test_the_bootstrap_keeps_its_resamples_on_many_rows_and_its_interval_holds_t
     assert curve.resamples == MIN_RESAMPLES and len(curve.thresholds) <= MAX_CANDIDATES
     inside = (curve.quality_lo <= curve.quality + 1e-12) & (curve.quality <= curve.quality_hi + 1e-12)
     assert inside.all() and (curve.quality_hi - curve.quality_lo)[1:-1].min() > 0
+
+
+def test_outputs_of_nights_whose_input_types_differ_read_as_one_frame():
+    import pyarrow as pa
+
+    from slmbatch.errors import InputError
+    from slmbatch.evaluate import one_frame
+
+    night1 = pa.table({"id": pa.array([1, 2], pa.int64()), "spam": ["ham", "spam"]})
+    night2 = pa.table({"id": pa.array([3], pa.int32()), "spam": ["ham"]})
+    frame = one_frame([night1, night2], "out/")
+    assert frame["id"].to_list() == [1, 2, 3] and frame.height == 3
+    with pytest.raises(InputError, match="the output files in out/ cannot be read as one table"):
+        one_frame([night1, pa.table({"id": ["x"], "spam": ["ham"]})], "out/")

@@ -76,6 +76,10 @@ def test_unknown_prompt_placeholder_is_rejected():
         Summarize("s", model=M, input="text", prompt="n={n:03d}: {input}")
     with pytest.raises(ConfigError, match=r"placeholder \{input!r\} has a format"):
         Classify("c", model=M, input="text", labels=["a", "b"], prompt="{input!r}")
+    # a prompt without the row's input would ask every row the same question
+    with pytest.raises(ConfigError, match=r"Classify\.prompt: never shows the model the row's input"):
+        Classify("c", model=M, input="text", labels=["a", "b"], prompt="Is this message spam?")
+    Classify("c", model=M, input="text", labels=["a", "b"], prompt="Is this spam? {text}")  # the column by name
 
 
 def test_output_column_may_not_overwrite_an_input_column():

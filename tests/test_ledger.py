@@ -343,6 +343,24 @@ def test_todo_redoes_a_file_rewritten_in_place_with_as_many_rows_by_its_size(tmp
     )
 
 
+def test_a_file_processed_again_replaces_its_output_though_the_sinks_layout_changed(tmp_path):
+    """partition_by_run_date switched off since a.parquet was processed: its new output goes over the old
+    file (run_date=.../a.parquet), not beside it at the root, where the sink would hold its rows twice."""
+    _ledger(tmp_path, partition_by_run_date=True).mark_done(
+        "a.parquet",
+        source="/in/a.parquet",
+        rows=10,
+        output=str(tmp_path / "out" / "run_date=2026-11-27" / "a.parquet"),
+        run_id="r1",
+        run_date="2026-11-27",
+    )
+    flat = _ledger(tmp_path)
+    plan = Plan(shards=[Shard(0, "/in/a.parquet", "a.parquet", 12, (12,), 1500)], skipped=[], schema=None)
+    assert flat.todo(plan, dt.date(2026, 11, 28)).out_keys[0] == ("run_date=2026-11-27/a.parquet", "2026-11-27")
+    backfill = flat.todo(plan, dt.date(2026, 12, 1), (dt.date(2026, 11, 27), dt.date(2026, 11, 27)))
+    assert backfill.out_keys[0] == ("run_date=2026-11-27/a.parquet", "2026-11-27")
+
+
 def test_todo_in_a_backfill_takes_exactly_the_shards_of_those_dates_back_into_their_partitions(tmp_path):
     ledger = _ledger(tmp_path, partition_by_run_date=True)
     for key, day in (("a.parquet", "2026-11-01"), ("b.parquet", "2026-11-05"), ("c.parquet", "2026-11-09")):

@@ -189,6 +189,36 @@ def test_the_audit_sample_takes_only_rows_the_small_model_answered():
     assert routed_to[3] == "pending" and reasons[3].startswith("small model failed: the model's confidence is nan")
 
 
+def test_the_egress_policy_reads_its_columns_and_a_file_without_them_is_set_aside(tmp_path):
+    """exclude_when names a column: the job must read it, or every row it marks would be sent."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from slmbatch.plan import plan
+
+    def job(columns=None, exclude=None):
+        return Job(
+            name="j",
+            source=ParquetSource(str(tmp_path / "in"), columns=columns),
+            sink=ParquetSink(str(tmp_path / "out")),
+            stages=[Classify("c", model=Model("m"), input="text", labels=["a", "b"], threshold=0.5)],
+            frontier=Frontier(base_url="http://127.0.0.1:9/v1", model="x"),
+            egress=Egress(exclude_when=exclude or {"sensitive": True}),
+        )
+
+    with pytest.raises(ConfigError, match=r"Job\.egress\.exclude_when\.sensitive: column 'sensitive' is not in"):
+        job(columns=["id", "text"])
+    job(columns=["id", "text", "sensitive"])
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": ["a"], "sensitive": [True]}), tmp_path / "in" / "a.parquet")
+    pq.write_table(pa.table({"text": ["b"]}), tmp_path / "in" / "b.parquet")  # cannot tell: not sent, set aside
+    planned = plan(job())
+    assert [s.key for s in planned.shards] == ["a.parquet"]
+    assert [(p.rsplit("/", 1)[-1], "sensitive" in r) for p, r in planned.skipped] == [("b.parquet", True)]
+    with pytest.raises(ConfigError, match=r"Job\.egress\.exclude_when\.sensitve: reads column 'sensitve'"):
+        plan(job(exclude={"sensitve": True}))  # a typo no input file has
+
+
 def test_egress_endpoints_are_checked_when_the_job_is_defined(tmp_path):
     m = Model("m")
     with pytest.raises(ConfigError, match=r"Job\.frontier\.base_url: host 'api\.example\.com' is not in"):

@@ -227,7 +227,13 @@ class Stage:
             value = getattr(self, field_name)
             require(value is None or isinstance(value, str), f"{cls}.{field_name}", f"must be a string, got {value!r}")
         if self.prompt is not None:
-            self._placeholders(self.prompt, f"{cls}.prompt")
+            used = self._placeholders(self.prompt, f"{cls}.prompt")
+            require(
+                bool(used & {"input", self.input}),
+                f"{cls}.prompt",
+                f"never shows the model the row's input: put {{input}} where the text of column {self.input!r} "
+                f"goes, got {self.prompt!r}",
+            )
         check_unit_interval(self.threshold, f"{cls}.threshold")
         require(
             isinstance(self.escalate_on_error, bool),
