@@ -362,7 +362,11 @@ def _calibrate(args) -> int:
 
 def _feedback(args) -> int:
     from .feedback import export_feedback, render_manifest
+    from .status import not_a_sink
 
+    if problem := not_a_sink(args.output_dir):  # as status and report say it
+        print(f"slmbatch: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     print(render_manifest(export_feedback(args.output_dir, args.out, holdout=args.holdout, stages=args.stage)))
     return 0
 

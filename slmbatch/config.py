@@ -632,10 +632,24 @@ def load_thresholds(path: str) -> dict[str, float]:
     writes one; a plain ``{"thresholds": {stage: t}}`` or ``{stage: t}`` works
     too), for ``Classify(..., threshold=t["intent"])``. Thresholds from
     ``slmbatch calibrate`` carry their cost-quality curve into the run report."""
+    field = f"thresholds file {path}"
     with open(path) as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            data = exc  # said below, as any other shape it cannot take
+    require(not isinstance(data, json.JSONDecodeError), field, f"is not JSON: {data}")
+    require(
+        isinstance(data, Mapping), field, f"must be a JSON object of stage -> threshold, got a {type(data).__name__}"
+    )
     stages = data.get("stages", {}) if isinstance(data.get("stages"), Mapping) else {}
-    data = data.get("thresholds", data)
+    if "thresholds" in data:
+        data = data["thresholds"]
+    elif set(data) - {"stages"}:  # {stage: t}, beside a "stages" record or not
+        data = {k: v for k, v in data.items() if k != "stages"}
+    elif stages:  # a calibration file without its summary: each stage's record names its threshold
+        data = {k: v.get("threshold") if isinstance(v, Mapping) else v for k, v in stages.items()}
+    require(isinstance(data, Mapping), f"{field}: thresholds", f"must be an object of stage -> threshold, got {data!r}")
     for stage, value in data.items():
         require(
             isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1,

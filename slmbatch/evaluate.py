@@ -216,6 +216,13 @@ def stage_rows(job: Job, frame: pl.DataFrame, name: str, *, gold_from_frontier: 
     stage = next(s for s in job.stages if s.name == name)
     n = stage.name
     c = stage.columns
+    read = [n, c.model, c.error, c.confidence, c.tokens_in, c.tokens_out]
+    read += [c.small, c.escalation, c.frontier, c.routed_to] if stage.routed else []
+    if missing := [col for col in read if col not in frame.columns]:
+        raise InputError(
+            f"the output read has no column {missing[0]!r}: it holds no output of stage {n!r} of job "
+            f"{job.name!r} as it is now (another job's sink, or a routing the runs did not have?)"
+        )
     frame = frame.filter(pl.col(c.model).is_not_null())
     routed = stage.routed
     if gold_from_frontier:

@@ -99,9 +99,9 @@ def _list_parquet(fs, path: str, stripped: str) -> tuple[Any, str, dict[str, tup
     elif fs.isdir(stripped):
         root = stripped
         found = {f: i for f, i in fs.find(stripped, detail=True).items() if f.lower().endswith(PARQUET_SUFFIXES)}
-    elif fs.isfile(stripped):
-        root = posixpath.dirname(stripped)
-        found = {stripped: fs.info(stripped)}
+    elif fs.isfile(stripped):  # named, so taken whatever its name (hidden files are left out of listings)
+        info = fs.info(stripped)
+        return fs, posixpath.dirname(stripped), {stripped: (info.get("size"), info.get("ETag"))}
     else:
         raise InputError(f"source path {path!r} does not exist")
     files = sorted(f for f in found if not _hidden(posixpath.relpath(f, root)))

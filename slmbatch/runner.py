@@ -35,6 +35,7 @@ import datetime as dt
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -321,7 +322,12 @@ def _configure_ray_data() -> None:
     ctx.print_on_execution_start = False
 
 
-def parse_date(value: str, field: str = "--run-date") -> dt.date:
+def parse_date(value: str | dt.date, field: str = "--run-date") -> dt.date:
+    """``value`` as a date: a ``datetime`` its date, a string ``YYYY-MM-DD``; a ConfigError naming ``field``."""
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
     try:
         return dt.date.fromisoformat(value)
     except (TypeError, ValueError):
@@ -369,7 +375,7 @@ def run(
     load_observers()
     started = time.monotonic()
     now = dt.datetime.now(dt.timezone.utc)
-    day = run_date if isinstance(run_date, dt.date) else parse_date(run_date) if run_date else now.date()
+    day = now.date() if run_date is None else parse_date(run_date, "run_date (--run-date)")
     if day > now.date() + dt.timedelta(days=1):  # a day ahead is a scheduler east of UTC
         log.warning(
             "run date %s is after today (%s, UTC): its outputs and ledger records carry that date",
@@ -378,10 +384,11 @@ def run(
         )
     window: tuple[dt.date, dt.date] | None = None
     if backfill is not None:
-        first, last = (d if isinstance(d, dt.date) else parse_date(d, "--backfill") for d in backfill)
-        window = (first, last)
+        if isinstance(backfill, str) or not isinstance(backfill, Sequence) or len(backfill) != 2:
+            raise ConfigError("backfill (--backfill)", f"must be (first, last) dates, got {backfill!r}")
+        window = (parse_date(backfill[0], "backfill (--backfill)"), parse_date(backfill[1], "backfill (--backfill)"))
         if window[0] > window[1]:
-            raise ConfigError("--backfill", f"first date {window[0]} is after last date {window[1]}")
+            raise ConfigError("backfill (--backfill)", f"first date {window[0]} is after last date {window[1]}")
     summary = RunSummary(
         job=job.name,
         run_id=now.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6],
@@ -439,15 +446,31 @@ def _check_accounting(summary: RunSummary) -> None:
         )
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception at the end of ``exc``'s ``raise ... from`` chain: what a Ray task's error wraps."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, without terminal colour codes (Ray colours its task names)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def _record_stop(job: Job, summary: RunSummary, exc: BaseException, log_path: str | None, wall_s: float) -> None:
     """A run that ``exc`` stopped: its traceback goes to the run's log (``log_path``, the local file
     that is uploaded next to an ``s3://`` sink's output), and what stopped it to the ledger
     (:meth:`~slmbatch.ledger.Ledger.record_stop`) for ``slmbatch status``. The log is named on the
     error as ``run_log`` (the CLI prints it under its one line). Best effort: the sink itself may be
     what failed."""
-    error = slmbatch_error(exc) or exc
+    error = slmbatch_error(exc)
     signum = stopped_by_signal(exc)
-    said = f"{type(error).__name__}: {error}" if signum is None else f"stopped by {signal.Signals(signum).name}"
+    if signum is not None:
+        said = f"stopped by {signal.Signals(signum).name}"
+    else:  # an unexpected error: its cause on one line (a Ray task's is dozens, coloured), the rest in the log
+        said = f"{type(error).__name__}: {error}" if error is not None else one_line(root_cause(exc))
     if log_path is not None:
         with open(log_path, "a", encoding="utf-8") as f:
             f.write("slmbatch: the run stopped:\n" + "".join(traceback.format_exception(exc)))
@@ -534,6 +557,14 @@ def _run(
         todo = ledger.todo(the_plan, day, window)
         summary.rows_done_before, summary.files_done_before = todo.rows_done_before, todo.files_done_before
         summary.rows_never_run, summary.files_never_run = todo.rows_never_run, todo.files_never_run
+        if window is not None and the_plan.skipped:
+            # Files set aside were never processed, so no date holds them: outside any backfill, and not
+            # failures of it (still named above, and taken by the next plain run once fixed).
+            summary.rows_done_before += summary.rows_in_failed_files
+            summary.files_done_before += len(the_plan.skipped)
+            summary.rows_never_run += summary.rows_in_failed_files
+            summary.files_never_run += len(the_plan.skipped)
+            summary.rows_in_failed_files = summary.files_uncounted = 0
         if summary.files_done_before:
             log.info(
                 "not processed in this run (%s): %d files, %d rows",

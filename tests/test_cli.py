@@ -127,7 +127,7 @@ def test_a_wait_that_is_not_a_number_of_seconds_is_refused_naming_the_option(tmp
 def test_status_and_report_of_a_path_without_slmbatch_output_exit_2_saying_what_it_is(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file").write_text("x")
-    for command in ("status", "report"):
+    for command in ("status", "report", "feedback"):
         out = slmbatch_cmd(command, str(tmp_path / "nothing"))
         assert out.returncode == 2 and f"slmbatch: {tmp_path / 'nothing'} does not exist" in out.stderr, out.stderr
         out = slmbatch_cmd(command, str(tmp_path / "a-file"))

@@ -305,3 +305,20 @@ def test_outputs_of_nights_whose_input_types_differ_read_as_one_frame():
     assert frame["id"].to_list() == [1, 2, 3] and frame.height == 3
     with pytest.raises(InputError, match="the output files in out/ cannot be read as one table"):
         one_frame([night1, pa.table({"id": ["x"], "spam": ["ham"]})], "out/")
+
+
+def test_evaluating_output_that_is_not_the_stages_says_so():
+    import polars as pl
+
+    from slmbatch.errors import InputError
+    from slmbatch.evaluate import stage_rows
+
+    job = Job(
+        name="j",
+        source=ParquetSource("in/"),
+        sink=ParquetSink("out/"),
+        stages=[Classify("intent", model=Model("m"), input="text", labels=["a", "b"])],
+    )
+    other = pl.DataFrame({"text": ["x"], "spam": ["ham"], "spam_model": ["m"]})  # another job's sink
+    with pytest.raises(InputError, match="no column 'intent': it holds no output of stage 'intent' of job 'j'"):
+        stage_rows(job, other, "intent")

@@ -179,3 +179,17 @@ def test_strict_source_stops_before_processing_and_lists_the_files(tmp_path, tin
     ]
     (stop,) = Ledger.open(str(tmp_path / "out")).stopped().values()
     assert stop["error"].startswith("InputError: strict source") and stop["rows_written"] == 0
+
+
+def test_a_file_named_as_the_source_is_read_whatever_its_name_and_hidden_ones_are_left_out_of_listings(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from slmbatch.io import list_parquet
+
+    for name in ("_part0.parquet", "part1.parquet", ".staging.parquet"):
+        pq.write_table(pa.table({"text": ["a"]}), tmp_path / name)
+    _, root, files = list_parquet(str(tmp_path))
+    assert root == str(tmp_path) and [f.rsplit("/", 1)[-1] for f in files] == ["part1.parquet"]
+    _, root, files = list_parquet(str(tmp_path / "_part0.parquet"))
+    assert root == str(tmp_path) and list(files) == [str(tmp_path / "_part0.parquet")]

@@ -136,6 +136,28 @@ def test_extract_rejects_untyped_and_non_object_schemas():
         Extract("e", model=M, input="text", schema={"type": "object", "properties": {"x": {"type": 5}}})
 
 
+class _Node(pydantic.BaseModel):  # module level: pydantic resolves the self-reference here
+    name: str
+    children: list[_Node] = []
+
+
+def test_extract_schemas_that_cannot_be_a_column_are_refused_naming_why():
+    def extract(schema):
+        return Extract("e", model=M, input="text", schema=schema)
+
+    with pytest.raises(ConfigError, match=r"Extract\.schema: \$ref '#/\$defs/Nope' names no definition"):
+        extract({"type": "object", "properties": {"a": {"$ref": "#/$defs/Nope"}}})
+    with pytest.raises(ConfigError, match=r"Extract\.schema\.a: may be any of \['string', 'null', 'integer'\]"):
+        extract({"type": "object", "properties": {"a": {"type": ["string", "null", "integer"]}}})
+    with pytest.raises(ConfigError, match=r"Extract\.schema: must be plain JSON"):
+        extract({"type": "object", "properties": {"a": {"type": "string", "enum": {"x"}}}})
+    with pytest.raises(ConfigError, match=r"Extract\.schema: is recursive"):
+        extract(_Node)
+    # a top-level $ref to a definition that is not recursive is followed
+    defined = {"$defs": {"B": {"type": "object", "properties": {"n": {"type": "integer"}}}}, "$ref": "#/$defs/B"}
+    assert str(extract(defined).answer_type()) == "struct<n: int64>"
+
+
 def test_summarize_budgets_and_overflow_are_checked():
     with pytest.raises(ConfigError, match=r"Summarize\.max_input_tokens"):
         Summarize("s", model=M, input="text", max_input_tokens=0)
@@ -248,3 +270,36 @@ def test_a_sink_path_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("not a directory")
     with pytest.raises(ConfigError, match=r"ParquetSink\.path.*is a file"):
         ParquetSink(str(tmp_path / "afile"))
+
+
+def test_run_dates_from_python_are_dates_datetimes_or_iso_strings_else_a_config_error():
+    import datetime as dt
+
+    from slmbatch.runner import parse_date
+
+    assert parse_date(dt.datetime(2026, 12, 1, 10, 0)) == parse_date("2026-12-01") == dt.date(2026, 12, 1)
+    job = make_job(Classify("c", model=M, input="text", labels=["a", "b"]))
+    for bad in [("2026-12-01",), "2026-12-01:2026-12-02", ("2026-12-01", "2026-13-01")]:
+        with pytest.raises(ConfigError, match=r"backfill \(--backfill\)"):
+            slmbatch.run(job, backfill=bad)
+    for bad in ["", "2026-12-32", 20261201]:
+        with pytest.raises(ConfigError, match=r"run_date \(--run-date\): must be a date YYYY-MM-DD"):
+            slmbatch.run(job, run_date=bad)
+
+
+def test_a_thresholds_file_of_another_shape_is_a_config_error_naming_it(tmp_path):
+    import json
+
+    def load(data):
+        path = tmp_path / "t.json"
+        path.write_text(data if isinstance(data, str) else json.dumps(data))
+        return slmbatch.load_thresholds(str(path))
+
+    assert load({"spam": 0.5}) == {"spam": 0.5} == load({"thresholds": {"spam": 0.5}})
+    assert load({"stages": {"spam": {}}, "spam": 0.5}) == {"spam": 0.5}
+    with pytest.raises(ConfigError, match="must be a JSON object of stage -> threshold, got a list"):
+        load([0.5])
+    with pytest.raises(ConfigError, match="is not JSON"):
+        load("{spam: 0.5")
+    with pytest.raises(ConfigError, match=r"spam: must be a number in \[0, 1\], got nan"):
+        load('{"spam": NaN}')

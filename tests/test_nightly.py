@@ -70,14 +70,18 @@ def test_backfill_reprocesses_a_date_into_its_own_partition(nights):
     before = read_all(base / "out")
     write_shards(base / "new", banking_texts(5), shards=1)  # new input, that no run has processed yet
     shutil.move(base / "new" / "part-00.parquet", base / "in" / "part-09-new.parquet")
+    # and a file no run could read (no text column): set aside, never processed, so no date's either
+    pl.DataFrame({"body": ["x"] * 3}).write_parquet(base / "in" / "part-08-notext.parquet")
     summary = slmbatch.run(job, run_date="2026-11-29", backfill=("2026-11-27", "2026-11-27"), progress=False)
     (base / "in" / "part-09-new.parquet").unlink()
-    assert (summary.rows_out, summary.rows_done_before) == (40, 25)
-    assert (summary.files_never_run, summary.rows_never_run) == (1, 5)
+    (base / "in" / "part-08-notext.parquet").unlink()
+    assert (summary.rows_out, summary.rows_done_before) == (40, 28)
+    assert (summary.files_never_run, summary.rows_never_run) == (2, 8)
+    assert summary.rows_in_failed_files == 0 and not summary.over_budget  # not this backfill's failure
     said = summary.render()
-    assert "outside the backfill dates: 25 rows (2 files), skipped" in said
-    assert "5 of them (1 files) no run has processed yet: a run without --backfill processes them" in said
-    assert ", backfill 2026-11-27 to 2026-11-27): 40 rows written, 25 outside its dates" in status_text(
+    assert "outside the backfill dates: 28 rows (3 files), skipped" in said
+    assert "8 of them (2 files) no run has processed yet: a run without --backfill processes them" in said
+    assert ", backfill 2026-11-27 to 2026-11-27): 40 rows written, 28 outside its dates" in status_text(
         str(base / "out")
     )
     after = read_all(base / "out")

@@ -242,3 +242,16 @@ def test_a_job_the_local_ray_cannot_hold_is_refused_instead_of_waiting_for_ever(
     with pytest.raises(ConfigError, match=r"Model\.num_cpus: the job reserves 2\.25 CPUs .* local Ray .* has 2"):
         slmbatch.run(job, progress=False)
     assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_an_unexpected_error_is_recorded_as_its_cause_on_one_line():
+    from slmbatch.runner import one_line, root_cause
+
+    try:
+        try:
+            raise OverflowError("Python int too large to convert to C long")
+        except OverflowError as inner:
+            raise RuntimeError("\x1b[36mray::MapWorker(FrontierActor)\x1b[39m failed:\n  Traceback ...") from inner
+    except RuntimeError as exc:
+        assert one_line(root_cause(exc)) == "OverflowError: Python int too large to convert to C long"
+        assert one_line(exc) == "RuntimeError: ray::MapWorker(FrontierActor) failed:"

@@ -60,7 +60,13 @@ class Extract(Stage):
             schema = schema.model_json_schema()
         if not isinstance(schema, Mapping):
             raise ConfigError("Extract.schema", f"must be a pydantic model class or a JSON-schema dict, got {schema!r}")
-        schema = json.loads(json.dumps(schema))  # plain, picklable, and proves it is JSON
+        try:
+            schema = json.loads(json.dumps(schema))  # plain, picklable, and proves it is JSON
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("Extract.schema", f"must be plain JSON (dicts, lists, strings, numbers): {exc}") from None
+        if "$ref" in schema and "type" not in schema:  # a pydantic model that refers to itself: its definition
+            defs = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
+            schema = {**_resolve(schema, schema), **defs}
         if (
             schema.get("type") != "object"
             or not isinstance(schema.get("properties"), Mapping)
@@ -73,7 +79,12 @@ class Extract(Stage):
             jsonschema.validators.validator_for(schema).check_schema(schema)
         except jsonschema.SchemaError as exc:
             raise ConfigError("Extract.schema", f"is not a valid JSON schema: {exc.message}") from None
-        arrow_type(schema, schema, "Extract.schema")  # rejects what cannot become a column
+        try:
+            arrow_type(schema, schema, "Extract.schema")  # rejects what cannot become a column
+        except RecursionError:
+            raise ConfigError(
+                "Extract.schema", "is recursive (an object that contains itself): a column needs a fixed depth"
+            ) from None
         set_field(self, "schema", freeze(schema))
         check_positive_int(self.max_output_tokens, "Extract.max_output_tokens")
 
@@ -168,7 +179,11 @@ def _resolve(node: Mapping, root: Mapping) -> Mapping:
         raise ConfigError("Extract.schema", f"only local $ref are supported, got {ref!r}")
     target: Any = root
     for part in ref[2:].split("/"):
+        if not isinstance(target, Mapping) or part not in target:
+            raise ConfigError("Extract.schema", f"$ref {ref!r} names no definition in the schema")
         target = target[part]
+    if not isinstance(target, Mapping):
+        raise ConfigError("Extract.schema", f"$ref {ref!r} names {target!r}, not a schema")
     return _resolve(target, root)
 
 
@@ -194,6 +209,8 @@ def arrow_type(node: Mapping, root: Mapping, field: str) -> pa.DataType:
     """Arrow type of a JSON-schema node; ConfigError naming ``field`` if it has none."""
     node = _non_null(node, root)
     kind = node.get("type")
+    if isinstance(kind, list):
+        raise ConfigError(field, f"may be any of {kind}: a column holds one type (or one type and null)")
     if kind is None and "enum" in node and all(isinstance(v, str) for v in node["enum"]):
         return pa.string()
     if kind in _SCALARS:
