@@ -137,7 +137,7 @@ class Job:
                         f"Job.stages[{i}].name", f"output column {clash[0]!r} would overwrite an input column"
                     )
                 available |= outputs
-        for column in self.egress.exclude_when or ():
+        for column in (self.egress.exclude_when or ()) if self.escalates else ():
             # A column the job does not read would be missing from every row: the policy would never apply.
             require(
                 available is None or column in available,

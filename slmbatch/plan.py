@@ -31,7 +31,7 @@ def required_source_columns(job: Job) -> dict[str, str]:
             needed.setdefault(column, f"Job.stages[{i}] ({stage.name!r})")
         produced |= set(stage.output_columns())
     # The egress policy's columns: a file without one could not keep its marked rows home.
-    for column in job.egress.exclude_when or ():
+    for column in (job.egress.exclude_when or ()) if job.escalates else ():
         if column not in produced:
             needed.setdefault(column, f"Job.egress.exclude_when.{column}")
     return needed
