@@ -280,9 +280,13 @@ def warm_up(stages: Sequence[Stage], replica: ReplicaProtocol) -> float:
     compiling an extraction schema, first use of each kernel. Measured on the
     benchmark's tiny LM (``benchmarks/ENGINE.md``), a fresh replica's first
     200-row extract batch took 3.2 s against 1.2 s warm. Paid here, at replica
-    start, they are start-up, not the first batch's busy time. Best effort: a
-    failure is logged, and the first real batch meets it again and reports it
-    per row or fails the job, as it would without a warm-up.
+    start, they are start-up, not the first batch's busy time.
+
+    It is also the replica's check that each stage can run at all: a request this
+    plain that the engine cannot answer (a LoRA adapter whose weights are missing,
+    or shaped for another model) would fail every row, or leave the engine unable
+    to answer any: EngineError, before any row is written. A row error (the
+    warm-up text over a stage's budget, say) is only logged.
     """
     started = time.perf_counter()
     for stage in stages:
@@ -290,8 +294,14 @@ def warm_up(stages: Sequence[Stage], replica: ReplicaProtocol) -> float:
         try:
             view = replica.serving(stage.adapter)
             stage.infer([stage.prepare(0, row, view, WARM_UP_TEXT)], view)
-        except Exception as exc:  # noqa: BLE001 - see docstring
+        except RowError as exc:
             log.warning("warm-up request of stage %r failed: %s: %s", stage.name, type(exc).__name__, exc)
+        except Exception as exc:
+            adapter = f" with adapter {stage.adapter}" if stage.adapter else ""
+            raise EngineError(
+                f"stage {stage.name!r} cannot run on model {replica.model_name}{adapter}: its warm-up request "
+                f"failed ({type(exc).__name__}: {exc})"
+            ) from exc
     return time.perf_counter() - started
 
 

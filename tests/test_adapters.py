@@ -138,3 +138,32 @@ def test_each_stage_answers_with_its_own_adapter_from_one_replica(ray_local, tin
     engines = {s.name: s.engines for s in summary.stages}
     assert len(engines["a"]) == 1 and engines["a"][0].endswith(f"adapter {a}")
     assert engines["plain"] and "adapter" not in engines["plain"][0]
+
+
+def test_an_adapter_the_engine_cannot_load_stops_the_job_before_any_row_and_a_rerun_after_the_fix_runs(
+    ray_local, tiny_lm, adapters, tmp_path
+):
+    """Its config passes the definition-time check, its weights are missing: every row would fail (and be
+    recorded as done), so the replica's warm-up stops the job instead."""
+    from slmbatch.errors import EngineError, slmbatch_error
+
+    a, _ = adapters
+    broken = Path(shutil.copytree(a, tmp_path / "adapter"))
+    weights = next(broken.glob("adapter_model.*"))
+    weights.rename(tmp_path / weights.name)
+    texts = banking_texts(12)
+    write_shards(tmp_path / "in", texts, shards=1)
+    job = Job(
+        name="broken-lora",
+        source=ParquetSource(str(tmp_path / "in")),
+        stages=[gist("a", lm(tiny_lm), str(broken))],
+        sink=ParquetSink(str(tmp_path / "out")),
+    )
+    with pytest.raises(Exception) as stopped:
+        slmbatch.run(job, progress=False)
+    error = slmbatch_error(stopped.value)
+    assert isinstance(error, EngineError) and f"stage 'a' cannot run on model {tiny_lm} with adapter" in str(error)
+    assert not list((tmp_path / "out").glob("*.parquet"))  # no row written, none recorded as done
+    (tmp_path / weights.name).rename(weights)
+    summary = slmbatch.run(job, progress=False)
+    assert summary.rows_out == len(texts) and summary.stages[0].errored == 0
