@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .columns import ROW_ID
+from .errors import ConfigError
 from .paths import canonical_path, is_remote
 from .spec import (
     check_non_negative,
@@ -637,8 +638,7 @@ def load_thresholds(path: str) -> dict[str, float]:
         try:
             data = json.load(f)
         except json.JSONDecodeError as exc:
-            data = exc  # said below, as any other shape it cannot take
-    require(not isinstance(data, json.JSONDecodeError), field, f"is not JSON: {data}")
+            raise ConfigError(field, f"is not JSON: {exc}") from None
     require(
         isinstance(data, Mapping), field, f"must be a JSON object of stage -> threshold, got a {type(data).__name__}"
     )

@@ -57,8 +57,9 @@ log = logging.getLogger("slmbatch")
 META = "_slmbatch"
 #: Model options that change throughput, never answers: not part of the fingerprint.
 _RUNTIME_ONLY = {"replicas", "num_cpus", "num_gpus", "threads", "batch_size", "price_in_per_mtok", "price_out_per_mtok"}
-#: ``Model.engine`` options (``vllm.LLM`` keywords) that change speed and memory, never answers: a change
-#: of one is no job change, and the answer cache's keys leave them out (:func:`slmbatch.reuse.answer_config`).
+#: ``Model.engine`` options (``vllm.LLM`` keywords) that change speed and memory, never answers: left out
+#: of the fingerprint and the answer cache's keys (:func:`spec_data`), and no job change where a sink's
+#: recorded job still has them (:attr:`Change.runtime_only`).
 RUNTIME_ENGINE_OPTIONS = frozenset(
     {
         "gpu_memory_utilization",
@@ -102,7 +103,9 @@ def _spec(value: Any, skip: set[str], head: dict[str, Any]) -> _Spec:
 def spec_data(value: Any) -> Any:
     """A spec (job, stage, model, ...) as plain data: what a job's fingerprint and the answer keys hash."""
     if isinstance(value, Model):
-        return _spec(value, _RUNTIME_ONLY, {})
+        out = _spec(value, _RUNTIME_ONLY, {})
+        out["engine"] = {k: v for k, v in out["engine"].items() if k not in RUNTIME_ENGINE_OPTIONS}
+        return out
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _spec(value, {"_", *_MEASUREMENT_ONLY}, {"kind": type(value).__name__})
     if isinstance(value, dict):
@@ -140,7 +143,8 @@ class Change:
 
     @property
     def runtime_only(self) -> bool:
-        """An engine option that changes speed or memory, not answers (:data:`RUNTIME_ENGINE_OPTIONS`)."""
+        """An engine option that changes speed or memory, not answers (:data:`RUNTIME_ENGINE_OPTIONS`), in a
+        job recorded by a slmbatch that still counted them."""
         head, _, key = self.path.rpartition(".")
         return head.endswith(".engine") and key in RUNTIME_ENGINE_OPTIONS
 

@@ -119,14 +119,10 @@ def model_version(name: str, revision: str | None = None) -> str:
 
 def answer_config(stage) -> dict[str, Any]:
     """A stage's options that decide its answers (plain data, what :func:`answer_namespace` hashes)."""
-    from .ledger import RUNTIME_ENGINE_OPTIONS, spec_data
+    from .ledger import spec_data
 
-    config = {k: v for k, v in spec_data(stage).items() if k not in _NOT_ANSWER}
-    model = config.get("model")
-    if isinstance(model, dict) and isinstance(model.get("engine"), dict):
-        engine = {k: v for k, v in model["engine"].items() if k not in RUNTIME_ENGINE_OPTIONS}
-        config["model"] = {**model, "engine": engine}
-    return config
+    config = spec_data(stage)
+    return {k: v for k, v in config.items() if k not in _NOT_ANSWER}
 
 
 def answer_namespace(stage, version: str, dtype: str) -> bytes:

@@ -85,14 +85,14 @@ def infer_isolating_failures(stage: Stage, requests: list[Request], replica: Rep
     """Run the batch; if it fails as a whole, retry row by row so one bad row
     costs only itself. A dead engine is not a row problem: it raises."""
     try:
-        return [checked_answer(stage, a) for a in stage.infer(requests, replica)]
+        return checked_answers(stage, stage.infer(requests, replica))
     except Exception as exc:  # noqa: BLE001 - isolate per row below
         if _is_dead(exc):
             raise EngineError(f"replica of {replica.model_name} died in stage {stage.name!r}: {exc}") from exc
     answers: list[Answer] = []
     for request in requests:
         try:
-            answers.extend(checked_answer(stage, a) for a in stage.infer([request], replica))
+            answers.extend(checked_answers(stage, stage.infer([request], replica)))
         except Exception as exc:  # noqa: BLE001
             if _is_dead(exc):
                 raise EngineError(f"replica of {replica.model_name} died in stage {stage.name!r}: {exc}") from exc
@@ -100,30 +100,38 @@ def infer_isolating_failures(stage: Stage, requests: list[Request], replica: Rep
     return answers
 
 
-def unfit(stage: Stage, value: Any) -> str | None:
-    """Why ``value`` cannot be stored in ``stage``'s answer column (an integer past int64, text with a lone
-    surrogate from a JSON escape), or None: a row error then, never a failed batch."""
+def unfit(stage: Stage, values: Sequence[Any], kind: pa.DataType | None = None) -> str | None:
+    """Why ``values`` cannot be stored in ``stage``'s answer column of type ``kind`` (default: the stage's;
+    an integer past int64, text with a lone surrogate from a JSON escape), or None: a row error then,
+    never a failed batch."""
+    kind = kind or stage.answer_type()
     try:
-        pa.array([value], type=stage.answer_type())
+        pa.array(values, type=kind)
     except (pa.ArrowException, OverflowError, UnicodeError, TypeError, ValueError) as exc:
-        return f"answer does not fit column {stage.columns.answer!r} ({stage.answer_type()}): {exc}"
+        return f"answer does not fit column {stage.columns.answer!r} ({kind}): {exc}"
     return None
 
 
 def accepted_frontier_answer(stage: Stage, text: str) -> Any:
     """The frontier's answer ``text`` as ``stage``'s value, checked as the small model's (RowError if not)."""
     value = stage.parse_frontier(text)
-    if why := unfit(stage, value):
+    if why := unfit(stage, [value]):
         raise RowError(f"frontier {why}")
     return value
 
 
-def checked_answer(stage: Stage, answer: Answer) -> Answer:
-    """``answer`` with a confidence that is a number and a value its column can hold, else a row error."""
-    answer = finite_confidence(answer)
-    if answer.error is None and (why := unfit(stage, answer.value)):
-        return dataclasses.replace(answer, value=None, confidence=None, error=why)
-    return answer
+def checked_answers(stage: Stage, answers: Sequence[Answer]) -> list[Answer]:
+    """``answers`` with a confidence that is a number and a value their column can hold, else row errors:
+    one conversion for the whole batch, row by row only where it fails."""
+    answers = [finite_confidence(a) for a in answers]
+    kind = stage.answer_type()
+    if unfit(stage, [a.value for a in answers if a.error is None], kind) is None:
+        return answers
+    checked = []
+    for a in answers:
+        why = None if a.error is not None else unfit(stage, [a.value], kind)
+        checked.append(a if why is None else dataclasses.replace(a, value=None, confidence=None, error=why))
+    return checked
 
 
 def finite_confidence(answer: Answer) -> Answer:

@@ -418,6 +418,14 @@ def test_an_engine_option_of_speed_or_memory_is_no_change_but_one_of_answers_is(
     first.check_job()
     first.mark_done("a.parquet", source="/in/a.parquet", rows=3, output="x", run_id="r1", run_date="2026-11-28")
     tuned = {"max_num_seqs": 32, "gpu_memory_utilization": 0.8, "enforce_eager": True}
+    assert Ledger(_job_on(str(tmp_path / "in"), tmp_path / "out", engine=tuned)).fingerprint == first.fingerprint
+    Ledger(_job_on(str(tmp_path / "in"), tmp_path / "out", engine=tuned)).check_job()
+    # a sink whose job was recorded by a slmbatch that still counted them
+    url = tmp_path / "out" / "_slmbatch" / "job.json"
+    recorded = json.loads(url.read_text())
+    recorded["config"]["stages"][0]["model"]["engine"] = {"max_num_seqs": 256}
+    recorded["fingerprint"] = "written-by-an-older-version"
+    url.write_text(json.dumps(recorded))
     Ledger(_job_on(str(tmp_path / "in"), tmp_path / "out", engine=tuned)).check_job()
     with pytest.raises(JobChangedError, match=r"engine\.dtype"):
         Ledger(_job_on(str(tmp_path / "in"), tmp_path / "out", engine={"dtype": "float32"})).check_job()

@@ -366,13 +366,15 @@ def test_an_answer_its_column_cannot_hold_is_a_row_error_small_or_frontier():
     """Valid JSON is not always storable: an integer past int64, a lone surrogate from a "\\ud83d" escape."""
     from slmbatch.errors import RowError
     from slmbatch.stages.base import Answer
-    from slmbatch.worker import accepted_frontier_answer, checked_answer
+    from slmbatch.worker import accepted_frontier_answer, checked_answers
 
     schema = {"type": "object", "properties": {"amount": {"type": "integer"}}, "required": ["amount"]}
     extract = Extract("x", model=Model("m"), input="text", schema=schema)
     summarize = Summarize("s", model=Model("m"), input="text")
-    assert checked_answer(extract, Answer(value={"amount": 7}, confidence=0.9)).error is None
-    too_big = checked_answer(extract, Answer(value={"amount": 10**20}, confidence=0.9))
+    fits, too_big = checked_answers(
+        extract, [Answer(value={"amount": 7}, confidence=0.9), Answer(value={"amount": 10**20}, confidence=0.9)]
+    )
+    assert fits.error is None and fits.value == {"amount": 7}  # the batch's other row keeps its answer
     assert too_big.value is None and too_big.error.startswith("answer does not fit column 'x'")
     assert accepted_frontier_answer(extract, '{"amount": 12}') == {"amount": 12}
     with pytest.raises(RowError, match="frontier answer does not fit column 'x'"):
