@@ -323,7 +323,7 @@ def test_token_rate_limit_paces_requests_by_estimated_tokens(ray_local):
     start = time.monotonic()
     ray.get(big.acquire.remote(300))
     ray.get(big.acquire.remote(1))
-    assert 0.4 <= time.monotonic() - start < 3
+    assert 0.4 <= time.monotonic() - start < 30  # the upper bound only says "no deadlock"
     for actor in (limiter, big):
         ray.kill(actor)
 
