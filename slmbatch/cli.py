@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import logging
 import math
+import os
 import runpy
 import signal
 import sys
@@ -96,10 +97,11 @@ def _validate(args) -> int:
     job = load_job(args.job_file, args.job)
     print(job.describe())
     if importlib.util.find_spec("vllm") is not None and not args.skip_engine:
-        from .engine import check_engine_options
+        from .engine import check_engine_options, check_output_budget
 
         for i, stage in enumerate(job.stages):
             check_engine_options(stage.model, f"Job.stages[{i}].model")
+            check_output_budget(stage, f"Job.stages[{i}]")
     if not args.skip_input:
         the_plan = plan(job)  # what a run reads: the same files set aside, for the same reasons
         files = len(the_plan.shards) + len(the_plan.skipped)
@@ -194,33 +196,45 @@ def _collect(args) -> int:
     return 0
 
 
+def _sink(args) -> tuple[str, dict]:
+    """The sink a reading command looks at, and its storage options: ``OUTPUT_DIR`` itself, or, given
+    a job file, the job's sink with the ``storage_options`` it writes with (an ``s3://`` sink's
+    endpoint and keys live there, not in the environment)."""
+    if args.output_dir.endswith(".py") and os.path.isfile(args.output_dir):
+        sink = load_job(args.output_dir, args.job).sink
+        return sink.path, dict(sink.storage_options or {})
+    return args.output_dir, {}
+
+
 def _status(args) -> int:
     from .ledger import Ledger
     from .status import not_a_sink, status_text
 
-    if problem := not_a_sink(args.output_dir):
+    sink, options = _sink(args)
+    if problem := not_a_sink(sink, options):
         print(f"slmbatch: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    if Ledger.open(args.output_dir).recorded_job() is None:  # it says so, with runs stopped before that
-        print(f"slmbatch: {status_text(args.output_dir)}", file=sys.stderr)
+    if Ledger.open(sink, options).recorded_job() is None:  # it says so, with runs stopped before that
+        print(f"slmbatch: {status_text(sink, options)}", file=sys.stderr)
         return EXIT_CONFIG
-    print(status_text(args.output_dir))
+    print(status_text(sink, options))
     return 0
 
 
 def _report(args) -> int:
     from .status import not_a_sink, rerender_report, trend_text
 
-    if problem := not_a_sink(args.output_dir):
+    sink, options = _sink(args)
+    if problem := not_a_sink(sink, options):
         print(f"slmbatch: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        summary, url = rerender_report(args.output_dir, args.run)
+        summary, url = rerender_report(sink, args.run, options)
     except FileNotFoundError as exc:
         print(f"slmbatch: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     print(summary.render())
-    trend = trend_text(args.output_dir)
+    trend = trend_text(sink, options)
     if trend:
         print(trend)
     print(f"report: {url}")
@@ -364,10 +378,12 @@ def _feedback(args) -> int:
     from .feedback import export_feedback, render_manifest
     from .status import not_a_sink
 
-    if problem := not_a_sink(args.output_dir):  # as status and report say it
+    sink, options = _sink(args)
+    if problem := not_a_sink(sink, options):  # as status and report say it
         print(f"slmbatch: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    print(render_manifest(export_feedback(args.output_dir, args.out, holdout=args.holdout, stages=args.stage)))
+    manifest = export_feedback(sink, args.out, holdout=args.holdout, stages=args.stage, storage_options=options)
+    print(render_manifest(manifest))
     return 0
 
 
@@ -442,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     def job_args(p):
         p.add_argument("job_file", metavar="JOB.py", help="Python file defining a slmbatch.Job")
         p.add_argument("--job", default="job", metavar="NAME", help="variable holding the Job (default: job)")
+
+    def sink_args(p):
+        p.add_argument(
+            "output_dir",
+            metavar="OUTPUT_DIR",
+            help="the job's sink path, or its job file (JOB.py: the sink and its storage_options, for s3://)",
+        )
+        p.add_argument("--job", default="job", metavar="NAME", help="with JOB.py: the variable holding the Job")
 
     p = sub.add_parser(
         "run",
@@ -539,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read the ledger a job keeps in OUTPUT_DIR/_slmbatch (local or s3://) and "
         "print its runs, completed run dates and the input files not processed yet.",
     )
-    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the job's sink path")
+    sink_args(p)
     p.set_defaults(func=_status)
 
     p = sub.add_parser(
@@ -549,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(the latest run unless --run), print the one-screen summary and, per routed stage, every "
         "run's escalation rate and estimated quality against the calibrated band.",
     )
-    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the job's sink path")
+    sink_args(p)
     p.add_argument("--run", default=None, metavar="RUN_ID", help="which run (default: the latest)")
     p.set_defaults(func=_report)
 
@@ -656,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
         "answered as chat conversations (the small model's prompt + the frontier's "
         "answer), deduplicated, with a held-out split: OUT/<stage>/{train,heldout}.jsonl.",
     )
-    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the job's sink path")
+    sink_args(p)
     p.add_argument(
         "--out", default="slmbatch-feedback", metavar="DIR", help="where to write (default: slmbatch-feedback)"
     )

@@ -274,6 +274,27 @@ def check_engine_options(model: Model, field: str) -> None:
         )
 
 
+def check_output_budget(stage: Any, field: str) -> None:
+    """Reject, without starting an engine, a stage whose answer budget (``max_output_tokens``) alone
+    fills the context its model starts with (``Model.engine["max_model_len"]``, else
+    :func:`model_context`): no prompt would fit, and the replica's start would refuse the job.
+    ``field``: where ``stage`` is in the job. Unknown contexts pass (the replica's start checks)."""
+    option = stage.output_budget_field
+    length = stage.model.engine.get("max_model_len")
+    if not isinstance(length, int) or isinstance(length, bool):
+        context = model_context(stage.model)
+        length = context[1] if context else None
+    if not option or length is None:
+        return
+    budget = stage.reserved_output_tokens()
+    if budget >= length:
+        raise ConfigError(
+            f"{field}.{option}",
+            f"{budget} tokens for the answer leave no room for a prompt in model {stage.model.name}'s "
+            f"max_model_len of {length}; lower {option} or raise max_model_len (Model.engine)",
+        )
+
+
 def sampling_params(
     *,
     max_tokens: int,

@@ -126,12 +126,24 @@ def trend_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
 
 
 def not_a_sink(sink: str, options: Mapping[str, Any] | None = None) -> str | None:
-    """Why ``sink`` cannot be a job's output (it does not exist, or is a file), or None."""
-    fs, path = filesystem(sink, options)
-    if not fs.exists(path):
-        return f"{sink} does not exist"
-    if not fs.isdir(path):
-        return f"{sink} is a file, not a job's output directory"
+    """Why ``sink`` cannot be a job's output (it does not exist, is a file, or cannot be read: no
+    credentials, refused, unreachable), or None."""
+    hint = ""
+    if "://" in sink and not options:
+        hint = " (read with no storage options: give the job file instead, or set the AWS_* variables)"
+    errors: tuple[type[Exception], ...] = (OSError,)
+    if "://" in sink:
+        from botocore.exceptions import BotoCoreError  # s3fs's own: credentials missing, endpoint unreachable
+
+        errors = (OSError, BotoCoreError)
+    try:
+        fs, path = filesystem(sink, options)
+        if not fs.exists(path):
+            return f"{sink} does not exist{hint}"
+        if not fs.isdir(path):
+            return f"{sink} is a file, not a job's output directory"
+    except errors as exc:  # one line, not botocore's traceback
+        return f"cannot read {sink}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{hint}"
     return None
 
 

@@ -189,6 +189,27 @@ def test_validate_refuses_engine_options_vllm_would_refuse_naming_the_field(
         assert "max_position_embeddings=4096 in its config.json" in out.stderr
 
 
+@pytest.mark.parametrize("max_model_len", ['"max_model_len": 256, ', ""])
+def test_validate_refuses_an_answer_budget_that_fills_the_context(tmp_path, data_dir, tiny_lm, max_model_len):
+    """The context is the job's max_model_len, else the model's config.json's (tiny-lm: 4096)."""
+    budget = 300 if max_model_len else 5000
+    path = job_file(
+        tmp_path,
+        f"""
+        from slmbatch import Job, Model, ParquetSink, ParquetSource, Summarize
+        lm = Model({tiny_lm!r}, engine={{{max_model_len}"dtype": "float32"}})
+        job = Job(name="cli-test", source=ParquetSource({str(data_dir)!r}),
+                  stages=[Summarize("gist", model=lm, input="text", max_output_tokens={budget})],
+                  sink=ParquetSink({str(tmp_path / "out")!r}))
+        """,
+    )
+    out = slmbatch_cmd("validate", "--skip-input", str(path))
+    assert out.returncode == 2, out.stdout + out.stderr
+    length = 256 if max_model_len else 4096
+    assert f"invalid job: Job.stages[0].max_output_tokens: {budget} tokens for the answer leave no room" in out.stderr
+    assert f"max_model_len of {length}" in out.stderr
+
+
 @pytest.mark.parametrize("cause", ["options", "weights"])
 def test_a_replica_that_cannot_start_stops_the_run_with_one_line_and_the_traceback_in_the_log(
     tmp_path, data_dir, tiny_classifier, ray_local, cause

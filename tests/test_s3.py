@@ -373,3 +373,43 @@ def test_the_answer_cache_lives_next_to_an_s3_sink_and_round_trips(s3_server, s3
     cached = read_cache(job)
     assert cached is not None and night2.load(cached) == 5
     assert night2.lookup([bytes([4]) * 16])[0][1] == "cache"
+
+
+def test_status_and_report_read_an_s3_sink_through_its_job_file_and_say_plainly_without_it(
+    s3_server, s3_run, tmp_path, tiny_classifier
+):
+    """``status``/``report``/``feedback`` take the job file for an ``s3://`` sink: its endpoint and keys are
+    the job's storage_options, not the environment. Given the bare URL and no credentials, one line
+    says why it cannot be read, and the command exits 2."""
+    import os
+    import subprocess
+    import sys
+
+    job, sink, summary = s3_run
+    options = dict(s3_server.storage_options)
+    (tmp_path / "job.py").write_text(
+        "from slmbatch import Classify, Job, Model, ParquetSink, ParquetSource\n"
+        f"options = {options!r}\n"
+        f'clf = Model({tiny_classifier!r}, engine={{"max_model_len": 256, "dtype": "float32"}})\n'
+        f'job = Job(name="s3-test", source=ParquetSource({job.source.path!r}, storage_options=options),\n'
+        '          stages=[Classify("spam", model=clf, input="text", labels=["ham", "spam"])],\n'
+        f"          sink=ParquetSink({sink!r}, storage_options=options))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "slmbatch.cli", *args], capture_output=True, text=True, timeout=300, env=env
+        )
+
+    status = cli("status", str(tmp_path / "job.py"))
+    assert status.returncode == 0, status.stderr
+    assert summary.run_id in status.stdout and s3_server.secret not in status.stdout
+    report = cli("report", str(tmp_path / "job.py"))
+    assert report.returncode == 0, report.stderr
+    assert f"report: {sink}/_slmbatch/runs/{summary.run_id}.html" in report.stdout
+    bare_url = cli("status", sink)
+    assert bare_url.returncode == 2 and "Traceback" not in bare_url.stderr
+    [said] = bare_url.stderr.splitlines()
+    assert said.startswith(f"slmbatch: cannot read {sink}: ") or said.startswith(f"slmbatch: {sink} does not exist")
+    assert "give the job file instead" in said
