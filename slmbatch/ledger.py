@@ -314,6 +314,17 @@ class Ledger:
             log.info("the job changed since the last run on %s, which completed no file: recording it anew", self.sink)
             recorded = None
         changes = [] if recorded is None else _differences(recorded["config"], self.config)
+        renamed = recorded is not None and recorded.get("job", job.name) != job.name
+        if renamed:
+            # Same source and answers: this job carries on the other's output (its files done are not
+            # done again). Said out loud: a copied job file whose sink was meant to change does nothing.
+            log.warning(
+                "%s holds the output of job %r, not %r: this run carries it on (files done there are not done "
+                "again); give this job its own sink if it is another job",
+                self.sink,
+                recorded["job"],
+                job.name,
+            )
         if changes:
             # A new threshold (e.g. from `slmbatch calibrate --from-runs`) routes new input differently, a
             # promoted model version answers it; every row written so far keeps its answer and says in its
@@ -331,7 +342,7 @@ class Ledger:
                 what,
                 "; ".join(str(c) for c in changes[:4]),
             )
-        if recorded is None or changes:
+        if recorded is None or changes or renamed:
             write_text(
                 url,
                 json.dumps(

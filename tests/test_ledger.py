@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import signal
@@ -439,6 +440,22 @@ def test_one_source_spelled_another_way_is_the_same_source(tmp_path, monkeypatch
         Ledger(_job_on(spelling, tmp_path / "out")).check_job()
     with pytest.raises(JobChangedError, match="holds output of source"):
         Ledger(_job_on(str(tmp_path / "other"), tmp_path / "out")).check_job()
+
+
+def test_another_job_name_on_a_sink_carries_its_output_on_and_says_so(tmp_path, caplog):
+    first = Ledger(_job_on(str(tmp_path / "in"), tmp_path / "out"))
+    first.check_job()
+    first.mark_done("a.parquet", source="/in/a.parquet", rows=3, output="x", run_id="r1", run_date="2026-11-28")
+    copied = dataclasses.replace(_job_on(str(tmp_path / "in"), tmp_path / "out"), name="copied")
+    with caplog.at_level(logging.WARNING, logger="slmbatch"):
+        Ledger(copied).check_job()
+    [said] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "holds the output of job 'l', not 'copied'" in said and "its own sink" in said
+    assert json.loads((tmp_path / "out" / "_slmbatch" / "job.json").read_text())["job"] == "copied"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slmbatch"):
+        Ledger(copied).check_job()  # said once: the sink now records the new name
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_a_changed_job_is_refused_only_once_a_run_completed_a_file(tmp_path):
