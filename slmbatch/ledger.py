@@ -315,7 +315,7 @@ class Ledger:
             recorded = None
         changes = [] if recorded is None else _differences(recorded["config"], self.config)
         renamed = recorded is not None and recorded.get("job", job.name) != job.name
-        if renamed:
+        if recorded is not None and renamed:
             # Same source and answers: this job carries on the other's output (its files done are not
             # done again). Said out loud: a copied job file whose sink was meant to change does nothing.
             log.warning(
