@@ -386,10 +386,11 @@ class Replica:
     Exposes exactly what stages need: chat rendering + tokenization, generate,
     classify, and the model's limits. ``adapters``: the LoRA adapters of the
     stages it serves (:mod:`slmbatch.adapters`), each checked before the engine
-    starts; :meth:`serving` gives a stage the replica as its adapter sees it.
+    starts (a mapping names, for each, where the job sets it: the errors say so);
+    :meth:`serving` gives a stage the replica as its adapter sees it.
     """
 
-    def __init__(self, model: Model, adapters: Sequence[str] = ()):
+    def __init__(self, model: Model, adapters: Sequence[str] | Mapping[str, str] = ()):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # engine chatter drowns the job's own logs
         with heap_frozen_after():
             if not model.on_gpu:
@@ -406,8 +407,9 @@ class Replica:
         self.model_name = model.name
         #: adapter (as the stage names it) -> (local directory, rank)
         self.adapters: dict[str, tuple[str, int]] = {}
-        for adapter in dict.fromkeys(adapters):
-            self.adapters[adapter] = resolve(adapter, model.name, model.engine.get("max_lora_rank"))
+        fields = adapters if isinstance(adapters, Mapping) else dict.fromkeys(adapters, "adapter")
+        for adapter, field in fields.items():
+            self.adapters[adapter] = resolve(adapter, model.name, model.engine.get("max_lora_rank"), field)
         self._lora: dict[str, Any] = {}
         log.info("starting vLLM replica of %s", model.name)
         try:

@@ -339,7 +339,11 @@ class StageActor:
 
         actor_logging()
         self.engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmbatch-engine")
-        adapters = [s.adapter for s in stages if s.adapter is not None]
+        # adapter -> where the job names it (the first stage that does), for the replica's errors
+        adapters: dict[str, str] = {}
+        for s in stages:
+            if s.adapter is not None:
+                adapters.setdefault(s.adapter, f"stage {s.name!r}: {type(s).__name__}.adapter")
         self.replica = self.engine_thread.submit(Replica, model, adapters).result()
         self.stages = list(stages)
         self.router = router

@@ -74,6 +74,16 @@ def test_a_local_adapter_is_checked_when_the_stage_is_defined(tiny_lm, tiny_clas
     assert gist("hub", lm(tiny_lm), "someone/extract-lora").adapter == "someone/extract-lora"
 
 
+def test_a_hub_adapter_that_cannot_be_fetched_is_named_by_its_stage(tiny_lm, monkeypatch):
+    """The replica fetches a hub id before its engine starts; the error names the stage that asked."""
+    from slmbatch.engine import Replica
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a node with no route to the hub: fails at once
+    where = "stage 'gist': Summarize.adapter"
+    with pytest.raises(ConfigError, match=r"^stage 'gist': Summarize\.adapter: cannot fetch adapter 'someone/lora'"):
+        Replica(lm(tiny_lm), {"someone/lora": where})
+
+
 def test_lora_rank_and_base_model_matching(tmp_path):
     assert [lora_rank_for(r) for r in ([4], [8], [8, 12], [300], [])] == [8, 8, 16, 320, 1]
     # A hub id against a local copy: by name. Two local directories: by real path only.
