@@ -110,11 +110,14 @@ class QualityTally:
         self.audit_rate = float(stage.audit_rate)
         score = stage.score
         gold = stage.gold if stage.gold and stage.gold in table.column_names else None
-        columns = [c.model, c.routed_to, c.escalation, c.audit, c.small, c.frontier, *([gold] if gold else [])]
+        columns = [c.model, c.routed_to, c.escalation, c.audit, c.small, c.frontier, c.error]
+        columns += [gold] if gold else []
         for values in zip(*(table[name].to_pylist() for name in columns)):
-            model, routed, reason, audit, small, frontier = values[:6]
+            model, routed, reason, audit, small, frontier, error = values[:7]
             if model is None or routed is None:
                 continue  # the stage did not run on this row
+            if error is not None and reason is None:
+                continue  # no usable input (no model can answer it): out of the estimate, as calibration leaves it
             if reason is not None:
                 if "; not sent: " in reason:
                     self.not_covered += 1  # wanted the frontier, may not see it
@@ -133,7 +136,7 @@ class QualityTally:
                 continue  # the frontier call failed: not observed
             self.observe(stratum, "small_agreement", score(small, frontier) if small is not None else 0.0)
             self.observe(stratum, "cascade_agreement", score(cascade, frontier) if cascade is not None else 0.0)
-            truth = values[6] if gold else None
+            truth = values[7] if gold else None
             if truth is not None:
                 small_q = score(small, truth) if small is not None else 0.0
                 cascade_q = score(cascade, truth) if cascade is not None else 0.0

@@ -135,6 +135,30 @@ def test_a_census_is_exact_and_an_unaudited_stratum_has_no_estimate():
     assert estimate(rows, sums) is None
 
 
+def test_rows_with_no_usable_input_are_out_of_the_estimate_as_calibration_leaves_them_out():
+    """10 escalated rows agreeing half the time, 10 kept rows (all audited) agreeing always, and 80 rows
+    whose input no model can answer (the stage's error, no escalation): the estimate is over the 20
+    rows a cascade answers: the small model agrees on 0.75 of them, not 0.95 (the 80 weighed as kept rows)."""
+    from slmbatch import Classify, Model
+    from slmbatch.audit import QualityTally
+
+    stage = Classify("c", model=Model("m"), input="text", labels=["a", "b"], threshold=0.5, audit_rate=1.0)
+    c = stage.columns
+    rows = (
+        [("m", "frontier", "low confidence", None, "a", "a" if i % 2 else "b", None) for i in range(10)]
+        + [("m", "small", None, 1.0, "a", "a", None)] * 10
+        + [("m", "small", None, None, None, None, "input: empty text")] * 80
+    )
+    names = [c.model, c.routed_to, c.escalation, c.audit, c.small, c.frontier, c.error]
+    table = pa.table(
+        {n: pa.array(list(v), pa.float64() if n == c.audit else pa.string()) for n, v in zip(names, zip(*rows))}
+    )
+    tally = QualityTally()
+    tally.add(table, stage)
+    assert tally.rows == {"sent": 10, "kept": 10}
+    assert tally.estimates()["small_agreement"]["estimate"] == pytest.approx(0.75)
+
+
 def test_weighted_curve_equals_the_curve_of_the_rows_it_stands_for():
     rng = np.random.default_rng(0)
     n = 300
