@@ -122,8 +122,10 @@ def frontier_server(tiny_lm):
     stopped when the module that uses it ends."""
     from devkit.localserver import local_openai_server
 
+    # The start-up bound only says "it did not hang": vLLM's server starts in tens of seconds
+    # idle, but a replica alone took up to 130 s beside the other pytest worker's engines.
     with local_openai_server(
-        tiny_lm, api_key=FRONTIER_KEY, max_model_len=1024, extra_args=("--dtype", "float32")
+        tiny_lm, api_key=FRONTIER_KEY, max_model_len=1024, extra_args=("--dtype", "float32"), timeout_s=600
     ) as base_url:
         yield base_url
 

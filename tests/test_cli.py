@@ -333,24 +333,30 @@ def test_run_help_documents_the_exit_codes():
 def test_actor_output_ray_delivers_after_a_quiet_run_goes_to_its_log_not_the_terminal(tmp_path, monkeypatch):
     """Ray streams actors' lines to the driver with a delay: a replica's last line can arrive after the run
     gave the terminal back. It is appended to the run's log for a while, then Ray's own printer returns."""
+    import time
+
     import ray
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     from slmbatch import console
 
     printed = []
+    ray_printer = printed.append  # one bound method, to recognise it when it is handed back
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(console, "LATE_OUTPUT_S", 0.2)
-    dispatcher.add_handler("ray_print_logs", printed.append)  # stands for Ray's printer (log_to_driver)
+    # Long enough that the first line below arrives within it even if a loaded machine stalls this process.
+    monkeypatch.setattr(console, "LATE_OUTPUT_S", 3.0)
+    dispatcher.add_handler("ray_print_logs", ray_printer)  # stands for Ray's printer (log_to_driver)
     try:
         log = tmp_path / "run.log"
         with console.quiet(str(log)):
             pass
         dispatcher.emit({"lines": ["replica ready"], "pid": 7, "actor_name": "StageActor"})
         assert "(StageActor pid=7) replica ready" in log.read_text() and printed == []
-        import time
-
-        time.sleep(0.5)
+        # The window ends on a timer thread: wait for Ray's printer to be back (not a guessed sleep).
+        deadline = time.monotonic() + 60
+        while not any(handler is ray_printer for _, handler in dispatcher.handlers):
+            assert time.monotonic() < deadline, "Ray's printer was not handed back"
+            time.sleep(0.05)
         dispatcher.emit({"lines": ["later"], "pid": 7})
         assert [d["lines"] for d in printed] == [["later"]]  # Ray's printer is back
     finally:

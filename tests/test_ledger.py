@@ -91,16 +91,23 @@ def assert_every_row_once(out: Path) -> pl.DataFrame:
 
 
 def run_driver(
-    job_file: Path, address: str, fault: str | None = None, signame: str = "SIGKILL", pause_s: float = 0
+    job_file: Path,
+    address: str,
+    fault: str | None = None,
+    signame: str = "SIGKILL",
+    pause_s: float = 0,
+    pause_until: str = "",
 ) -> subprocess.CompletedProcess:
     """`slmbatch run` as its own process (own session, so a crash can be cleaned up whole), sent
-    ``signame`` at ``fault``, ``pause_s`` after the driver's loop got there (tests/support/crash.py)."""
+    ``signame`` at ``fault``, ``pause_s`` after the driver's loop got there, or as soon as another
+    thread passed ``pause_until`` (``<point>:<n>``) in that time (tests/support/crash.py)."""
     env = {**os.environ, "RAY_ADDRESS": address}
     if fault:
         env["SLMBATCH_OBSERVERS"] = "tests.support.crash:install"
         env["SLMBATCH_CRASH_AT"] = fault
         env["SLMBATCH_CRASH_SIGNAL"] = signame
         env["SLMBATCH_CRASH_PAUSE_S"] = str(pause_s)
+        env["SLMBATCH_CRASH_PAUSE_UNTIL"] = pause_until
     return subprocess.run(
         [sys.executable, "-m", "slmbatch.cli", "run", "--no-progress", str(job_file)],
         env=env,
@@ -119,9 +126,12 @@ def test_driver_killed_at_each_point_of_a_run_then_rerun_writes_every_row_once(w
     address = ray_local.get_runtime_context().gcs_address
     out = workdir / "out"
     faults = [("batch:2", "SIGKILL", 0), ("finishing:1", "SIGKILL", 0), ("written:1", "SIGKILL", 0)]
-    faults += [("finishing:2", "SIGINT", 0), ("submitted:1", "SIGKILL", 10)]
+    faults += [("finishing:2", "SIGINT", 0)]
+    # Held until the committer thread has recorded the merge (a fresh Ray worker must start for it:
+    # ~1 s idle, many seconds on a loaded machine), at most 240 s.
+    faults += [("submitted:1", "SIGKILL", 240)]
     for fault, signame, pause_s in faults:
-        crashed = run_driver(job_file, address, fault, signame, pause_s)
+        crashed = run_driver(job_file, address, fault, signame, pause_s, "marked:1" if pause_s else "")
         expected = -signal.SIGKILL if signame == "SIGKILL" else 130
         assert crashed.returncode == expected, (fault, crashed.stderr[-2000:])
         if fault == "finishing:1":  # a shard's rows staged as parts by the workers, no output file yet
@@ -131,7 +141,7 @@ def test_driver_killed_at_each_point_of_a_run_then_rerun_writes_every_row_once(w
         if signame == "SIGINT":  # the first shard, being finished when Ctrl-C came, finished and was recorded
             assert "stopped by Ctrl-C (SIGINT) after recording 1 output file(s)" in crashed.stderr, crashed.stderr
             assert len(Ledger.open(str(out)).completed()) == 1
-        if pause_s:  # the loop held 10 s once a shard's merge was submitted: it was recorded meanwhile
+        if pause_s:  # the loop held once a shard's merge was submitted: it was recorded meanwhile
             assert len(Ledger.open(str(out)).completed()) == 2
     assert len(Ledger.open(str(out)).completed()) == 2
     said = status_text(str(out))  # the SIGKILLed run left its lock: status tells it from a live run

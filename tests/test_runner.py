@@ -176,8 +176,9 @@ def test_a_run_date_after_tomorrow_is_warned_about(tmp_path, tiny_lm, tiny_class
     ]
 
 
-def exported(ray_local, wanted: str, *tags: str, timeout_s: float = 60) -> list[str]:
-    """Lines of Ray's Prometheus export starting with ``wanted`` and holding every tag (waits for them)."""
+def exported(ray_local, wanted: str, *tags: str, timeout_s: float = 60, until=bool) -> list[str]:
+    """Lines of Ray's Prometheus export starting with ``wanted`` and holding every tag (waits for them,
+    and until ``until(lines)``: the export lags the counters by Ray's report interval)."""
     import time
     import urllib.request
 
@@ -185,17 +186,27 @@ def exported(ray_local, wanted: str, *tags: str, timeout_s: float = 60) -> list[
     while True:
         body = urllib.request.urlopen(f"http://127.0.0.1:{ray_local.metrics_port}/metrics", timeout=5).read().decode()
         lines = [line for line in body.splitlines() if line.startswith(wanted) and all(t in line for t in tags)]
-        if lines or time.monotonic() > deadline:
+        if (lines and until(lines)) or time.monotonic() > deadline:
             return lines
         time.sleep(2)
 
 
 def test_progress_metrics_reach_ray_prometheus_export(first_run, ray_local):
-    lines = exported(ray_local, "ray_slmbatch_rows_processed_total{", 'job="runner-test"', 'stage="spam"')
-    assert lines, "no slmbatch row counter in Ray's Prometheus export"
     # This module's runs share the job name: the first run's 150 rows, plus 100 if the
-    # unreadable-files run (same job) came first.
-    assert sum(float(line.rsplit(" ", 1)[1]) for line in lines) in (ROWS, ROWS + 100)
+    # unreadable-files run (same job) came first - which ended just before, so its last
+    # counts may not be exported yet: wait for a whole total rather than take the first lines.
+    def total(lines: list[str]) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+    lines = exported(
+        ray_local,
+        "ray_slmbatch_rows_processed_total{",
+        'job="runner-test"',
+        'stage="spam"',
+        until=lambda lines: total(lines) in (ROWS, ROWS + 100),
+    )
+    assert lines, "no slmbatch row counter in Ray's Prometheus export"
+    assert total(lines) in (ROWS, ROWS + 100)
 
 
 def test_replica_engine_threads_follow_model_threads_not_the_cpu_reservation(first_run, ray_local):
