@@ -33,6 +33,7 @@ Per-row failures never raise: they become a reason string in the stage's
 
 from __future__ import annotations
 
+import re
 import signal
 
 
@@ -113,6 +114,7 @@ EXIT_BUSY = 4  # another run of the job holds the sink; nothing was done - try a
 EXIT_DEGRADED = 5  # finished and wrote everything, but degraded (``--fail-on-degraded``): quality needs a look
 EXIT_SIGINT = 130  # stopped by Ctrl-C (SIGINT), the shells' 128 + signal number; a rerun resumes
 EXIT_SIGTERM = 143  # stopped by SIGTERM (a scheduler's timeout, ``ray job stop``); a rerun resumes
+EXIT_BROKEN_PIPE = 141  # its output's reader left (``| head``), the shells' 128 + SIGPIPE
 EXIT_CODES = {
     EXIT_OK: "finished; failed rows, if any, within the failure budget",
     EXIT_CRASH: "could not finish (a model replica failed, or could not start for a reason other than its "
@@ -127,7 +129,14 @@ EXIT_CODES = {
     EXIT_SIGINT: "stopped by Ctrl-C (SIGINT); the output files it recorded are kept, a rerun does the rest",
     EXIT_SIGTERM: "stopped by SIGTERM (a scheduler's timeout, `ray job stop`); the output files it recorded are "
     "kept, a rerun does the rest",
+    EXIT_BROKEN_PIPE: "the reader of its output left (`slmbatch report OUT | head`); what a run recorded is kept",
 }
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, without terminal colour codes (Ray colours its task names)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def stopped_by_signal(exc: BaseException) -> int | None:

@@ -399,6 +399,7 @@ class Ledger:
         """
         job = self._job()
         done = self.completed()
+        writing = self._read_all("writing")  # outputs runs began to write (one listing; empty on most sinks)
         todo = Todo(shards=[], out_keys={})
         for shard in plan.shards:
             record = done.get(shard.key)
@@ -420,6 +421,14 @@ class Ledger:
                 todo.files_done_before += 1
                 continue
             into = day
+            intent = writing.get(shard.key) if record is None else None
+            if intent is not None and intent.get("run_date") and self._exists(intent.get("output")):
+                # A run stopped between writing this file's output and recording it: that output is whole
+                # but not the sink's. Written again into the same file, not beside it in this date's partition.
+                into = dt.date.fromisoformat(intent["run_date"])
+                todo.out_keys[shard.index] = (self._again(intent, shard.key, into), into.isoformat())
+                todo.shards.append(shard)
+                continue
             if record is not None:  # back where its first output went: a new partition would hold its rows twice
                 into = dt.date.fromisoformat(record["run_date"]) if record.get("run_date") else day
                 log.warning(
@@ -442,6 +451,19 @@ class Ledger:
         if output.startswith(root + "/"):
             return output[len(root) + 1 :]
         return partitioned(self._job(), key, day)
+
+    def _exists(self, url: Any) -> bool:
+        if not isinstance(url, str):
+            return False
+        fs, path = filesystem(url, self.options)
+        return fs.exists(path)
+
+    def mark_writing(self, key: str, *, output: str, run_date: str) -> None:
+        """Before shard ``key``'s output is written: where it goes. A run stopped before :meth:`mark_done`
+        leaves a whole, unrecorded file there; the next run (:meth:`todo`) writes the shard into that file
+        again, whatever its own run date, so the sink never holds those rows twice."""
+        record = {"key": key, "output": output, "run_date": run_date}
+        write_text(self._url("writing", key + ".json"), json.dumps(record), self.options)
 
     def mark_done(self, key: str, *, source: str, rows: int, output: str, run_id: str, **extra: Any) -> None:
         record = {
@@ -522,18 +544,18 @@ class Ledger:
                 pass
 
     def forget(self) -> None:
-        """Discard the completed work: the output files the markers name (only those inside the sink),
+        """Discard the completed work: the output files the markers (and stopped runs' :meth:`mark_writing`) name (only those inside the sink),
         then the markers and the recorded job. Output of a file since removed from the source, or of a
         date partition, would otherwise stay next to the new output, mixing two jobs."""
         sink = canonical_path(self.sink)
-        for marker in self.completed().values():
+        for marker in [*self.completed().values(), *self._read_all("writing").values()]:
             output = marker.get("output")
             if isinstance(output, str) and canonical_path(output).startswith(sink + "/"):
                 fs, path = filesystem(output, self.options)
                 with contextlib.suppress(FileNotFoundError):
                     fs.rm(path)
         fs, root = filesystem(self._url(), self.options)
-        for name in ("done", "job.json"):
+        for name in ("done", "writing", "job.json"):
             path = posixpath.join(root, name)
             if fs.exists(path):
                 fs.rm(path, recursive=True)

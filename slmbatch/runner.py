@@ -35,7 +35,6 @@ import datetime as dt
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -55,6 +54,7 @@ from .errors import (
     FailureBudgetError,
     FrontierError,
     RowAccountingError,
+    one_line,
     slmbatch_error,
     stopped_by_signal,
 )
@@ -389,6 +389,12 @@ def run(
         window = (parse_date(backfill[0], "backfill (--backfill)"), parse_date(backfill[1], "backfill (--backfill)"))
         if window[0] > window[1]:
             raise ConfigError("backfill (--backfill)", f"first date {window[0]} is after last date {window[1]}")
+        if fresh:  # --fresh forgets every date's work; the window would then take none of it back
+            raise ConfigError(
+                "backfill (--backfill)",
+                "cannot be combined with fresh (--fresh), which discards every date's output: "
+                "rerun those dates with --backfill alone, or start over with --fresh alone",
+            )
     summary = RunSummary(
         job=job.name,
         run_id=now.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6],
@@ -451,12 +457,6 @@ def root_cause(exc: BaseException) -> BaseException:
     while exc.__cause__ is not None:
         exc = exc.__cause__
     return exc
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: message`` on one line, without terminal colour codes (Ray colours its task names)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _record_stop(job: Job, summary: RunSummary, exc: BaseException, log_path: str | None, wall_s: float) -> None:
@@ -551,8 +551,10 @@ def _run(
     )
 
     ledger = Ledger(job)
-    ledger.check_job(fresh=fresh)
     with ledger.run_lock(day, summary.run_id):
+        # Under the lock: --fresh's discarding, a changed job's refusal or its recording anew, and the
+        # removal of crashed runs' temporaries must never touch the sink of a run still writing it.
+        ledger.check_job(fresh=fresh)
         remove_staging(job.sink.path, job.sink.storage_options)  # crashed runs' parts: no run is using them
         todo = ledger.todo(the_plan, day, window)
         summary.rows_done_before, summary.files_done_before = todo.rows_done_before, todo.files_done_before

@@ -45,10 +45,13 @@ def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
     finished: dict[str, str] = {}  # run date -> its latest finished run's id (run ids sort by time)
     for run_id, r in runs.items():
         finished[r.get("run_date") or "-"] = max(finished.get(r.get("run_date") or "-", ""), run_id)
-    lines.append("  run dates:")
+    lines.append("  run dates:" if by_date else "  run dates: none complete yet")
     for day in sorted(by_date):
         records = by_date[day]
         stop = max((r["run_id"] for r in stopped.values() if r.get("run_date") == day), default="")
+        # A date's files may have been written by a run of another date (a file changed since, or one a
+        # crashed run left unrecorded, goes back into its first date): its finished runs count for it too.
+        finished[day] = max([finished.get(day, ""), *(r["run_id"] for r in records if r.get("run_id") in runs)])
         crash = crashed["run_id"] if crashed and crashed.get("run_date") == day else ""
         # Complete once the date's latest run finished: a later run of it that stopped or crashed is not.
         state = (
@@ -61,9 +64,9 @@ def status_text(sink: str, options: Mapping[str, Any] | None = None) -> str:
             else "incomplete (a run crashed: rerun this date to resume)"
         )
         lines.append(f"    {day}: {len(records)} files, {sum(r['rows'] for r in records):,} rows - {state}")
-    lines.append("  runs:")
     listed = {run_id: _run_lines(run_id, r) for run_id, r in runs.items()}
     listed.update((run_id, _stop_lines(r)) for run_id, r in stopped.items() if run_id not in runs)
+    lines.append("  runs:" if listed else "  runs: none recorded (a run in progress, or one that crashed)")
     lines += [line for run_id in sorted(listed) for line in listed[run_id]]
     lines += _batch_lines(sink, options)
     source = job.get("source")

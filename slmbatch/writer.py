@@ -300,7 +300,8 @@ class ShardWriter:
             self.poll(wait=True)
         shard = self.shards[index]
         checkpoint("finishing")
-        url, _ = self._url(shard)
+        url, run_date = self._url(shard)
+        self.ledger.mark_writing(shard.key, output=url, run_date=run_date)
         parts = posixpath.join(self.parts, str(index))
         with self._lock:
             self.finishing[self._finish_task.remote(self._job_ref, shard, parts, url, self.summary.run_id)] = index

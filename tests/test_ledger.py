@@ -372,6 +372,25 @@ def test_a_file_processed_again_replaces_its_output_though_the_sinks_layout_chan
     assert backfill.out_keys[0] == ("run_date=2026-11-27/a.parquet", "2026-11-27")
 
 
+def test_a_file_whose_output_a_stopped_run_wrote_but_never_recorded_goes_back_into_that_file(tmp_path):
+    """Night 1 wrote run_date=2026-12-01/a.parquet whole and was killed before recording it; night 2 (another
+    run date) writes a.parquet over that file, not into run_date=2026-12-02/ beside it (rows twice). --fresh
+    removes such a file too."""
+    ledger = _ledger(tmp_path, partition_by_run_date=True)
+    orphan = tmp_path / "out" / "run_date=2026-12-01" / "a.parquet"
+    ledger.mark_writing("a.parquet", output=str(orphan), run_date="2026-12-01")
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"PAR1")
+    plan = _plan(("a.parquet", 12), ("b.parquet", 5))
+    todo = ledger.todo(plan, dt.date(2026, 12, 2))
+    assert todo.out_keys == {
+        0: ("run_date=2026-12-01/a.parquet", "2026-12-01"),
+        1: ("run_date=2026-12-02/b.parquet", "2026-12-02"),
+    }
+    ledger.check_job(fresh=True)
+    assert not orphan.exists() and ledger.todo(plan, dt.date(2026, 12, 2)).out_keys[0][1] == "2026-12-02"
+
+
 def test_todo_in_a_backfill_takes_exactly_the_shards_of_those_dates_back_into_their_partitions(tmp_path):
     ledger = _ledger(tmp_path, partition_by_run_date=True)
     for key, day in (("a.parquet", "2026-11-01"), ("b.parquet", "2026-11-05"), ("c.parquet", "2026-11-09")):

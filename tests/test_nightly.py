@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
@@ -105,11 +106,17 @@ def test_status_shows_dates_runs_and_pending_input(nights):
     assert cli.returncode == 0 and "part-03-later.parquet" in cli.stdout
 
 
-def test_a_second_concurrent_run_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path, ray_local, tiny_classifier):
+def test_a_second_concurrent_run_is_refused_touching_nothing_and_a_dead_ones_lock_is_taken_over(
+    tmp_path, ray_local, tiny_classifier
+):
+    """A run refused because another is active changes nothing in the sink: not with --fresh (which would
+    discard the active run's output), not as a changed job (which would record itself as the sink's job)."""
     write_shards(tmp_path / "in", banking_texts(10), shards=1)
     job = nightly_job(tmp_path, tiny_classifier)
-    lock = tmp_path / "out" / "_slmbatch" / "active.json"
-    lock.parent.mkdir(parents=True)
+    assert slmbatch.run(job, run_date="2026-11-27", progress=False).rows_out == 10
+    out = tmp_path / "out"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    lock = out / "_slmbatch" / "active.json"
     lock.write_text(
         json.dumps(
             {
@@ -121,9 +128,14 @@ def test_a_second_concurrent_run_is_refused_and_a_dead_ones_lock_is_taken_over(t
             }
         )
     )
-    with pytest.raises(ConcurrentRunError, match="run other .* is still active"):
-        slmbatch.run(job, run_date="2026-11-28", progress=False)
-    assert not (tmp_path / "out" / "_slmbatch" / "stopped").exists()  # refused, not stopped: nothing recorded
+    changed = dataclasses.replace(
+        job, stages=[dataclasses.replace(job.stages[0], labels=["spam", "ham"], threshold=0.9)]
+    )
+    for again, fresh in ((job, False), (job, True), (changed, False)):
+        with pytest.raises(ConcurrentRunError, match="run other .* is still active"):
+            slmbatch.run(again, run_date="2026-11-28", progress=False, fresh=fresh)
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p != lock} == before
+    assert not (out / "_slmbatch" / "stopped").exists()  # refused, not stopped: nothing recorded
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     lock.write_text(
@@ -137,8 +149,16 @@ def test_a_second_concurrent_run_is_refused_and_a_dead_ones_lock_is_taken_over(t
             }
         )
     )
-    assert slmbatch.run(job, run_date="2026-11-28", progress=False).rows_out == 10
+    assert slmbatch.run(job, run_date="2026-11-28", progress=False, fresh=True).rows_out == 10
     assert not lock.exists()
+    assert len(read_all(out)) == 10
+
+
+def test_fresh_with_a_backfill_is_refused_before_anything_is_discarded(tmp_path):
+    job = nightly_job(tmp_path, "some/model")
+    with pytest.raises(slmbatch.ConfigError, match=r"backfill \(--backfill\): cannot be combined with fresh"):
+        slmbatch.run(job, fresh=True, backfill=("2026-11-27", "2026-11-27"), progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_html_report_renders_in_headless_chromium_with_its_plots(nights, tmp_path):

@@ -256,7 +256,8 @@ def test_a_job_the_local_ray_cannot_hold_is_refused_instead_of_waiting_for_ever(
 
 
 def test_an_unexpected_error_is_recorded_as_its_cause_on_one_line():
-    from slmbatch.runner import one_line, root_cause
+    from slmbatch.errors import one_line
+    from slmbatch.runner import root_cause
 
     try:
         try:
