@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 
 from .errors import (
+    EXIT_BROKEN_PIPE,
     EXIT_BUSY,
     EXIT_CODES,
     EXIT_CONFIG,
@@ -31,7 +32,9 @@ from .errors import (
     ConcurrentRunError,
     ConfigError,
     FailureBudgetError,
+    InputError,
     SlmbatchError,
+    one_line,
     slmbatch_error,
     stopped_by_signal,
 )
@@ -66,6 +69,18 @@ On a cluster, submit the same command unchanged:
 EXIT_STATUS = "exit status:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items())
 
 
+def importable(directory: Path) -> None:
+    """Let a job file import the modules beside it, as ``python jobs/x.py`` would: its directory goes first on
+    this process's ``sys.path`` and on ``PYTHONPATH``, which the worker processes of a local Ray this process
+    starts inherit (``ray job submit --working-dir`` does the same on a cluster)."""
+    where = str(directory)
+    if where not in sys.path:
+        sys.path.insert(0, where)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if where not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([where, *paths])
+
+
 def load_job(path: str, name: str = "job") -> Job:
     """Execute a job file and return its ``Job`` (ConfigError if it defines none)."""
     file = Path(path)
@@ -73,14 +88,20 @@ def load_job(path: str, name: str = "job") -> Job:
         raise ConfigError("JOB", f"{path!r} is a directory; give the job's Python file, e.g. jobs/x.py")
     if not file.is_file():
         raise ConfigError("JOB", f"job file {path!r} does not exist")
+    importable(file.resolve().parent)
     try:
         namespace = runpy.run_path(str(file), run_name="__slmbatch_job__")
     except SlmbatchError:
         raise  # a job definition's own error names its field
+    except SystemExit as exc:  # sys.exit() at import: it defined nothing, and must not pass for success
+        raise ConfigError("JOB", f"{path} called sys.exit({exc.code!r}) while it was loaded") from None
     except Exception as exc:  # the file itself: a syntax error, a missing import, a bad expression
         lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == file]
-        line = exc.lineno if isinstance(exc, SyntaxError) else lines[-1] if lines else None
+        line = lines[-1] if lines else None
         where = f", line {line}" if line else ""
+        if isinstance(exc, SyntaxError):  # in the job file, or in a module it imports
+            mine = exc.filename is not None and Path(exc.filename).resolve() == file.resolve()
+            where = f", line {exc.lineno}" if mine else f" ({exc.filename}, line {exc.lineno})"
         raise ConfigError("JOB", f"{path}{where} fails to load: {type(exc).__name__}: {exc}") from exc
     job = namespace.get(name)
     if not isinstance(job, Job):
@@ -103,7 +124,11 @@ def _validate(args) -> int:
             check_engine_options(stage.model, f"Job.stages[{i}].model")
             check_output_budget(stage, f"Job.stages[{i}]")
     if not args.skip_input:
-        the_plan = plan(job)  # what a run reads: the same files set aside, for the same reasons
+        try:
+            the_plan = plan(job)  # what a run reads: the same files set aside, for the same reasons
+        except InputError as exc:  # a run would retry (exit 1: the export may be late); validate says no
+            print(f"slmbatch: invalid input: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
         files = len(the_plan.shards) + len(the_plan.skipped)
         print(
             f"input: {files} files, {the_plan.num_rows + the_plan.skipped_rows:,} rows"
@@ -132,6 +157,17 @@ def _validate(args) -> int:
                 )
     print("ok: job is valid")
     return 0
+
+
+def _fraction(value: str) -> float:
+    """An argument that is a fraction in [0, 1)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not 0 <= number < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction >= 0 and < 1, got {value!r}")
+    return number
 
 
 def _seconds(value: str) -> float:
@@ -684,7 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default="slmbatch-feedback", metavar="DIR", help="where to write (default: slmbatch-feedback)"
     )
-    p.add_argument("--holdout", type=float, default=0.1, help="held-out fraction, chosen by prompt hash (default 0.1)")
+    p.add_argument(
+        "--holdout", type=_fraction, default=0.1, help="held-out fraction, chosen by prompt hash (default 0.1)"
+    )
     p.add_argument("--stage", action="append", default=None, metavar="NAME", help="only this stage (repeatable)")
     p.set_defaults(func=_feedback)
 
@@ -708,7 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-column", metavar="COLUMN", help="the labels' column in --labelled (default: the stage name)"
     )
     p.add_argument("--sink", action="append", metavar="PATH", help="read the frontier's answers from this sink too")
-    p.add_argument("--holdout", type=float, default=0.1, help="held-out fraction, by hash of the prompt (default 0.1)")
+    p.add_argument(
+        "--holdout", type=_fraction, default=0.1, help="held-out fraction, by hash of the prompt (default 0.1)"
+    )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 (classifier), 8 (adapter)")
     p.add_argument("--lr", type=float, default=None, help="default: 5e-5 (classifier), 2e-4 (adapter)")
@@ -728,6 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", metavar="VERSION", help="e.g. v3")
     p.add_argument("--force", action="store_true", help="promote even if it is worse")
     p.set_defaults(func=_promote)
+    for p in sub.choices.values():  # also after the command (`slmbatch run JOB -v`), as the hints say
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
 
 
@@ -758,10 +800,21 @@ def main(argv: list[str] | None = None) -> int:
             said += f" (log: {exc.run_log})" if exc.run_log else ""
         print(said, file=sys.stderr)
         return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+    except BrokenPipeError:  # `slmbatch report SINK | head`: the reader left; what ran is recorded
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would raise again
+        return EXIT_BROKEN_PIPE
     except Exception as exc:
         error = slmbatch_error(exc)  # raised here, or in a replica or task and wrapped by Ray
         if error is None:
-            raise
+            if args.verbose:
+                raise
+            # Not one of slmbatch's: still one line (Ray's own start-up failure, a storage error), the
+            # traceback in the run's log or behind -v.
+            log = getattr(exc, "run_log", None)
+            print(f"slmbatch: unexpected error: {one_line(exc)}", file=sys.stderr)
+            print(f"slmbatch: traceback in {log}" if log else "slmbatch: -v shows the traceback", file=sys.stderr)
+            return EXIT_CRASH
         wrapped = error is not exc  # by Ray: dozens of lines of its own frames around one line of ours
         if wrapped and args.verbose:
             traceback.print_exception(exc)

@@ -117,6 +117,71 @@ def test_a_job_file_that_cannot_load_is_one_line_naming_the_file_and_line(tmp_pa
     assert out.returncode == 2 and "is a directory; give the job's Python file" in out.stderr
 
 
+def test_a_job_file_imports_the_modules_beside_it_and_cannot_pass_for_done_by_exiting(
+    tmp_path, data_dir, tiny_classifier
+):
+    """Run from another directory (`python -m` would put only the working directory on sys.path): the
+    job file's helper module is found. A job file calling sys.exit() while loading is an invalid job, not
+    a success; a syntax error in a helper names the helper's file."""
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    (jobs / "helpers.py").write_text("LABELS = ['ham', 'spam']\n")
+    body = render(tmp_path, data_dir, tiny_classifier).read_text()
+    job = jobs / "job.py"
+    job.write_text("from helpers import LABELS\n" + body.replace("labels=['ham', 'spam']", "labels=LABELS"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = slmbatch_cmd("validate", "--skip-input", "--skip-engine", str(job), cwd=elsewhere)
+    assert out.returncode == 0, out.stderr
+    assert "labels=[ham, spam]" in out.stdout
+    (jobs / "helpers.py").write_text("LABELS = [\n")
+    out = slmbatch_cmd("validate", "--skip-input", "--skip-engine", str(job), cwd=elsewhere)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"{job} ({jobs / 'helpers.py'}, line 1) fails to load: SyntaxError" in out.stderr
+    exiting = job_file(tmp_path, "import sys\n\nsys.exit(0)\n")
+    for command in ("validate", "run"):
+        out = slmbatch_cmd(command, str(exiting))
+        assert out.returncode == 2, (command, out.stdout, out.stderr)
+        assert f"invalid job: JOB: {exiting} called sys.exit(0) while it was loaded" in out.stderr
+
+
+def test_validate_exits_2_on_input_a_run_cannot_read_and_takes_v_after_the_command(tmp_path, tiny_classifier):
+    job = render(tmp_path, tmp_path / "no-such-input", tiny_classifier)
+    out = slmbatch_cmd("validate", "--skip-engine", str(job), "-v")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "slmbatch: invalid input: source path" in out.stderr and "does not exist" in out.stderr
+    out = slmbatch_cmd("feedback", str(tmp_path), "--holdout", "1.5")
+    assert out.returncode == 2 and "argument --holdout: must be a fraction >= 0 and < 1, got '1.5'" in out.stderr
+
+
+def test_a_closed_output_pipe_and_an_unexpected_error_end_in_one_line_not_a_traceback(
+    tmp_path, data_dir, tiny_classifier, monkeypatch, capsys
+):
+    from slmbatch import cli
+
+    job = render(tmp_path, data_dir, tiny_classifier)
+    reader_gone = subprocess.Popen(
+        [*SLMBATCH, "validate", "--skip-input", "--skip-engine", str(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reader_gone.stdout.close()  # `| head` that has read all it wanted
+    assert reader_gone.wait(timeout=120) == 141
+    with reader_gone.stderr:
+        assert "Traceback" not in reader_gone.stderr.read()
+
+    def fails(args):
+        raise RuntimeError("the disk went away\nsecond line")
+
+    monkeypatch.setattr(cli, "_status", fails)
+    assert cli.main(["status", str(tmp_path)]) == 1
+    said = capsys.readouterr().err.splitlines()
+    assert said == ["slmbatch: unexpected error: RuntimeError: the disk went away", "slmbatch: -v shows the traceback"]
+    with pytest.raises(RuntimeError):
+        cli.main(["status", str(tmp_path), "-v"])
+
+
 def test_a_wait_that_is_not_a_number_of_seconds_is_refused_naming_the_option(tmp_path):
     for command, value in (("run", "-5"), ("collect", "nan"), ("run", "soon")):
         out = slmbatch_cmd(command, "--wait", value, str(tmp_path / "job.py"))
