@@ -310,7 +310,7 @@ def render_html(data: dict[str, Any], history: dict[str, dict[str, Any]] | None 
             [
                 [
                     s["name"],
-                    f"{s['escalated'] / s['ran']:.1%}" if s["ran"] else "-",
+                    "-" if (rate := escalation_rate_of(s)[0]) is None else f"{rate:.1%}",
                     f"{s['tokens_in']:,}/{s['tokens_out']:,}",
                     f"{s['frontier_tokens_in']:,}/{s['frontier_tokens_out']:,}",
                     f"{s['small_cost_usd']:.4f}",

@@ -323,6 +323,19 @@ def test_a_run_whose_frontier_left_rows_unanswered_is_degraded_calibrated_or_not
     ]
 
 
+def test_the_html_report_gives_the_escalation_rate_of_rows_that_wanted_the_frontier_answered_or_not():
+    """40 of 40 rows under the bar and the frontier answered none (an outage): 100%, as the summary says."""
+    from slmbatch.html_report import render_html
+    from slmbatch.report import RunSummary
+
+    stats = _calibrated_stats(40, 40)
+    stats.escalatable, stats.escalated, stats.frontier_failed = 40, 0, 40
+    summary = RunSummary(job="j", run_id="r", sink="/tmp/x", started="2026-12-07T00:00:00+00:00", stages=[stats])
+    html = render_html(json.loads(summary.to_json()))
+    table = html[html.index("<h2>Escalation, tokens and cost</h2>") :]
+    assert "<td>100.0%</td>" in table and "<td>0.0%</td>" not in table
+
+
 # -- a real job ------------------------------------------------------------------------------------------
 
 ROWS = 90
