@@ -240,6 +240,11 @@ class ParquetSink:
             "ParquetSink.path",
             f"{self.path!r} is a file; the output is a directory (one file per input file, and its records)",
         )
+        if not is_remote(self.path):  # a directory under a file can never be made
+            parent = os.path.dirname(canonical_path(self.path))
+            while not os.path.exists(parent) and parent != os.path.dirname(parent):
+                parent = os.path.dirname(parent)
+            require(not os.path.isfile(parent), "ParquetSink.path", f"{self.path!r} is under {parent!r}, a file")
         require(
             self.compression in ("zstd", "snappy", "gzip", "lz4", "brotli", "none"),
             "ParquetSink.compression",

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from .config import AnswerCache, Egress, Frontier, Model, ParquetSink, ParquetSource
 from .errors import ConfigError
 from .paths import overlap
-from .spec import check_identifier, require, set_field, spec
+from .spec import require, set_field, spec
 from .stages.base import Stage
 from .stages.classify import Classify
 
@@ -74,7 +74,11 @@ class Job:
         if self.frontier is not None:
             self.egress.check_endpoint(self.frontier.base_url, "Job.frontier.base_url")
 
-        check_identifier(self.name.replace("-", "_") if isinstance(self.name, str) else self.name, "Job.name")
+        require(
+            isinstance(self.name, str) and self.name.replace("-", "_").isidentifier(),
+            "Job.name",
+            f"must be a name of letters, digits, _ and -, got {self.name!r}",
+        )
         require(
             isinstance(self.source, ParquetSource),
             "Job.source",

@@ -303,3 +303,20 @@ def test_a_thresholds_file_of_another_shape_is_a_config_error_naming_it(tmp_path
         load("{spam: 0.5")
     with pytest.raises(ConfigError, match=r"spam: must be a number in \[0, 1\], got nan"):
         load('{"spam": NaN}')
+
+
+def test_a_bad_job_name_is_quoted_as_written_and_a_sink_under_a_file_is_refused(tmp_path):
+    def job(name="t", sink="out"):
+        return Job(
+            name=name,
+            source=ParquetSource("in"),
+            stages=[Classify("label", model=M, input="text", labels=["a", "b"])],
+            sink=ParquetSink(sink),
+        )
+
+    assert job("nightly-intents").name == "nightly-intents"
+    with pytest.raises(ConfigError, match=r"Job\.name: .*got 'my-job v2'"):
+        job("my-job v2")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match=r"ParquetSink\.path: .* is under '.*a-file', a file"):
+        job(sink=str(tmp_path / "a-file" / "out" / "deeper"))
