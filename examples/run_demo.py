@@ -32,7 +32,8 @@ def stand_in_frontier() -> Iterator[str]:
     at the default priority, so that escalated rows do not wait behind the
     replica's batches.
     """
-    server = local_classifier_server(STAND_IN, served_name=STAND_IN_NAME, wait=False, timeout_s=120, load_nice=19)
+    # 600 s only means "it hangs": on a 2-core box busy with other work its load took over 120 s.
+    server = local_classifier_server(STAND_IN, served_name=STAND_IN_NAME, wait=False, timeout_s=600, load_nice=19)
     with server as url:
         os.environ.update(
             SLMBATCH_FRONTIER_URL=url, SLMBATCH_FRONTIER_MODEL=STAND_IN_NAME, SLMBATCH_FRONTIER_KEY_ENV=""
