@@ -40,10 +40,20 @@ from .io import list_parquet
 
 
 def answer_text(value: Any) -> str:
-    """An answer as the assistant's message: text as is, structures as compact JSON."""
+    """An answer as the assistant's message: text as is, structures as compact JSON without the null
+    fields their column holds for optional fields the answer left out (``"urgent": null`` is no
+    boolean: the stage's schema, which decoding is held to, never produces it)."""
     if isinstance(value, str):
         return value
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(_present(value), ensure_ascii=False, separators=(",", ":"))
+
+
+def _present(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _present(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_present(v) for v in value]
+    return value
 
 
 def in_holdout(key: str, fraction: float) -> bool:
@@ -76,6 +86,9 @@ def collect_examples(
     wanted = [ROW_ID, c.frontier_messages, c.frontier, c.small, c.confidence]
     wanted += [col for col in columns if col not in wanted]
     for path in files:
+        missing = [col for col in wanted if col not in pq.read_schema(path, filesystem=fs).names]
+        if missing:
+            raise InputError(f"{path} has no column {missing[0]!r}: it is not output of routed stage {stage!r}")
         table = pq.read_table(path, filesystem=fs, columns=wanted)
         for row in table.to_pylist():
             if row[c.frontier] is None or row[c.frontier_messages] is None:  # escalated or audited

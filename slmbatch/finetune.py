@@ -54,6 +54,7 @@ from .feedback import answer_text, collect_examples, in_holdout
 from .io import list_parquet
 from .job import Job
 from .lines import CARD, POINTER, current, read_card, versions
+from .paths import canonical_path
 
 log = logging.getLogger("slmbatch")
 
@@ -99,13 +100,23 @@ def feedback_rows(
     rows: list[dict[str, Any]] = []
     runs: set[str | None] = set()
     columns = sorted(stage.required_columns())
-    for sink in [job.sink.path, *sinks]:
+    seen: set[str] = set()
+    for i, sink in enumerate([job.sink.path, *sinks]):
+        if canonical_path(sink) in seen:
+            continue  # the job's sink named again, or one --sink twice
+        seen.add(canonical_path(sink))
         try:
             fs, _, files = list_parquet(sink, job.sink.storage_options)
-        except InputError:
-            continue  # a sink with no output yet
+        except InputError as exc:
+            if i == 0:
+                continue  # the job's sink, with no output yet
+            raise ConfigError("--sink", f"cannot read {sink}: {exc}") from None
         runs |= {m.get("run_id") for m in Ledger.open(sink, job.sink.storage_options).completed().values()}
-        for example in collect_examples(fs, files, stage.name, holdout, columns):
+        try:
+            examples = collect_examples(fs, files, stage.name, holdout, columns)
+        except InputError as exc:
+            raise ConfigError("--sink" if i else "JOB", str(exc)) from None
+        for example in examples:
             if runner == "generate":
                 messages = {m["role"]: m["content"] for m in example.asked}
                 system, text = messages.get("system", ""), messages.get("user", "")
@@ -158,6 +169,19 @@ def labelled_rows(
             }
         )
     return rows
+
+
+def one_split(rows: Sequence[dict[str, Any]], holdout: float) -> list[dict[str, Any]]:
+    """One training row per prompt (``system``, ``text``), a labelled row before a frontier answer and
+    the first of several sinks', each held out by a hash of that prompt: the same text from a labelled
+    file and from the frontier, or from two sinks, is never in both splits nor trained on twice."""
+    chosen: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: r["source"] != "labels"):  # stable: labelled rows first
+        prompt = (row.get("system", ""), row["text"])
+        if prompt not in chosen:
+            key = hashlib.sha256(json.dumps(prompt).encode()).hexdigest()
+            chosen[prompt] = {**row, "heldout": in_holdout(key, holdout)}
+    return list(chosen.values())
 
 
 def content_hash(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -545,12 +569,23 @@ def finetune(
     start = target.model.name
     adapter = not is_classifier(start)
     runner = "generate" if adapter else "pooling"
+    for name, value, least in (("--epochs", epochs, 1), ("--batch-size", batch_size, 1)):
+        if value is not None and (not isinstance(value, int) or value < least):
+            raise ConfigError(name, f"must be a whole number >= {least}, got {value!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
+        raise ConfigError("--lr", f"must be a number > 0, got {lr!r}")
     rows, run_ids = feedback_rows(job, target, holdout, sinks, runner)
-    feedback_count = len(rows)
     if labelled:
         rows += labelled_rows(target, labelled, label_column, holdout, runner)
+    rows = one_split(rows, holdout)
+    feedback_count = sum(r["source"] == "feedback" for r in rows)
     train = [r for r in rows if not r["heldout"]]
     heldout = [r for r in rows if r["heldout"]]
+    if not train and heldout:
+        raise InputError(
+            f"no training rows for stage {target.name!r}: its {len(heldout)} distinct prompt(s) all fall in the "
+            f"held-out split (--holdout {holdout:g}); more frontier answers or --labelled rows are needed"
+        )
     if not train:
         raise InputError(
             f"no training rows for stage {target.name!r}: the frontier answered none of its rows in "
@@ -578,8 +613,8 @@ def finetune(
             labels,
             tmp,
             epochs=epochs,
-            batch_size=batch_size or 8,
-            lr=lr or 2e-4,
+            batch_size=8 if batch_size is None else batch_size,
+            lr=2e-4 if lr is None else lr,
             max_length=max_length,
             seed=seed,
             log=log,
@@ -594,7 +629,8 @@ def finetune(
         current = start
         texts = [r["text"] for r in train]
         training = train_classifier(
-            start, texts, labels, tmp, epochs=epochs, batch_size=batch_size or 32, lr=lr or 5e-5,
+            start, texts, labels, tmp, epochs=epochs, batch_size=32 if batch_size is None else batch_size,
+            lr=5e-5 if lr is None else lr,
             max_length=max_length, seed=seed, log=log,
         )  # fmt: skip
         scoring = {"method": "classifier", "max_length": max_length}
@@ -659,6 +695,12 @@ def promote(line: str | os.PathLike, version: str, *, force: bool = False) -> di
     """Point ``line`` at ``version``; refuse (ConfigError) a candidate worse than the version promoted now
     on its held-out split, unless ``force``. Returns the new pointer."""
     line = Path(line)
+    if not line.is_dir():
+        raise ConfigError("LINE", f"{line} is not a directory (a model line that `slmbatch finetune --line` wrote)")
+    found = versions(line)
+    if version not in found:  # a name, not a path: "v1/", "../other/v1" would point the line elsewhere
+        listed = ", ".join(found) if found else "none yet"
+        raise ConfigError("VERSION", f"{version!r} is not a version of {line} (its versions: {listed})")
     target = line / version
     card = read_card(target)
     now = current(line)

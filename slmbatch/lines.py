@@ -10,11 +10,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
 
 CARD = "slmbatch_card.json"
 POINTER = "current.json"
@@ -30,6 +33,15 @@ def promoted(line: str | os.PathLike, default: Any = _NO_DEFAULT) -> Any:
     pointer = Path(line) / POINTER
     if not pointer.is_file():
         if default is not _NO_DEFAULT:
+            # Said each time: a relative line is read from the working directory, and a job run from another
+            # one (cron, systemd) would otherwise run the default silently while a version is promoted.
+            log.warning(
+                "promoted(%r): nothing promoted in %s%s; using the default, %r",
+                str(line),
+                Path(line).resolve(),
+                "" if Path(line).is_absolute() else f" (read from the working directory, {Path.cwd()})",
+                default,
+            )
             return default
         raise ConfigError(
             "Model.name",

@@ -142,6 +142,68 @@ def test_only_a_version_of_the_same_line_passes_as_a_promotion(tmp_path):
         promoted(other)
 
 
+def test_a_prompt_from_two_sources_is_one_row_in_one_split_and_bad_options_are_refused(flywheel, capsys, tmp_path):
+    """The job's sink named again as --sink adds nothing; a --sink that cannot be read, or that holds another
+    job's output, is an error, not a silent zero; a labelled row and a frontier answer of one text are one row
+    (the label wins), held out or not by one hash."""
+    from slmbatch.cli import load_job
+    from slmbatch.finetune import feedback_rows, one_split, target_stage
+
+    main, job_file = flywheel["main"], str(flywheel["job"])
+    job = load_job(job_file)
+    stage = target_stage(job, None)
+    once, _ = feedback_rows(job, stage, 0.3)
+    twice, _ = feedback_rows(job, stage, 0.3, [str(flywheel["base"] / "out") + "/"])
+    assert len(once) == len(twice) > 0
+    line = str(tmp_path / "line")
+    for args, said in (
+        (["--sink", str(tmp_path / "nowhere")], "invalid job: --sink: cannot read"),
+        (["--sink", str(flywheel["base"] / "in")], "invalid job: --sink: "),
+        (["--epochs", "0"], "invalid job: --epochs: must be a whole number >= 1, got 0"),
+        (["--lr", "0"], "invalid job: --lr: must be a number > 0"),
+    ):
+        assert main(["finetune", job_file, "--line", line, *args]) == 2, args
+        assert said in capsys.readouterr().err, args
+    assert not (tmp_path / "line").exists() or not list((tmp_path / "line").glob("v*"))
+    text = once[0]["text"]
+    rows = [
+        {"system": "", "text": text, "label": "frontier's", "heldout": False, "source": "feedback"},
+        {"system": "", "text": text, "label": "gold", "heldout": True, "source": "labels"},
+        *[{**r, "heldout": not r["heldout"]} for r in once],
+    ]
+    split = one_split(rows, 0.3)
+    assert len(split) == len(once)
+    [mine] = [r for r in split if r["text"] == text]
+    assert mine["label"] == "gold" and mine["source"] == "labels"
+    assert len({(r["text"], r["heldout"]) for r in split}) == len({r["text"] for r in split})
+    assert one_split(rows, 0.3) == split  # the split is a function of the prompt
+
+
+def test_promote_takes_only_a_version_name_of_the_line(tmp_path):
+    from slmbatch.finetune import promote
+
+    for name in ("line", "other"):
+        (tmp_path / name / "v1").mkdir(parents=True)
+        (tmp_path / name / "v1" / "slmbatch_card.json").write_text("{}")
+    line = tmp_path / "line"
+    for version in ("v1/", "../other/v1", str(tmp_path / "other" / "v1"), "v9"):
+        with pytest.raises(ConfigError, match=r"VERSION: .* is not a version of .*line \(its versions: v1\)"):
+            promote(line, version)
+    with pytest.raises(ConfigError, match=r"LINE: .*nowhere is not a directory"):
+        promote(tmp_path / "nowhere", "v1")
+
+
+def test_a_relative_line_with_nothing_promoted_says_where_it_looked(tmp_path, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="slmbatch"):
+        assert promoted("adapters/fields", default=None) is None
+    [said] = [r.getMessage() for r in caplog.records]
+    assert f"nothing promoted in {tmp_path / 'adapters' / 'fields'}" in said
+    assert f"(read from the working directory, {tmp_path})" in said and "using the default, None" in said
+
+
 # -- a generative stage: a LoRA adapter, served with multi-LoRA ------------------------------------------
 
 GIST_JOB = """
@@ -200,3 +262,12 @@ def test_a_generative_stage_gets_a_lora_adapter_that_learns_the_frontiers_answer
     assert set(rows.filter(~pl.col("_row_id").str.starts_with("night2/"))["gist_model"]) == {tiny_lm}
     right = (night2["gist_small"] == pl.Series([gist_rule(t) for t in night2["text"]])).mean()
     assert right >= 0.9
+
+
+def test_an_extract_answer_is_trained_without_the_nulls_of_fields_it_left_out():
+    from slmbatch.feedback import answer_text
+
+    assert answer_text({"topic": "card", "urgent": None, "items": [{"sku": "a", "qty": None}]}) == (
+        '{"topic":"card","items":[{"sku":"a"}]}'
+    )
+    assert answer_text("a card problem") == "a card problem"
