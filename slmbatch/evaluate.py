@@ -103,8 +103,11 @@ def read_production(job: Job, sinks: Sequence[str], since: str | None = None) ->
     return frame.filter(pl.any_horizontal([pl.col(c).is_not_null() for c in weight_columns]))
 
 
-def read_labels(path: str) -> pl.DataFrame:
-    """A labels file: Parquet (file or directory), CSV, or JSON lines."""
+def read_labels(path: str, field: str = "--labels") -> pl.DataFrame:
+    """A labels file: Parquet (file or directory), CSV, or JSON lines (a ConfigError naming ``field``, the
+    option that named it, if it cannot be read)."""
+    import pyarrow as pa
+
     lower = path.lower()
     try:
         if lower.endswith(".csv"):
@@ -114,8 +117,8 @@ def read_labels(path: str) -> pl.DataFrame:
         import pyarrow.parquet as pq
 
         return pl.DataFrame(pq.read_table(path))
-    except (OSError, pl.exceptions.PolarsError) as exc:
-        raise InputError(f"cannot read labels file {path!r}: {exc}") from exc
+    except (OSError, pl.exceptions.PolarsError, pa.ArrowException) as exc:
+        raise ConfigError(field, f"cannot read labels file {path!r}: {type(exc).__name__}: {exc}") from exc
 
 
 def parse_gold(specs: Sequence[str]) -> dict[str, str]:

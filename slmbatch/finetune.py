@@ -143,20 +143,30 @@ def labelled_rows(
     """Rows of a labelled Parquet/CSV/JSONL file as training rows (split by a hash of the text)."""
     from .evaluate import read_labels
 
-    frame = read_labels(path)
+    frame = read_labels(path, "--labelled")
     column = label_column or stage.name
     if column not in frame.columns:
         raise ConfigError(
             "--labelled", f"{path} has no column {column!r} (columns: {frame.columns}); see --label-column"
         )
+    missing = sorted(c for c in stage.required_columns() if c not in frame.columns)
+    if missing:
+        raise ConfigError("--labelled", f"{path} has no column {missing[0]!r}, which stage {stage.name!r} reads")
+    allowed = getattr(stage, "labels", None)
+    if allowed is not None:
+        unknown = sorted({str(v) for v in frame[column].drop_nulls().to_list()} - {str(label) for label in allowed})
+        if unknown:
+            raise ConfigError(
+                "--labelled", f"{path}: label {unknown[0]!r} in column {column!r} is not one of stage {stage.name!r}'s"
+            )
     rows = []
     for row in frame.to_dicts():
         if row.get(column) is None:
             continue
         try:
             text = stage.render_user(row, stage.input_text(row), runner)
-        except (RowError, KeyError):
-            continue
+        except RowError:
+            continue  # no usable input (a null, an empty text): nothing to learn from
         system = (stage.system if stage.system is not None else stage.default_system) if runner == "generate" else ""
         key = hashlib.sha256(text.encode()).hexdigest()
         rows.append(
@@ -635,6 +645,7 @@ def finetune(
         )  # fmt: skip
         scoring = {"method": "classifier", "max_length": max_length}
     scores = compare(current, str(tmp), heldout, scoring)
+    scores["candidate"] = str((line / version).resolve())  # where it is once written (tmp is renamed there)
     parent = None if adapter else _card_or_none(start)
     card = {
         "version": version,

@@ -179,6 +179,20 @@ def test_a_prompt_from_two_sources_is_one_row_in_one_split_and_bad_options_are_r
     assert one_split(rows, 0.3) == split  # the split is a function of the prompt
 
 
+def test_a_labelled_file_the_stage_cannot_learn_from_is_refused_naming_why(flywheel, capsys, tmp_path):
+    main, job_file = flywheel["main"], str(flywheel["job"])
+    pl.DataFrame({"text": ["a", "b"], "spam": ["ham", "eggs"]}).write_parquet(tmp_path / "eggs.parquet")
+    pl.DataFrame({"body": ["a", "b"], "spam": ["ham", "spam"]}).write_parquet(tmp_path / "body.parquet")
+    for labelled, said in (
+        ("eggs.parquet", "label 'eggs' in column 'spam' is not one of stage 'spam''s"),
+        ("body.parquet", "has no column 'text', which stage 'spam' reads"),
+        ("missing.parquet", "--labelled: cannot read labels file"),
+    ):
+        args = ["finetune", job_file, "--line", str(tmp_path / "line"), "--labelled", str(tmp_path / labelled)]
+        assert main(args) == 2, labelled
+        assert "invalid job: --labelled: " in (err := capsys.readouterr().err) and said in err, err
+
+
 def test_promote_takes_only_a_version_name_of_the_line(tmp_path):
     from slmbatch.finetune import promote
 
