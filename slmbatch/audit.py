@@ -50,6 +50,11 @@ FRONTIER_FAILURE_LIMIT = 0.01
 BINS = 10  # confidence histogram bins over [0, 1], as the run report
 
 
+#: In a degraded reason: rows the frontier did not answer (an outage, a wrong URL or key), which no
+#: recalibration mends (:func:`~slmbatch.report.degraded_advice`).
+UNANSWERED = "rows sent to the frontier got no answer"
+
+
 def audit_sampled(row_id: str, stage: str, rate: float, seed: int = 0) -> bool:
     """Whether row ``row_id`` is in stage ``stage``'s audit sample: ``u(row, stage, seed) < rate``."""
     if rate <= 0:
@@ -239,7 +244,7 @@ def drift_reasons(stats: Any) -> list[str]:
     if stats.frontier_failed > FRONTIER_FAILURE_LIMIT * sent:
         common = max(stats.frontier_errors.items(), key=lambda kv: kv[1])[0] if stats.frontier_errors else None
         reasons.append(
-            f"stage {stats.name}: {stats.frontier_failed:,} of the {sent:,} rows sent to the frontier got no answer "
+            f"stage {stats.name}: {stats.frontier_failed:,} of the {sent:,} {UNANSWERED} "
             f"from it{f' (most often: {common})' if common else ''}; they keep the small model's answer, and "
             f"{stats.name}_frontier_error says why"
         )

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from .io import output_path, write_text
-from .report import BINS, QUALITY_LABELS, RunSummary, escalation_rate_of, trend
+from .report import BINS, QUALITY_LABELS, RunSummary, degraded_advice, escalation_rate_of, trend
 
 
 def _png(fig) -> str:
@@ -144,10 +144,7 @@ def _degraded_banner(data: dict[str, Any]) -> list[str]:
     if not reasons:
         return []
     items = "".join(f"<li>{html.escape(r)}</li>" for r in reasons)
-    return [
-        f"<div class='bad'><b>Run DEGRADED</b>: it no longer holds what calibration promised. "
-        f"Recalibrate with <code>slmbatch calibrate JOB --from-runs SINK</code>.<ul>{items}</ul></div>"
-    ]
+    return [f"<div class='bad'><b>Run DEGRADED</b>: {html.escape(degraded_advice(reasons))}.<ul>{items}</ul></div>"]
 
 
 def cost_quality_figure(calibration: dict[str, Any], observed_escalation: float | None = None):

@@ -12,17 +12,27 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .audit import QualityTally, rate_interval
+from .audit import UNANSWERED, QualityTally, rate_interval
 from .columns import FRONTIER, REUSED_CACHE, REUSED_RUN, ROW_ID, awaiting_batch
 
 BINS = 10  # confidence histogram bins over [0, 1]
 
 
+def degraded_advice(reasons: Sequence[str]) -> str:
+    """What to do about a degraded run with these reasons (:func:`~slmbatch.audit.drift_reasons`)."""
+    if reasons and all(UNANSWERED in r for r in reasons):
+        return (
+            "the frontier did not answer: check it (each such row's <stage>_frontier_error says why); "
+            "those rows keep the small model's answer"
+        )
+    return "the run no longer holds what calibration promised: recalibrate (slmbatch calibrate JOB --from-runs SINK)"
+
+
 def error_kind(reason: str) -> str:
     """``reason`` as a kind of error: its numbers as ``N`` (not those inside a name, such as a
-    model's, ``UTF-8`` or ``gpt-4``), cut to 80 characters - "prompt is 1102 tokens" and "prompt is
+    model's, ``UTF-8`` or ``gpt-4``, nor an HTTP status), cut to 80 characters - "prompt is 1102 tokens" and "prompt is
     990 tokens" are one kind. A longer reason is cut at a word, with "..."."""
-    kind = re.sub(r"(?<![\w.])(?<![A-Za-z]-)\d+(?:\.\d+)?(?![\w.])", "N", reason)
+    kind = re.sub(r"(?<![\w.])(?<![A-Za-z]-)(?<!HTTP )\d+(?:\.\d+)?(?![\w.])", "N", reason)
     if len(kind) <= 80:
         return kind
     cut = kind[:77]
@@ -486,10 +496,7 @@ class RunSummary:
         for reason in self.degraded:
             lines.append(f"  WARNING: run DEGRADED: {reason}")
         if self.degraded:
-            lines.append(
-                "  the run no longer holds what calibration promised: recalibrate "
-                "(slmbatch calibrate JOB --from-runs SINK); slmbatch run --fail-on-degraded exits 5 on such a run"
-            )
+            lines.append(f"  {degraded_advice(self.degraded)}; slmbatch run --fail-on-degraded exits 5 on such a run")
         if self.answer_table is not None and self.cache_loaded is not None:
             t = self.answer_table
             lines.append(

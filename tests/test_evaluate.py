@@ -226,6 +226,16 @@ def test_error_kinds_group_numbers_but_keep_those_in_names():
     assert error_kind("prompt is 1102 tokens, max 512") == "prompt is N tokens, max N"
     assert error_kind("input column 'text' is not valid UTF-8") == "input column 'text' is not valid UTF-8"
     assert error_kind("gpt-4 said 3 things about Qwen2.5-0.5B") == "gpt-4 said N things about Qwen2.5-0.5B"
+    assert error_kind("HTTP 429: slow down after 3 tries") == "HTTP 429: slow down after N tries"  # statuses stay
+
+
+def test_a_run_degraded_only_by_an_unanswering_frontier_is_told_to_check_it_not_to_recalibrate():
+    from slmbatch.report import degraded_advice
+
+    outage = "stage s: 20 of the 20 rows sent to the frontier got no answer from it; they keep ..."
+    drift = "stage s: escalation 40.0% [30.0%, 50.0%] is outside the calibrated band"
+    assert degraded_advice([outage]).startswith("the frontier did not answer: check it")
+    assert "recalibrate" in degraded_advice([outage, drift]) and "recalibrate" in degraded_advice([drift])
 
 
 def test_long_error_kinds_are_cut_at_a_word():
@@ -233,8 +243,8 @@ def test_long_error_kinds_are_cut_at_a_word():
 
     reason = "batch slm-9bd04a85 ended refused (Batch API POST /batches: HTTP 400: file too large) without answering it"
     kind = error_kind(reason)
-    assert len(kind) <= 80 and kind.endswith("...") and reason.replace("400", "N").startswith(kind[:-3])
-    assert kind[:-3].endswith(("HTTP N:", "file", "too"))  # a whole word before the "..."
+    assert len(kind) <= 80 and kind.endswith("...") and reason.startswith(kind[:-3])
+    assert kind[:-3].endswith(("HTTP 400:", "file", "too"))  # a whole word before the "..."
 
 
 def test_a_derived_sink_is_beside_the_jobs_never_inside_it():
