@@ -35,8 +35,9 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from .columns import ROW_ID, StageColumns, routed_stage_names
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .io import list_parquet
+from .paths import is_remote
 
 
 def answer_text(value: Any) -> str:
@@ -127,7 +128,9 @@ def export_feedback(
 ) -> dict[str, Any]:
     """Write ``<out_dir>/<stage>/{train,heldout}.jsonl`` and ``manifest.json``; return the manifest."""
     if not 0 <= holdout < 1:
-        raise InputError(f"--holdout must be in [0, 1), got {holdout}")
+        raise ConfigError("--holdout", f"must be in [0, 1), got {holdout}")
+    if is_remote(out_dir):  # written with local files: "s3://b/x" became a directory "s3:/b/x" here
+        raise ConfigError("--out", f"must be a local directory (fine-tuning reads it there), got {out_dir!r}")
     fs, _, files = list_parquet(sink, storage_options)
     found = routed_stage_names(pq.read_schema(files[0], filesystem=fs).names)
     if stages:

@@ -152,6 +152,9 @@ def test_validate_exits_2_on_input_a_run_cannot_read_and_takes_v_after_the_comma
     assert "slmbatch: invalid input: source path" in out.stderr and "does not exist" in out.stderr
     out = slmbatch_cmd("feedback", str(tmp_path), "--holdout", "1.5")
     assert out.returncode == 2 and "argument --holdout: must be a fraction >= 0 and < 1, got '1.5'" in out.stderr
+    out = slmbatch_cmd("feedback", str(tmp_path), "--out", "s3://bucket/feedback")
+    assert out.returncode == 2 and "--out: must be a local directory" in out.stderr, out.stderr
+    assert not (tmp_path / "s3:").exists()
 
 
 def test_a_closed_output_pipe_and_an_unexpected_error_end_in_one_line_not_a_traceback(
