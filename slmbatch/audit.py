@@ -173,18 +173,21 @@ class QualityTally:
         """Every measure that can be estimated: ``{measure: estimate(...)}``."""
         out = {}
         for m in MEASURES:
-            e = estimate(self.rows, {h: self.sums[h].get(m) for h in self.rows})
+            floor = -1.0 if m == "frontier_gap" else 0.0  # a gap is a difference of scores; the rest are scores
+            e = estimate(self.rows, {h: self.sums[h].get(m) for h in self.rows}, floor)
             if e is not None:
                 out[m] = e
         return out
 
 
-def estimate(rows: Mapping[str, int], sums: Mapping[str, Sequence[float] | None]) -> dict[str, Any] | None:
+def estimate(
+    rows: Mapping[str, int], sums: Mapping[str, Sequence[float] | None], floor: float = -1.0
+) -> dict[str, Any] | None:
     """Stratified IPW mean of one measure with a 95% interval, or None when a
     stratum with rows has none observed (e.g. kept rows and no audit).
 
     ``rows[h]`` is stratum ``h``'s population, ``sums[h]`` its observed rows'
-    ``[n, sum, sum of squares]``. Each observed row of stratum ``h`` weighs
+    ``[n, sum, sum of squares]``; the interval is kept within [``floor``, 1]. Each observed row of stratum ``h`` weighs
     ``rows[h] / n``: the inverse of its inclusion probability."""
     total = sum(rows.values())
     if total == 0:
@@ -210,7 +213,7 @@ def estimate(rows: Mapping[str, int], sums: Mapping[str, Sequence[float] | None]
     half = Z95 * math.sqrt(variance)
     return {
         "estimate": point,
-        "interval": [max(point - half, -1.0), min(point + half, 1.0)],
+        "interval": [max(point - half, floor), min(point + half, 1.0)],
         "observed_rows": observed,
         "rows": total,
     }

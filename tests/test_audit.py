@@ -157,6 +157,10 @@ def test_rows_with_no_usable_input_are_out_of_the_estimate_as_calibration_leaves
     tally.add(table, stage)
     assert tally.rows == {"sent": 10, "kept": 10}
     assert tally.estimates()["small_agreement"]["estimate"] == pytest.approx(0.75)
+    # A score's interval stays within [0, 1] (it printed "0.000 [-0.045, 0.045]"); a gap may go below 0.
+    assert estimate({"sent": 100}, {"sent": [10, 0.0, 0.0]}, floor=0.0)["interval"][0] == 0.0
+    assert estimate({"sent": 100}, {"sent": [10, 0.0, 0.0]})["interval"][0] < 0  # unclipped, it would be
+    assert estimate({"sent": 10}, {"sent": [3, -0.9, 0.81]})["interval"][0] < 0
 
 
 def test_weighted_curve_equals_the_curve_of_the_rows_it_stands_for():
