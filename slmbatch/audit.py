@@ -187,8 +187,9 @@ def estimate(
     stratum with rows has none observed (e.g. kept rows and no audit).
 
     ``rows[h]`` is stratum ``h``'s population, ``sums[h]`` its observed rows'
-    ``[n, sum, sum of squares]``; the interval is kept within [``floor``, 1]. Each observed row of stratum ``h`` weighs
-    ``rows[h] / n``: the inverse of its inclusion probability."""
+    ``[n, sum, sum of squares]``. Each observed row of stratum ``h`` weighs
+    ``rows[h] / n``: the inverse of its inclusion probability. The interval
+    is kept within [``floor``, 1]."""
     total = sum(rows.values())
     if total == 0:
         return None
