@@ -465,6 +465,13 @@ class Ledger:
         record = {"key": key, "output": output, "run_date": run_date}
         write_text(self._url("writing", key + ".json"), json.dumps(record), self.options)
 
+    def clear_writing(self, key: str) -> None:
+        """After :meth:`mark_done`: the marker now names the output (``writing/`` stays as small as the
+        shards in flight, so :meth:`todo` reads next to nothing)."""
+        fs, path = filesystem(self._url("writing", key + ".json"), self.options)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path)
+
     def mark_done(self, key: str, *, source: str, rows: int, output: str, run_id: str, **extra: Any) -> None:
         record = {
             "key": key,

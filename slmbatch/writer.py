@@ -366,6 +366,7 @@ class ShardWriter:
             run_date=run_date,
             **extra,
         )
+        self.ledger.clear_writing(shard.key)
         self.summary.ledger_s += time.perf_counter() - started
         seconds = time.monotonic() - self.first_seen.get(index, time.monotonic())
         self.summary.shard_seconds.append((shard.key, round(seconds, 3), done.rows))

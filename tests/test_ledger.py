@@ -389,6 +389,10 @@ def test_a_file_whose_output_a_stopped_run_wrote_but_never_recorded_goes_back_in
     }
     ledger.check_job(fresh=True)
     assert not orphan.exists() and ledger.todo(plan, dt.date(2026, 12, 2)).out_keys[0][1] == "2026-12-02"
+    ledger.mark_writing("b.parquet", output=str(tmp_path / "out" / "b.parquet"), run_date="2026-12-02")
+    ledger.mark_done("b.parquet", source="/in/b.parquet", rows=5, output="x", run_id="r2", run_date="2026-12-02")
+    ledger.clear_writing("b.parquet")  # as the writer does once the marker names the output
+    assert not list((tmp_path / "out" / "_slmbatch" / "writing").glob("*.json"))
 
 
 def test_todo_in_a_backfill_takes_exactly_the_shards_of_those_dates_back_into_their_partitions(tmp_path):
