@@ -800,11 +800,12 @@ def main(argv: list[str] | None = None) -> int:
             said += f" (log: {exc.run_log})" if exc.run_log else ""
         print(said, file=sys.stderr)
         return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
-    except BrokenPipeError:  # `slmbatch report SINK | head`: the reader left; what ran is recorded
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would raise again
-        return EXIT_BROKEN_PIPE
     except Exception as exc:
+        if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
+            # `slmbatch report SINK | head`: the reader left; what a run did is recorded. (A socket's
+            # broken pipe is not this: it is an error like any other, below.)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would raise
+            return EXIT_BROKEN_PIPE
         error = slmbatch_error(exc)  # raised here, or in a replica or task and wrapped by Ray
         if error is None:
             if args.verbose:
@@ -823,6 +824,18 @@ def main(argv: list[str] | None = None) -> int:
             log = getattr(exc, "run_log", None)  # slmbatch.run appended the traceback there
             print(f"slmbatch: traceback in {log}" if log else "slmbatch: -v shows the traceback", file=sys.stderr)
         return code
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll says POLLERR on its write end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fileno (captured), no poll (not POSIX)
+        return False
 
 
 def _exit_status(exc: SlmbatchError) -> int:

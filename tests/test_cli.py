@@ -184,6 +184,13 @@ def test_a_closed_output_pipe_and_an_unexpected_error_end_in_one_line_not_a_trac
     with pytest.raises(RuntimeError):
         cli.main(["status", str(tmp_path), "-v"])
 
+    def socket_broke(args):  # a broken pipe that is not the output's (a connection's) is an error
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_status", socket_broke)
+    assert cli.main(["status", str(tmp_path)]) == 1
+    assert "slmbatch: unexpected error: BrokenPipeError" in capsys.readouterr().err
+
 
 def test_a_wait_that_is_not_a_number_of_seconds_is_refused_naming_the_option(tmp_path):
     for command, value in (("run", "-5"), ("collect", "nan"), ("run", "soon")):
