@@ -551,9 +551,10 @@ class Ledger:
                 pass
 
     def forget(self) -> None:
-        """Discard the completed work: the output files the markers (and stopped runs' :meth:`mark_writing`) name (only those inside the sink),
-        then the markers and the recorded job. Output of a file since removed from the source, or of a
-        date partition, would otherwise stay next to the new output, mixing two jobs."""
+        """Discard the completed work: the output files the markers name, and those stopped runs began
+        (:meth:`mark_writing`; only files inside the sink), then the records and the recorded job. Output
+        of a file since removed from the source, or of a date partition, would otherwise stay next to
+        the new output, mixing two jobs."""
         sink = canonical_path(self.sink)
         for marker in [*self.completed().values(), *self._read_all("writing").values()]:
             output = marker.get("output")
