@@ -92,7 +92,8 @@ def feedback_rows(
     job: Job, stage, holdout: float, sinks: Sequence[str] = (), runner: str = "pooling"
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """``(rows, run ids)``: per distinct prompt the frontier answered for ``stage`` in the job's sink (and
-    ``sinks``), ``{"system", "text", "label", "heldout", "source": "feedback"}``: what the small model
+    ``sinks``), ``{"system", "text", "label", "heldout", "source": "feedback"}`` (``heldout``: the split of
+    ``slmbatch feedback``; :func:`one_split` makes finetune's): what the small model
     reads (``runner`` "pooling": the exact text a classifier gets; "generate": the system and user
     message the frontier was asked, which are the small model's) and the frontier's answer."""
     from .ledger import Ledger
@@ -137,10 +138,8 @@ def feedback_rows(
     return rows, sorted(r for r in runs if r)
 
 
-def labelled_rows(
-    stage, path: str, label_column: str | None, holdout: float, runner: str = "pooling"
-) -> list[dict[str, Any]]:
-    """Rows of a labelled Parquet/CSV/JSONL file as training rows (split by a hash of the text)."""
+def labelled_rows(stage, path: str, label_column: str | None, runner: str = "pooling") -> list[dict[str, Any]]:
+    """Rows of a labelled Parquet/CSV/JSONL file as training rows (:func:`one_split` splits them)."""
     from .evaluate import read_labels
 
     frame = read_labels(path, "--labelled")
@@ -168,16 +167,7 @@ def labelled_rows(
         except RowError:
             continue  # no usable input (a null, an empty text): nothing to learn from
         system = (stage.system if stage.system is not None else stage.default_system) if runner == "generate" else ""
-        key = hashlib.sha256(text.encode()).hexdigest()
-        rows.append(
-            {
-                "system": system,
-                "text": text,
-                "label": answer_text(row[column]),
-                "heldout": in_holdout(key, holdout),
-                "source": "labels",
-            }
-        )
+        rows.append({"system": system, "text": text, "label": answer_text(row[column]), "source": "labels"})
     return rows
 
 
@@ -586,7 +576,7 @@ def finetune(
         raise ConfigError("--lr", f"must be a number > 0, got {lr!r}")
     rows, run_ids = feedback_rows(job, target, holdout, sinks, runner)
     if labelled:
-        rows += labelled_rows(target, labelled, label_column, holdout, runner)
+        rows += labelled_rows(target, labelled, label_column, runner)
     rows = one_split(rows, holdout)
     feedback_count = sum(r["source"] == "feedback" for r in rows)
     train = [r for r in rows if not r["heldout"]]
