@@ -28,9 +28,10 @@ lint: install
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
+# --durations: the slowest tests in every log (CI's too), to see where the 20-minute budget goes.
 test: install
 	@bash scripts/install-test-tools.sh
-	@$(PYTEST) $(PYTEST_ARGS)
+	@$(PYTEST) --durations=25 $(PYTEST_ARGS)
 
 # While working: everything but the tests marked slow.
 test-fast: install
