@@ -280,11 +280,13 @@ def check_output_budget(stage: Any, field: str) -> None:
     :func:`model_context`): no prompt would fit, and the replica's start would refuse the job.
     ``field``: where ``stage`` is in the job. Unknown contexts pass (the replica's start checks)."""
     option = stage.output_budget_field
+    if not option:  # no answer budget to check (classify)
+        return
     length = stage.model.engine.get("max_model_len")
     if not isinstance(length, int) or isinstance(length, bool):
         context = model_context(stage.model)
         length = context[1] if context else None
-    if not option or length is None:
+    if length is None:
         return
     budget = stage.reserved_output_tokens()
     if budget >= length:

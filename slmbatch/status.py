@@ -9,6 +9,7 @@ from typing import Any
 
 from .io import filesystem, list_parquet, output_path, write_text
 from .ledger import META, Ledger, pid_alive
+from .paths import is_remote
 from .report import RunSummary
 
 
@@ -132,13 +133,13 @@ def not_a_sink(sink: str, options: Mapping[str, Any] | None = None) -> str | Non
     """Why ``sink`` cannot be a job's output (it does not exist, is a file, or cannot be read: no
     credentials, refused, unreachable), or None."""
     hint = ""
-    if "://" in sink and not options:
-        hint = " (read with no storage options: give the job file instead, or set the AWS_* variables)"
     errors: tuple[type[Exception], ...] = (OSError,)
-    if "://" in sink:
+    if is_remote(sink):
         from botocore.exceptions import BotoCoreError  # s3fs's own: credentials missing, endpoint unreachable
 
         errors = (OSError, BotoCoreError)
+        if not options:
+            hint = " (read with no storage options: give the job file instead, or set the AWS_* variables)"
     try:
         fs, path = filesystem(sink, options)
         if not fs.exists(path):
